@@ -1,0 +1,18 @@
+#include "bindings.hpp"
+#include "popcount.hpp"
+#include "thread_pool.hpp"
+
+namespace pyneuron::bindings {
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "pyneuron's C++ engine (use the pyneuron package, not this module).";
+  m.def("available_simd_levels", &available_simd_levels, "SIMD levels this CPU and build support.");
+  m.def("simd_level", &simd_level, "The SIMD level in use.");
+  m.def("set_simd_level", &set_simd_level, py::arg("level"), "Select a SIMD level by name.");
+  m.def("num_threads", &num_threads, "Worker threads used by the engine.");
+  m.def("set_num_threads", &set_num_threads, py::arg("n"), "Set the number of worker threads.");
+  register_masks(m);
+  register_search(m);
+}
+
+}  // namespace pyneuron::bindings

@@ -1,0 +1,52 @@
+#include "mask_set.hpp"
+
+#include <stdexcept>
+#include <string>
+
+#include "popcount.hpp"
+
+namespace pyneuron {
+
+namespace {
+[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("inconsistent mask set: " + what); }
+}  // namespace
+
+void MaskSetView::validate() const {
+  if (grid.pixels == 0) fail("grid has zero pixels per image");
+  if (n_masks < 0 || n_entries < 0 || n_slots < 0) fail("negative sizes");
+  if (offsets[0] != 0) fail("offsets must start at 0");
+  if (offsets[n_masks] != n_entries) fail("last offset does not equal the number of entries");
+  for (int64_t m = 0; m < n_masks; ++m) {
+    const int64_t begin = offsets[m], end = offsets[m + 1];
+    if (end < begin || end > n_entries) fail("offsets of mask " + std::to_string(m) + " are not increasing");
+    int64_t previous = -1;
+    for (int64_t e = begin; e < end; ++e) {
+      const int64_t image = images[e];
+      if (image <= previous || image >= int64_t(grid.n_images))
+        fail("mask " + std::to_string(m) + ": image ids must be increasing and below " +
+             std::to_string(grid.n_images));
+      previous = image;
+      const int64_t slot = slots[e];
+      const int64_t count = counts[e];
+      if (slot == kFullSlot) {
+        if (count != int64_t(grid.pixels)) fail("full container with a count other than the image size");
+      } else {
+        if (slot < 0 || slot >= n_slots) fail("bitset slot out of range");
+        if (count <= 0 || count > int64_t(grid.pixels)) fail("bitset container with an impossible count");
+      }
+    }
+  }
+}
+
+void MaskSetView::verify_words() const {
+  const uint64_t last_mask = grid.last_word_mask();
+  const std::size_t w = grid.words_per_image;
+  for (int64_t e = 0; e < n_entries; ++e) {
+    if (slots[e] == kFullSlot) continue;
+    const uint64_t* bits = bitset(slots[e]);
+    if ((bits[w - 1] & ~last_mask) != 0) fail("padding bits set in a bitset container");
+    if (popcount_words(bits, w) != uint64_t(counts[e])) fail("stored pixel count differs from the bitset");
+  }
+}
+
+}  // namespace pyneuron

@@ -1,0 +1,152 @@
+#include "sparse_mask.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+
+#include "popcount.hpp"
+
+namespace pyneuron {
+
+SparseMask::SparseMask(const Grid& grid)
+    : grid_(grid), slot_(grid.n_images, kEmpty), count_(grid.n_images, 0) {}
+
+void SparseMask::set_full(uint32_t image) {
+  slot_[image] = kFull;
+  count_[image] = grid_.pixels;
+  total_ += grid_.pixels;
+  ++nonempty_images_;
+}
+
+void SparseMask::set_image(uint32_t image, const uint64_t* bits, uint32_t count) {
+  if (count == 0) return;
+  if (count == grid_.pixels) return set_full(image);
+  const std::size_t w = grid_.words_per_image;
+  slot_[image] = static_cast<int32_t>(words_.size() / w);
+  words_.insert(words_.end(), bits, bits + w);
+  count_[image] = count;
+  total_ += count;
+  ++nonempty_images_;
+}
+
+SparseMask SparseMask::from_set(const MaskSetView& set, int64_t m) {
+  SparseMask mask(set.grid);
+  for (int64_t e = set.offsets[m]; e < set.offsets[m + 1]; ++e) {
+    const uint32_t image = static_cast<uint32_t>(set.images[e]);
+    if (set.slots[e] == kFullSlot)
+      mask.set_full(image);
+    else
+      mask.set_image(image, set.bitset(set.slots[e]), static_cast<uint32_t>(set.counts[e]));
+  }
+  return mask;
+}
+
+uint64_t SparseMask::intersect_count(const MaskSetView& set, int64_t m, uint64_t* images) const {
+  const AndPopcountFn and_popcount = and_popcount_kernel();
+  const std::size_t w = grid_.words_per_image;
+  uint64_t total = 0, hit_images = 0;
+  for (int64_t e = set.offsets[m]; e < set.offsets[m + 1]; ++e) {
+    const uint32_t image = static_cast<uint32_t>(set.images[e]);
+    const int32_t mine = slot_[image];
+    if (mine == kEmpty) continue;
+    uint64_t c;
+    if (mine == kFull)
+      c = static_cast<uint64_t>(set.counts[e]);
+    else if (set.slots[e] == kFullSlot)
+      c = count_[image];
+    else
+      c = and_popcount(bitset(mine), set.bitset(set.slots[e]), w);
+    total += c;
+    hit_images += c != 0;
+  }
+  if (images != nullptr) *images = hit_images;
+  return total;
+}
+
+uint64_t SparseMask::intersect_count(const SparseMask& other, uint64_t* images) const {
+  const AndPopcountFn and_popcount = and_popcount_kernel();
+  const std::size_t w = grid_.words_per_image;
+  uint64_t total = 0, hit_images = 0;
+  for (uint32_t image = 0; image < grid_.n_images; ++image) {
+    const int32_t a = slot_[image], b = other.slot_[image];
+    if (a == kEmpty || b == kEmpty) continue;
+    uint64_t c;
+    if (a == kFull)
+      c = other.count_[image];
+    else if (b == kFull)
+      c = count_[image];
+    else
+      c = and_popcount(bitset(a), other.bitset(b), w);
+    total += c;
+    hit_images += c != 0;
+  }
+  if (images != nullptr) *images = hit_images;
+  return total;
+}
+
+SparseMask SparseMask::combine(const SparseMask& other, BinaryOp op) const {
+  if (!(grid_ == other.grid_)) throw std::invalid_argument("masks on different grids");
+  const std::size_t w = grid_.words_per_image;
+  const uint64_t last_mask = grid_.last_word_mask();
+  std::vector<uint64_t> ones(w, ~uint64_t(0));
+  ones[w - 1] = last_mask;
+  const std::vector<uint64_t> zeros(w, 0);
+  std::vector<uint64_t> out(w);
+  SparseMask result(grid_);
+  for (uint32_t image = 0; image < grid_.n_images; ++image) {
+    const int32_t a = slot_[image], b = other.slot_[image];
+    // Shortcuts on empty and full containers; bitset work only where both are partial.
+    switch (op) {
+      case BinaryOp::And:
+        if (a == kEmpty || b == kEmpty) continue;
+        if (a == kFull && b == kFull) { result.set_full(image); continue; }
+        break;
+      case BinaryOp::Or:
+        if (a == kFull || b == kFull) { result.set_full(image); continue; }
+        if (a == kEmpty && b == kEmpty) continue;
+        break;
+      case BinaryOp::AndNot:
+        if (a == kEmpty || b == kFull) continue;
+        if (a == kFull && b == kEmpty) { result.set_full(image); continue; }
+        break;
+      case BinaryOp::OrNot:
+        if (a == kFull || b == kEmpty) { result.set_full(image); continue; }
+        if (a == kEmpty && b == kFull) continue;
+        break;
+    }
+    const uint64_t* x = a == kEmpty ? zeros.data() : a == kFull ? ones.data() : bitset(a);
+    const uint64_t* y = b == kEmpty ? zeros.data() : b == kFull ? ones.data() : other.bitset(b);
+    switch (op) {
+      case BinaryOp::And: for (std::size_t i = 0; i < w; ++i) out[i] = x[i] & y[i]; break;
+      case BinaryOp::Or: for (std::size_t i = 0; i < w; ++i) out[i] = x[i] | y[i]; break;
+      case BinaryOp::AndNot: for (std::size_t i = 0; i < w; ++i) out[i] = x[i] & ~y[i]; break;
+      case BinaryOp::OrNot: for (std::size_t i = 0; i < w; ++i) out[i] = x[i] | ~y[i]; break;
+    }
+    out[w - 1] &= last_mask;
+    result.set_image(image, out.data(), static_cast<uint32_t>(popcount_words(out.data(), w)));
+  }
+  return result;
+}
+
+SparseMask SparseMask::complement() const {
+  SparseMask everything(grid_);
+  for (uint32_t image = 0; image < grid_.n_images; ++image) everything.set_full(image);
+  return everything.combine(*this, BinaryOp::AndNot);
+}
+
+std::vector<uint64_t> SparseMask::to_words() const {
+  const std::size_t w = grid_.words_per_image;
+  std::vector<uint64_t> dense(std::size_t(grid_.n_images) * w, 0);
+  for (uint32_t image = 0; image < grid_.n_images; ++image) {
+    uint64_t* dst = dense.data() + std::size_t(image) * w;
+    if (slot_[image] == kFull) {
+      std::fill(dst, dst + w, ~uint64_t(0));
+      dst[w - 1] = grid_.last_word_mask();
+    } else if (slot_[image] != kEmpty) {
+      std::memcpy(dst, bitset(slot_[image]), w * sizeof(uint64_t));
+    }
+  }
+  return dense;
+}
+
+}  // namespace pyneuron

@@ -1,0 +1,53 @@
+// One mask over the whole grid with an O(1) per-image index: the working
+// representation of formulas and unit masks during a search.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "mask_set.hpp"
+
+namespace pyneuron {
+
+enum class BinaryOp : int { Or = 0, And = 1, AndNot = 2, OrNot = 3 };
+
+class SparseMask {
+ public:
+  static constexpr int32_t kEmpty = -1;
+  static constexpr int32_t kFull = -2;
+
+  explicit SparseMask(const Grid& grid);
+  // Mask m of a mask set.
+  static SparseMask from_set(const MaskSetView& set, int64_t m);
+
+  const Grid& grid() const { return grid_; }
+  uint64_t total() const { return total_; }
+  // Number of images where the mask is not empty.
+  uint64_t nonempty_images() const { return nonempty_images_; }
+  int32_t slot(uint32_t image) const { return slot_[image]; }
+  uint32_t count(uint32_t image) const { return count_[image]; }
+  const uint64_t* bitset(int32_t slot) const { return words_.data() + std::size_t(slot) * grid_.words_per_image; }
+
+  // |this AND m| for mask m of a set; optionally the number of images where it is not empty.
+  uint64_t intersect_count(const MaskSetView& set, int64_t m, uint64_t* images = nullptr) const;
+  // |this AND other| and the number of images where it is not empty.
+  uint64_t intersect_count(const SparseMask& other, uint64_t* images = nullptr) const;
+
+  // this OP other, image by image, keeping empty and full containers as such.
+  SparseMask combine(const SparseMask& other, BinaryOp op) const;
+  SparseMask complement() const;
+  // Dense words, image-major, words_per_image per image (padding bits zero).
+  std::vector<uint64_t> to_words() const;
+
+ private:
+  void set_image(uint32_t image, const uint64_t* bits, uint32_t count);
+  void set_full(uint32_t image);
+
+  Grid grid_;
+  std::vector<int32_t> slot_;
+  std::vector<uint32_t> count_;
+  std::vector<uint64_t> words_;
+  uint64_t total_ = 0;
+  uint64_t nonempty_images_ = 0;
+};
+
+}  // namespace pyneuron

@@ -1,0 +1,47 @@
+"""Type stubs for the compiled engine. Use the pyneuron package, not this module."""
+
+import numpy as np
+import numpy.typing as npt
+
+def available_simd_levels() -> list[str]: ...
+def simd_level() -> str: ...
+def set_simd_level(level: str) -> None: ...
+def num_threads() -> int: ...
+def set_num_threads(n: int) -> None: ...
+
+class MaskSet:
+    def __init__(
+        self,
+        n_images: int,
+        pixels: int,
+        offsets: npt.NDArray[np.int64],
+        images: npt.NDArray[np.int32],
+        slots: npt.NDArray[np.int64],
+        counts: npt.NDArray[np.int32],
+        words: npt.NDArray[np.uint64],
+    ) -> None: ...
+    @property
+    def n_masks(self) -> int: ...
+    @property
+    def n_images(self) -> int: ...
+    @property
+    def pixels(self) -> int: ...
+    def verify_words(self) -> None: ...
+
+def beam_search(
+    units: MaskSet,
+    begin: int,
+    end: int,
+    concepts: MaskSet,
+    length: int,
+    beam_size: int,
+    ops: list[int],
+    penalty: float,
+) -> dict[str, np.ndarray]: ...
+def intersection_counts(
+    units: MaskSet, begin: int, end: int, concepts: MaskSet
+) -> npt.NDArray[np.int64]: ...
+def evaluate_words(program: list[int], concepts: MaskSet) -> npt.NDArray[np.uint64]: ...
+def formula_counts(
+    program: list[int], concepts: MaskSet, units: MaskSet
+) -> dict[str, np.ndarray | int]: ...

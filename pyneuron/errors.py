@@ -1,0 +1,19 @@
+"""Exceptions raised by pyneuron. All derive from :class:`PyneuronError` (a ``ValueError``)."""
+
+from __future__ import annotations
+
+
+class PyneuronError(ValueError):
+    """Base class of pyneuron's errors about bad input."""
+
+
+class GridMismatchError(PyneuronError):
+    """Two mask sets (units and concepts, or a mask and its set) are on different grids."""
+
+
+class StoreError(PyneuronError):
+    """A store directory is missing, truncated, corrupt, or from an unknown format version."""
+
+
+class EmptyStoreError(PyneuronError):
+    """A store holds no concept that could explain anything."""

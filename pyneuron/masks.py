@@ -1,0 +1,272 @@
+"""Block-sparse mask sets: the common core of :class:`ConceptStore` and :class:`UnitMasks`.
+
+Each mask is stored per image as an *empty* container (absent), a *full* container
+(slot ``-1``) or a *bitset* of the image's packed words, in CSR arrays:
+
+``offsets`` (n_masks + 1), then per entry ``images``, ``slots``, ``counts``, and the
+``words`` pool of bitsets (n_slots x words_per_image uint64).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from . import _native
+from .errors import PyneuronError
+from .grid import Grid, pack_bits, unpack_bits
+
+FULL_SLOT = -1
+
+
+class MaskSet:
+    """Masks on one :class:`Grid`, block-sparse (see the module docstring).
+
+    Not built directly: use :class:`ConceptStore` or :class:`UnitMasks`.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        offsets: np.ndarray,
+        images: np.ndarray,
+        slots: np.ndarray,
+        counts: np.ndarray,
+        words: np.ndarray,
+    ) -> None:
+        self._grid = grid
+        self._offsets = offsets
+        self._images = images
+        self._slots = slots
+        self._counts = counts
+        self._words = words
+        # The C++ view validates the structure and keeps the arrays alive.
+        self._native = _native.NativeMaskSet(
+            grid.n_images, grid.pixels, offsets, images, slots, counts, words.reshape(-1)
+        )
+
+    # -- construction helpers shared by subclasses ------------------------------------
+    @staticmethod
+    def _arrays_from_dense(masks: np.ndarray, grid: Grid) -> tuple[np.ndarray, ...]:
+        writer = MaskSetWriter(grid, n_masks=masks.shape[0])
+        for m in range(masks.shape[0]):
+            writer.add_mask(m, masks[m])
+        return writer.finish()
+
+    # -- shape -------------------------------------------------------------------------
+    @property
+    def grid(self) -> Grid:
+        """The grid (n_images x height x width) of every mask."""
+        return self._grid
+
+    def __len__(self) -> int:
+        return int(self._offsets.shape[0] - 1)
+
+    @property
+    def pixel_counts(self) -> np.ndarray:
+        """Set pixels per mask, int64 (n_masks,)."""
+        return pixel_counts(self._offsets, self._counts)
+
+    @property
+    def image_counts(self) -> np.ndarray:
+        """Images where each mask is not empty, int64 (n_masks,)."""
+        return np.diff(self._offsets).astype(np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the containers (index and bitsets)."""
+        arrays = (self._offsets, self._images, self._slots, self._counts, self._words)
+        return int(sum(a.nbytes for a in arrays))
+
+    def _check_index(self, m: int) -> int:
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not 0 <= m < len(self):
+            raise IndexError(f"mask index {m!r} out of range for {len(self)} masks")
+        return int(m)
+
+    def _dense(self, m: int) -> np.ndarray:
+        """Mask m as a dense bool array of shape (n_images, height, width)."""
+        m = self._check_index(m)
+        grid = self._grid
+        out = np.zeros((grid.n_images, grid.pixels), dtype=bool)
+        begin, end = self._offsets[m], self._offsets[m + 1]
+        images = self._images[begin:end]
+        slots = self._slots[begin:end]
+        full = slots == FULL_SLOT
+        out[images[full]] = True
+        if (~full).any():
+            words = self._words.reshape(-1, grid.words_per_image)[slots[~full]]
+            out[images[~full]] = unpack_bits(words, grid.pixels)
+        return out.reshape(grid.shape)
+
+    def _images_with(self, m: int) -> np.ndarray:
+        m = self._check_index(m)
+        return self._images[self._offsets[m] : self._offsets[m + 1]].astype(np.int64)
+
+    def verify(self) -> None:
+        """Read every bitset and check it against its stored pixel count.
+
+        Raises
+        ------
+        PyneuronError
+            If a count or padding bit is inconsistent (a corrupt store).
+        """
+        try:
+            self._native.verify_words()
+        except ValueError as error:
+            raise PyneuronError(str(error)) from None
+
+
+def pixel_counts(offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Set pixels per mask from the CSR offsets and per-entry counts."""
+    n_masks = offsets.shape[0] - 1
+    owner = np.repeat(np.arange(n_masks), np.diff(offsets))
+    return np.bincount(owner, weights=counts, minlength=n_masks).astype(np.int64)
+
+
+class MaskSetWriter:
+    """Collects masks image by image or mask by mask, never densely.
+
+    Bitsets go to memory, or to ``words_file`` (an open binary file) when given, so a
+    store larger than RAM can be written. ``finish()`` returns the CSR arrays.
+    """
+
+    def __init__(self, grid: Grid, n_masks: int | None = None, words_file: BinaryIO | None = None):
+        self.grid = grid
+        self.n_masks = n_masks
+        self._words_file = words_file
+        self._word_chunks: list[np.ndarray] = []
+        self._n_slots = 0
+        self.words_crc32 = 0
+        self._entries: list[tuple[np.ndarray, ...]] = []  # (mask ids, images, slots, counts)
+
+    def _check_mask_ids(self, mask_ids: np.ndarray) -> None:
+        if self.n_masks is not None and mask_ids.size and (
+            mask_ids.min() < 0 or mask_ids.max() >= self.n_masks
+        ):
+            raise PyneuronError(f"mask ids must lie in [0, {self.n_masks}), got {mask_ids}")
+
+    def _store_words(self, words: np.ndarray) -> np.ndarray:
+        """Append bitsets; return their slots."""
+        slots = np.arange(self._n_slots, self._n_slots + words.shape[0], dtype=np.int64)
+        self._n_slots += words.shape[0]
+        data = np.ascontiguousarray(words, dtype="<u8")
+        if self._words_file is not None:
+            buffer = data.tobytes()
+            self._words_file.write(buffer)
+            self.words_crc32 = zlib.crc32(buffer, self.words_crc32)
+        else:
+            self._word_chunks.append(data.astype(np.uint64, copy=False))
+        return slots
+
+    def _add(self, mask_ids: np.ndarray, images: np.ndarray, bits: np.ndarray) -> None:
+        """Add rows of bits (K, pixels) for (mask_ids[k], images[k])."""
+        pixels = self.grid.pixels
+        bits = bits.reshape(-1, pixels)
+        counts = np.count_nonzero(bits, axis=1)
+        nonempty = counts > 0
+        mask_ids, images, bits, counts = (
+            mask_ids[nonempty],
+            images[nonempty],
+            bits[nonempty],
+            counts[nonempty],
+        )
+        slots = np.full(counts.shape[0], FULL_SLOT, dtype=np.int64)
+        partial = counts < pixels
+        if partial.any():
+            slots[partial] = self._store_words(pack_bits(bits[partial], pixels))
+        self._entries.append((mask_ids, images, slots, counts.astype(np.int32)))
+
+    def _as_bits(self, array: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+        array = np.asarray(array)
+        if array.shape != shape:
+            raise PyneuronError(f"{what} must have shape {shape}, got {array.shape}")
+        if array.dtype != bool:
+            raise PyneuronError(
+                f"{what} must be a bool array, got dtype {array.dtype}; threshold it first "
+                "(e.g. `activations > t`)"
+            )
+        return array
+
+    def _check_image(self, image: int) -> int:
+        if isinstance(image, bool) or not isinstance(image, (int, np.integer)):
+            raise PyneuronError(f"image id must be an integer, got {image!r}")
+        if not 0 <= image < self.grid.n_images:
+            raise PyneuronError(f"image id {image} out of range for {self.grid.n_images} images")
+        return int(image)
+
+    def add_mask(self, mask_id: int, mask: np.ndarray) -> None:
+        """Add mask ``mask_id`` over all images: bool (n_images, height, width)."""
+        mask = self._as_bits(mask, self.grid.shape, f"mask {mask_id}")
+        ids = np.full(self.grid.n_images, mask_id, dtype=np.int64)
+        self._check_mask_ids(ids[:1])
+        self._add(ids, np.arange(self.grid.n_images, dtype=np.int64), mask)
+
+    def add_image(self, image: int, mask_ids: Sequence[int] | np.ndarray, masks: np.ndarray) -> None:
+        """Add the masks of one image: ``masks`` bool (K, height, width) for ``mask_ids``."""
+        image = self._check_image(image)
+        ids = np.asarray(mask_ids, dtype=np.int64).reshape(-1)
+        masks = self._as_bits(masks, (ids.shape[0], self.grid.height, self.grid.width), "masks")
+        self._check_mask_ids(ids)
+        self._add(ids, np.full(ids.shape[0], image, dtype=np.int64), masks)
+
+    def add_full(self, image: int, mask_ids: Sequence[int] | np.ndarray) -> None:
+        """Mark masks ``mask_ids`` as covering the whole of ``image`` (image-level labels)."""
+        image = self._check_image(image)
+        ids = np.asarray(mask_ids, dtype=np.int64).reshape(-1)
+        self._check_mask_ids(ids)
+        self._entries.append(
+            (
+                ids,
+                np.full(ids.shape[0], image, dtype=np.int64),
+                np.full(ids.shape[0], FULL_SLOT, dtype=np.int64),
+                np.full(ids.shape[0], self.grid.pixels, dtype=np.int32),
+            )
+        )
+
+    def finish(self, n_masks: int | None = None) -> tuple[np.ndarray, ...]:
+        """Return (offsets, images, slots, counts, words); words is None if written to a file."""
+        n_masks = n_masks if n_masks is not None else self.n_masks
+        if self._entries:
+            mask_ids, images, slots, counts = (np.concatenate(c) for c in zip(*self._entries))
+        else:
+            mask_ids = images = slots = np.zeros(0, dtype=np.int64)
+            counts = np.zeros(0, dtype=np.int32)
+        if n_masks is None:
+            n_masks = int(mask_ids.max()) + 1 if mask_ids.size else 0
+        order = np.lexsort((images, mask_ids))
+        mask_ids, images, slots, counts = mask_ids[order], images[order], slots[order], counts[order]
+        repeated = (np.diff(mask_ids) == 0) & (np.diff(images) == 0)
+        if repeated.any():
+            k = int(np.argmax(repeated))
+            raise PyneuronError(
+                f"mask {mask_ids[k]} was given twice for image {images[k]}; give each "
+                "(mask, image) pair once (merge the masks first)"
+            )
+        offsets = np.zeros(n_masks + 1, dtype=np.int64)
+        np.cumsum(np.bincount(mask_ids, minlength=n_masks), out=offsets[1:])
+        if self._words_file is not None:
+            words = None
+        elif self._word_chunks:
+            words = np.concatenate(self._word_chunks)
+        else:
+            words = np.zeros((0, self.grid.words_per_image), dtype=np.uint64)
+        self._entries, self._word_chunks = [], []
+        return offsets, images.astype(np.int32), slots, counts.astype(np.int32), words
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A fresh directory next to ``path`` (same filesystem, so a rename is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))

@@ -1,0 +1,278 @@
+"""Explaining units: compositional beam search, NetDissect IoU tables, formula scores."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from . import _native
+from .errors import EmptyStoreError, PyneuronError
+from .formula import And, Concept, Formula, Not, Or
+from .metrics import METRIC_COLUMNS, iou, metrics
+from .store import ConceptStore
+from .units import UnitMasks
+
+#: Operators in engine code order; ``operators=`` takes any of them, in any order.
+OPERATORS = ("OR", "AND", "AND NOT", "OR NOT")
+DEFAULT_OPERATORS = ("OR", "AND", "AND NOT")
+
+UnitSource = UnitMasks | Iterable[UnitMasks]
+
+
+def explain(
+    units: UnitSource,
+    store: ConceptStore,
+    *,
+    length: int = 3,
+    beam_size: int = 5,
+    operators: Sequence[str] = DEFAULT_OPERATORS,
+    penalty: float = 1.0,
+    full_beam: bool = False,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Explain every unit by the best formula over the store's concepts (exact beam search).
+
+    Semantics are compexp's: primitives are the concepts with IoU > 0 (ties to the
+    smaller concept id); each of ``length - 1`` steps combines every beam formula
+    with every concept present in the data by each operator, in the order given,
+    and keeps the best ``beam_size`` (a stable sort: ties keep the older entry).
+    The score is IoU * penalty ** (length - 1), NOT counting as one more.
+
+    Parameters
+    ----------
+    units
+        A :class:`UnitMasks`, or an iterable of them (chunks of a layer too big for
+        memory); units are numbered consecutively across chunks.
+    store
+        The concepts, on the same grid as the units.
+    length
+        Maximum number of concepts in a formula (1 is NetDissect).
+    beam_size
+        Formulas kept per step.
+    operators
+        Any of ``"OR"``, ``"AND"``, ``"AND NOT"``, ``"OR NOT"``; candidates are
+        generated in this order.
+    penalty
+        Score multiplier per extra length unit (1.0: none).
+    full_beam
+        Return the whole final beam: one row per (unit, rank) with a ``rank`` and a
+        ``score`` column.
+    batch_size
+        Units per engine call (progress granularity); default scales with threads.
+    progress
+        Show a progress bar (on a terminal).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per unit: ``unit``, ``formula``, ``length``, ``score``, ``iou``,
+        ``detection_accuracy``, ``activation_coverage``, ``samples_coverage``,
+        ``explanation_coverage``, ``primitive``, ``primitive_iou``, ``unit_pixels``,
+        ``unit_images``. A unit no concept overlaps has ``formula`` None and IoU 0.
+
+    Examples
+    --------
+    >>> import numpy as np, pyneuron
+    >>> rng = np.random.default_rng(0)
+    >>> concepts = rng.random((4, 20, 8, 8)) < 0.3
+    >>> store = pyneuron.ConceptStore.from_masks(concepts, ["a", "b", "c", "d"])
+    >>> units = pyneuron.UnitMasks.from_masks((concepts[0] | concepts[1])[None])
+    >>> pyneuron.explain(units, store, progress=False).loc[0, ["formula", "iou"]].tolist()
+    ['(a OR b)', 1.0]
+    """
+    ops = _operator_codes(operators, length)
+    length = _positive_int(length, "length")
+    beam_size = _positive_int(beam_size, "beam_size")
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not (
+        math.isfinite(penalty) and penalty > 0
+    ):
+        raise PyneuronError(f"penalty must be a positive finite number, got {penalty!r}")
+    _check_store(store)
+    names = store.names
+    frames = []
+    for first_unit, chunk, batch in _batches(units, store, batch_size, progress, "explain"):
+        raw = _native.beam_search(
+            chunk._native, batch.start, batch.stop, store._native, length, beam_size, ops,
+            float(penalty),
+        )
+        frames.append(_result_frame(raw, first_unit + batch.start, names, full_beam))
+    return pd.concat(frames, ignore_index=True) if frames else _result_frame(None, 0, names, full_beam)
+
+
+def iou_table(units: UnitSource, store: ConceptStore, *, progress: bool = True) -> np.ndarray:
+    """IoU of every unit with every concept: float64 (units, concepts) — NetDissect.
+
+    Examples
+    --------
+    >>> import numpy as np, pyneuron
+    >>> masks = np.zeros((2, 1, 2, 2), dtype=bool); masks[0, 0, 0] = True; masks[1, 0] = True
+    >>> store = pyneuron.ConceptStore.from_masks(masks, ["top", "all"])
+    >>> pyneuron.iou_table(pyneuron.UnitMasks.from_masks(masks[:1]), store, progress=False)
+    array([[1. , 0.5]])
+    """
+    _check_store(store)
+    sizes = store.pixel_counts
+    rows = []
+    for _, chunk, batch in _batches(units, store, None, progress, "IoU table"):
+        counts = _native.intersection_counts(chunk._native, batch.start, batch.stop, store._native)
+        unit_sizes = chunk.pixel_counts[batch][:, None]
+        rows.append(iou(counts, sizes[None, :], unit_sizes))
+    return np.concatenate(rows) if rows else np.zeros((0, len(store)))
+
+
+def score(formula: Formula | str, units: UnitSource, store: ConceptStore) -> pd.DataFrame:
+    """Score one formula against every unit: a row per unit with all metrics.
+
+    Examples
+    --------
+    >>> import numpy as np, pyneuron
+    >>> masks = np.zeros((2, 1, 2, 2), dtype=bool); masks[0, 0, 0] = True; masks[1, 0] = True
+    >>> store = pyneuron.ConceptStore.from_masks(masks, ["top", "all"])
+    >>> units = pyneuron.UnitMasks.from_masks(masks[:1])
+    >>> pyneuron.score("all AND NOT top", units, store)["iou"].tolist()
+    [0.0]
+    """
+    if not isinstance(formula, Formula):
+        formula = Formula.parse(formula)
+    program = formula.program(store)
+    frames = []
+    for first_unit, chunk in _chunks(units, store):
+        raw = _native.formula_counts(program, store._native, chunk._native)
+        n = len(chunk)
+        values = metrics(
+            raw["intersection"].astype(np.int64), np.full(n, raw["size"]), chunk.pixel_counts,
+            raw["intersection_images"].astype(np.int64), np.full(n, raw["size_images"]),
+            chunk.image_counts,
+        )
+        frame = pd.DataFrame({"unit": np.arange(first_unit, first_unit + n), "formula": str(formula)})
+        for column in METRIC_COLUMNS:
+            frame[column] = values[column]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _positive_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise PyneuronError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _operator_codes(operators: Sequence[str], length: int) -> list[int]:
+    if isinstance(operators, str):
+        operators = (operators,)
+    codes = []
+    for op in operators:
+        normalized = " ".join(str(op).upper().split())
+        if normalized not in OPERATORS:
+            raise PyneuronError(f"unknown operator {op!r}; choose from {', '.join(OPERATORS)}")
+        code = OPERATORS.index(normalized)
+        if code in codes:
+            raise PyneuronError(f"operator {normalized!r} given twice")
+        codes.append(code)
+    if not codes and not (isinstance(length, int) and length <= 1):
+        raise PyneuronError("no operators given; formulas longer than 1 need at least one")
+    return codes
+
+
+def _check_store(store: ConceptStore) -> None:
+    if not isinstance(store, ConceptStore):
+        raise PyneuronError(
+            f"expected a ConceptStore, got {type(store).__name__}; build one with "
+            "ConceptStore.from_masks, ConceptStore.writer or ConceptStore.open"
+        )
+    if len(store) == 0:
+        raise EmptyStoreError("the concept store holds no concepts; add concepts before explaining")
+    if not store.pixel_counts.any():
+        raise EmptyStoreError("no concept of the store is present in any image; nothing can explain a unit")
+
+
+def _chunks(units: UnitSource, store: ConceptStore) -> Iterator[tuple[int, UnitMasks]]:
+    """(number of the chunk's first unit, chunk) for a UnitMasks or an iterable of them."""
+    chunks = [units] if isinstance(units, UnitMasks) else units
+    if isinstance(chunks, (str, bytes)) or not isinstance(chunks, Iterable):
+        raise PyneuronError(
+            f"units must be UnitMasks or an iterable of UnitMasks, got {type(units).__name__}; "
+            "build them with UnitMasks.from_masks or UnitMasks.writer"
+        )
+    first = 0
+    for chunk in chunks:
+        if not isinstance(chunk, UnitMasks):
+            raise PyneuronError(f"expected UnitMasks, got {type(chunk).__name__}")
+        store.grid.require_same(chunk.grid, "unit masks vs concept store")
+        yield first, chunk
+        first += len(chunk)
+
+
+def _batches(
+    units: UnitSource, store: ConceptStore, batch_size: int | None, progress: bool, desc: str
+) -> Iterator[tuple[int, UnitMasks, slice]]:
+    if batch_size is None:
+        batch_size = max(64, 8 * _native.num_threads())
+    batch_size = _positive_int(batch_size, "batch_size")
+    total = len(units) if isinstance(units, UnitMasks) else None
+    with tqdm(total=total, desc=desc, unit="unit", disable=None if progress else True) as bar:
+        for first, chunk in _chunks(units, store):
+            for start in range(0, len(chunk), batch_size):
+                batch = slice(start, min(start + batch_size, len(chunk)))
+                yield first, chunk, batch
+                bar.update(batch.stop - batch.start)
+
+
+_OP_NODES = {0: (Or, False), 1: (And, False), 2: (And, True), 3: (Or, True)}
+
+
+def _render(concept_ids: np.ndarray, op_codes: np.ndarray, names: Sequence[str]) -> Formula:
+    formula: Formula = Concept(names[concept_ids[0]])
+    for op, concept in zip(op_codes, concept_ids[1:]):
+        if concept < 0:
+            break
+        node, negate = _OP_NODES[int(op)]
+        right: Formula = Concept(names[concept])
+        formula = node(formula, Not(right) if negate else right)
+    return formula
+
+
+def _result_frame(raw: dict | None, first_unit: int, names: Sequence[str], full_beam: bool) -> pd.DataFrame:
+    columns = ["unit", *(["rank"] if full_beam else []), "formula", "length", "score",
+               *METRIC_COLUMNS, "primitive", "primitive_iou", "unit_pixels", "unit_images"]
+    if raw is None:
+        return pd.DataFrame({c: [] for c in columns})
+    n_units, beam = raw["score"].shape
+    ranks = beam if full_beam else 1
+    unit_idx = np.repeat(np.arange(n_units), ranks)
+    rank_idx = np.tile(np.arange(ranks), n_units)
+    keep = (rank_idx < np.maximum(raw["beam_count"][unit_idx], 1))
+    unit_idx, rank_idx = unit_idx[keep], rank_idx[keep]
+    has = rank_idx < raw["beam_count"][unit_idx]
+    values = metrics(
+        raw["intersection"][unit_idx, rank_idx], raw["size"][unit_idx, rank_idx],
+        raw["unit_size"][unit_idx], raw["intersection_images"][unit_idx, rank_idx],
+        raw["size_images"][unit_idx, rank_idx], raw["unit_images"][unit_idx],
+    )
+    formulas = [
+        str(_render(raw["concepts"][u, r], raw["ops"][u, r], names)) if h else None
+        for u, r, h in zip(unit_idx, rank_idx, has)
+    ]
+    primitive = raw["primitive"][unit_idx]
+    frame = pd.DataFrame({"unit": first_unit + unit_idx})
+    if full_beam:
+        frame["rank"] = rank_idx
+    frame["formula"] = formulas
+    frame["length"] = raw["length"][unit_idx, rank_idx]
+    frame["score"] = np.where(has, raw["score"][unit_idx, rank_idx], 0.0)
+    for column in METRIC_COLUMNS:
+        frame[column] = values[column]
+    frame.loc[~has, "iou"] = 0.0
+    frame["primitive"] = [names[p] if p >= 0 else None for p in primitive]
+    frame["primitive_iou"] = raw["primitive_iou"][unit_idx]
+    frame["unit_pixels"] = raw["unit_size"][unit_idx]
+    frame["unit_images"] = raw["unit_images"][unit_idx]
+    return frame[columns]
