@@ -16,7 +16,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "info":
         print(f"pyneuron {pyneuron.__version__}")
-        print(f"SIMD level: {pyneuron.simd_level()} (available: {', '.join(pyneuron.available_simd_levels())})")
+        print(
+            f"SIMD level: {pyneuron.simd_level()} "
+            f"(available: {', '.join(pyneuron.available_simd_levels())})"
+        )
         print(f"threads: {pyneuron.num_threads()}")
         return 0
     print(

@@ -46,9 +46,7 @@ class Grid:
         try:
             n, h, w = grid
         except (TypeError, ValueError):
-            raise PyneuronError(
-                f"a grid is (n_images, height, width), got {grid!r}"
-            ) from None
+            raise PyneuronError(f"a grid is (n_images, height, width), got {grid!r}") from None
         return cls(n, h, w)
 
     @property

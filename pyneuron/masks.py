@@ -146,8 +146,10 @@ class MaskSetWriter:
         self._entries: list[tuple[np.ndarray, ...]] = []  # (mask ids, images, slots, counts)
 
     def _check_mask_ids(self, mask_ids: np.ndarray) -> None:
-        if self.n_masks is not None and mask_ids.size and (
-            mask_ids.min() < 0 or mask_ids.max() >= self.n_masks
+        if (
+            self.n_masks is not None
+            and mask_ids.size
+            and (mask_ids.min() < 0 or mask_ids.max() >= self.n_masks)
         ):
             raise PyneuronError(f"mask ids must lie in [0, {self.n_masks}), got {mask_ids}")
 
@@ -207,7 +209,9 @@ class MaskSetWriter:
         self._check_mask_ids(ids[:1])
         self._add(ids, np.arange(self.grid.n_images, dtype=np.int64), mask)
 
-    def add_image(self, image: int, mask_ids: Sequence[int] | np.ndarray, masks: np.ndarray) -> None:
+    def add_image(
+        self, image: int, mask_ids: Sequence[int] | np.ndarray, masks: np.ndarray
+    ) -> None:
         """Add the masks of one image: ``masks`` bool (K, height, width) for ``mask_ids``."""
         image = self._check_image(image)
         ids = np.asarray(mask_ids, dtype=np.int64).reshape(-1)
@@ -240,7 +244,12 @@ class MaskSetWriter:
         if n_masks is None:
             n_masks = int(mask_ids.max()) + 1 if mask_ids.size else 0
         order = np.lexsort((images, mask_ids))
-        mask_ids, images, slots, counts = mask_ids[order], images[order], slots[order], counts[order]
+        mask_ids, images, slots, counts = (
+            mask_ids[order],
+            images[order],
+            slots[order],
+            counts[order],
+        )
         repeated = (np.diff(mask_ids) == 0) & (np.diff(images) == 0)
         if repeated.any():
             k = int(np.argmax(repeated))

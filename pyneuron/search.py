@@ -73,7 +73,7 @@ def explain(
         One row per unit: ``unit``, ``formula``, ``length``, ``score``, ``iou``,
         ``detection_accuracy``, ``activation_coverage``, ``samples_coverage``,
         ``explanation_coverage``, ``primitive``, ``primitive_iou``, ``unit_pixels``,
-        ``unit_images``. A unit no concept overlaps has ``formula`` None and IoU 0.
+        ``unit_images``. A unit no concept overlaps has a missing ``formula`` (NA) and IoU 0.
 
     Examples
     --------
@@ -82,14 +82,17 @@ def explain(
     >>> concepts = rng.random((4, 20, 8, 8)) < 0.3
     >>> store = pyneuron.ConceptStore.from_masks(concepts, ["a", "b", "c", "d"])
     >>> units = pyneuron.UnitMasks.from_masks((concepts[0] | concepts[1])[None])
-    >>> pyneuron.explain(units, store, progress=False).loc[0, ["formula", "iou"]].tolist()
-    ['(a OR b)', 1.0]
+    >>> row = pyneuron.explain(units, store, progress=False).loc[0]
+    >>> row["formula"], round(float(row["iou"]), 6)   # "b" overlaps more, so it leads
+    ('(b OR a)', 1.0)
     """
     ops = _operator_codes(operators, length)
     length = _positive_int(length, "length")
     beam_size = _positive_int(beam_size, "beam_size")
-    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not (
-        math.isfinite(penalty) and penalty > 0
+    if (
+        isinstance(penalty, bool)
+        or not isinstance(penalty, (int, float))
+        or not (math.isfinite(penalty) and penalty > 0)
     ):
         raise PyneuronError(f"penalty must be a positive finite number, got {penalty!r}")
     _check_store(store)
@@ -97,11 +100,19 @@ def explain(
     frames = []
     for first_unit, chunk, batch in _batches(units, store, batch_size, progress, "explain"):
         raw = _native.beam_search(
-            chunk._native, batch.start, batch.stop, store._native, length, beam_size, ops,
+            chunk._native,
+            batch.start,
+            batch.stop,
+            store._native,
+            length,
+            beam_size,
+            ops,
             float(penalty),
         )
         frames.append(_result_frame(raw, first_unit + batch.start, names, full_beam))
-    return pd.concat(frames, ignore_index=True) if frames else _result_frame(None, 0, names, full_beam)
+    return (
+        pd.concat(frames, ignore_index=True) if frames else _result_frame(None, 0, names, full_beam)
+    )
 
 
 def iou_table(units: UnitSource, store: ConceptStore, *, progress: bool = True) -> np.ndarray:
@@ -145,11 +156,16 @@ def score(formula: Formula | str, units: UnitSource, store: ConceptStore) -> pd.
         raw = _native.formula_counts(program, store._native, chunk._native)
         n = len(chunk)
         values = metrics(
-            raw["intersection"].astype(np.int64), np.full(n, raw["size"]), chunk.pixel_counts,
-            raw["intersection_images"].astype(np.int64), np.full(n, raw["size_images"]),
+            raw["intersection"].astype(np.int64),
+            np.full(n, raw["size"]),
+            chunk.pixel_counts,
+            raw["intersection_images"].astype(np.int64),
+            np.full(n, raw["size_images"]),
             chunk.image_counts,
         )
-        frame = pd.DataFrame({"unit": np.arange(first_unit, first_unit + n), "formula": str(formula)})
+        frame = pd.DataFrame(
+            {"unit": np.arange(first_unit, first_unit + n), "formula": str(formula)}
+        )
         for column in METRIC_COLUMNS:
             frame[column] = values[column]
         frames.append(frame)
@@ -191,7 +207,9 @@ def _check_store(store: ConceptStore) -> None:
     if len(store) == 0:
         raise EmptyStoreError("the concept store holds no concepts; add concepts before explaining")
     if not store.pixel_counts.any():
-        raise EmptyStoreError("no concept of the store is present in any image; nothing can explain a unit")
+        raise EmptyStoreError(
+            "no concept of the store is present in any image; nothing can explain a unit"
+        )
 
 
 def _chunks(units: UnitSource, store: ConceptStore) -> Iterator[tuple[int, UnitMasks]]:
@@ -240,22 +258,37 @@ def _render(concept_ids: np.ndarray, op_codes: np.ndarray, names: Sequence[str])
     return formula
 
 
-def _result_frame(raw: dict | None, first_unit: int, names: Sequence[str], full_beam: bool) -> pd.DataFrame:
-    columns = ["unit", *(["rank"] if full_beam else []), "formula", "length", "score",
-               *METRIC_COLUMNS, "primitive", "primitive_iou", "unit_pixels", "unit_images"]
+def _result_frame(
+    raw: dict | None, first_unit: int, names: Sequence[str], full_beam: bool
+) -> pd.DataFrame:
+    columns = [
+        "unit",
+        *(["rank"] if full_beam else []),
+        "formula",
+        "length",
+        "score",
+        *METRIC_COLUMNS,
+        "primitive",
+        "primitive_iou",
+        "unit_pixels",
+        "unit_images",
+    ]
     if raw is None:
         return pd.DataFrame({c: [] for c in columns})
     n_units, beam = raw["score"].shape
     ranks = beam if full_beam else 1
     unit_idx = np.repeat(np.arange(n_units), ranks)
     rank_idx = np.tile(np.arange(ranks), n_units)
-    keep = (rank_idx < np.maximum(raw["beam_count"][unit_idx], 1))
+    keep = rank_idx < np.maximum(raw["beam_count"][unit_idx], 1)
     unit_idx, rank_idx = unit_idx[keep], rank_idx[keep]
     has = rank_idx < raw["beam_count"][unit_idx]
     values = metrics(
-        raw["intersection"][unit_idx, rank_idx], raw["size"][unit_idx, rank_idx],
-        raw["unit_size"][unit_idx], raw["intersection_images"][unit_idx, rank_idx],
-        raw["size_images"][unit_idx, rank_idx], raw["unit_images"][unit_idx],
+        raw["intersection"][unit_idx, rank_idx],
+        raw["size"][unit_idx, rank_idx],
+        raw["unit_size"][unit_idx],
+        raw["intersection_images"][unit_idx, rank_idx],
+        raw["size_images"][unit_idx, rank_idx],
+        raw["unit_images"][unit_idx],
     )
     formulas = [
         str(_render(raw["concepts"][u, r], raw["ops"][u, r], names)) if h else None

@@ -125,8 +125,14 @@ def save(
     staging = temporary_sibling(path)
     try:
         write_directory(
-            staging, kind=kind, grid=grid, index=index, words=words, words_crc32=None,
-            table=table, metadata=metadata,
+            staging,
+            kind=kind,
+            grid=grid,
+            index=index,
+            words=words,
+            words_crc32=None,
+            table=table,
+            metadata=metadata,
         )
         commit_directory(staging, path, overwrite)
     except BaseException:
@@ -185,7 +191,9 @@ def load(path: str | os.PathLike[str], *, kind: str, verify: bool | None) -> dic
             raise _corrupt(path, f"{name} is missing")
         size = file.stat().st_size
         if size != files[name]["bytes"] or size != expected_bytes.get(name, size):
-            raise _corrupt(path, f"{name} has {size} bytes, expected {files[name]['bytes']} (truncated?)")
+            raise _corrupt(
+                path, f"{name} has {size} bytes, expected {files[name]['bytes']} (truncated?)"
+            )
     words_bytes = files[WORDS_FILE]["bytes"]
     if words_bytes % (8 * grid.words_per_image):
         raise _corrupt(path, f"{WORDS_FILE} does not hold whole images")

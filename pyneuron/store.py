@@ -84,7 +84,8 @@ class ConceptStore(MaskSet):
         masks = np.asarray(masks)
         if masks.ndim != 4:
             raise PyneuronError(
-                f"concept masks must have shape (concepts, images, height, width), got {masks.shape}"
+                "concept masks must have shape (concepts, images, height, width), "
+                f"got {masks.shape}"
             )
         if len(names) != masks.shape[0]:
             raise PyneuronError(f"{len(names)} names for {masks.shape[0]} concept masks")
@@ -105,7 +106,9 @@ class ConceptStore(MaskSet):
         metadata: Mapping[str, Any] | None = None,
     ) -> ConceptStoreWriter:
         """Start a store built image by image; see :class:`ConceptStoreWriter`."""
-        return ConceptStoreWriter(grid, names, categories, path, overwrite=overwrite, metadata=metadata)
+        return ConceptStoreWriter(
+            grid, names, categories, path, overwrite=overwrite, metadata=metadata
+        )
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, verify: bool | None = None) -> ConceptStore:
@@ -126,8 +129,13 @@ class ConceptStore(MaskSet):
         table = data["table"]
         try:
             return cls(
-                data["grid"], data["index"], data["words"], list(table["name"]),
-                list(table["category"]), data["metadata"], Path(path),
+                data["grid"],
+                data["index"],
+                data["words"],
+                list(table["name"]),
+                list(table["category"]),
+                data["metadata"],
+                Path(path),
             )
         except (KeyError, ValueError) as error:
             raise StoreError(f"store {path} is corrupt: {error}") from None
@@ -135,9 +143,14 @@ class ConceptStore(MaskSet):
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write the store to a directory atomically (temporary directory, then rename)."""
         return storage.save(
-            path, kind=KIND, grid=self.grid,
+            path,
+            kind=KIND,
+            grid=self.grid,
             index=(self._offsets, self._images, self._slots, self._counts),
-            words=self._words, table=self.table(), metadata=self.metadata, overwrite=overwrite,
+            words=self._words,
+            table=self.table(),
+            metadata=self.metadata,
+            overwrite=overwrite,
         )
 
     # -- access ----------------------------------------------------------------------
@@ -238,13 +251,20 @@ class ConceptStoreWriter(StagedWriter[ConceptStore]):
             raise PyneuronError(f"{len(categories)} categories for {len(names)} names")
         for name, category in zip(names, categories):
             if name in self._lookup:
-                raise PyneuronError(f"duplicate concept name {name!r}; concept names must be unique")
+                raise PyneuronError(
+                    f"duplicate concept name {name!r}; concept names must be unique"
+                )
             self.add_concept(name, category)
         self._seen_images: set[int] = set()
         grid = Grid.of(grid)
         super().__init__(
-            grid, path, overwrite=overwrite, metadata=dict(metadata or {}), progress=progress,
-            progress_total=grid.n_images, progress_desc="concept store",
+            grid,
+            path,
+            overwrite=overwrite,
+            metadata=dict(metadata or {}),
+            progress=progress,
+            progress_total=grid.n_images,
+            progress_desc="concept store",
         )
 
     @property

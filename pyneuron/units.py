@@ -77,7 +77,9 @@ class UnitMasks(MaskSet):
         offsets = np.zeros(words.shape[0] + 1, dtype=np.int64)
         np.cumsum(np.bincount(unit_ids, minlength=words.shape[0]), out=offsets[1:])
         pool = np.ascontiguousarray(words[unit_ids[partial], images[partial]])
-        return cls(grid, offsets, images.astype(np.int32), slots, entry_counts.astype(np.int32), pool)
+        return cls(
+            grid, offsets, images.astype(np.int32), slots, entry_counts.astype(np.int32), pool
+        )
 
     @classmethod
     def writer(
@@ -103,12 +105,18 @@ class UnitMasks(MaskSet):
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write to a directory atomically."""
-        table = pd.DataFrame({"unit": np.arange(len(self)), "pixels": self.pixel_counts,
-                              "images": self.image_counts})
+        table = pd.DataFrame(
+            {"unit": np.arange(len(self)), "pixels": self.pixel_counts, "images": self.image_counts}
+        )
         return storage.save(
-            path, kind=KIND, grid=self.grid,
-            index=(self._offsets, self._images, self._slots, self._counts), words=self._words,
-            table=table, metadata=None, overwrite=overwrite,
+            path,
+            kind=KIND,
+            grid=self.grid,
+            index=(self._offsets, self._images, self._slots, self._counts),
+            words=self._words,
+            table=table,
+            metadata=None,
+            overwrite=overwrite,
         )
 
     def mask(self, unit: int) -> np.ndarray:
@@ -152,8 +160,13 @@ class UnitMasksWriter(StagedWriter[UnitMasks]):
             raise PyneuronError(f"n_units must be a non-negative integer, got {n_units!r}")
         self.n_units = int(n_units)
         super().__init__(
-            grid, path, overwrite=overwrite, metadata=None, progress=progress,
-            progress_total=0, progress_desc="unit masks",
+            grid,
+            path,
+            overwrite=overwrite,
+            metadata=None,
+            progress=progress,
+            progress_total=0,
+            progress_desc="unit masks",
         )
         self.writer.n_masks = self.n_units
 

@@ -48,7 +48,9 @@ class StagedWriter(Generic[SetT]):
         self._words_file = None
         if self.path is not None:
             if self.path.exists() and not overwrite:
-                raise FileExistsError(f"{self.path} already exists; pass overwrite=True to replace it")
+                raise FileExistsError(
+                    f"{self.path} already exists; pass overwrite=True to replace it"
+                )
             self._staging = temporary_sibling(self.path)
             self._words_file = open(self._staging / storage.WORDS_FILE, "wb")  # noqa: SIM115
         self._writer: MaskSetWriter | None = MaskSetWriter(self.grid, words_file=self._words_file)
@@ -92,8 +94,14 @@ class StagedWriter(Generic[SetT]):
         )
         try:
             storage.write_directory(
-                self._staging, kind=self.kind, grid=self.grid, index=index, words=None,
-                words_crc32=self.writer.words_crc32, table=table, metadata=self.metadata,
+                self._staging,
+                kind=self.kind,
+                grid=self.grid,
+                index=index,
+                words=None,
+                words_crc32=self.writer.words_crc32,
+                table=table,
+                metadata=self.metadata,
             )
             storage.commit_directory(self._staging, self.path, self.overwrite)
         except BaseException:

@@ -1,0 +1,497 @@
+"""Synthetic probing sets with ADE20K / Broden-like statistics, for the search benchmark.
+
+A probing set is N images x H x W pixels with C concepts of five kinds:
+
+- **objects** (most concepts): ellipses and rectangles painted into a per-image label map
+  (one object per pixel, bigger objects first, so small ones sit on top; pixels no object
+  covers are unlabelled). Object frequency is Zipf-like: a few objects (the "wall",
+  "floor" and "sky" of ADE) are in most images, most objects in a handful.
+- **parts**: each part belongs to one of the common objects and, when that object is in
+  an image, covers a sub-ellipse of it (clipped to the visible object).
+- **scenes**: one per image (Zipf-like), a full-image mask.
+- **textures**: an image-level label on about a quarter of the images.
+- **colors**: the 11 Broden colors; each image has a small palette and its objects (and
+  its unlabelled background) take colors from it, so colors cover chunks of pixels.
+
+Units come in two kinds:
+
+- **planted** units: the mask of a known formula over actual concepts (for example
+  ``((obj0012 OR obj0031) AND NOT red-c)``), with noise: 5 % of its pixels dropped, 30 %
+  of the one-pixel ring around it added, and random false-positive blobs in 2 % of images.
+- **random** units: blobs firing in a few percent of the images (partly at the location of
+  a preferred object), about 0.5 % of all pixels, like top-0.5 % activation masks.
+
+Everything is generated image by image with vectorized numpy from a per-image seed
+(``numpy.random.default_rng((seed, image))``), so it is reproducible, never dense over
+the whole probing set, and the concept masks of any image can be regenerated alone
+(:meth:`Synthetic.image`). The store is written with :meth:`pyneuron.ConceptStore.writer`
+and the units with :meth:`pyneuron.UnitMasks.writer`, in chunks of units.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import pyneuron
+from pyneuron import And, Concept, Formula, Not, Or
+
+COLORS = (
+    "black", "blue", "brown", "green", "grey", "orange",
+    "pink", "purple", "red", "white", "yellow",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    """A benchmark size: grid, number of concepts and default number of units."""
+
+    n_images: int
+    height: int
+    width: int
+    n_concepts: int
+    n_units: int
+
+
+SIZES = {
+    "small": SizeSpec(2_000, 56, 56, 200, 64),
+    "medium": SizeSpec(2_000, 56, 56, 1_000, 64),
+    "ade": SizeSpec(22_210, 112, 112, 1_200, 512),
+}
+
+
+# -- formulas planted in units -------------------------------------------------------
+# A planted formula is a nested tuple: ("leaf", c), ("or", l, r), ("and", l, r),
+# ("andnot", l, r) with concept ids c.
+
+
+def _render(node: tuple, names: list[str]) -> Formula:
+    kind = node[0]
+    if kind == "leaf":
+        return Concept(names[node[1]])
+    left, right = _render(node[1], names), _render(node[2], names)
+    if kind == "or":
+        return Or(left, right)
+    if kind == "and":
+        return And(left, right)
+    return And(left, Not(right))
+
+
+def _possible(node: tuple, present: set[int]) -> bool:
+    """False when the formula is certainly empty on an image with these concepts."""
+    kind = node[0]
+    if kind == "leaf":
+        return node[1] in present
+    if kind == "or":
+        return _possible(node[1], present) or _possible(node[2], present)
+    if kind == "and":
+        return _possible(node[1], present) and _possible(node[2], present)
+    return _possible(node[1], present)
+
+
+# -- per-image data ------------------------------------------------------------------
+
+
+@dataclass
+class ImageConcepts:
+    """The concepts of one image: pixel masks by concept id, and image-level labels."""
+
+    masks: dict[int, np.ndarray]  # concept id -> bool (H, W), never empty
+    labels: list[int]  # image-level concepts (full-image masks)
+    object_centers: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+    def mask(self, concept: int, shape: tuple[int, int]) -> np.ndarray:
+        if concept in self.masks:
+            return self.masks[concept]
+        if concept in self.labels:
+            return np.ones(shape, dtype=bool)
+        return np.zeros(shape, dtype=bool)
+
+    def present(self) -> set[int]:
+        return set(self.masks) | set(self.labels)
+
+
+def _paint_ellipse(canvas: np.ndarray, cy: float, cx: float, ry: float, rx: float, value) -> None:
+    """Paint an axis-aligned ellipse (bool canvas: OR; int canvas: assign ``value``)."""
+    h, w = canvas.shape
+    y0, y1 = max(int(cy - ry), 0), min(int(cy + ry) + 2, h)
+    x0, x1 = max(int(cx - rx), 0), min(int(cx + rx) + 2, w)
+    if y0 >= y1 or x0 >= x1:
+        return
+    yy = (np.arange(y0, y1) + 0.5 - cy) / ry
+    xx = (np.arange(x0, x1) + 0.5 - cx) / rx
+    inside = yy[:, None] ** 2 + xx[None, :] ** 2 <= 1.0
+    if canvas.dtype == bool:
+        canvas[y0:y1, x0:x1] |= inside
+    else:
+        canvas[y0:y1, x0:x1][inside] = value
+
+
+def _paint_rectangle(canvas: np.ndarray, cy: float, cx: float, ry: float, rx: float, value) -> None:
+    h, w = canvas.shape
+    y0, y1 = max(int(cy - ry), 0), min(int(math.ceil(cy + ry)), h)
+    x0, x1 = max(int(cx - rx), 0), min(int(math.ceil(cx + rx)), w)
+    if y0 < y1 and x0 < x1:
+        canvas[y0:y1, x0:x1] = value
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    return out
+
+
+class Synthetic:
+    """A synthetic probing set: vocabulary, per-concept and per-unit parameters, and a
+    deterministic per-image generator.
+
+    Parameters
+    ----------
+    spec
+        Grid, number of concepts and units.
+    seed
+        Everything derives from it.
+    n_planted
+        Units with a planted formula (the first ``n_planted`` units); default ``n_units // 8``.
+    """
+
+    def __init__(self, spec: SizeSpec, seed: int = 0, n_planted: int | None = None) -> None:
+        if spec.n_concepts < 40:
+            raise ValueError("a synthetic probing set needs at least 40 concepts")
+        self.spec = spec
+        self.seed = seed
+        self.shape = (spec.height, spec.width)
+        rng = np.random.default_rng((seed, 1 << 40))
+        c = spec.n_concepts
+        n_scenes = max(8, round(0.08 * c))
+        n_textures = min(47, max(4, round(0.05 * c)))
+        rest = c - len(COLORS) - n_scenes - n_textures
+        n_parts = round(0.2 * rest)
+        n_objects = rest - n_parts
+        self.objects = np.arange(n_objects)
+        self.parts = n_objects + np.arange(n_parts)
+        self.scenes = n_objects + n_parts + np.arange(n_scenes)
+        self.textures = n_objects + n_parts + n_scenes + np.arange(n_textures)
+        self.colors = n_objects + n_parts + n_scenes + n_textures + np.arange(len(COLORS))
+        self.names = (
+            [f"obj{i:04d}" for i in range(n_objects)]
+            + [f"part{i:03d}" for i in range(n_parts)]
+            + [f"scene{i:03d}-s" for i in range(n_scenes)]
+            + [f"tex{i:02d}-t" for i in range(n_textures)]
+            + [f"{name}-c" for name in COLORS]
+        )
+        self.categories = (
+            ["object"] * n_objects + ["part"] * n_parts + ["scene"] * n_scenes
+            + ["texture"] * n_textures + ["color"] * len(COLORS)
+        )  # fmt: skip
+        assert len(self.names) == c
+
+        # Zipf-like frequencies: objects per image ~ 1 + Poisson(7), drawn by p ~ 1/rank.
+        self.object_p = _zipf(n_objects, 1.0)
+        self.scene_p = _zipf(n_scenes, 0.9)
+        self.color_p = _zipf(len(COLORS), 0.5)[rng.permutation(len(COLORS))]
+        # Common objects are big ("stuff"), rare ones smaller; per-object size and shape.
+        rank = np.arange(n_objects)
+        self.object_size = np.exp(rng.uniform(np.log(0.08), np.log(0.35), n_objects)) * (
+            1.0 + 1.2 / (1.0 + rank / 5.0)
+        )
+        self.object_rect = rng.random(n_objects) < 0.4
+        # Parts hang off the most common objects, about three parts each.
+        n_parents = max(1, min(n_objects, math.ceil(n_parts / 3)))
+        self.part_parent = np.arange(n_parts) % n_parents
+        self.parts_of: dict[int, np.ndarray] = {
+            o: self.parts[self.part_parent == o] for o in range(n_parents)
+        }
+
+        # Units.
+        self.n_units = spec.n_units
+        self.n_planted = min(spec.n_units, spec.n_units // 8 if n_planted is None else n_planted)
+        self.planted = [self._planted_formula(rng, k) for k in range(self.n_planted)]
+        n_random = spec.n_units - self.n_planted
+        self.fire_p = np.exp(rng.uniform(np.log(0.02), np.log(0.1), n_random))
+        self.blob_radius = np.sqrt(0.0035 / self.fire_p / np.pi)  # fraction of the side
+        self.preferred = np.where(
+            rng.random(n_random) < 0.5, rng.integers(0, min(n_objects, 100), n_random), -1
+        )
+
+    # -- vocabulary and formulas -------------------------------------------------------
+    def planted_formula(self, unit: int) -> str:
+        """The planted formula of a planted unit, as pyneuron prints it."""
+        return str(_render(self.planted[unit], self.names))
+
+    def _planted_formula(self, rng: np.random.Generator, k: int) -> tuple:
+        n_objects = len(self.objects)
+        lo, hi = min(3, n_objects - 1), min(max(8, n_objects // 4), n_objects)
+
+        def obj() -> tuple:
+            return ("leaf", int(rng.integers(lo, hi)))
+
+        def color() -> tuple:
+            return ("leaf", int(rng.choice(self.colors)))
+
+        def scene() -> tuple:
+            return ("leaf", int(rng.choice(self.scenes[: max(2, len(self.scenes) // 4)])))
+
+        templates = [
+            lambda: ("andnot", ("or", obj(), obj()), color()),
+            lambda: ("and", obj(), color()),
+            lambda: ("or", obj(), obj()),
+            lambda: ("andnot", obj(), ("leaf", int(rng.choice(self.parts)))),
+            lambda: ("and", obj(), scene()),
+            lambda: ("or", ("or", obj(), obj()), obj()),
+            lambda: obj(),
+            lambda: ("or", ("and", obj(), scene()), obj()),
+        ]
+        return templates[k % len(templates)]()
+
+    # -- one image -----------------------------------------------------------------------
+    def image(self, i: int) -> tuple[ImageConcepts, np.random.Generator]:
+        """The concepts of image ``i`` (deterministic) and its generator for the units."""
+        rng = np.random.default_rng((self.seed, i))
+        h, w = self.shape
+        side = min(h, w)
+        # Objects: 1 + Poisson(7) instances, drawn with replacement (two chairs happen).
+        n_inst = 1 + int(rng.poisson(7))
+        concepts = rng.choice(len(self.objects), size=n_inst, p=self.object_p)
+        sizes = self.object_size[concepts] * np.exp(rng.normal(0.0, 0.25, n_inst)) * side / 2
+        aspect = np.exp(rng.normal(0.0, 0.3, n_inst))
+        centers = rng.random((n_inst, 2)) * (h, w)
+        order = np.argsort(-sizes, kind="stable")
+        instances = np.full((h, w), -1, dtype=np.int32)
+        boxes = []
+        for k, j in enumerate(order):
+            cy, cx = centers[j]
+            ry, rx = sizes[j] * aspect[j], sizes[j] / aspect[j]
+            paint = _paint_rectangle if self.object_rect[concepts[j]] else _paint_ellipse
+            paint(instances, cy, cx, max(ry, 1.0), max(rx, 1.0), k)
+            boxes.append((cy, cx, ry, rx))
+        inst_concept = concepts[order]
+        # Colors: a palette of 1-4 colors; each instance (and the background) may take one.
+        palette = rng.choice(self.colors, size=1 + int(rng.integers(0, 4)), p=self.color_p)
+        colored = rng.random(n_inst + 1) < 0.55
+        color_lut = np.where(colored, rng.choice(palette, size=n_inst + 1), -1)
+        masks: dict[int, np.ndarray] = {}
+        object_centers: dict[int, tuple[float, float]] = {}
+        # Object masks from the instance map: instances of one concept merge.
+        present_inst = np.flatnonzero(np.bincount(instances.reshape(-1) + 1, minlength=n_inst + 1)[1:])
+        for k in present_inst:
+            c = int(inst_concept[k])
+            visible = instances == k
+            masks[c] = masks[c] | visible if c in masks else visible
+            object_centers.setdefault(c, boxes[k][:2])
+            # Parts of this instance: sub-ellipses inside its box, clipped to what is visible.
+            for p in self.parts_of.get(c, ()):
+                if rng.random() < 0.6:
+                    cy, cx, ry, rx = boxes[k]
+                    sub = np.zeros((h, w), dtype=bool)
+                    _paint_ellipse(
+                        sub, cy + rng.uniform(-0.5, 0.5) * ry, cx + rng.uniform(-0.5, 0.5) * rx,
+                        max(ry * rng.uniform(0.25, 0.5), 1.0), max(rx * rng.uniform(0.25, 0.5), 1.0),
+                        True,
+                    )  # fmt: skip
+                    sub &= visible
+                    if sub.any():
+                        p = int(p)
+                        masks[p] = masks[p] | sub if p in masks else sub
+        color_map = color_lut[instances + 1]
+        for col in np.unique(palette):
+            m = color_map == col
+            if m.any():
+                masks[int(col)] = m
+        labels = [int(rng.choice(self.scenes, p=self.scene_p))]
+        if rng.random() < 0.25:
+            labels.append(int(rng.choice(self.textures)))
+        return ImageConcepts(masks, labels, object_centers), rng
+
+    def unit_masks(
+        self, image: ImageConcepts, rng: np.random.Generator, out: np.ndarray
+    ) -> np.ndarray:
+        """Paint image's unit masks into ``out`` (U, H, W), all False on entry; return the
+        ids of the units painted (the only rows that may be non-zero)."""
+        h, w = self.shape
+        side = min(h, w)
+        touched = []
+        present = image.present()
+        for u, formula in enumerate(self.planted):
+            m = None
+            if _possible(formula, present):
+                m = self._evaluate(formula, image)
+                if m.any():
+                    noise = rng.random((h, w))
+                    ring = _dilate(m) & ~m
+                    m = (m & (noise >= 0.05)) | (ring & (noise < 0.3))
+                else:
+                    m = None
+            if rng.random() < 0.02:  # a false-positive blob
+                if m is None:
+                    m = np.zeros((h, w), dtype=bool)
+                r = rng.uniform(0.05, 0.15) * side
+                _paint_ellipse(m, rng.random() * h, rng.random() * w, r, r, True)
+            if m is not None and m.any():
+                out[u] = m
+                touched.append(u)
+        n_random = len(self.fire_p)
+        if n_random:
+            fire = rng.random(n_random) < self.fire_p
+            pref_here = np.array([p in image.object_centers for p in self.preferred])
+            at_object = pref_here & (rng.random(n_random) < 0.7)
+            jitter = np.exp(rng.normal(0.0, 0.3, (n_random, 2)))
+            where = rng.random((n_random, 2)) * (h, w)
+            for j in np.flatnonzero(fire | at_object):
+                if at_object[j]:
+                    cy, cx = image.object_centers[int(self.preferred[j])]
+                    cy, cx = cy + rng.normal(0, 0.05 * h), cx + rng.normal(0, 0.05 * w)
+                else:
+                    cy, cx = where[j]
+                r = self.blob_radius[j] * side
+                u = self.n_planted + int(j)
+                _paint_ellipse(out[u], cy, cx, max(r * jitter[j, 0], 1.0), max(r * jitter[j, 1], 1.0), True)
+                touched.append(u)
+        return np.array(sorted(set(touched)), dtype=np.int64)
+
+    def _evaluate(self, node: tuple, image: ImageConcepts) -> np.ndarray:
+        kind = node[0]
+        if kind == "leaf":
+            return image.mask(node[1], self.shape).copy()
+        left = self._evaluate(node[1], image)
+        right = self._evaluate(node[2], image)
+        if kind == "or":
+            return left | right
+        if kind == "and":
+            return left & right
+        return left & ~right
+
+
+def _zipf(n: int, exponent: float) -> np.ndarray:
+    p = 1.0 / np.arange(1, n + 1) ** exponent
+    return p / p.sum()
+
+
+# -- building a probing set ------------------------------------------------------------
+
+
+@dataclass
+class Built:
+    """A built synthetic probing set."""
+
+    synthetic: Synthetic
+    store: pyneuron.ConceptStore
+    units: list[pyneuron.UnitMasks]  # chunks, units numbered consecutively
+    concept_pixels: np.ndarray  # expected per-concept pixel counts (from the generator)
+    concept_images: np.ndarray
+    unit_pixels: np.ndarray
+    unit_images: np.ndarray
+    seconds: dict[str, float]
+
+    @property
+    def n_units(self) -> int:
+        return sum(len(chunk) for chunk in self.units)
+
+    def check_counts(self) -> None:
+        """Check that the store and unit masks hold what the generator produced."""
+        checks = [
+            ("concept pixels", self.store.pixel_counts, self.concept_pixels),
+            ("concept images", self.store.image_counts, self.concept_images),
+            ("unit pixels", np.concatenate([u.pixel_counts for u in self.units]), self.unit_pixels),
+            ("unit images", np.concatenate([u.image_counts for u in self.units]), self.unit_images),
+        ]
+        for what, got, expected in checks:
+            if not np.array_equal(got, expected):
+                bad = np.flatnonzero(got != expected)
+                raise AssertionError(f"{what} differ from the generator at {bad[:10].tolist()}")
+
+
+def build(
+    spec: SizeSpec,
+    *,
+    seed: int = 0,
+    chunk_units: int = 64,
+    directory: str | Path | None = None,
+    progress: bool = True,
+) -> Built:
+    """Generate the probing set image by image and write the store and unit chunks.
+
+    With ``directory`` the store (``directory/store``) and unit chunks
+    (``directory/units-KK``) stream to disk and come back memory-mapped, so the bitsets
+    never sit twice in memory; without, everything stays in memory.
+    """
+    syn = Synthetic(spec, seed)
+    grid = pyneuron.Grid(spec.n_images, spec.height, spec.width)
+    directory = Path(directory) if directory is not None else None
+    store_writer = pyneuron.ConceptStore.writer(
+        grid, syn.names, syn.categories,
+        path=directory / "store" if directory else None,
+        metadata={"synthetic": True, "seed": seed},
+    )  # fmt: skip
+    bounds = list(range(0, spec.n_units, chunk_units)) + [spec.n_units]
+    unit_writers = [
+        pyneuron.UnitMasks.writer(
+            grid, hi - lo, path=directory / f"units-{k:02d}" if directory else None
+        )
+        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
+    ]
+    h, w = syn.shape
+    pixels = h * w
+    concept_pixels = np.zeros(spec.n_concepts, dtype=np.int64)
+    concept_images = np.zeros(spec.n_concepts, dtype=np.int64)
+    unit_pixels = np.zeros(spec.n_units, dtype=np.int64)
+    unit_images = np.zeros(spec.n_units, dtype=np.int64)
+    canvas = np.zeros((spec.n_units, h, w), dtype=bool)
+    names = syn.names
+    write_seconds = 0.0
+    start = time.perf_counter()
+    for i in _progress(range(spec.n_images), progress, "synthetic images"):
+        image, rng = syn.image(i)
+        touched = syn.unit_masks(image, rng, canvas)
+        t0 = time.perf_counter()
+        store_writer.add_image(
+            i, masks={names[c]: m for c, m in image.masks.items()},
+            labels=[names[c] for c in image.labels],
+        )  # fmt: skip
+        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if touched.size and ((touched >= lo) & (touched < hi)).any():
+                unit_writers[k].add_image(i, canvas[lo:hi])
+        write_seconds += time.perf_counter() - t0
+        for c, m in image.masks.items():
+            concept_pixels[c] += np.count_nonzero(m)
+            concept_images[c] += 1
+        concept_pixels[image.labels] += pixels
+        concept_images[image.labels] += 1
+        if touched.size:
+            counts = np.count_nonzero(canvas[touched].reshape(touched.size, -1), axis=1)
+            unit_pixels[touched] += counts
+            unit_images[touched] += counts > 0
+            canvas[touched] = False
+    t0 = time.perf_counter()
+    store = store_writer.close()
+    units = [writer.close() for writer in unit_writers]
+    close_seconds = time.perf_counter() - t0
+    total = time.perf_counter() - start
+    return Built(
+        syn, store, units, concept_pixels, concept_images, unit_pixels, unit_images,
+        {"total": total, "writers": write_seconds + close_seconds,
+         "generate": total - write_seconds - close_seconds},
+    )  # fmt: skip
+
+
+def _progress(items: range, enabled: bool, desc: str) -> Iterator[int]:
+    """A light progress line on stderr (every ~5 %), whether or not it is a terminal."""
+    n = len(items)
+    step = max(1, n // 20)
+    start = time.perf_counter()
+    for k in items:
+        if enabled and k % step == 0 and k:
+            rate = k / (time.perf_counter() - start)
+            print(f"\r{desc}: {k}/{n} ({rate:.0f}/s)", end="", file=sys.stderr, flush=True)
+        yield k
+    if enabled:
+        print(f"\r{desc}: {n}/{n} in {time.perf_counter() - start:.1f} s", file=sys.stderr)

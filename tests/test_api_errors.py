@@ -1,0 +1,87 @@
+"""Bad input to the search API raises clear exceptions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pyneuron
+
+
+@pytest.fixture
+def pair():
+    concepts = np.zeros((2, 3, 4, 4), dtype=bool)
+    concepts[0, 0] = True
+    concepts[1, 1, :2] = True
+    store = pyneuron.ConceptStore.from_masks(concepts, ["sky", "dog"])
+    units = pyneuron.UnitMasks.from_masks(concepts[:1])
+    return units, store
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(length=0), "length must be an integer >= 1"),
+        (dict(length=2.5), "length must be an integer"),
+        (dict(beam_size=0), "beam_size must be an integer >= 1"),
+        (dict(operators=("XOR",)), "unknown operator 'XOR'"),
+        (dict(operators=("OR", "or")), "given twice"),
+        (dict(operators=()), "no operators"),
+        (dict(penalty=0.0), "penalty"),
+        (dict(penalty=float("nan")), "penalty"),
+        (dict(batch_size=0), "batch_size"),
+    ],
+)
+def test_bad_search_options(pair, options, message):
+    units, store = pair
+    with pytest.raises(pyneuron.PyneuronError, match=message):
+        pyneuron.explain(units, store, progress=False, **options)
+
+
+def test_operator_spelling_is_forgiving(pair):
+    units, store = pair
+    result = pyneuron.explain(units, store, operators=["and  not", "Or"], progress=False)
+    assert result.loc[0, "formula"] == "sky"
+
+
+def test_grid_mismatch(pair):
+    _, store = pair
+    other = pyneuron.UnitMasks.from_masks(np.zeros((1, 3, 5, 4), dtype=bool))
+    with pytest.raises(pyneuron.GridMismatchError, match=r"\(3, 5, 4\) does not match \(3, 4, 4\)"):
+        pyneuron.explain(other, store, progress=False)
+    with pytest.raises(pyneuron.GridMismatchError):
+        pyneuron.iou_table(other, store, progress=False)
+    with pytest.raises(pyneuron.GridMismatchError):
+        pyneuron.score("sky", other, store)
+
+
+def test_wrong_types(pair):
+    units, store = pair
+    with pytest.raises(pyneuron.PyneuronError, match="UnitMasks"):
+        pyneuron.explain(np.zeros((1, 3, 4, 4), dtype=bool), store, progress=False)
+    with pytest.raises(pyneuron.PyneuronError, match="expected a ConceptStore"):
+        pyneuron.explain(units, "store", progress=False)
+
+
+def test_empty_stores(pair):
+    units, _ = pair
+    no_concepts = pyneuron.ConceptStore.from_masks(np.zeros((0, 3, 4, 4), dtype=bool), [])
+    with pytest.raises(pyneuron.EmptyStoreError, match="no concepts"):
+        pyneuron.explain(units, no_concepts, progress=False)
+    absent = pyneuron.ConceptStore.from_masks(np.zeros((2, 3, 4, 4), dtype=bool), ["a", "b"])
+    with pytest.raises(pyneuron.EmptyStoreError, match="not present in any image|no concept"):
+        pyneuron.explain(units, absent, progress=False)
+
+
+def test_unknown_concept_in_formula(pair):
+    units, store = pair
+    with pytest.raises(KeyError, match="did you mean 'sky'"):
+        pyneuron.score("skye OR dog", units, store)
+
+
+def test_threads_and_simd_settings():
+    with pytest.raises(ValueError, match="positive integer"):
+        pyneuron.set_num_threads(0)
+    with pytest.raises(ValueError, match="not available"):
+        pyneuron.set_simd_level("avx9000")
+    assert pyneuron.simd_level() in pyneuron.available_simd_levels()
