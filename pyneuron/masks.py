@@ -10,15 +10,15 @@ Each mask is stored per image as an *empty* container (absent), a *full* contain
 from __future__ import annotations
 
 import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
+import pandas as pd
 
-from . import _native
+from . import _native, storage
 from .errors import PyneuronError
 from .grid import Grid, pack_bits, unpack_bits
 
@@ -46,6 +46,7 @@ class MaskSet:
         self._slots = slots
         self._counts = counts
         self._words = words
+        self._metadata: dict[str, Any] = {}
         # The C++ view validates the structure and keeps the arrays alive.
         self._native = _native.NativeMaskSet(
             grid.n_images, grid.pixels, offsets, images, slots, counts, words.reshape(-1)
@@ -58,6 +59,37 @@ class MaskSet:
         for m in range(masks.shape[0]):
             writer.add_mask(m, masks[m])
         return writer.finish()
+
+    # -- persistence -------------------------------------------------------------------
+    KIND = ""
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Free-form provenance saved with the set (JSON-serializable values)."""
+        return self._metadata
+
+    def table(self) -> pd.DataFrame:
+        """One row per mask with its pixel and image counts."""
+        return pd.DataFrame({"pixels": self.pixel_counts, "images": self.image_counts})
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write to a directory atomically (a temporary directory, then a rename).
+
+        Raises
+        ------
+        FileExistsError
+            If ``path`` exists and ``overwrite`` is false.
+        """
+        return storage.save(
+            path,
+            kind=self.KIND,
+            grid=self._grid,
+            index=(self._offsets, self._images, self._slots, self._counts),
+            words=self._words,
+            table=self.table(),
+            metadata=self._metadata,
+            overwrite=overwrite,
+        )
 
     # -- shape -------------------------------------------------------------------------
     @property
@@ -267,15 +299,3 @@ class MaskSetWriter:
             words = np.zeros((0, self.grid.words_per_image), dtype=np.uint64)
         self._entries, self._word_chunks = [], []
         return offsets, images.astype(np.int32), slots, counts.astype(np.int32), words
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a written file to disk."""
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def temporary_sibling(path: Path) -> Path:
-    """A fresh directory next to ``path`` (same filesystem, so a rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,6 @@ import pandas as pd
 
 from .errors import StoreError
 from .grid import Grid
-from .masks import fsync_file, temporary_sibling
 
 FORMAT_NAME = "pyneuron.maskset"
 FORMAT_VERSION = 1
@@ -38,6 +38,18 @@ TABLE_FILE = "table.parquet"
 MANIFEST_FILE = "manifest.json"
 # Bitsets are checksummed on open when the words file is at most this large.
 AUTO_VERIFY_BYTES = 256 * 2**20
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A fresh directory next to ``path`` (same filesystem, so a rename is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
 
 
 def crc32_of_file(path: Path, chunk: int = 16 * 2**20) -> int:

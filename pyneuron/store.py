@@ -39,6 +39,8 @@ class ConceptStore(MaskSet):
     [1]
     """
 
+    KIND = KIND
+
     def __init__(
         self,
         grid: Grid,
@@ -59,7 +61,7 @@ class ConceptStore(MaskSet):
         if len(self._categories) != len(self._names):
             raise PyneuronError(f"{len(self._categories)} categories for {len(self._names)} names")
         self._lookup = _name_lookup(self._names)
-        self.metadata: dict[str, Any] = dict(metadata or {})
+        self._metadata.update(metadata or {})
         self.path = path
 
     # -- construction ----------------------------------------------------------------
@@ -139,19 +141,6 @@ class ConceptStore(MaskSet):
             )
         except (KeyError, ValueError) as error:
             raise StoreError(f"store {path} is corrupt: {error}") from None
-
-    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write the store to a directory atomically (temporary directory, then rename)."""
-        return storage.save(
-            path,
-            kind=KIND,
-            grid=self.grid,
-            index=(self._offsets, self._images, self._slots, self._counts),
-            words=self._words,
-            table=self.table(),
-            metadata=self.metadata,
-            overwrite=overwrite,
-        )
 
     # -- access ----------------------------------------------------------------------
     @property

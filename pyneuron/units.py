@@ -34,6 +34,8 @@ class UnitMasks(MaskSet):
     (3, [4, 0, 0])
     """
 
+    KIND = KIND
+
     @classmethod
     def from_masks(cls, masks: np.ndarray) -> UnitMasks:
         """From dense bool masks of shape (units, images, height, width)."""
@@ -103,20 +105,10 @@ class UnitMasks(MaskSet):
         except ValueError as error:
             raise StoreError(f"unit masks at {path} are corrupt: {error}") from None
 
-    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write to a directory atomically."""
-        table = pd.DataFrame(
+    def table(self) -> pd.DataFrame:
+        """One row per unit: unit, pixels, images."""
+        return pd.DataFrame(
             {"unit": np.arange(len(self)), "pixels": self.pixel_counts, "images": self.image_counts}
-        )
-        return storage.save(
-            path,
-            kind=KIND,
-            grid=self.grid,
-            index=(self._offsets, self._images, self._slots, self._counts),
-            words=self._words,
-            table=table,
-            metadata=None,
-            overwrite=overwrite,
         )
 
     def mask(self, unit: int) -> np.ndarray:

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from . import storage
 from .errors import PyneuronError
 from .grid import Grid
-from .masks import MaskSet, MaskSetWriter, pixel_counts, temporary_sibling
+from .masks import MaskSet, MaskSetWriter, pixel_counts
+from .storage import temporary_sibling
 
 SetT = TypeVar("SetT", bound=MaskSet)
 
