@@ -45,3 +45,13 @@ def evaluate_words(program: list[int], concepts: MaskSet) -> npt.NDArray[np.uint
 def formula_counts(
     program: list[int], concepts: MaskSet, units: MaskSet
 ) -> dict[str, np.ndarray | int]: ...
+def bilinear_resize(
+    maps: npt.NDArray[np.float32], height: int, width: int
+) -> npt.NDArray[np.float32]: ...
+def upsample_threshold(
+    maps: npt.NDArray[np.float32],
+    lo: npt.NDArray[np.float64],
+    hi: npt.NDArray[np.float64] | None,
+    height: int,
+    width: int,
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int32]]: ...

@@ -20,6 +20,8 @@ beam_search = _core.beam_search
 intersection_counts = _core.intersection_counts
 evaluate_words = _core.evaluate_words
 formula_counts = _core.formula_counts
+bilinear_resize = _core.bilinear_resize
+upsample_threshold = _core.upsample_threshold
 
 
 def available_simd_levels() -> list[str]:

@@ -203,17 +203,28 @@ class MaskSetWriter:
         pixels = self.grid.pixels
         bits = bits.reshape(-1, pixels)
         counts = np.count_nonzero(bits, axis=1)
+        partial = (counts > 0) & (counts < pixels)
+        words = np.zeros((counts.shape[0], self.grid.words_per_image), dtype=np.uint64)
+        if partial.any():
+            words[partial] = pack_bits(bits[partial], pixels)
+        self.add_packed(mask_ids, images, words, counts)
+
+    def add_packed(
+        self, mask_ids: np.ndarray, images: np.ndarray, words: np.ndarray, counts: np.ndarray
+    ) -> None:
+        """Add packed rows: ``words`` (K, words_per_image) with their popcounts ``counts``.
+
+        Rows with count 0 are dropped, rows with count == pixels become full containers.
+        """
+        pixels = self.grid.pixels
+        counts = np.asarray(counts).reshape(-1)
         nonempty = counts > 0
-        mask_ids, images, bits, counts = (
-            mask_ids[nonempty],
-            images[nonempty],
-            bits[nonempty],
-            counts[nonempty],
-        )
+        mask_ids, images, counts = mask_ids[nonempty], images[nonempty], counts[nonempty]
+        words = words.reshape(-1, self.grid.words_per_image)[nonempty]
         slots = np.full(counts.shape[0], FULL_SLOT, dtype=np.int64)
         partial = counts < pixels
         if partial.any():
-            slots[partial] = self._store_words(pack_bits(bits[partial], pixels))
+            slots[partial] = self._store_words(words[partial])
         self._entries.append((mask_ids, images, slots, counts.astype(np.int32)))
 
     def _as_bits(self, array: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:

@@ -25,5 +25,6 @@ struct PyMaskSet {
 
 void register_masks(py::module_& m);
 void register_search(py::module_& m);
+void register_upsample(py::module_& m);
 
 }  // namespace pyneuron::bindings

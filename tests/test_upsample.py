@@ -1,0 +1,94 @@
+"""Upsampling against Pillow and unit masks against a dense numpy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pyneuron
+from pyneuron.upsample import bilinear_resize, unit_masks_from_activations
+
+
+def pillow_resize(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(x.astype(np.float32)).resize((width, height), Image.BILINEAR))
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        (7, 7, 112, 112),
+        (14, 14, 112, 112),
+        (3, 5, 17, 9),
+        (5, 4, 5, 9),
+        (1, 1, 3, 3),
+        (2, 9, 31, 100),
+        (9, 9, 4, 4),
+        (6, 6, 6, 6),
+        (13, 7, 56, 56),
+    ],
+)
+def test_resize_is_bit_identical_to_pillow(sizes):
+    h, w, height, width = sizes
+    rng = np.random.default_rng(h * 100 + w)
+    maps = (rng.standard_normal((4, h, w)) * 10).astype(np.float32)
+    maps[0] = np.round(maps[0])  # ties
+    ours = bilinear_resize(maps, height, width)
+    for k in range(4):
+        np.testing.assert_array_equal(ours[k], pillow_resize(maps[k], height, width))
+
+
+def _reference_masks(acts, lo, hi, height, width):
+    n, u = acts.shape[:2]
+    out = np.zeros((u, n, height, width), dtype=bool)
+    for i in range(n):
+        for j in range(u):
+            up = pillow_resize(acts[i, j], height, width).astype(np.float64)
+            out[j, i] = (up > lo[j]) & (up < (np.inf if hi is None else hi[j]))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(5, 6, 7, 7, 20, 20), (4, 3, 3, 5, 9, 13), (3, 2, 4, 4, 4, 4)])
+def test_unit_masks_match_dense_reference(shape, threads):
+    n, u, h, w, height, width = shape
+    rng = np.random.default_rng(0)
+    acts = rng.standard_normal((n, u, h, w)).astype(np.float32)
+    acts[:, 0] = -5.0  # a unit that never fires
+    acts[0, 1] = 10.0  # fires on a whole image
+    lo = np.quantile(acts.reshape(n, u, -1).transpose(1, 0, 2).reshape(u, -1), 0.8, axis=1)
+    masks = unit_masks_from_activations(acts, lo, (height, width), batch_images=2, progress=False)
+    reference = _reference_masks(acts, lo, None, height, width)
+    for j in range(u):
+        np.testing.assert_array_equal(masks.mask(j), reference[j])
+    hi = lo + 0.5
+    ranged = unit_masks_from_activations(acts, lo, (height, width), upper=hi, progress=False)
+    reference = _reference_masks(acts, lo, hi, height, width)
+    for j in range(u):
+        np.testing.assert_array_equal(ranged.mask(j), reference[j])
+
+
+def test_unit_masks_stream_to_disk(tmp_path):
+    acts = np.random.default_rng(1).standard_normal((6, 3, 4, 4)).astype(np.float32)
+    lo = np.zeros(3)
+    in_memory = unit_masks_from_activations(acts, lo, (8, 8), progress=False)
+    on_disk = unit_masks_from_activations(acts, lo, (8, 8), path=tmp_path / "u", progress=False)
+    reopened = pyneuron.UnitMasks.open(tmp_path / "u")
+    for j in range(3):
+        np.testing.assert_array_equal(on_disk.mask(j), in_memory.mask(j))
+        np.testing.assert_array_equal(reopened.mask(j), in_memory.mask(j))
+
+
+def test_bad_activations():
+    acts = np.zeros((3, 2, 4, 4), dtype=np.float32)
+    acts[2, 1, 0, 3] = np.nan
+    with pytest.raises(pyneuron.PyneuronError, match="unit 1 in image 2 is nan"):
+        unit_masks_from_activations(acts, np.zeros(2), (8, 8), progress=False)
+    acts[2, 1, 0, 3] = np.inf
+    with pytest.raises(pyneuron.PyneuronError, match="unit 1 in image 2 is inf"):
+        unit_masks_from_activations(acts, np.zeros(2), (8, 8), progress=False)
+    with pytest.raises(pyneuron.PyneuronError, match="3 thresholds for 2 units"):
+        unit_masks_from_activations(np.zeros((1, 2, 4, 4)), np.zeros(3), (8, 8), progress=False)
+    with pytest.raises(pyneuron.PyneuronError, match="no images"):
+        unit_masks_from_activations(np.zeros((0, 2, 4, 4)), np.zeros(2), (8, 8), progress=False)
+    with pytest.raises(pyneuron.PyneuronError, match="shape"):
+        unit_masks_from_activations(np.zeros((2, 4, 4)), np.zeros(2), (8, 8), progress=False)
