@@ -1,8 +1,9 @@
 """pyneuron: explain what every unit of a vision network detects, as logical formulas
 over concepts, exactly and fast.
 
-Main entry points: :class:`ConceptStore`, :class:`UnitMasks`, :func:`explain`,
-:func:`iou_table`, :func:`score` and :class:`Formula`.
+Main entry points: :func:`dissect` (model layer -> explanations), :func:`capture`,
+:class:`ConceptStore`, :class:`UnitMasks`, :func:`explain`, :func:`iou_table`,
+:func:`score` and :class:`Formula`.
 """
 
 from ._native import (
@@ -12,12 +13,16 @@ from ._native import (
     set_simd_level,
     simd_level,
 )
+from .activations import LayerFormat, capture
+from .dissect import dissect
 from .errors import EmptyStoreError, GridMismatchError, PyneuronError, StoreError
 from .formula import And, Concept, Formula, Not, Or
 from .grid import Grid
 from .search import OPERATORS, explain, iou_table, score
 from .store import ConceptStore, ConceptStoreWriter
+from .thresholds import activation_ranges, compexp_level, quantile_thresholds, user_thresholds
 from .units import UnitMasks, UnitMasksWriter
+from .upsample import bilinear_resize, unit_masks_from_activations
 
 __version__ = "0.1.0"
 
@@ -31,6 +36,7 @@ __all__ = [
     "Formula",
     "Grid",
     "GridMismatchError",
+    "LayerFormat",
     "Not",
     "Or",
     "PyneuronError",
@@ -38,12 +44,20 @@ __all__ = [
     "UnitMasks",
     "UnitMasksWriter",
     "__version__",
+    "activation_ranges",
     "available_simd_levels",
+    "bilinear_resize",
+    "capture",
+    "compexp_level",
+    "dissect",
     "explain",
     "iou_table",
     "num_threads",
+    "quantile_thresholds",
     "score",
     "set_num_threads",
     "set_simd_level",
     "simd_level",
+    "unit_masks_from_activations",
+    "user_thresholds",
 ]

@@ -8,6 +8,8 @@ import importlib
 import pytest
 
 MODULES = [
+    "pyneuron.activations",
+    "pyneuron.upsample",
     "pyneuron.grid",
     "pyneuron.store",
     "pyneuron.units",

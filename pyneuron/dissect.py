@@ -1,0 +1,116 @@
+"""One call from a model layer to its explanations: capture, thresholds, masks, search."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .activations import LayerFormat, capture
+from .errors import GridMismatchError
+from .search import explain
+from .store import ConceptStore
+from .thresholds import activation_ranges, quantile_thresholds, user_thresholds
+from .upsample import unit_masks_from_activations
+
+
+def dissect(
+    model: Any,
+    layer: str,
+    images: Any,
+    store: ConceptStore,
+    *,
+    quantile: float = 0.005,
+    thresholds: float | Sequence[float] | np.ndarray | None = None,
+    ranges: int | None = None,
+    batch_size: int = 32,
+    device: Any = None,
+    dtype: Any = None,
+    transform: Callable[..., Any] | None = None,
+    layer_format: LayerFormat | None = None,
+    activations_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    **search_options: Any,
+) -> pd.DataFrame:
+    """Explain every unit of ``layer``: capture → thresholds → unit masks → :func:`explain`.
+
+    Parameters
+    ----------
+    model, layer, images
+        As in :func:`pyneuron.capture`; ``images`` must be the store's probing images,
+        in the store's image order.
+    store
+        The concepts; its grid sets the resolution unit maps are upsampled to.
+    quantile
+        Top quantile per unit (compexp/NetDissect: 0.005, read at level 994/999;
+        OVCE: 0.01). Ignored when ``thresholds`` or ``ranges`` is given.
+    thresholds
+        User thresholds: one for all units or one per unit.
+    ranges
+        Explain activation ranges instead: KMeans with this many clusters over each
+        unit's non-zero activations (Clustered CompExp / OVCE use 5); a row per
+        (unit, range) with ``range``, ``lower`` and ``upper`` columns.
+    activations_dir
+        Stream captured activations there (resumable), for layers larger than memory.
+    **search_options
+        ``length``, ``beam_size``, ``operators``, ``penalty``, ``full_beam`` of
+        :func:`explain`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The :func:`explain` table with ``layer`` and ``threshold`` columns added.
+    """
+    activations = capture(
+        model,
+        layer,
+        images,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        transform=transform,
+        formats=layer_format,
+        out=activations_dir,
+        progress=progress,
+    )[layer]
+    if activations.shape[0] != store.grid.n_images:
+        raise GridMismatchError(
+            f"captured {activations.shape[0]} images but the concept store covers "
+            f"{store.grid.n_images}; pass the store's probing images, in its order"
+        )
+    size = (store.grid.height, store.grid.width)
+    n_units = activations.shape[1]
+    if ranges is not None:
+        bounds = activation_ranges(activations, ranges)  # (U, K, 2)
+        tables = []
+        for k in range(bounds.shape[1]):
+            lower, upper = bounds[:, k, 0], bounds[:, k, 1]
+            usable = np.isfinite(lower) & np.isfinite(upper)
+            masks = unit_masks_from_activations(
+                activations,
+                np.where(usable, lower, np.inf),
+                size,
+                upper=np.where(usable, upper, -np.inf),
+                progress=progress,
+            )
+            table = explain(masks, store, progress=progress, **search_options)
+            table.insert(1, "range", k)
+            table["lower"], table["upper"] = lower[table["unit"]], upper[table["unit"]]
+            tables.append(table[usable[table["unit"]]])
+        result = pd.concat(tables).sort_values(["unit", "range"], kind="stable")
+        result = result.reset_index(drop=True)
+        result.insert(0, "layer", layer)
+        result["threshold"] = result["lower"]
+        return result
+    if thresholds is not None:
+        values = user_thresholds(thresholds, n_units)
+    else:
+        values = quantile_thresholds(activations, quantile)
+    masks = unit_masks_from_activations(activations, values, size, progress=progress)
+    result = explain(masks, store, progress=progress, **search_options)
+    result.insert(0, "layer", layer)
+    result["threshold"] = values[result["unit"].to_numpy()]
+    return result
