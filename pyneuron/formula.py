@@ -70,6 +70,10 @@ class Formula:
         words = _native.evaluate_words(self.program(store), store._native)
         return unpack_bits(words, store.grid.pixels).reshape(store.grid.shape)
 
+    def image_mask(self, store: ConceptStore, image: int) -> np.ndarray:
+        """The formula's bool mask (height, width) in one image (evaluated in numpy)."""
+        raise NotImplementedError
+
     def __and__(self, other: Formula) -> Formula:
         return And(self, _formula(other))
 
@@ -112,6 +116,9 @@ class Concept(Formula):
     def program(self, store: ConceptStore) -> list[int]:
         return [store.index(self.name)]
 
+    def image_mask(self, store: ConceptStore, image: int) -> np.ndarray:
+        return store.image_mask(self.name, image)
+
     def __str__(self) -> str:
         return quote_name(self.name)
 
@@ -131,6 +138,9 @@ class Not(Formula):
 
     def program(self, store: ConceptStore) -> list[int]:
         return [*self.operand.program(store), _NOT]
+
+    def image_mask(self, store: ConceptStore, image: int) -> np.ndarray:
+        return ~self.operand.image_mask(store, image)
 
     def __str__(self) -> str:
         return f"(NOT {self.operand})"
@@ -153,6 +163,10 @@ class _Binary(Formula):
 
     def program(self, store: ConceptStore) -> list[int]:
         return [*self.left.program(store), *self.right.program(store), self.code]
+
+    def image_mask(self, store: ConceptStore, image: int) -> np.ndarray:
+        left, right = self.left.image_mask(store, image), self.right.image_mask(store, image)
+        return left & right if self.code == _AND else left | right
 
     def __str__(self) -> str:
         right = f"NOT {self.right.operand}" if isinstance(self.right, Not) else str(self.right)

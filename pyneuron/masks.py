@@ -136,6 +136,21 @@ class MaskSet:
             out[images[~full]] = unpack_bits(words, grid.pixels)
         return out.reshape(grid.shape)
 
+    def _image_mask(self, m: int, image: int) -> np.ndarray:
+        """Mask m in one image: dense bool (height, width)."""
+        m = self._check_index(m)
+        grid = self._grid
+        if not 0 <= image < grid.n_images:
+            raise IndexError(f"image {image} out of range for {grid.n_images} images")
+        begin, end = self._offsets[m], self._offsets[m + 1]
+        k = begin + int(np.searchsorted(self._images[begin:end], image))
+        if k == end or self._images[k] != image:
+            return np.zeros((grid.height, grid.width), dtype=bool)
+        if self._slots[k] == FULL_SLOT:
+            return np.ones((grid.height, grid.width), dtype=bool)
+        words = self._words.reshape(-1, grid.words_per_image)[self._slots[k]][None]
+        return unpack_bits(words, grid.pixels).reshape(grid.height, grid.width)
+
     def _images_with(self, m: int) -> np.ndarray:
         m = self._check_index(m)
         return self._images[self._offsets[m] : self._offsets[m + 1]].astype(np.int64)

@@ -168,6 +168,10 @@ class ConceptStore(MaskSet):
         """Dense bool mask (n_images, height, width) of a concept (by name or id)."""
         return self._dense(self._resolve(name))
 
+    def image_mask(self, name: str | int, image: int) -> np.ndarray:
+        """A concept's bool mask (height, width) in one image."""
+        return self._image_mask(self._resolve(name), image)
+
     def images_with(self, name: str | int) -> np.ndarray:
         """Ids of the images where a concept is present."""
         return self._images_with(self._resolve(name))

@@ -115,6 +115,10 @@ class UnitMasks(MaskSet):
         """Dense bool mask (n_images, height, width) of one unit."""
         return self._dense(unit)
 
+    def image_mask(self, unit: int, image: int) -> np.ndarray:
+        """One unit's bool mask (height, width) in one image."""
+        return self._image_mask(unit, image)
+
     def images_with(self, unit: int) -> np.ndarray:
         """Ids of the images where the unit fires."""
         return self._images_with(unit)

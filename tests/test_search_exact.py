@@ -145,7 +145,10 @@ def test_score_matches_dense_metrics(threads):
     store = pyneuron.ConceptStore.from_masks(concepts, _names(5))
     text = "(c0 OR NOT c1) AND (NOT (c2 AND c3) OR c4)"
     mask = (concepts[0] | ~concepts[1]) & (~(concepts[2] & concepts[3]) | concepts[4])
-    np.testing.assert_array_equal(pyneuron.Formula.parse(text).mask(store), mask)
+    formula = pyneuron.Formula.parse(text)
+    np.testing.assert_array_equal(formula.mask(store), mask)
+    for image in range(6):
+        np.testing.assert_array_equal(formula.image_mask(store, image), mask[image])
     scores = pyneuron.score(text, pyneuron.UnitMasks.from_masks(units), store)
     for u in range(6):
         for key, value in metrics(mask, units[u]).items():

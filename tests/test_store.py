@@ -28,6 +28,8 @@ def assert_same_concepts(store, concepts, names):
     for i, name in enumerate(names):
         np.testing.assert_array_equal(store.mask(name), concepts[i])
         np.testing.assert_array_equal(store.mask(i), concepts[i])
+        for image in range(concepts.shape[1]):
+            np.testing.assert_array_equal(store.image_mask(name, image), concepts[i, image])
         np.testing.assert_array_equal(
             store.images_with(name), np.flatnonzero(concepts[i].any((1, 2)))
         )
@@ -127,6 +129,7 @@ def test_unit_masks_all_constructors_agree(case, tmp_path):
         assert len(masks) == n_units
         for u in range(n_units):
             np.testing.assert_array_equal(masks.mask(u), units[u])
+            np.testing.assert_array_equal(masks.image_mask(u, n_images - 1), units[u, -1])
 
 
 def test_duplicate_names_and_pairs_are_rejected():
