@@ -14,7 +14,10 @@ from .errors import GridMismatchError
 from .search import explain
 from .store import ConceptStore
 from .thresholds import activation_ranges, quantile_thresholds, user_thresholds
+from .units import UnitMasks
 from .upsample import unit_masks_from_activations
+
+Thresholds = float | Sequence[float] | np.ndarray
 
 
 def dissect(
@@ -24,7 +27,7 @@ def dissect(
     store: ConceptStore,
     *,
     quantile: float = 0.005,
-    thresholds: float | Sequence[float] | np.ndarray | None = None,
+    thresholds: Thresholds | None = None,
     ranges: int | None = None,
     batch_size: int = 32,
     device: Any = None,
@@ -76,41 +79,71 @@ def dissect(
         out=activations_dir,
         progress=progress,
     )[layer]
+    table, _ = explain_activations(
+        activations,
+        store,
+        layer=layer,
+        quantile=quantile,
+        thresholds=thresholds,
+        ranges=ranges,
+        progress=progress,
+        **search_options,
+    )
+    return table
+
+
+def explain_activations(
+    activations: np.ndarray,
+    store: ConceptStore,
+    *,
+    layer: str,
+    quantile: float = 0.005,
+    thresholds: Thresholds | None = None,
+    ranges: int | None = None,
+    progress: bool = True,
+    **search_options: Any,
+) -> tuple[pd.DataFrame, list[UnitMasks]]:
+    """Thresholds → unit masks → :func:`explain` for captured activations (N, U, h, w).
+
+    Returns the table (with ``layer`` and ``threshold``, and for ``ranges`` also
+    ``range``, ``lower``, ``upper``) and the unit masks (one set per range index).
+    """
     if activations.shape[0] != store.grid.n_images:
         raise GridMismatchError(
             f"captured {activations.shape[0]} images but the concept store covers "
             f"{store.grid.n_images}; pass the store's probing images, in its order"
         )
     size = (store.grid.height, store.grid.width)
-    n_units = activations.shape[1]
-    if ranges is not None:
-        bounds = activation_ranges(activations, ranges)  # (U, K, 2)
-        tables = []
-        for k in range(bounds.shape[1]):
-            lower, upper = bounds[:, k, 0], bounds[:, k, 1]
-            usable = np.isfinite(lower) & np.isfinite(upper)
-            masks = unit_masks_from_activations(
-                activations,
-                np.where(usable, lower, np.inf),
-                size,
-                upper=np.where(usable, upper, -np.inf),
-                progress=progress,
-            )
-            table = explain(masks, store, progress=progress, **search_options)
-            table.insert(1, "range", k)
-            table["lower"], table["upper"] = lower[table["unit"]], upper[table["unit"]]
-            tables.append(table[usable[table["unit"]]])
-        result = pd.concat(tables).sort_values(["unit", "range"], kind="stable")
-        result = result.reset_index(drop=True)
-        result.insert(0, "layer", layer)
-        result["threshold"] = result["lower"]
-        return result
-    if thresholds is not None:
-        values = user_thresholds(thresholds, n_units)
-    else:
-        values = quantile_thresholds(activations, quantile)
-    masks = unit_masks_from_activations(activations, values, size, progress=progress)
-    result = explain(masks, store, progress=progress, **search_options)
+    if ranges is None:
+        if thresholds is not None:
+            values = user_thresholds(thresholds, activations.shape[1])
+        else:
+            values = quantile_thresholds(activations, quantile)
+        masks = unit_masks_from_activations(activations, values, size, progress=progress)
+        table = explain(masks, store, progress=progress, **search_options)
+        table.insert(0, "layer", layer)
+        table["threshold"] = values[table["unit"].to_numpy()]
+        return table, [masks]
+    bounds = activation_ranges(activations, ranges)  # (U, K, 2), NaN rows for missing ranges
+    tables, all_masks = [], []
+    for k in range(bounds.shape[1]):
+        lower, upper = bounds[:, k, 0], bounds[:, k, 1]
+        usable = np.isfinite(lower) & np.isfinite(upper)
+        masks = unit_masks_from_activations(
+            activations,
+            np.where(usable, lower, np.inf),
+            size,
+            upper=np.where(usable, upper, -np.inf),
+            progress=progress,
+        )
+        table = explain(masks, store, progress=progress, **search_options)
+        units = table["unit"].to_numpy()
+        table.insert(1, "range", k)
+        table["lower"], table["upper"] = lower[units], upper[units]
+        tables.append(table[usable[units]])
+        all_masks.append(masks)
+    result = pd.concat(tables).sort_values(["unit", "range"], kind="stable")
+    result = result.reset_index(drop=True)
     result.insert(0, "layer", layer)
-    result["threshold"] = values[result["unit"].to_numpy()]
-    return result
+    result["threshold"] = result["lower"]
+    return result, all_masks

@@ -1,0 +1,383 @@
+"""The ``pyneuron`` command.
+
+Every option can also come from a TOML file given with ``--config`` (keys are the
+option names, dashes or underscores); options on the command line win. Errors print
+one line and exit with status 1; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import click
+import typer
+
+app = typer.Typer(
+    name="pyneuron",
+    help="Explain what every unit of a vision network detects, as formulas over concepts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+store_app = typer.Typer(help="Build and inspect concept stores.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# -- shared options ----------------------------------------------------------------------
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    """Eager callback: options from a TOML file become the command's defaults."""
+    if value is None:
+        return value
+    try:
+        data = tomllib.loads(Path(value).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise click.BadParameter(f"cannot read config {value}: {error}") from None
+    known = {p.name for p in ctx.command.params if p.name}
+    defaults = {}
+    for key, item in data.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise click.BadParameter(f"unknown option {key!r} in {value}")
+        defaults[name] = item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="TOML file with option values.",
+        is_eager=True,
+        callback=_load_config,
+        exists=True,
+        dir_okay=False,
+    ),
+]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing output directory.")
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+LengthOption = Annotated[int, typer.Option(help="Maximum concepts per formula (1: NetDissect).")]
+BeamOption = Annotated[int, typer.Option("--beam", help="Beam size.")]
+OperatorsOption = Annotated[
+    str, typer.Option(help="Comma-separated operators: OR, AND, AND NOT, OR NOT.")
+]
+
+
+def friendly_errors(command: F) -> F:
+    """Turn expected errors into one line on stderr and exit status 1 (unless --debug)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.ClickException):
+            raise
+        except Exception as error:
+            if kwargs.get("debug"):
+                raise
+            message = error.args[0] if isinstance(error, KeyError) and error.args else error
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _operators(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+@app.command()
+@friendly_errors
+def info(debug: DebugOption = False) -> None:
+    """Show the version, SIMD level and threads of the engine."""
+    import pyneuron
+
+    typer.echo(f"pyneuron {pyneuron.__version__}")
+    levels = ", ".join(pyneuron.available_simd_levels())
+    typer.echo(f"SIMD level: {pyneuron.simd_level()} (available: {levels})")
+    typer.echo(f"threads: {pyneuron.num_threads()}")
+
+
+@app.command()
+@friendly_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("pyneuron-demo"),
+    images: Annotated[int, typer.Option(help="Synthetic images.")] = 2000,
+    size: Annotated[int, typer.Option(help="Image side (also the concept grid).")] = 48,
+    epochs: Annotated[int, typer.Option(help="Training epochs of the small CNN.")] = 4,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: OverwriteOption = False,
+    quiet: QuietOption = False,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Run the built-in demo: synthetic data, a small CNN, explanations and a report."""
+    from .demo import DemoConfig, run_demo
+
+    summary = run_demo(
+        out, DemoConfig(images, size, epochs, seed), overwrite=overwrite, progress=not quiet
+    )
+    _print_best(out)
+    typer.echo(
+        f"\nCNN train accuracy {summary['train_accuracy']:.2f}; "
+        f"total {summary['total_seconds']:.0f} s"
+    )
+    typer.echo(f"report: {Path(summary['report']).resolve()}")
+
+
+def _print_best(run: Path, n: int = 10) -> None:
+    from .results import read_results
+
+    table = read_results(run)
+    best = table.dropna(subset=["formula"]).sort_values("iou", ascending=False).head(n)
+    typer.echo(f"\nbest-explained units ({len(table)} units in {table['layer'].nunique()} layers):")
+    for row in best.itertuples():
+        typer.echo(f"  {row.layer:>12} unit {row.unit:<4} IoU {row.iou:.3f}  {row.formula}")
+
+
+@app.command()
+@friendly_errors
+def dissect(
+    model: Annotated[
+        str,
+        typer.Option(
+            help="A transformers model directory, 'module:function' "
+            "or 'file.py:function' returning a model, or a "
+            "torchvision model name (with --weights)."
+        ),
+    ],
+    layer: Annotated[list[str], typer.Option(help="Layer name (repeat for several).")],
+    images: Annotated[Path, typer.Option(help="Folder of probing images (sorted by path).")],
+    concepts: Annotated[Path, typer.Option(help="Concept store directory.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    weights: Annotated[Path | None, typer.Option(help="State-dict file for the model.")] = None,
+    image_size: Annotated[int, typer.Option(help="Input resize (ImageNet normalization).")] = 224,
+    length: LengthOption = 3,
+    beam: BeamOption = 5,
+    operators: OperatorsOption = "OR,AND,AND NOT",
+    quantile: Annotated[float, typer.Option(help="Top activation quantile per unit.")] = 0.005,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    overwrite: OverwriteOption = False,
+    quiet: QuietOption = False,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Dissect layers of a model on a concept store; writes results and a report."""
+    from .activations import list_images
+    from .models import image_transform, load_model
+    from .results import refuse_existing
+    from .run import dissect_run
+    from .store import ConceptStore
+
+    refuse_existing(out, overwrite)
+    net, processor = load_model(model, weights)
+    store = ConceptStore.open(concepts)
+    files = list_images(images)
+    summary = dissect_run(
+        net,
+        layer,
+        files,
+        store,
+        out,
+        image_source=_image_reader(files, store),
+        quantile=quantile,
+        length=length,
+        beam_size=beam,
+        operators=_operators(operators),
+        batch_size=batch_size,
+        transform=processor or image_transform(image_size),
+        config={
+            "model": model,
+            "layer": layer,
+            "images": str(images),
+            "concepts": str(concepts),
+            "weights": str(weights) if weights else None,
+            "image_size": image_size,
+            "length": length,
+            "beam": beam,
+            "operators": operators,
+            "quantile": quantile,
+            "batch_size": batch_size,
+        },
+        overwrite=overwrite,
+        progress=not quiet,
+    )
+    _print_best(out)
+    typer.echo(f"report: {Path(summary['report']).resolve()}")
+
+
+def _image_reader(files: list[Path], store: Any) -> Callable[[int], Any]:
+    import numpy as np
+    from PIL import Image
+
+    size = (store.grid.width, store.grid.height)
+
+    def read(i: int) -> Any:
+        with Image.open(files[i]) as image:
+            return np.asarray(image.convert("RGB").resize(size, Image.BILINEAR))
+
+    return read
+
+
+@app.command()
+@friendly_errors
+def explain(
+    units: Annotated[Path, typer.Option(help="Unit masks directory (UnitMasks.save).")],
+    concepts: Annotated[Path, typer.Option(help="Concept store directory.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    length: LengthOption = 3,
+    beam: BeamOption = 5,
+    operators: OperatorsOption = "OR,AND,AND NOT",
+    overwrite: OverwriteOption = False,
+    quiet: QuietOption = False,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Explain saved unit masks with a concept store (no model needed)."""
+    import pyneuron
+
+    from .results import refuse_existing, versions, write_run
+
+    refuse_existing(out, overwrite)
+    store = pyneuron.ConceptStore.open(concepts)
+    masks = pyneuron.UnitMasks.open(units)
+    beam_table = pyneuron.explain(
+        masks,
+        store,
+        length=length,
+        beam_size=beam,
+        operators=_operators(operators),
+        full_beam=True,
+        progress=not quiet,
+    )
+    results = beam_table[beam_table["rank"] == 0].drop(columns="rank").reset_index(drop=True)
+    settings = {
+        "units": str(units),
+        "concepts": str(concepts),
+        "length": length,
+        "beam": beam,
+        "operators": operators,
+    }
+    write_run(
+        out,
+        results,
+        summary={
+            "versions": versions(),
+            "grid": list(store.grid.shape),
+            "units": len(masks),
+            **settings,
+        },
+        config=settings,
+        beam=beam_table,
+        overwrite=overwrite,
+    )
+    typer.echo(f"{len(results)} units explained; results in {out / 'results.parquet'}")
+
+
+@app.command()
+@friendly_errors
+def report(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `pyneuron dissect`.")],
+    images: Annotated[Path, typer.Option(help="The folder of probing images of the run.")],
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """(Re)write the HTML report of a run directory (into RUN/report)."""
+    import shutil
+
+    import pandas as pd
+
+    from .activations import list_images
+    from .report import write_report
+    from .results import read_results
+    from .run import layer_dir_name, load_top_images
+    from .storage import temporary_sibling
+    from .store import ConceptStore
+    from .units import UnitMasks
+
+    results = read_results(run)
+    settings = tomllib.loads((run / "config.toml").read_text())
+    store = ConceptStore.open(settings["concepts"])
+    files = list_images(images)
+    tops = load_top_images(run)
+    layers = list(dict.fromkeys(results["layer"]))
+    masks = {layer: UnitMasks.open(run / "units" / layer_dir_name(layer)) for layer in layers}
+    beam_path = run / "beam.parquet"
+    staging = temporary_sibling(run / "report")
+    try:
+        write_report(
+            staging,
+            results,
+            store,
+            unit_masks=masks,
+            images=_image_reader(files, store),
+            top_images={layer: tops[layer_dir_name(layer)] for layer in layers},
+            beam=pd.read_parquet(beam_path) if beam_path.exists() else None,
+            progress=not quiet,
+        )
+        shutil.rmtree(run / "report", ignore_errors=True)
+        staging.rename(run / "report")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    typer.echo(f"report: {(run / 'report' / 'index.html').resolve()}")
+
+
+@store_app.command("info")
+@friendly_errors
+def store_info(
+    path: Annotated[Path, typer.Argument(help="Concept store directory.")],
+    debug: DebugOption = False,
+) -> None:
+    """Show a concept store: grid, size and the concepts per category."""
+    from .store import ConceptStore
+
+    store = ConceptStore.open(path)
+    typer.echo(repr(store))
+    typer.echo(f"{store.nbytes / 2**20:.1f} MiB of containers")
+    table = store.table()
+    summary = table.groupby("category").agg(
+        concepts=("name", "size"), pixels=("pixels", "sum"), images=("images", "sum")
+    )
+    typer.echo(summary.to_string())
+    if store.metadata:
+        typer.echo(f"metadata: {json.dumps(store.metadata, default=str)}")
+
+
+@app.command()
+@friendly_errors
+def bench(
+    size: Annotated[str, typer.Option(help="small, medium or ade.")] = "small",
+    debug: DebugOption = False,
+) -> None:
+    """Run the search benchmark (bench/search.py of a source checkout)."""
+    script = Path.cwd() / "bench" / "search.py"
+    if not script.is_file():
+        raise FileNotFoundError(
+            "bench/search.py not found: run `pyneuron bench` from a source checkout of pyneuron"
+        )
+    import runpy
+
+    sys.argv = [str(script), "--size", size]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def main() -> None:
+    """Entry point of the ``pyneuron`` console script."""
+    app()

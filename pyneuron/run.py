@@ -1,0 +1,165 @@
+"""A complete dissection run written to a directory: the demo and ``pyneuron dissect``.
+
+Layout of a run directory::
+
+    results.parquet / results.csv   one row per (layer, unit): formula, metrics, threshold
+    beam.parquet / beam.csv         the whole final beam of every unit
+    summary.json                    versions, timings, grid, concept source, per-layer stats
+    config.toml                     the resolved configuration (provenance)
+    units/<layer>/                  the unit masks (a pyneuron store directory)
+    top_images.npz                  per layer, the top activating images of each unit
+    report/index.html               the HTML report
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .activations import capture
+from .dissect import explain_activations
+from .results import refuse_existing, versions, write_run
+from .store import ConceptStore
+
+TOP_IMAGES = "top_images.npz"
+
+
+def layer_dir_name(layer: str) -> str:
+    """A file-system-safe directory name for a layer."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", layer) or "_root"
+
+
+def top_activating_images(activations: np.ndarray, k: int) -> np.ndarray:
+    """(units, k) ids of the images with the highest maximum activation, best first."""
+    peaks = activations.reshape(activations.shape[0], activations.shape[1], -1).max(axis=2)
+    k = min(k, peaks.shape[0])
+    order = np.argsort(-peaks, axis=0, kind="stable")[:k]
+    return order.T.copy()
+
+
+def dissect_run(
+    model: Any,
+    layers: Sequence[str],
+    images: Any,
+    store: ConceptStore,
+    out: str | os.PathLike[str],
+    *,
+    image_source: Callable[[int], np.ndarray] | None = None,
+    quantile: float = 0.005,
+    length: int = 3,
+    beam_size: int = 5,
+    operators: Sequence[str] = ("OR", "AND", "AND NOT"),
+    batch_size: int = 32,
+    transform: Callable[..., Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+    extra_summary: Mapping[str, Any] | None = None,
+    top_k: int = 8,
+    report: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Dissect ``layers`` of ``model`` on ``store`` and write a run directory (see module doc).
+
+    ``image_source(i)`` returns image ``i`` as uint8 (H, W, 3) for the report; without
+    it (or with ``report=False``) no report is written. The directory appears only when
+    everything succeeded; an existing one is kept unless ``overwrite``.
+    Returns the summary.
+    """
+    out = Path(out)
+    refuse_existing(out, overwrite)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    activations = capture(
+        model, list(layers), images, batch_size=batch_size, transform=transform, progress=progress
+    )
+    timings["capture"] = time.perf_counter() - started
+
+    tables, beams, masks, tops, layer_stats = [], [], {}, {}, {}
+    for layer in layers:
+        t0 = time.perf_counter()
+        beam, layer_masks = explain_activations(
+            activations[layer],
+            store,
+            layer=layer,
+            quantile=quantile,
+            length=length,
+            beam_size=beam_size,
+            operators=operators,
+            full_beam=True,
+            progress=progress,
+        )
+        timings[f"explain {layer}"] = time.perf_counter() - t0
+        best = beam[beam["rank"] == 0].drop(columns="rank").reset_index(drop=True)
+        tables.append(best)
+        beams.append(beam)
+        masks[layer] = layer_masks[0]
+        tops[layer] = top_activating_images(activations[layer], top_k)
+        layer_stats[layer] = {
+            "units": int(activations[layer].shape[1]),
+            "map_size": list(activations[layer].shape[2:]),
+            "mean_iou": float(best["iou"].mean()),
+            "explained_units": int(best["formula"].notna().sum()),
+        }
+    results = pd.concat(tables, ignore_index=True)
+    beam_table = pd.concat(beams, ignore_index=True)
+    summary: dict[str, Any] = {
+        "versions": versions(),
+        "grid": list(store.grid.shape),
+        "concepts": len(store),
+        "concept_source": dict(store.metadata) or str(getattr(store, "path", None)),
+        "layers": layer_stats,
+        "search": {
+            "length": length,
+            "beam_size": beam_size,
+            "operators": list(operators),
+            "quantile": quantile,
+        },
+        "timings_seconds": timings,
+        **(extra_summary or {}),
+    }
+
+    def extra(staging: Path) -> None:
+        for layer, layer_masks in masks.items():
+            layer_masks.save(staging / "units" / layer_dir_name(layer))
+        np.savez(staging / TOP_IMAGES, **{layer_dir_name(k): v for k, v in tops.items()})
+        if report and image_source is not None:
+            t0 = time.perf_counter()
+            from .report import write_report
+
+            write_report(
+                staging / "report",
+                results,
+                store,
+                unit_masks=masks,
+                images=image_source,
+                top_images=tops,
+                beam=beam_table,
+                progress=progress,
+            )
+            timings["report"] = time.perf_counter() - t0
+            summary["report"] = str(out / "report" / "index.html")
+        timings["total"] = time.perf_counter() - started
+
+    write_run(
+        out,
+        results,
+        summary=summary,
+        config=dict(config or {}),
+        beam=beam_table,
+        extra=extra,
+        overwrite=overwrite,
+    )
+    return summary
+
+
+def load_top_images(run: str | os.PathLike[str]) -> Mapping[str, np.ndarray]:
+    """Per layer directory name, the (units, k) top activating image ids of a run."""
+    with np.load(Path(run) / TOP_IMAGES) as data:
+        return {name: data[name] for name in data.files}

@@ -1,0 +1,211 @@
+"""The `pyneuron` command end to end on tiny inputs, and the errors a user will make."""
+
+from __future__ import annotations
+
+import tomllib
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import pyneuron
+from pyneuron.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+class Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        for key, value in attrs:
+            if key in ("href", "src") and value and not value.startswith(("http", "#", "data:")):
+                self.links.append(value.split("#")[0])
+
+
+def check_report(report: Path) -> int:
+    pages = list(report.rglob("*.html"))
+    assert (report / "index.html") in pages
+    for page in pages:
+        parser = Links()
+        parser.feed(page.read_text())
+        for link in parser.links:
+            assert (page.parent / link).exists(), f"{page} links to missing {link}"
+    return len(pages)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = invoke("demo", "--out", out, "--images", 240, "--epochs", 3, "--quiet")
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_demo_explains_units_with_the_planted_concepts(demo_run):
+    out, output = demo_run
+    assert "report:" in output and "best-explained units" in output
+    results = pd.read_parquet(out / "results.parquet")
+    assert set(results["layer"]) == {"features.6", "features.10"}
+    assert len(results) == 32 + 64  # every unit of both layers
+    best = results.sort_values("iou", ascending=False).iloc[0]
+    # Shapes and colours cover ~10 % of the pixels: IoU far above that of chance overlap.
+    assert best["iou"] > 0.4
+    concepts = set(pyneuron.Formula.parse(best["formula"]).concepts())
+    assert concepts & {"red", "green", "blue", "yellow", "circle", "square", "triangle", "star"}
+    csv = pd.read_csv(out / "results.csv")
+    assert csv["formula"].fillna("").tolist() == results["formula"].fillna("").tolist()
+    np.testing.assert_allclose(csv["iou"], results["iou"])
+    summary = (out / "summary.json").read_text()
+    assert '"versions"' in summary and '"timings_seconds"' in summary
+    assert tomllib.loads((out / "config.toml").read_text())["quantile"] == 0.05
+    assert check_report(out / "report") > 3
+
+
+def test_existing_output_is_refused_without_overwrite(demo_run):
+    out, _ = demo_run
+    before = sorted(p.name for p in out.iterdir())
+    result = invoke("demo", "--out", out, "--images", 50, "--epochs", 1, "--quiet")
+    assert result.exit_code == 1
+    assert "already exists; pass --overwrite" in result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory):
+    """A folder of images, a concept store over them and a model file."""
+    root = tmp_path_factory.mktemp("project")
+    rng = np.random.default_rng(0)
+    images = root / "images"
+    images.mkdir()
+    n = 12
+    pixels = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+    for i in range(n):
+        Image.fromarray(pixels[i]).save(images / f"{i:02d}.png")
+    masks = np.zeros((3, n, 8, 8), dtype=bool)
+    masks[0, :, :4] = True
+    masks[1, ::2] = True
+    masks[2, :, :, ::3] = True
+    pyneuron.ConceptStore.from_masks(masks, ["top", "even", "stripes"]).save(root / "store")
+    (root / "net.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2, padding=1),"
+        " torch.nn.ReLU())\n"
+    )
+    return root
+
+
+def test_dissect_explain_report_and_store_info(tiny_project, tmp_path):
+    root = tiny_project
+    model = f"{root / 'net.py'}:build"
+    out = tmp_path / "run"
+    config = tmp_path / "run.toml"
+    config.write_text("length = 2\nbeam = 3\nimage-size = 32\nquantile = 0.1\n")
+    result = invoke(
+        "dissect",
+        "--model",
+        model,
+        "--layer",
+        "1",
+        "--images",
+        root / "images",
+        "--concepts",
+        root / "store",
+        "--out",
+        out,
+        "--config",
+        config,
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(results) == 4 and set(results["layer"]) == {"1"}
+    resolved = tomllib.loads((out / "config.toml").read_text())
+    assert resolved["length"] == 2 and resolved["beam"] == 3 and resolved["image_size"] == 32
+    assert check_report(out / "report") > 1
+
+    again = invoke("report", out, "--images", root / "images", "--quiet")
+    assert again.exit_code == 0, again.output
+    assert check_report(out / "report") > 1
+
+    explained = tmp_path / "explained"
+    result = invoke(
+        "explain",
+        "--units",
+        out / "units" / "1",
+        "--concepts",
+        root / "store",
+        "--out",
+        explained,
+        "--length",
+        2,
+        "--beam",
+        3,
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    again = pd.read_parquet(explained / "results.parquet")
+    assert again["formula"].fillna("").tolist() == results["formula"].fillna("").tolist()
+
+    info = invoke("store", "info", root / "store")
+    assert info.exit_code == 0 and "3 concepts" in info.output
+
+    assert invoke("info").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--model": "no_such_module:build"}, "cannot import no_such_module"),
+        ({"--layer": "9"}, "no layer '9'"),
+        ({"--images": "EMPTY"}, "no images"),
+        ({"--concepts": "MISMATCH"}, "captured 12 images but the concept store covers 5"),
+        ({"--concepts": "MISSING"}, "no store at"),
+    ],
+)
+def test_user_errors_are_one_line(tiny_project, tmp_path, change, message):
+    root = tiny_project
+    (tmp_path / "empty").mkdir()
+    mismatch = tmp_path / "mismatch"
+    pyneuron.ConceptStore.from_masks(np.ones((1, 5, 8, 8), dtype=bool), ["all"]).save(mismatch)
+    values = {
+        "--model": f"{root / 'net.py'}:build",
+        "--layer": "1",
+        "--images": root / "images",
+        "--concepts": root / "store",
+        "--out": tmp_path / "out",
+    }
+    values.update(change)
+    replacements = {
+        "EMPTY": tmp_path / "empty",
+        "MISMATCH": mismatch,
+        "MISSING": tmp_path / "missing",
+    }
+    args = [a for key, value in values.items() for a in (key, replacements.get(value, value))]
+    result = invoke("dissect", *args, "--quiet")
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    debug = invoke("dissect", *args, "--quiet", "--debug")
+    assert debug.exit_code != 0 and debug.exception is not None
+
+
+def test_config_file_errors(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("lenght = 2\n")
+    result = invoke("demo", "--config", config)
+    assert result.exit_code != 0 and "unknown option 'lenght'" in result.output
