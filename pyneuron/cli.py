@@ -253,6 +253,7 @@ def explain(
     import pyneuron
 
     from .results import refuse_existing, versions, write_run
+    from .search import best_of_beam
 
     refuse_existing(out, overwrite)
     store = pyneuron.ConceptStore.open(concepts)
@@ -266,7 +267,7 @@ def explain(
         full_beam=True,
         progress=not quiet,
     )
-    results = beam_table[beam_table["rank"] == 0].drop(columns="rank").reset_index(drop=True)
+    results = best_of_beam(beam_table)
     settings = {
         "units": str(units),
         "concepts": str(concepts),

@@ -26,6 +26,7 @@ import pandas as pd
 from .activations import capture
 from .dissect import explain_activations
 from .results import refuse_existing, versions, write_run
+from .search import best_of_beam
 from .store import ConceptStore
 
 TOP_IMAGES = "top_images.npz"
@@ -96,7 +97,7 @@ def dissect_run(
             progress=progress,
         )
         timings[f"explain {layer}"] = time.perf_counter() - t0
-        best = beam[beam["rank"] == 0].drop(columns="rank").reset_index(drop=True)
+        best = best_of_beam(beam)
         tables.append(best)
         beams.append(beam)
         masks[layer] = layer_masks[0]

@@ -172,6 +172,11 @@ def score(formula: Formula | str, units: UnitSource, store: ConceptStore) -> pd.
     return pd.concat(frames, ignore_index=True)
 
 
+def best_of_beam(beam: pd.DataFrame) -> pd.DataFrame:
+    """The one-row-per-unit table from a ``full_beam=True`` table (its rank-0 rows)."""
+    return beam[beam["rank"] == 0].drop(columns="rank").reset_index(drop=True)
+
+
 # -- helpers ---------------------------------------------------------------------------
 
 
