@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import click
 import typer
 
 app = typer.Typer(
@@ -29,25 +28,27 @@ store_app = typer.Typer(help="Build and inspect concept stores.", no_args_is_hel
 app.add_typer(store_app, name="store")
 
 F = TypeVar("F", bound=Callable[..., Any])
+# typer >= 0.29 vendors click: take ClickException from typer's own BadParameter.
+CLICK_EXCEPTION = typer.BadParameter.__mro__[2]
 
 
 # -- shared options ----------------------------------------------------------------------
 
 
-def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+def _load_config(ctx: typer.Context, _param: Any, value: Path | None) -> Path | None:
     """Eager callback: options from a TOML file become the command's defaults."""
     if value is None:
         return value
     try:
         data = tomllib.loads(Path(value).read_text())
     except (OSError, tomllib.TOMLDecodeError) as error:
-        raise click.BadParameter(f"cannot read config {value}: {error}") from None
+        raise typer.BadParameter(f"cannot read config {value}: {error}") from None
     known = {p.name for p in ctx.command.params if p.name}
     defaults = {}
     for key, item in data.items():
         name = key.replace("-", "_")
         if name not in known:
-            raise click.BadParameter(f"unknown option {key!r} in {value}")
+            raise typer.BadParameter(f"unknown option {key!r} in {value}")
         defaults[name] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
@@ -83,7 +84,7 @@ def friendly_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, CLICK_EXCEPTION):
             raise
         except Exception as error:
             if kwargs.get("debug"):
@@ -151,6 +152,29 @@ def _print_best(run: Path, n: int = 10) -> None:
         typer.echo(f"  {row.layer:>12} unit {row.unit:<4} IoU {row.iou:.3f}  {row.formula}")
 
 
+ConceptsOption = Annotated[
+    Path,
+    typer.Option(
+        help="Concept store directory, Broden folder, or concept list file "
+        "(.txt/.toml, segmented with --segmenter)."
+    ),
+]
+GridOption = Annotated[int, typer.Option(help="Concept grid side for built stores.")]
+SubsetOption = Annotated[
+    str | None, typer.Option(help="Broden: keep images of this source (e.g. ade20k).")
+]
+CategoryOption = Annotated[
+    list[str] | None, typer.Option("--category", help="Broden: category to read (repeat).")
+]
+SegmenterOption = Annotated[
+    str | None,
+    typer.Option(
+        help="clipseg:MODEL, grounding-dino:DET,SAM or owlv2:DET,SAM "
+        "(model ids from the local cache, or directories)."
+    ),
+]
+
+
 @app.command()
 @friendly_errors
 def dissect(
@@ -163,11 +187,18 @@ def dissect(
         ),
     ],
     layer: Annotated[list[str], typer.Option(help="Layer name (repeat for several).")],
-    images: Annotated[Path, typer.Option(help="Folder of probing images (sorted by path).")],
-    concepts: Annotated[Path, typer.Option(help="Concept store directory.")],
+    concepts: ConceptsOption,
     out: Annotated[Path, typer.Option(help="Output directory.")],
+    images: Annotated[
+        Path | None,
+        typer.Option(help="Folder of probing images (sorted by path); not needed for Broden."),
+    ] = None,
     weights: Annotated[Path | None, typer.Option(help="State-dict file for the model.")] = None,
     image_size: Annotated[int, typer.Option(help="Input resize (ImageNet normalization).")] = 224,
+    grid: GridOption = 112,
+    subset: SubsetOption = None,
+    category: CategoryOption = None,
+    segmenter: SegmenterOption = None,
     length: LengthOption = 3,
     beam: BeamOption = 5,
     operators: OperatorsOption = "OR,AND,AND NOT",
@@ -178,17 +209,23 @@ def dissect(
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Dissect layers of a model on a concept store; writes results and a report."""
-    from .activations import list_images
+    """Dissect layers of a model on a concept source; writes results and a report."""
     from .models import image_transform, load_model
     from .results import refuse_existing
     from .run import dissect_run
-    from .store import ConceptStore
+    from .sources import open_concepts
 
     refuse_existing(out, overwrite)
     net, processor = load_model(model, weights)
-    store = ConceptStore.open(concepts)
-    files = list_images(images)
+    store, files, built = open_concepts(
+        concepts,
+        images=images,
+        grid=grid,
+        subset=subset,
+        categories=category,
+        segmenter=segmenter,
+        progress=not quiet,
+    )
     summary = dissect_run(
         net,
         layer,
@@ -205,16 +242,22 @@ def dissect(
         config={
             "model": model,
             "layer": layer,
-            "images": str(images),
+            "images": str(images) if images else None,
             "concepts": str(concepts),
             "weights": str(weights) if weights else None,
             "image_size": image_size,
+            "grid": grid,
+            "subset": subset,
+            "category": category,
+            "segmenter": segmenter,
             "length": length,
             "beam": beam,
             "operators": operators,
             "quantile": quantile,
             "batch_size": batch_size,
+            "image_files": [str(f) for f in files],
         },
+        save_store=built,
         overwrite=overwrite,
         progress=not quiet,
     )
@@ -295,7 +338,10 @@ def explain(
 @friendly_errors
 def report(
     run: Annotated[Path, typer.Argument(help="Run directory written by `pyneuron dissect`.")],
-    images: Annotated[Path, typer.Option(help="The folder of probing images of the run.")],
+    images: Annotated[
+        Path | None,
+        typer.Option(help="The folder of probing images (default: the run's own list)."),
+    ] = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -314,8 +360,10 @@ def report(
 
     results = read_results(run)
     settings = tomllib.loads((run / "config.toml").read_text())
-    store = ConceptStore.open(settings["concepts"])
-    files = list_images(images)
+    store = ConceptStore.open(
+        run / "concepts" if (run / "concepts").is_dir() else settings["concepts"]
+    )
+    files = [Path(f) for f in settings["image_files"]] if images is None else list_images(images)
     tops = load_top_images(run)
     layers = list(dict.fromkeys(results["layer"]))
     masks = {layer: UnitMasks.open(run / "units" / layer_dir_name(layer)) for layer in layers}
@@ -338,6 +386,41 @@ def report(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     typer.echo(f"report: {(run / 'report' / 'index.html').resolve()}")
+
+
+@store_app.command("build")
+@friendly_errors
+def store_build(
+    source: Annotated[Path, typer.Option(help="Broden folder, or concept list (.txt/.toml).")],
+    out: Annotated[Path, typer.Option(help="Store directory to write.")],
+    images: Annotated[Path | None, typer.Option(help="Probing images (for concept lists).")] = None,
+    grid: GridOption = 112,
+    subset: SubsetOption = None,
+    category: CategoryOption = None,
+    segmenter: SegmenterOption = None,
+    overwrite: OverwriteOption = False,
+    quiet: QuietOption = False,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Build a concept store from a Broden folder or a concept list (segmented)."""
+    from .results import refuse_existing
+    from .sources import open_concepts
+
+    refuse_existing(out, overwrite)
+    store, _, built = open_concepts(
+        source,
+        images=images,
+        grid=grid,
+        subset=subset,
+        categories=category,
+        segmenter=segmenter,
+        progress=not quiet,
+    )
+    if not built:
+        raise FileExistsError(f"{source} is already a concept store")
+    store.save(out, overwrite=overwrite)
+    typer.echo(f"{store!r} written to {out}")
 
 
 @store_app.command("info")

@@ -63,14 +63,17 @@ def dissect_run(
     extra_summary: Mapping[str, Any] | None = None,
     top_k: int = 8,
     report: bool = True,
+    save_store: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Dissect ``layers`` of ``model`` on ``store`` and write a run directory (see module doc).
 
     ``image_source(i)`` returns image ``i`` as uint8 (H, W, 3) for the report; without
-    it (or with ``report=False``) no report is written. The directory appears only when
-    everything succeeded; an existing one is kept unless ``overwrite``.
+    it (or with ``report=False``) no report is written; ``save_store`` copies the concept
+    store into the run (for stores built from a Broden folder or by segmentation). The
+    directory appears only when everything succeeded; an existing one is kept unless
+    ``overwrite``.
     Returns the summary.
     """
     out = Path(out)
@@ -129,6 +132,8 @@ def dissect_run(
     def extra(staging: Path) -> None:
         for layer, layer_masks in masks.items():
             layer_masks.save(staging / "units" / layer_dir_name(layer))
+        if save_store:
+            store.save(staging / "concepts")
         np.savez(staging / TOP_IMAGES, **{layer_dir_name(k): v for k, v in tops.items()})
         if report and image_source is not None:
             t0 = time.perf_counter()

@@ -106,10 +106,12 @@ class ConceptStore(MaskSet):
         *,
         overwrite: bool = False,
         metadata: Mapping[str, Any] | None = None,
+        progress: bool = False,
     ) -> ConceptStoreWriter:
         """Start a store built image by image; see :class:`ConceptStoreWriter`."""
         return ConceptStoreWriter(
-            grid, names, categories, path, overwrite=overwrite, metadata=metadata
+            grid, names, categories, path, overwrite=overwrite, metadata=metadata,
+            progress=progress,
         )
 
     @classmethod
@@ -189,6 +191,100 @@ class ConceptStore(MaskSet):
                 "images": self.image_counts,
             }
         )
+
+    def info(self) -> pd.DataFrame:
+        """A summary per category, one row each (in order of first appearance; ``""``
+        for concepts without a category), indexed by category, with columns
+
+        - ``concepts``: concepts of the category;
+        - ``present``: those present in at least one image;
+        - ``pixels``: set pixels summed over its concepts (a pixel two concepts of the
+          category share counts twice);
+        - ``images``: images where at least one of its concepts is present.
+
+        Use :meth:`table` for the same counts per concept.
+
+        Examples
+        --------
+        >>> masks = np.zeros((3, 4, 2, 2), dtype=bool)
+        >>> masks[0, :2] = True                  # "sky": images 0 and 1, full
+        >>> masks[1, 1, 0, 0] = masks[1, 3, 0, 0] = True   # "dog": a pixel in 1 and 3
+        >>> store = ConceptStore.from_masks(masks, ["sky", "dog", "cat"],
+        ...                                 ["scene", "object", "object"])
+        >>> store.info()
+                  concepts  present  pixels  images
+        category
+        scene            1        1       8       2
+        object           2        1       2       2
+        """
+        codes, order = pd.factorize(pd.Series(self._categories, dtype=object), sort=False)
+        n = len(order)
+        codes = codes.astype(np.int64)
+        image_counts = self.image_counts
+        per_entry = np.repeat(codes, np.diff(self._offsets))
+        pairs = np.unique(per_entry * self.grid.n_images + self._images.astype(np.int64))
+        pixels = np.zeros(n, dtype=np.int64)
+        np.add.at(pixels, codes, self.pixel_counts)
+        return pd.DataFrame(
+            {
+                "concepts": np.bincount(codes, minlength=n),
+                "present": np.bincount(codes[image_counts > 0], minlength=n),
+                "pixels": pixels,
+                "images": np.bincount(pairs // self.grid.n_images, minlength=n),
+            },
+            index=pd.Index(list(order), name="category", dtype=object),
+        )
+
+    def sample(self, name: str | int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``k`` random images where a concept is present, with its masks there.
+
+        Parameters
+        ----------
+        name
+            Concept name or id.
+        k
+            How many images; fewer come back when the concept is in fewer images.
+        seed
+            Seed of the draw (``numpy.random.default_rng``), so checks are repeatable.
+
+        Returns
+        -------
+        image_ids, masks
+            Image ids, int64 ascending, and the concept's bool masks there,
+            (len(image_ids), height, width). Only those images are decoded.
+
+        Examples
+        --------
+        >>> masks = np.zeros((1, 5, 2, 2), dtype=bool)
+        >>> masks[0, [1, 3, 4], 0, 1] = True
+        >>> store = ConceptStore.from_masks(masks, ["dog"])
+        >>> ids, dog = store.sample("dog", 2)
+        >>> len(ids), dog.shape, bool(dog[:, 0, 1].all() and dog.sum() == 2)
+        (2, (2, 2, 2), True)
+        >>> store.sample("dog", 10)[0].tolist()
+        [1, 3, 4]
+        """
+        from .grid import unpack_bits
+        from .masks import FULL_SLOT
+
+        m = self._resolve(name)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise PyneuronError(f"k must be an integer >= 0, got {k!r}")
+        begin, end = int(self._offsets[m]), int(self._offsets[m + 1])
+        rng = np.random.default_rng(seed)
+        picked = begin + np.sort(
+            rng.choice(end - begin, size=min(int(k), end - begin), replace=False)
+        )
+        images = self._images[picked].astype(np.int64)
+        slots = self._slots[picked]
+        grid = self.grid
+        masks = np.zeros((picked.shape[0], grid.pixels), dtype=bool)
+        full = slots == FULL_SLOT
+        masks[full] = True
+        if (~full).any():
+            words = self._words.reshape(-1, grid.words_per_image)[slots[~full]]
+            masks[~full] = unpack_bits(words, grid.pixels)
+        return images, masks.reshape(-1, grid.height, grid.width)
 
     def __repr__(self) -> str:
         where = f", path={str(self.path)!r}" if self.path else ""

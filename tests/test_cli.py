@@ -137,7 +137,7 @@ def test_dissect_explain_report_and_store_info(tiny_project, tmp_path):
     assert resolved["length"] == 2 and resolved["beam"] == 3 and resolved["image_size"] == 32
     assert check_report(out / "report") > 1
 
-    again = invoke("report", out, "--images", root / "images", "--quiet")
+    again = invoke("report", out, "--quiet")
     assert again.exit_code == 0, again.output
     assert check_report(out / "report") > 1
 
@@ -209,3 +209,51 @@ def test_config_file_errors(tmp_path):
     config.write_text("lenght = 2\n")
     result = invoke("demo", "--config", config)
     assert result.exit_code != 0 and "unknown option 'lenght'" in result.output
+
+
+def test_dissect_on_a_broden_folder_and_store_build(tiny_project, tmp_path):
+    from test_broden import write_broden
+
+    rng = np.random.default_rng(3)
+    rows, pngs = [], {}
+    for i in range(6):
+        labels = rng.choice([0, 1, 2, 3], size=(8, 8))
+        pngs[f"ade20k/seg{i}.png"] = labels
+        rows.append(
+            {"image": f"ade20k/img{i}.png", "sh": 8, "sw": 8, "object": f"ade20k/seg{i}.png"}
+        )
+    root = write_broden(tmp_path / "broden", rows, pngs)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            root / "images" / f"ade20k/img{i}.png"
+        )
+    out = tmp_path / "run"
+    model = f"{tiny_project / 'net.py'}:build"
+    result = invoke(
+        "dissect",
+        "--model",
+        model,
+        "--layer",
+        "1",
+        "--concepts",
+        root,
+        "--grid",
+        8,
+        "--out",
+        out,
+        "--length",
+        2,
+        "--image-size",
+        16,
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "concepts" / "manifest.json").is_file()
+    assert len(pd.read_parquet(out / "results.parquet")) == 4
+    again = invoke("report", out, "--quiet")
+    assert again.exit_code == 0, again.output
+    built = invoke(
+        "store", "build", "--source", root, "--grid", 8, "--out", tmp_path / "store", "--quiet"
+    )
+    assert built.exit_code == 0, built.output
+    assert pyneuron.ConceptStore.open(tmp_path / "store").grid.shape == (6, 8, 8)

@@ -1,0 +1,881 @@
+"""The HTML report: an index of layers and units, a page per unit, a page per concept."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..errors import PyneuronError
+from ..formula import Concept, Formula, Not, _Binary
+from ..store import ConceptStore
+from ..units import UnitMasks
+from .images import (
+    THUMBNAIL_SIZE,
+    as_rgb,
+    colors_css,
+    image_iou,
+    overlay,
+    save_png,
+    thumbnail,
+    thumbnail_scale,
+)
+from .names import Slugger
+from .plots import INTERPRETABLE_IOU, iou_histogram
+
+#: What a report puts at the top of its directory (``index.html`` is written last).
+ENTRIES = ("units", "concepts", "img", "static", "index.html")
+#: Top images shown per unit when ``top_images`` has none for its layer.
+DEFAULT_TOP_IMAGES = 8
+
+# column -> (header, tooltip)
+_COLUMNS: dict[str, tuple[str, str]] = {
+    "iou": ("IoU", "intersection over union of unit mask and formula mask over all images"),
+    "score": ("score", "the beam search objective: IoU times the length penalty"),
+    "length": ("length", "concepts in the formula, each NOT counting as one more"),
+    "detection_accuracy": (
+        "detection acc.",
+        "|F∧A| / |A|: share of the unit's pixels inside the formula mask",
+    ),
+    "activation_coverage": (
+        "activation cov.",
+        "|F∧A| / |F|: share of the formula's pixels where the unit fires",
+    ),
+    "samples_coverage": (
+        "samples cov.",
+        "images where unit and formula overlap / images where the unit fires",
+    ),
+    "explanation_coverage": (
+        "explanation cov.",
+        "images where unit and formula overlap / images where the formula holds",
+    ),
+    "primitive_iou": ("primitive IoU", "IoU of the best single concept"),
+    "unit_pixels": ("unit pixels", "pixels where the unit fires, over all images"),
+    "unit_images": ("unit images", "images where the unit fires"),
+    "threshold": ("threshold", "activation threshold of the unit mask"),
+    "lower": ("lower", "lower end of the activation range"),
+    "upper": ("upper", "upper end of the activation range"),
+}
+_INDEX_COLUMNS = (
+    "iou",
+    "detection_accuracy",
+    "activation_coverage",
+    "samples_coverage",
+    "explanation_coverage",
+    "length",
+    "primitive_iou",
+    "unit_pixels",
+    "threshold",
+)
+_UNIT_METRICS = (
+    "iou",
+    "score",
+    "length",
+    "detection_accuracy",
+    "activation_coverage",
+    "samples_coverage",
+    "explanation_coverage",
+    "primitive_iou",
+    "unit_pixels",
+    "unit_images",
+    "threshold",
+    "lower",
+    "upper",
+)
+_BEAM_COLUMNS = ("score", "iou", "detection_accuracy", "activation_coverage", "length")
+_NO_EXPLANATION = "no explanation"
+
+ImageSource = Callable[[int], np.ndarray]
+UnitMaskSource = Mapping[str, "Sequence[UnitMasks] | UnitMasks"]
+
+
+def write_report(
+    out_dir: str | os.PathLike[str],
+    results: pd.DataFrame,
+    store: ConceptStore,
+    *,
+    unit_masks: UnitMaskSource,
+    images: ImageSource | None,
+    top_images: Mapping[str, np.ndarray],
+    beam: pd.DataFrame | None = None,
+    title: str = "pyneuron report",
+    max_units: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    thumbnail_size: int = THUMBNAIL_SIZE,
+) -> Path:
+    """Write a static HTML report of explained units.
+
+    The report is a self-contained folder (relative links only, so it can be moved
+    or zipped)::
+
+        index.html                     layers: summary, IoU histogram, sortable unit table
+        units/<layer>/<unit>.html      a unit: metrics, formula, beam, top images
+        units/<layer>/<unit>-r<k>.html the same for activation range k
+        concepts/<concept>.html        units whose formula uses a concept
+        img/                           PNG thumbnails, overlays and plots
+        static/report.css
+
+    ``<layer>`` and ``<concept>`` are slugs (see :func:`pyneuron.report.slugify`),
+    made unique with ``-2``, ``-3``, ... Each top image is drawn with the unit mask
+    and the formula mask over it (colours: :mod:`pyneuron.report.images`).
+
+    Everything is written into a hidden temporary directory inside ``out_dir`` and
+    moved into place at the end (``index.html`` last), so a failure leaves no
+    report entries behind; other files in ``out_dir`` (result tables) are not touched.
+
+    Parameters
+    ----------
+    out_dir
+        Report directory (created if missing).
+    results
+        One row per (layer, unit) or (layer, unit, range): the table of
+        :func:`pyneuron.explain` / :func:`pyneuron.dissect` (``unit``, ``formula`` and
+        ``iou`` are required; ``layer`` may be left out for a single layer). A missing
+        formula renders as "no explanation".
+    store
+        The concept store the formulas were searched on.
+    unit_masks
+        Layer -> its :class:`UnitMasks`, or for activation ranges a sequence of them
+        indexed by ``range``. A layer left out is drawn with formula masks only.
+    images
+        Image id -> uint8 RGB image (height, width, 3) of any size; it is resized to
+        the store's grid. ``None`` draws the masks on grey.
+    top_images
+        Layer -> int array (n_units, k) of image ids, best first (negative ids are
+        padding), or (n_ranges, n_units, k) per activation range. A layer left out shows
+        the images where the unit mask covers the most pixels.
+    beam
+        The full-beam table (``explain(..., full_beam=True)`` with a ``layer`` column):
+        the runner-up formulas shown on each unit page.
+    title
+        Title of every page.
+    max_units
+        Only write unit pages for the best ``max_units`` rows per layer by IoU (the
+        index still lists every row).
+    progress
+        Show a progress bar (on a terminal).
+    overwrite
+        Replace the entries of an earlier report in ``out_dir``; without it an
+        existing report entry raises ``FileExistsError``.
+    thumbnail_size
+        Thumbnails are the grid scaled up by a whole factor until the longer side
+        reaches this many pixels.
+
+    Returns
+    -------
+    pathlib.Path
+        The path of ``index.html``.
+
+    Raises
+    ------
+    FileExistsError
+        If ``out_dir`` already holds report entries and ``overwrite`` is false.
+    PyneuronError
+        On inconsistent inputs (missing columns, unknown concepts, unit masks on
+        another grid, units or images out of range).
+    """
+    if not isinstance(store, ConceptStore):
+        raise PyneuronError(f"expected a ConceptStore, got {type(store).__name__}")
+    if not isinstance(results, pd.DataFrame):
+        raise PyneuronError(f"results must be a pandas DataFrame, got {type(results).__name__}")
+    if max_units is not None and (
+        isinstance(max_units, bool) or not isinstance(max_units, (int, np.integer)) or max_units < 0
+    ):
+        raise PyneuronError(f"max_units must be a non-negative integer or None, got {max_units!r}")
+    if (
+        isinstance(thumbnail_size, bool)
+        or not isinstance(thumbnail_size, int)
+        or thumbnail_size < 1
+    ):
+        raise PyneuronError(f"thumbnail_size must be a positive integer, got {thumbnail_size!r}")
+    plan = _Plan(store, results, unit_masks, top_images, beam, max_units)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = [name for name in ENTRIES if os.path.lexists(out / name)]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a report ({', '.join(existing)}); "
+            "pass overwrite=True to replace it"
+        )
+    staging = Path(tempfile.mkdtemp(prefix=".report.tmp-", dir=out))
+    try:
+        _Renderer(plan, staging, images, title, progress, thumbnail_size).render()
+        _commit(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / "index.html"
+
+
+# -- planning: validate the inputs and decide every page and file name ----------------
+
+
+@dataclass
+class _Row:
+    layer: str
+    unit: int
+    range: int | None
+    values: dict[str, Any]
+    formula: Formula | None
+    text: str | None
+    masks: UnitMasks | None = None
+    top: list[int] = field(default_factory=list)
+    page: str | None = None  # path from the report root, when the page is written
+    stem: str = ""
+
+
+class _Plan:
+    """Validated inputs: rows per layer, pages, concept usage, beam groups."""
+
+    def __init__(
+        self,
+        store: ConceptStore,
+        results: pd.DataFrame,
+        unit_masks: UnitMaskSource,
+        top_images: Mapping[str, np.ndarray],
+        beam: pd.DataFrame | None,
+        max_units: int | None,
+    ) -> None:
+        self.store = store
+        self.max_units = max_units
+        self._parsed: dict[str, Formula] = {}
+        missing = {"unit", "formula", "iou"} - set(results.columns)
+        if missing:
+            raise PyneuronError(f"results lack the column(s) {', '.join(sorted(missing))}")
+        unit_masks = dict(unit_masks or {})
+        top_images = dict(top_images or {})
+        self.default_layer = _default_layer(results, unit_masks)
+        self.has_range = "range" in results.columns
+        self.columns = [c for c in results.columns]
+        self.concept_slug = Slugger(store.names)
+        self.concept_names = set(store.names)
+        self.layer_slug = Slugger()
+
+        self.layers: dict[str, list[_Row]] = {}
+        seen: set[tuple[str, int, int | None]] = set()
+        for values in results.to_dict("records"):
+            row = self._row(values)
+            key = (row.layer, row.unit, row.range)
+            if key in seen:
+                raise PyneuronError(
+                    f"results hold several rows for unit {row.unit} of layer {row.layer!r}"
+                    + (f", range {row.range}" if row.range is not None else "")
+                    + "; pass the full beam as beam=, and one row per unit as results"
+                )
+            seen.add(key)
+            self.layers.setdefault(row.layer, []).append(row)
+        for layer in self.layers:
+            self.layer_slug(layer)
+
+        for layer, rows in self.layers.items():
+            for row in rows:
+                row.masks = _unit_masks_for(unit_masks, row, store)
+                row.top = _top_images_for(top_images, row, store.grid.n_images)
+            rows.sort(key=_by_iou)
+            chosen = rows if max_units is None else rows[:max_units]
+            for row in chosen:
+                row.stem = str(row.unit) if row.range is None else f"{row.unit}-r{row.range}"
+                row.page = f"units/{self.layer_slug(layer)}/{row.stem}.html"
+
+        self.beam_given = beam is not None
+        self.beam = self._beam_groups(beam)
+        self.uses: dict[str, list[_Row]] = defaultdict(list)
+        self.primitive_of: dict[str, list[_Row]] = defaultdict(list)
+        linked: set[str] = set()
+        for rows in self.layers.values():
+            for row in rows:
+                if row.formula is not None:
+                    for name in row.formula.concepts():
+                        self.uses[name].append(row)
+                primitive = row.values.get("primitive")
+                if isinstance(primitive, str) and primitive in self.concept_names:
+                    self.primitive_of[primitive].append(row)
+        for rows in self.beam.values():
+            for entry in rows:
+                if entry["formula"] is not None:
+                    linked.update(entry["formula"].concepts())
+        linked.update(self.uses, self.primitive_of)
+        #: concepts that get a page, in store order
+        self.concepts = [name for name in store.names if name in linked]
+        self.concept_pages = set(self.concepts)
+
+    def concept_page(self, name: str) -> str:
+        return f"concepts/{self.concept_slug(name)}.html"
+
+    def parse(self, text: str, where: str) -> Formula:
+        if text not in self._parsed:
+            try:
+                formula = Formula.parse(text)
+            except PyneuronError as error:
+                raise PyneuronError(f"{where}: {error}") from None
+            for name in formula.concepts():
+                try:
+                    self.store.index(name)
+                except KeyError as error:
+                    raise PyneuronError(f"{where}: formula {text!r}: {error.args[0]}") from None
+            self._parsed[text] = formula
+        return self._parsed[text]
+
+    def _row(self, values: dict[str, Any]) -> _Row:
+        layer = values.get("layer", self.default_layer)
+        layer = self.default_layer if _missing(layer) else str(layer)
+        unit = _int(values["unit"], "unit")
+        range_ = None
+        if self.has_range and not _missing(values.get("range")):
+            range_ = _int(values["range"], "range")
+        text = values.get("formula")
+        formula = None
+        if not _missing(text) and str(text).strip():
+            formula = self.parse(str(text), f"unit {unit} of layer {layer!r}")
+            text = str(formula)
+        else:
+            text = None
+        return _Row(layer, unit, range_, values, formula, text)
+
+    def _beam_groups(self, beam: pd.DataFrame | None) -> dict[tuple, list[dict[str, Any]]]:
+        if beam is None:
+            return {}
+        if not isinstance(beam, pd.DataFrame):
+            raise PyneuronError(f"beam must be a pandas DataFrame, got {type(beam).__name__}")
+        missing = {"unit", "formula"} - set(beam.columns)
+        if missing:
+            raise PyneuronError(f"the beam table lacks the column(s) {', '.join(sorted(missing))}")
+        groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+        for position, values in enumerate(beam.to_dict("records")):
+            layer = values.get("layer", self.default_layer)
+            layer = self.default_layer if _missing(layer) else str(layer)
+            unit = _int(values["unit"], "unit")
+            range_ = None
+            if "range" in values and not _missing(values["range"]):
+                range_ = _int(values["range"], "range")
+            text = values["formula"]
+            formula = None
+            if not _missing(text) and str(text).strip():
+                formula = self.parse(str(text), f"beam of unit {unit} of layer {layer!r}")
+            rank = values.get("rank", position)
+            values["rank"] = position if _missing(rank) else _int(rank, "rank")
+            values["formula"] = formula
+            groups[(layer, unit, range_)].append(values)
+        for rows in groups.values():
+            rows.sort(key=lambda v: v["rank"])
+        return dict(groups)
+
+
+def _default_layer(results: pd.DataFrame, unit_masks: Mapping[str, Any]) -> str:
+    if "layer" in results.columns:
+        return ""
+    if len(unit_masks) == 1:
+        return str(next(iter(unit_masks)))
+    if not unit_masks:
+        return "units"
+    raise PyneuronError(
+        "results have no 'layer' column but unit_masks holds several layers; add a layer column"
+    )
+
+
+def _unit_masks_for(
+    unit_masks: Mapping[str, Any], row: _Row, store: ConceptStore
+) -> UnitMasks | None:
+    value = unit_masks.get(row.layer)
+    if value is None:
+        return None
+    where = f"layer {row.layer!r}"
+    if isinstance(value, UnitMasks):
+        if row.range not in (None, 0):
+            raise PyneuronError(
+                f"results of {where} have activation ranges; pass one UnitMasks per range index"
+            )
+        masks = value
+    else:
+        sequence = list(value)
+        index = 0 if row.range is None else row.range
+        if row.range is None and len(sequence) != 1:
+            raise PyneuronError(
+                f"results of {where} have no range column but {len(sequence)} unit masks are given"
+            )
+        if not 0 <= index < len(sequence):
+            raise PyneuronError(
+                f"results of {where} hold range {index} but {len(sequence)} unit masks are given"
+            )
+        masks = sequence[index]
+        if not isinstance(masks, UnitMasks):
+            raise PyneuronError(
+                f"unit masks of {where} must be UnitMasks, got {type(masks).__name__}"
+            )
+    store.grid.require_same(masks.grid, f"unit masks of {where} vs concept store")
+    if not 0 <= row.unit < len(masks):
+        raise PyneuronError(
+            f"results hold unit {row.unit} of {where} but its unit masks have {len(masks)} units"
+        )
+    return masks
+
+
+def _top_images_for(top_images: Mapping[str, Any], row: _Row, n_images: int) -> list[int]:
+    value = top_images.get(row.layer)
+    where = f"top images of layer {row.layer!r}"
+    if value is None:
+        if row.masks is None:
+            return []
+        return _busiest_images(row.masks, row.unit, DEFAULT_TOP_IMAGES)
+    array = np.asarray(value)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise PyneuronError(f"{where} must be integer image ids, got {array.dtype}")
+    if array.ndim == 3:
+        index = 0 if row.range is None else row.range
+        if not 0 <= index < array.shape[0]:
+            raise PyneuronError(f"{where} have {array.shape[0]} ranges, results hold range {index}")
+        array = array[index]
+    if array.ndim != 2:
+        raise PyneuronError(f"{where} must have shape (units, k) or (ranges, units, k)")
+    if not 0 <= row.unit < array.shape[0]:
+        raise PyneuronError(f"{where} cover {array.shape[0]} units, results hold unit {row.unit}")
+    ids = [int(i) for i in array[row.unit] if i >= 0]
+    bad = [i for i in ids if i >= n_images]
+    if bad:
+        raise PyneuronError(f"{where}: image {bad[0]} is out of range for {n_images} images")
+    return ids
+
+
+def _busiest_images(masks: UnitMasks, unit: int, k: int) -> list[int]:
+    """The k images where a unit's mask covers the most pixels (ties: smaller id)."""
+    begin, end = int(masks._offsets[unit]), int(masks._offsets[unit + 1])
+    images = masks._images[begin:end].astype(np.int64)
+    counts = masks._counts[begin:end].astype(np.int64)
+    order = np.lexsort((images, -counts))[:k]
+    return images[order].tolist()
+
+
+def _by_iou(row: _Row) -> tuple[bool, float, int, int]:
+    iou = row.values.get("iou")
+    value = float(iou) if not _missing(iou) else math.nan
+    missing = math.isnan(value)
+    return (missing, -value if not missing else 0.0, row.unit, row.range or 0)
+
+
+def _missing(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(np.ndim(value) == 0 and pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _int(value: Any, what: str) -> int:
+    try:
+        number = int(value)
+        if number != value:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise PyneuronError(f"{what} values must be integers, got {value!r}") from None
+    return number
+
+
+# -- rendering --------------------------------------------------------------------------
+
+
+def formula_parts(formula: Formula) -> list[tuple[str, str | None]]:
+    """A formula as printed, cut into (text, concept name or None) pieces.
+
+    Joining the texts gives ``str(formula)``; the pieces with a name are the concepts.
+
+    Examples
+    --------
+    >>> formula_parts(Formula.parse("a AND NOT b"))
+    [('(', None), ('a', 'a'), (' AND NOT ', None), ('b', 'b'), (')', None)]
+    """
+    parts: list[tuple[str, str | None]] = []
+    _collect_parts(formula, parts)
+    merged: list[tuple[str, str | None]] = []
+    for text, name in parts:
+        if name is None and merged and merged[-1][1] is None:
+            merged[-1] = (merged[-1][0] + text, None)
+        else:
+            merged.append((text, name))
+    return merged
+
+
+def _collect_parts(formula: Formula, parts: list[tuple[str, str | None]]) -> None:
+    if isinstance(formula, Concept):
+        parts.append((str(formula), formula.name))
+    elif isinstance(formula, Not):
+        parts.append(("(NOT ", None))
+        _collect_parts(formula.operand, parts)
+        parts.append((")", None))
+    elif isinstance(formula, _Binary):
+        parts.append(("(", None))
+        _collect_parts(formula.left, parts)
+        parts.append((f" {formula.keyword} ", None))
+        if isinstance(formula.right, Not):
+            parts.append(("NOT ", None))
+            _collect_parts(formula.right.operand, parts)
+        else:
+            _collect_parts(formula.right, parts)
+        parts.append((")", None))
+    else:  # pragma: no cover - all Formula subclasses are handled above
+        parts.append((str(formula), None))
+
+
+def _format(value: Any) -> tuple[str, str]:
+    """(display text, sort key) of a table cell."""
+    if _missing(value):
+        return "–", ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value)).lower(), str(int(value))
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}".replace(",", "\u2009"), str(int(value))
+    if isinstance(value, (float, np.floating)):
+        number = float(value)
+        if math.isinf(number):
+            return ("∞" if number > 0 else "−∞"), repr(number)
+        text = f"{number:.4f}" if abs(number) < 100 else f"{number:.4g}"
+        return text, repr(number)
+    return str(value), str(value)
+
+
+class _Renderer:
+    def __init__(
+        self,
+        plan: _Plan,
+        root: Path,
+        images: ImageSource | None,
+        title: str,
+        progress: bool,
+        thumbnail_size: int,
+    ) -> None:
+        from jinja2 import Environment, PackageLoader, StrictUndefined
+
+        self.plan = plan
+        self.root = root
+        self.images = images
+        self.title = str(title)
+        self.progress = progress
+        grid = plan.store.grid
+        self.scale = thumbnail_scale(grid.height, grid.width, thumbnail_size)
+        self.thumb_shape = (grid.height * self.scale, grid.width * self.scale)
+        self.env = Environment(
+            loader=PackageLoader("pyneuron.report", "templates"),
+            autoescape=True,
+            undefined=StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+        )
+        self.env.globals.update(
+            title=self.title,
+            version=_version(),
+            legend=colors_css(),
+            no_explanation=_NO_EXPLANATION,
+        )
+        self.written_images: set[int] = set()
+        self.thumbnail = lru_cache(maxsize=512)(self._thumbnail)
+        self.concept_masks = lru_cache(maxsize=2048)(self._concept_mask)
+
+    # -- files ------------------------------------------------------------------------
+    def _write(self, relative: str, text: str) -> None:
+        path = self.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+
+    def _page(self, template: str, relative: str, **context: Any) -> None:
+        depth = relative.count("/")
+        self._write(relative, self.env.get_template(template).render(root="../" * depth, **context))
+
+    def render(self) -> None:
+        plan = self.plan
+        static = self.root / "static"
+        static.mkdir()
+        css = resources.files("pyneuron.report").joinpath("static", "report.css")
+        (static / "report.css").write_bytes(css.read_bytes())
+        (self.root / "img" / "images").mkdir(parents=True)
+        (self.root / "img" / "plots").mkdir(parents=True)
+        (self.root / "units").mkdir()
+        (self.root / "concepts").mkdir()
+        pages = [row for rows in plan.layers.values() for row in rows if row.page]
+        total = len(pages) + len(plan.concepts) + 1
+        with tqdm(
+            total=total, desc="report", unit="page", disable=None if self.progress else True
+        ) as bar:
+            for rows in plan.layers.values():
+                ordered = sorted((r for r in rows if r.page), key=lambda r: (r.unit, r.range or 0))
+                for i, row in enumerate(ordered):
+                    previous = ordered[i - 1] if i > 0 else None
+                    following = ordered[i + 1] if i + 1 < len(ordered) else None
+                    self._unit_page(row, previous, following)
+                    bar.update(1)
+            for name in plan.concepts:
+                self._concept_page(name)
+                bar.update(1)
+            self._index()
+            bar.update(1)
+
+    # -- pieces shared by the pages -----------------------------------------------------
+    def _parts(self, formula: Formula | None, root: str) -> list[tuple[str, str | None]] | None:
+        """Formula pieces with the href of each concept's page (relative to ``root``)."""
+        if formula is None:
+            return None
+        return [
+            (text, root + self.plan.concept_page(name) if name is not None else None)
+            for text, name in formula_parts(formula)
+        ]
+
+    def _concept_link(self, name: Any, root: str) -> dict[str, Any] | None:
+        if not isinstance(name, str):
+            return None
+        href = root + self.plan.concept_page(name) if name in self.plan.concept_pages else None
+        return {"name": name, "href": href}
+
+    def _row_link(self, row: _Row, root: str) -> dict[str, Any]:
+        return {
+            "layer": row.layer,
+            "unit": row.unit,
+            "range": row.range,
+            "label": _row_label(row),
+            "href": root + row.page if row.page else None,
+            "formula": row.text,
+            "iou": _format(row.values.get("iou")),
+        }
+
+    # -- unit pages ---------------------------------------------------------------------
+    def _unit_page(self, row: _Row, previous: _Row | None, following: _Row | None) -> None:
+        assert row.page is not None
+        root = "../../"
+        plan = self.plan
+        metrics = [
+            (_COLUMNS[c][0], _COLUMNS[c][1], _format(row.values[c])[0])
+            for c in _UNIT_METRICS
+            if c in row.values
+        ]
+        beam = None
+        if plan.beam_given:
+            entries = plan.beam.get((row.layer, row.unit, row.range), [])
+            columns = [c for c in _BEAM_COLUMNS if entries and c in entries[0]]
+            beam = {
+                "columns": [(_COLUMNS[c][0], _COLUMNS[c][1]) for c in columns],
+                "rows": [
+                    {
+                        "rank": entry["rank"],
+                        "parts": self._parts(entry["formula"], root),
+                        "best": entry["formula"] is not None and str(entry["formula"]) == row.text,
+                        "cells": [_format(entry.get(c)) for c in columns],
+                    }
+                    for entry in entries
+                ],
+            }
+        self._page(
+            "unit.html",
+            row.page,
+            row=self._row_link(row, root),
+            parts=self._parts(row.formula, root),
+            metrics=metrics,
+            primitive=self._concept_link(row.values.get("primitive"), root),
+            beam=beam,
+            images=self._unit_images(row),
+            has_unit_masks=row.masks is not None,
+            has_images=self.images is not None,
+            previous=self._row_link(previous, root) if previous else None,
+            next=self._row_link(following, root) if following else None,
+            layer_anchor=f"{root}index.html#layer-{plan.layer_slug(row.layer)}",
+        )
+
+    def _unit_images(self, row: _Row) -> list[dict[str, Any]]:
+        out = []
+        layer_dir = f"img/units/{self.plan.layer_slug(row.layer)}"
+        (self.root / layer_dir).mkdir(parents=True, exist_ok=True)
+        for image in row.top:
+            plain = f"img/images/{image}.png"
+            base = self.thumbnail(image)
+            if image not in self.written_images:
+                save_png(base, self.root / plain)
+                self.written_images.add(image)
+            unit_mask = row.masks.image_mask(row.unit, image) if row.masks is not None else None
+            formula_mask = self._formula_mask(row.formula, image)
+            drawn = f"{layer_dir}/{row.stem}-{image}.png"
+            save_png(overlay(base, unit_mask, formula_mask), self.root / drawn)
+            out.append(
+                {
+                    "id": image,
+                    "plain": "../../" + plain,
+                    "overlay": "../../" + drawn,
+                    "iou": _format(image_iou(unit_mask, formula_mask))[0],
+                    "unit_pixels": int(unit_mask.sum()) if unit_mask is not None else None,
+                    "formula_pixels": int(formula_mask.sum()) if formula_mask is not None else None,
+                }
+            )
+        return out
+
+    def _thumbnail(self, image: int) -> np.ndarray:
+        height, width = self.thumb_shape
+        if self.images is None:
+            return np.full((height, width, 3), 128, dtype=np.uint8)
+        try:
+            picture = self.images(image)
+        except PyneuronError:
+            raise
+        except Exception as error:
+            raise PyneuronError(f"cannot load image {image}: {error}") from error
+        rgb = as_rgb(picture, f"image {image}")
+        grid = self.plan.store.grid
+        return thumbnail(rgb, grid.height, grid.width, self.scale)
+
+    def _concept_mask(self, name: str, image: int) -> np.ndarray:
+        mask = self.plan.store.image_mask(name, image)
+        mask.flags.writeable = False
+        return mask
+
+    def _formula_mask(self, formula: Formula | None, image: int) -> np.ndarray | None:
+        if formula is None:
+            return None
+        return _evaluate(formula, lambda name: self.concept_masks(name, image))
+
+    # -- concept pages ------------------------------------------------------------------
+    def _concept_page(self, name: str) -> None:
+        plan = self.plan
+        root = "../"
+        table = plan.store.table()
+        info = table.iloc[plan.store.index(name)]
+        uses = sorted(plan.uses.get(name, []), key=_by_iou)
+        primitive = sorted(plan.primitive_of.get(name, []), key=_by_iou)
+        self._page(
+            "concept.html",
+            plan.concept_page(name),
+            name=name,
+            category=str(info["category"]),
+            pixels=_format(int(info["pixels"]))[0],
+            images=_format(int(info["images"]))[0],
+            uses=[dict(self._row_link(r, root), parts=self._parts(r.formula, root)) for r in uses],
+            primitive_of=[self._row_link(r, root) for r in primitive],
+            has_range=plan.has_range,
+        )
+
+    # -- index ----------------------------------------------------------------------------
+    def _index(self) -> None:
+        plan = self.plan
+        layers = []
+        for layer, rows in plan.layers.items():
+            slug = plan.layer_slug(layer)
+            histogram = f"img/plots/{slug}-iou.png"
+            ious = np.array(
+                [float(r.values["iou"]) if not _missing(r.values["iou"]) else np.nan for r in rows]
+            )
+            iou_histogram(ious, self.root / histogram, title=layer)
+            columns = [c for c in _INDEX_COLUMNS if c in plan.columns]
+            explained = sum(r.formula is not None for r in rows)
+            finite = ious[np.isfinite(ious)]
+            facts = [
+                ("rows" if plan.has_range else "units", _format(len(rows))[0]),
+                ("explained", _format(explained)[0]),
+                ("mean IoU", _format(float(finite.mean()) if finite.size else None)[0]),
+                ("median IoU", _format(float(np.median(finite)) if finite.size else None)[0]),
+                ("best IoU", _format(float(finite.max()) if finite.size else None)[0]),
+                (
+                    f"IoU ≥ {INTERPRETABLE_IOU}",
+                    _format(int((finite >= INTERPRETABLE_IOU).sum()))[0],
+                ),
+            ]
+            if plan.has_range:
+                facts.insert(1, ("units", _format(len({r.unit for r in rows}))[0]))
+            pages = sum(r.page is not None for r in rows)
+            note = None
+            if pages < len(rows):
+                note = (
+                    f"Unit pages are written for the {pages} best rows by IoU "
+                    f"(max_units={plan.max_units})."
+                )
+            layers.append(
+                {
+                    "name": layer,
+                    "anchor": f"layer-{slug}",
+                    "histogram": histogram,
+                    "facts": facts,
+                    "note": note,
+                    "columns": [(_COLUMNS[c][0], _COLUMNS[c][1]) for c in columns],
+                    "rows": [
+                        dict(
+                            self._row_link(r, ""),
+                            cells=[_format(r.values[c]) for c in columns],
+                            primitive=self._concept_link(r.values.get("primitive"), ""),
+                        )
+                        for r in rows
+                    ],
+                    "has_primitive": "primitive" in plan.columns,
+                }
+            )
+        table = plan.store.table()
+        concepts = []
+        for name in plan.concepts:
+            info = table.iloc[plan.store.index(name)]
+            concepts.append(
+                {
+                    "name": name,
+                    "href": plan.concept_page(name),
+                    "category": str(info["category"]),
+                    "uses": len(plan.uses.get(name, [])),
+                    "primitive": len(plan.primitive_of.get(name, [])),
+                    "images": _format(int(info["images"])),
+                }
+            )
+        grid = plan.store.grid
+        self._page(
+            "index.html",
+            "index.html",
+            layers=layers,
+            has_range=plan.has_range,
+            concepts=concepts,
+            store={
+                "concepts": _format(len(plan.store))[0],
+                "grid": f"{grid.n_images} images × {grid.height} × {grid.width}",
+            },
+        )
+
+
+def _evaluate(formula: Formula, concept: Callable[[str], np.ndarray]) -> np.ndarray:
+    """A formula's mask in one image from its concepts' masks (cached by the caller)."""
+    if isinstance(formula, Concept):
+        return concept(formula.name)
+    if isinstance(formula, Not):
+        return ~_evaluate(formula.operand, concept)
+    if isinstance(formula, _Binary):
+        left, right = _evaluate(formula.left, concept), _evaluate(formula.right, concept)
+        return left | right if formula.keyword == "OR" else left & right
+    raise PyneuronError(f"cannot evaluate {formula!r}")  # pragma: no cover
+
+
+def _row_label(row: _Row) -> str:
+    return f"unit {row.unit}" + (f" · range {row.range}" if row.range is not None else "")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("pyneuron")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return ""
+
+
+def _commit(staging: Path, out: Path) -> None:
+    """Move the staged entries into ``out``, replacing older ones; index.html goes last."""
+    old: Path | None = None
+    try:
+        for name in ENTRIES:
+            target = out / name
+            if os.path.lexists(target):
+                if old is None:
+                    old = Path(tempfile.mkdtemp(prefix=".report.old-", dir=out))
+                os.rename(target, old / name)
+            os.rename(staging / name, target)
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,78 @@
+"""Resolving a concept source given on the command line to a store and its images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .activations import list_images
+from .errors import PyneuronError
+from .store import ConceptStore
+
+SEGMENTER_KINDS = ("clipseg", "grounding-dino", "owlv2")
+
+
+def make_segmenter(spec: str | None) -> Any:
+    """A segmenter from ``kind:model`` (``clipseg:DIR``, ``grounding-dino:DET,SAM``,
+    ``owlv2:DET,SAM``) or a plain CLIPSeg model id / directory; None for the default."""
+    if spec is None:
+        return None
+    from .concepts import segmenters
+
+    kind, sep, models = spec.partition(":")
+    if not sep or kind not in SEGMENTER_KINDS:
+        return segmenters.CLIPSegSegmenter.from_pretrained(spec)
+    if kind == "clipseg":
+        return segmenters.CLIPSegSegmenter.from_pretrained(models)
+    detector, _, sam = models.partition(",")
+    if not sam:
+        raise PyneuronError(f"segmenter {spec!r}: give the detector and SAM as {kind}:DET,SAM")
+    adapter = (
+        segmenters.GroundingDinoSamSegmenter
+        if kind == "grounding-dino"
+        else segmenters.Owlv2SamSegmenter
+    )
+    return adapter.from_pretrained(detector, sam)
+
+
+def open_concepts(
+    source: str | os.PathLike[str],
+    *,
+    images: str | os.PathLike[str] | None = None,
+    grid: int = 112,
+    subset: str | None = None,
+    categories: list[str] | None = None,
+    segmenter: str | None = None,
+    progress: bool = True,
+) -> tuple[ConceptStore, list[Path], bool]:
+    """(store, probing image files in store order, whether the store was built here).
+
+    ``source`` is a store directory, a Broden-format folder (``index.csv``), or a concept
+    list file (``.txt`` / ``.toml``) segmented over ``images`` by ``segmenter``.
+    """
+    path = Path(source)
+    if (path / "manifest.json").is_file():
+        if images is None:
+            raise PyneuronError("a concept store needs --images: the folder of its probing images")
+        return ConceptStore.open(path), list_images(images), False
+    if (path / "index.csv").is_file():
+        from .concepts import broden, broden_images
+
+        store = broden(path, categories, subset, grid, progress=progress)
+        return store, broden_images(path, categories, subset), True
+    if path.is_file() and path.suffix in (".txt", ".toml"):
+        if images is None:
+            raise PyneuronError("segmenting a concept list needs --images")
+        from .concepts import load_vocabulary, segment
+
+        files = list_images(images)
+        options = {} if segmenter is None else {"segmenter": make_segmenter(segmenter)}
+        store = segment(files, load_vocabulary(path), grid=grid, progress=progress, **options)
+        return store, files, True
+    if not path.exists():
+        raise PyneuronError(f"no store at {path}: the concept source does not exist")
+    raise PyneuronError(
+        f"{path} is not a concept source: give a store directory, a Broden folder (index.csv) "
+        "or a concept list (.txt/.toml)"
+    )
