@@ -1,0 +1,615 @@
+"""Open-vocabulary concept masks: any list of concept names -> a :class:`~pyneuron.ConceptStore`.
+
+:func:`segment` runs a text-prompted segmenter (CLIPSeg by default, Grounding DINO + SAM,
+OWLv2 + SAM, or any callable; see :mod:`pyneuron.concepts.segmenters`) over the probing
+images and writes concept masks on the pixel grid, following Open Vocabulary
+Compositional Explanations (La Rosa & Gilpin 2025):
+
+1. Each image is given to the segmenter once with every distinct concept of every group,
+   which returns score maps in [0, 1] per concept.
+2. Each score map is resized to the grid with Pillow-exact bilinear interpolation (the
+   resampling used for unit maps, see :func:`pyneuron.bilinear_resize`), and only then:
+3. per concept group, in ``"argmax"`` mode every pixel goes to the group's
+   highest-scoring concept (no threshold; ties go to the concept listed first; a pixel
+   where every concept of the group scores <= 0 stays unlabelled), so concepts of one
+   group never overlap; in ``"threshold"`` mode each concept's mask is
+   ``score > threshold`` on its own;
+4. filler concepts (``"background"``, ``"other"`` by default) take part in the argmax
+   but are dropped afterwards: they are not stored.
+
+Groups are independent passes, so concepts of different groups (e.g. ``parts`` and
+``part x colour``) may overlap. Each stored concept's category is its group's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..activations import IMAGE_SUFFIXES, _open_image, list_images
+from ..errors import PyneuronError
+from ..grid import Grid
+from ..store import ConceptStore, ConceptStoreWriter
+from ..upsample import bilinear_resize
+from .segmenters import CallableSegmenter, as_segmenter
+from .vocabulary import MODES, ConceptVocabulary
+
+CACHE_VERSION = 1
+DEFAULT_FILLERS = ("background", "other")
+
+
+# -- images -----------------------------------------------------------------------------
+
+
+class _Images:
+    """Random access to the probing images: decoded PIL images and content keys."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, i: int) -> Any:
+        raise NotImplementedError
+
+    def key(self, i: int) -> str:
+        raise NotImplementedError
+
+    def names(self) -> list[str] | None:
+        return None
+
+
+def _digest(*parts: bytes) -> str:
+    digest = hashlib.blake2b(digest_size=20)
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
+
+
+class _FileImages(_Images):
+    def __init__(self, files: Sequence[Path], root: Path | None) -> None:
+        self.files = list(files)
+        self.root = root
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, i: int) -> Any:
+        return _open_image(self.files[i]).convert("RGB")
+
+    def key(self, i: int) -> str:
+        # The file's bytes: a cache hit never decodes the image.
+        try:
+            return _digest(b"file", self.files[i].read_bytes())
+        except OSError as error:
+            raise PyneuronError(f"cannot read image {self.files[i]}: {error}") from None
+
+    def names(self) -> list[str]:
+        if self.root is None:
+            return [str(p) for p in self.files]
+        return [p.relative_to(self.root).as_posix() for p in self.files]
+
+
+class _PilImages(_Images):
+    def __init__(self, images: Sequence[Any]) -> None:
+        self.images = list(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, i: int) -> Any:
+        return self.images[i].convert("RGB")
+
+    def key(self, i: int) -> str:
+        image = self.load(i)
+        return _digest(b"pil", f"{image.size}".encode(), image.tobytes())
+
+
+class _ArrayImages(_Images):
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def load(self, i: int) -> Any:
+        from PIL import Image
+
+        return Image.fromarray(np.ascontiguousarray(self.array[i]), mode="RGB")
+
+    def key(self, i: int) -> str:
+        item = np.ascontiguousarray(self.array[i])
+        return _digest(b"array", f"{item.shape}".encode(), item.tobytes())
+
+
+def _as_images(images: Any) -> _Images:
+    if isinstance(images, (str, os.PathLike)):
+        root = Path(images)
+        if root.is_file():
+            return _FileImages([root], None)
+        return _FileImages(list_images(root), root)
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise PyneuronError(
+                "an image array must be uint8 of shape (N, H, W, 3), got "
+                f"{images.dtype} {images.shape}"
+            )
+        if len(images) == 0:
+            raise PyneuronError("the image array holds no images")
+        return _ArrayImages(images)
+    try:
+        items = list(images)
+    except TypeError:
+        raise PyneuronError(
+            f"unsupported images of type {type(images).__name__}: give a folder, a list of "
+            "image files, a list of PIL images, or a uint8 array (N, H, W, 3)"
+        ) from None
+    if not items:
+        raise PyneuronError("no images given")
+    if all(isinstance(item, (str, os.PathLike)) for item in items):
+        files = [Path(item) for item in items]
+        for f in files:
+            if not f.is_file():
+                raise PyneuronError(f"image file {f} does not exist")
+        return _FileImages(files, None)
+    if all(hasattr(item, "convert") and hasattr(item, "tobytes") for item in items):
+        return _PilImages(items)
+    raise PyneuronError(
+        "a list of images must hold only PIL images or only file paths "
+        f"(suffixes {', '.join(IMAGE_SUFFIXES)})"
+    )
+
+
+# -- the plan: groups, names, modes -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Group:
+    name: str
+    mode: str
+    concepts: tuple[str, ...]
+    columns: np.ndarray  # positions of the concepts in the segmenter call
+    stored: tuple[int | None, ...]  # store concept id per concept (None: filler)
+
+
+def _plan(
+    vocabulary: ConceptVocabulary, mode: str, fillers: Sequence[str]
+) -> tuple[list[str], list[str], list[str], list[_Group]]:
+    """(segmenter concepts, stored names, stored categories, groups)."""
+    stored_names = vocabulary.stored_names(fillers)
+    stored_index = {name: i for i, name in enumerate(stored_names)}
+    queried = vocabulary.unique_names()
+    column = {name: i for i, name in enumerate(queried)}
+    categories = [""] * len(stored_names)
+    groups = []
+    filler_set = set(fillers)
+    for group in vocabulary.groups:
+        if len(group.concepts) > np.iinfo(np.int16).max:
+            raise PyneuronError(f"group {group.name!r} has more than 32767 concepts; split it")
+        stored = []
+        for concept in group.concepts:
+            if concept in filler_set:
+                stored.append(None)
+            else:
+                stored.append(stored_index[concept])
+                categories[stored_index[concept]] = group.name
+        groups.append(
+            _Group(
+                group.name,
+                group.mode or mode,
+                group.concepts,
+                np.array([column[c] for c in group.concepts], dtype=np.int64),
+                tuple(stored),
+            )
+        )
+    return queried, stored_names, categories, groups
+
+
+def _label_groups(
+    scores: np.ndarray, groups: Sequence[_Group], threshold: float
+) -> list[np.ndarray]:
+    """Per group: argmax labels (H, W) int16 (-1 unlabelled) or packed threshold masks."""
+    results = []
+    for group in groups:
+        sub = scores[group.columns]
+        if group.mode == "argmax":
+            labels = np.argmax(sub, axis=0).astype(np.int16)
+            labels[np.max(sub, axis=0) <= 0] = -1
+            results.append(labels)
+        else:
+            bits = (sub > threshold).reshape(len(group.concepts), -1)
+            results.append(np.packbits(bits, axis=1))
+    return results
+
+
+def _masks_for_store(
+    encoded: Sequence[np.ndarray], groups: Sequence[_Group], names: Sequence[str], h: int, w: int
+) -> dict[str, np.ndarray]:
+    masks: dict[str, np.ndarray] = {}
+    for group, value in zip(groups, encoded):
+        if group.mode == "argmax":
+            for k in np.unique(value[value >= 0]).tolist():
+                concept = group.stored[k]
+                if concept is not None:
+                    masks[names[concept]] = value == k
+        else:
+            bits = np.unpackbits(value, axis=1, count=h * w).astype(bool)
+            for k, concept in enumerate(group.stored):
+                if concept is not None and bits[k].any():
+                    masks[names[concept]] = bits[k].reshape(h, w)
+    return masks
+
+
+# -- cache ------------------------------------------------------------------------------
+
+
+class _Cache:
+    """Per-image results under ``<cache_dir>/segment-<run key>/<ab>/<image key>.npz``.
+
+    The run key hashes the segmenter fingerprint, the groups (names, concepts, modes),
+    the grid size and the threshold of thresholded groups; the image key hashes the
+    image's file bytes (or pixels). Fillers are not part of the key: they are applied
+    when the store is written.
+    """
+
+    def __init__(self, root: Path, description: dict[str, Any]) -> None:
+        key = _digest(json.dumps(description, sort_keys=True).encode())[:24]
+        self.folder = Path(root) / f"segment-{key}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        info = self.folder / "run.json"
+        if not info.exists():
+            _write_atomic(info, json.dumps(description, indent=2).encode())
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.npz"
+
+    def get(self, key: str, n_groups: int) -> list[np.ndarray] | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path) as data:
+                values = [data[f"g{i}"] for i in range(n_groups)]
+        except (OSError, ValueError, KeyError, EOFError):
+            return None  # a damaged entry is recomputed
+        return values
+
+    def put(self, key: str, values: Sequence[np.ndarray]) -> None:
+        path = self._path(key)
+        path.parent.mkdir(exist_ok=True)
+        import io
+
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **{f"g{i}": v for i, v in enumerate(values)})
+        _write_atomic(path, buffer.getvalue())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+# -- running the segmenter ----------------------------------------------------------------
+
+
+def _prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run ``iterator`` in a background thread (decoding overlaps with inference)."""
+    items: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in iterator:
+                if stop.is_set():
+                    return
+                items.put(("item", item))
+            items.put(("done", None))
+        except BaseException as error:  # noqa: BLE001 - re-raised in the consumer
+            items.put(("error", error))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = items.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+def _grid_size(grid: Any) -> tuple[int, int]:
+    if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
+        size: tuple[Any, ...] = (grid, grid)
+    elif isinstance(grid, (tuple, list)) and len(grid) == 2:
+        size = tuple(grid)
+    else:
+        raise PyneuronError(f"grid must be a size like 112 or (height, width), got {grid!r}")
+    for value in size:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise PyneuronError(f"grid sizes must be positive integers, got {grid!r}")
+    return int(size[0]), int(size[1])
+
+
+def _to_numpy(array: Any) -> np.ndarray:
+    if hasattr(array, "detach"):  # a torch tensor
+        return array.detach().float().cpu().numpy()
+    return np.asarray(array)
+
+
+def _score_arrays(output: Any, n_images: int, n_concepts: int, name: str) -> list[np.ndarray]:
+    if hasattr(output, "detach"):
+        output = _to_numpy(output)
+    if isinstance(output, np.ndarray):
+        if output.ndim != 4 or output.shape[:2] != (n_images, n_concepts):
+            raise PyneuronError(
+                f"segmenter {name!r} returned shape {output.shape}; expected ({n_images}, "
+                f"{n_concepts}, height, width) for {n_images} images and {n_concepts} concepts"
+            )
+        arrays = list(output)
+    else:
+        arrays = [_to_numpy(a) for a in output]
+        if len(arrays) != n_images:
+            raise PyneuronError(
+                f"segmenter {name!r} returned {len(arrays)} score maps for {n_images} images"
+            )
+    for a in arrays:
+        if a.ndim != 3 or a.shape[0] != n_concepts:
+            raise PyneuronError(
+                f"segmenter {name!r} returned a score map of shape {a.shape}; expected "
+                f"({n_concepts}, height, width)"
+            )
+    return arrays
+
+
+def segment(
+    images: Any,
+    concepts: Any,
+    segmenter: Any = "CIDAS/clipseg-rd64-refined",
+    grid: int | tuple[int, int] = 112,
+    batch_size: int = 8,
+    *,
+    mode: str = "argmax",
+    threshold: float = 0.5,
+    fillers: Sequence[str] = DEFAULT_FILLERS,
+    out: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    on_error: str = "raise",
+    progress: bool = True,
+) -> ConceptStore:
+    """Segment concepts named in text over the probing images into a ConceptStore.
+
+    Parameters
+    ----------
+    images
+        A folder (every image file in it, recursively, sorted by path), a list of image
+        files, a list of PIL images, or a uint8 array (N, H, W, 3). Image ``i`` of the
+        store is the ``i``-th of these.
+    concepts
+        A list of names (one group), a list of lists (one group each), a mapping
+        ``{group: names}``, a :class:`~pyneuron.concepts.ConceptVocabulary`, or a
+        ``pathlib.Path`` to a vocabulary file (see
+        :func:`~pyneuron.concepts.load_vocabulary`).
+    segmenter
+        A model id or local directory of a CLIPSeg model (default
+        ``CIDAS/clipseg-rd64-refined``, loaded from the Hugging Face cache), a
+        segmenter adapter (:class:`~pyneuron.concepts.CLIPSegSegmenter`,
+        :class:`~pyneuron.concepts.GroundingDinoSamSegmenter`,
+        :class:`~pyneuron.concepts.Owlv2SamSegmenter`), or any callable
+        ``(list of PIL images, list of names) -> scores in [0, 1]`` of shape (B, K, h, w)
+        or B arrays (K, h_i, w_i).
+    grid
+        Grid size: ``112`` for 112 x 112 (compexp/OVCE), or ``(height, width)``.
+    batch_size
+        Images per segmenter call.
+    mode
+        ``"argmax"`` (OVCE: within a group every pixel goes to the best concept) or
+        ``"threshold"`` (``score > threshold`` per concept, for independent concepts).
+        A :class:`~pyneuron.concepts.ConceptGroup` may override it for its group.
+    threshold
+        Threshold of thresholded groups, compared with the resized scores (for the
+        adapters, probabilities: sigmoid of CLIPSeg logits, box score x SAM mask).
+    fillers
+        Concepts that are never stored: in argmax groups they still compete for pixels
+        (a pixel won by ``"background"`` belongs to no stored concept of that group).
+        A filler may be listed in several groups.
+    out
+        Write the store to this directory (atomically: it appears only once complete);
+        ``None`` keeps it in memory.
+    cache_dir
+        Keep per-image results here, keyed by image content, concepts, segmenter
+        fingerprint, grid, modes and threshold, so a rerun (or a resumed interrupted run)
+        skips the segmenter for images already done. A plain function needs a
+        ``fingerprint`` attribute (or :class:`~pyneuron.concepts.CallableSegmenter`) to
+        be cached.
+    overwrite
+        Replace an existing store at ``out``.
+    on_error
+        What an image file that cannot be read or decoded does: ``"raise"`` (default) stops
+        with an error naming the file, and nothing is written to ``out`` (with
+        ``cache_dir``, the images done so far are kept there and not recomputed on the
+        rerun); ``"skip"`` warns, leaves that image without concepts and lists it in the
+        metadata under ``"skipped"``.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    ConceptStore
+        One concept per non-filler name (category: its group's name); its ``metadata``
+        records ``source="segment"`` and, under ``"segment"``, the segmenter, the groups,
+        the mode, threshold, fillers, grid, resampling and the image files.
+
+    Raises
+    ------
+    PyneuronError
+        Empty or duplicate concept names, bad images (a file that cannot be decoded is
+        named; nothing is written to ``out``), a segmenter returning the wrong shape or
+        non-finite scores.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> def stub(images, concepts):      # "sky" wins the top half, "grass" the bottom
+    ...     scores = np.zeros((len(images), len(concepts), 4, 4), dtype=np.float32)
+    ...     scores[:, concepts.index("sky"), :2] = 0.9
+    ...     scores[:, concepts.index("grass"), 2:] = 0.8
+    ...     scores[:, concepts.index("background")] = 0.1
+    ...     return scores
+    >>> images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    >>> store = segment(images, ["sky", "grass", "background"], stub, grid=4, progress=False)
+    >>> store.names, store.mask("sky")[0].sum(axis=1).tolist()
+    (['sky', 'grass'], [4, 4, 0, 0])
+    >>> store.metadata["segment"]["groups"][0]["concepts"]
+    ['sky', 'grass', 'background']
+    """
+    if mode not in MODES:
+        raise PyneuronError(f"mode must be one of {MODES}, got {mode!r}")
+    if on_error not in ("raise", "skip"):
+        raise PyneuronError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PyneuronError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not np.isfinite(threshold):
+        raise PyneuronError(f"threshold must be a finite number, got {threshold!r}")
+    if isinstance(fillers, str):
+        fillers = (fillers,)
+    fillers = tuple(fillers)
+    height, width = _grid_size(grid)
+    vocabulary = ConceptVocabulary.of(concepts)
+    queried, names, categories, groups = _plan(vocabulary, mode, fillers)
+    source = _as_images(images)
+    store_grid = Grid(len(source), height, width)
+    model = as_segmenter(segmenter)
+    model_name = str(getattr(model, "name", type(model).__name__))
+
+    cache = None
+    if cache_dir is not None:
+        if isinstance(model, CallableSegmenter) and not model.has_fingerprint:
+            raise PyneuronError(
+                f"cannot cache the outputs of function {model.name!r}: it has no fingerprint. "
+                "Set one (fn.fingerprint = 'v1', changed whenever its outputs change) or wrap it: "
+                "CallableSegmenter(fn, fingerprint='v1')"
+            )
+        thresholded = any(g.mode == "threshold" for g in groups)
+        cache = _Cache(
+            Path(cache_dir),
+            {
+                "version": CACHE_VERSION,
+                "segmenter": str(model.fingerprint),
+                "groups": [[g.name, g.mode, list(g.concepts)] for g in groups],
+                "grid": [height, width],
+                "threshold": float(threshold) if thresholded else None,
+            },
+        )
+
+    describe = getattr(model, "describe", None)
+    metadata = {
+        "source": "segment",
+        "segment": {
+            "segmenter": describe()
+            if callable(describe)
+            else {"name": model_name, "fingerprint": str(getattr(model, "fingerprint", ""))},
+            "groups": [
+                {"name": g.name, "concepts": list(g.concepts), "mode": g.mode} for g in groups
+            ],
+            "mode": mode,
+            "threshold": float(threshold),
+            "fillers": list(fillers),
+            "grid": [height, width],
+            "resize": "score maps resized to the grid (Pillow-exact bilinear), then "
+            "argmax per group / score > threshold",
+            "images": source.names(),
+        },
+    }
+
+    skipped: list[dict[str, Any]] = []
+    image_names = source.names()
+
+    def attempt(function: Any, i: int) -> Any:
+        try:
+            return function(i)
+        except PyneuronError as error:
+            if on_error == "raise":
+                raise
+            name = image_names[i] if image_names else None
+            skipped.append({"image": i, "file": name, "error": str(error)})
+            warnings.warn(f"skipping image {i}: {error}", RuntimeWarning, stacklevel=2)
+            return None
+
+    def batches() -> Iterator[tuple[range, list[Any], dict[int, list[np.ndarray] | None]]]:
+        for start in range(0, len(source), batch_size):
+            index = range(start, min(start + batch_size, len(source)))
+            done: dict[int, list[np.ndarray] | None] = {}
+            todo = []
+            for i in index:
+                key = attempt(source.key, i) if cache is not None else ""
+                if key is None:
+                    done[i] = None
+                    continue
+                hit = cache.get(key, len(groups)) if cache is not None else None
+                if hit is not None:
+                    done[i] = hit
+                    continue
+                image = attempt(source.load, i)
+                if image is None:
+                    done[i] = None
+                else:
+                    todo.append((i, key, image))
+            yield index, todo, done
+
+    bar = tqdm(total=len(source), desc="segment", unit="img", disable=not progress)
+    writer = ConceptStoreWriter(
+        store_grid, names, categories, out, overwrite=overwrite, metadata=metadata
+    )
+    stream = _prefetch(batches())
+    try:
+        with writer:
+            for index, todo, done in stream:
+                if todo:
+                    output = model([image for _, _, image in todo], list(queried))
+                    arrays = _score_arrays(output, len(todo), len(queried), model_name)
+                    for (i, key, _), scores in zip(todo, arrays):
+                        scores = np.asarray(scores, dtype=np.float32)
+                        if not np.isfinite(scores).all():
+                            raise PyneuronError(
+                                f"segmenter {model_name!r} returned NaN/inf scores for image {i}"
+                                + (f" ({image_names[i]})" if image_names else "")
+                            )
+                        if scores.shape[1:] != (height, width):
+                            scores = bilinear_resize(scores, height, width)
+                        done[i] = _label_groups(scores, groups, threshold)
+                        if cache is not None:
+                            cache.put(key, done[i])
+                for i in index:
+                    encoded = done[i]
+                    masks = {} if encoded is None else _masks_for_store(
+                        encoded, groups, names, height, width
+                    )  # fmt: skip
+                    writer.add_image(i, masks=masks)
+                bar.update(len(index))
+            writer.metadata["segment"]["skipped"] = skipped
+    finally:
+        stream.close()
+        bar.close()
+    store = writer.store
+    assert store is not None
+    return store
