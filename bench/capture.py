@@ -17,7 +17,7 @@ import json
 import platform
 import resource
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -118,7 +118,7 @@ def main() -> None:
     n_values = layer4.size
     result = {
         "benchmark": "capture",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpus": torch.get_num_threads(),
             "platform": platform.platform(),

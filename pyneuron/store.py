@@ -110,7 +110,12 @@ class ConceptStore(MaskSet):
     ) -> ConceptStoreWriter:
         """Start a store built image by image; see :class:`ConceptStoreWriter`."""
         return ConceptStoreWriter(
-            grid, names, categories, path, overwrite=overwrite, metadata=metadata,
+            grid,
+            names,
+            categories,
+            path,
+            overwrite=overwrite,
+            metadata=metadata,
             progress=progress,
         )
 
