@@ -246,6 +246,9 @@ def iterate_batches(
 
         def load(chunk_indices: range) -> Any:
             samples = [items[i] for i in chunk_indices]
+            samples = [
+                _open_image(Path(s)) if isinstance(s, (str, os.PathLike)) else s for s in samples
+            ]
             if (
                 samples
                 and not isinstance(samples[0], torch.Tensor)
