@@ -342,6 +342,10 @@ def report(
         Path | None,
         typer.Option(help="The folder of probing images (default: the run's own list)."),
     ] = None,
+    describe: Annotated[
+        list[Path] | None,
+        typer.Option(help="A `pyneuron describe` run to show next to the formulas (repeat)."),
+    ] = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -351,6 +355,7 @@ def report(
     import pandas as pd
 
     from .activations import list_images
+    from .describe import compare
     from .report import write_report
     from .results import read_results
     from .run import layer_dir_name, load_top_images
@@ -368,6 +373,9 @@ def report(
     layers = list(dict.fromkeys(results["layer"]))
     masks = {layer: UnitMasks.open(run / "units" / layer_dir_name(layer)) for layer in layers}
     beam_path = run / "beam.parquet"
+    descriptions = (
+        pd.concat([read_results(d) for d in describe], ignore_index=True) if describe else None
+    )
     staging = temporary_sibling(run / "report")
     try:
         write_report(
@@ -378,14 +386,68 @@ def report(
             images=_image_reader(files, store),
             top_images={layer: tops[layer_dir_name(layer)] for layer in layers},
             beam=pd.read_parquet(beam_path) if beam_path.exists() else None,
+            descriptions=descriptions,
             progress=not quiet,
         )
+        if descriptions is not None:
+            compare(results, descriptions).to_csv(staging / "comparison.csv", index=False)
         shutil.rmtree(run / "report", ignore_errors=True)
         staging.rename(run / "report")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     typer.echo(f"report: {(run / 'report' / 'index.html').resolve()}")
+
+
+@app.command()
+@friendly_errors
+def describe(
+    model: Annotated[str, typer.Option(help="Model, as for `pyneuron dissect`.")],
+    layer: Annotated[list[str], typer.Option(help="Layer name (repeat for several).")],
+    images: Annotated[Path, typer.Option(help="Folder of probing images.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    method: Annotated[str, typer.Option(help="clip-dissect, occlusion or dnd.")] = "clip-dissect",
+    concepts: Annotated[
+        Path | None,
+        typer.Option(help="Concept list, one per line (required for clip-dissect and occlusion)."),
+    ] = None,
+    clip: Annotated[str, typer.Option(help="CLIP model id (local cache) or directory.")] = (
+        "openai/clip-vit-base-patch16"
+    ),
+    captioner: Annotated[str | None, typer.Option(help="BLIP captioner for dnd.")] = None,
+    similarity: Annotated[
+        str, typer.Option(help="CLIP-Dissect similarity: soft_wpmi, cos, cos3 or rank_reorder.")
+    ] = "soft_wpmi",
+    top_k: Annotated[int | None, typer.Option(help="Top images per unit.")] = None,
+    weights: Annotated[Path | None, typer.Option(help="State-dict file for the model.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    image_size: Annotated[int, typer.Option(help="Input resize (ImageNet normalization).")] = 224,
+    overwrite: OverwriteOption = False,
+    quiet: QuietOption = False,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Describe units without concept masks (CLIP-Dissect, occlusion, Describe-and-Dissect)."""
+    from .describe.command import describe_command
+
+    path = describe_command(
+        method,
+        model,
+        layer,
+        images,
+        concepts,
+        out,
+        clip,
+        captioner,
+        top_k,
+        batch_size,
+        image_size,
+        overwrite,
+        not quiet,
+        weights=weights,
+        similarity=similarity,
+    )
+    typer.echo(f"descriptions written to {path}")
 
 
 @store_app.command("build")

@@ -115,6 +115,7 @@ def write_report(
     progress: bool = True,
     overwrite: bool = False,
     thumbnail_size: int = THUMBNAIL_SIZE,
+    descriptions: pd.DataFrame | None = None,
 ) -> Path:
     """Write a static HTML report of explained units.
 
@@ -174,6 +175,11 @@ def write_report(
         Thumbnails are the grid scaled up by a whole factor until the longer side
         reaches this many pixels.
 
+    descriptions
+        Optional label-free descriptions (``pyneuron describe`` results: ``layer``,
+        ``unit``, ``method``, ``label``, ``score``), shown on unit pages with their
+        agreement with the formula (:func:`pyneuron.describe.agreement`).
+
     Returns
     -------
     pathlib.Path
@@ -213,11 +219,27 @@ def write_report(
         )
     staging = Path(tempfile.mkdtemp(prefix=".report.tmp-", dir=out))
     try:
-        _Renderer(plan, staging, images, title, progress, thumbnail_size).render()
+        renderer = _Renderer(plan, staging, images, title, progress, thumbnail_size)
+        renderer.descriptions = _group_descriptions(descriptions)
+        renderer.render()
         _commit(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out / "index.html"
+
+
+def _group_descriptions(table: pd.DataFrame | None) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """Label-free descriptions (``pyneuron describe`` results) per (layer, unit)."""
+    if table is None:
+        return {}
+    missing = {"layer", "unit", "method", "label"} - set(table.columns)
+    if missing:
+        raise PyneuronError(f"the descriptions table lacks {', '.join(sorted(missing))}")
+    grouped: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for record in table.to_dict("records"):
+        key = (str(record["layer"]), int(record["unit"]))
+        grouped.setdefault(key, []).append(record)
+    return grouped
 
 
 # -- planning: validate the inputs and decide every page and file name ----------------
@@ -561,6 +583,7 @@ class _Renderer:
         self.plan = plan
         self.root = root
         self.images = images
+        self.descriptions: dict[tuple[str, int], list[dict[str, Any]]] = {}
         self.title = str(title)
         self.progress = progress
         grid = plan.store.grid
@@ -683,6 +706,7 @@ class _Renderer:
             metrics=metrics,
             primitive=self._concept_link(row.values.get("primitive"), root),
             beam=beam,
+            descriptions=self._descriptions(row),
             images=self._unit_images(row),
             has_unit_masks=row.masks is not None,
             has_images=self.images is not None,
@@ -690,6 +714,23 @@ class _Renderer:
             next=self._row_link(following, root) if following else None,
             layer_anchor=f"{root}index.html#layer-{plan.layer_slug(row.layer)}",
         )
+
+    def _descriptions(self, row: _Row) -> list[dict[str, Any]]:
+        from ..describe.compare import agreement
+
+        out = []
+        for record in self.descriptions.get((str(row.layer), int(row.unit)), []):
+            kind, _ = agreement(record["label"], row.text)
+            score = record.get("score")
+            out.append(
+                {
+                    "method": record["method"],
+                    "label": record["label"],
+                    "score": _format(score)[0] if score is not None else "",
+                    "agreement": kind or "—",
+                }
+            )
+        return out
 
     def _unit_images(self, row: _Row) -> list[dict[str, Any]]:
         out = []

@@ -1,0 +1,245 @@
+"""CLIP-Dissect (Oikarinen & Weng, ICLR 2023): label every unit of a layer with the concept
+whose CLIP image-text similarities best match the unit's activations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import PyneuronError
+from .clip import DEFAULT_CLIP, ClipEncoder
+from .images import ImageList
+from .result import (
+    DescribeResult,
+    check_concepts,
+    join,
+    layer_summary,
+    score_text,
+    select_units,
+)
+from .similarity import (
+    LAMBDA,
+    TEMPERATURE,
+    _top_images,
+    similarity_matrix,
+    similarity_name,
+    top_concepts,
+)
+
+METHOD = "clip-dissect"
+
+
+def clip_image_text_similarities(image_features: Any, text_features: Any) -> np.ndarray:
+    """(N, C) cosine similarities of image and text embeddings (normalized here).
+
+    Examples
+    --------
+    >>> sims = clip_image_text_similarities(np.array([[2.0, 0.0]]), np.array([[1, 0], [1, 1]]))
+    >>> sims.round(4)
+    array([[1.    , 0.7071]], dtype=float32)
+    """
+    images = np.asarray(image_features, dtype=np.float32)
+    texts = np.asarray(text_features, dtype=np.float32)
+    if images.ndim != 2 or texts.ndim != 2 or images.shape[1] != texts.shape[1]:
+        raise PyneuronError(
+            f"image features {images.shape} and text features {texts.shape} must be (N, D) "
+            "and (C, D) with the same embedding size D"
+        )
+    images = images / np.maximum(np.linalg.norm(images, axis=1, keepdims=True), 1e-12)
+    texts = texts / np.maximum(np.linalg.norm(texts, axis=1, keepdims=True), 1e-12)
+    return images @ texts.T
+
+
+def clip_dissect(
+    model: Any,
+    layer: str,
+    images: Any,
+    concepts: Sequence[str],
+    *,
+    clip: Any = DEFAULT_CLIP,
+    similarity: str = "soft_wpmi",
+    top_k: int = 100,
+    top_n: int = 5,
+    batch_size: int = 32,
+    transform: Callable[..., Any] | None = None,
+    activations: Any = None,
+    image_features: Any = None,
+    text_features: Any = None,
+    clip_similarities: Any = None,
+    units: Sequence[int] | None = None,
+    temperature: float = TEMPERATURE,
+    lam: float = LAMBDA,
+    prompt: str = "{}",
+    return_matrix: bool = False,
+    device: Any = None,
+    progress: bool = True,
+) -> DescribeResult:
+    """Describe every unit of ``layer`` with the best concept of ``concepts`` (CLIP-Dissect).
+
+    1. The activation summary of each unit on each probing image: the spatial mean of its
+       map (CLIP-Dissect's default "avg" pooling; for transformer layers pyneuron folds
+       the patch tokens into a grid, so this is the mean over patches, whereas
+       CLIP-Dissect takes the class token).
+    2. CLIP cosine similarities between each image and each concept text
+       (``prompt.format(concept)``; CLIP-Dissect uses the bare concept).
+    3. A unit-concept score matrix with ``similarity`` over all units at once
+       (:func:`~pyneuron.describe.similarity_matrix`; soft-WPMI by default, with
+       P = softmax(cos / ``temperature``) over concepts, temperature 0.1 as in
+       CLIP-Dissect's code, and prior weight ``lam`` = 1).
+    4. Per unit: the label (best concept) and its score, and the ``top_n`` concepts.
+
+    Parameters
+    ----------
+    model, layer, images
+        The network, one module name, and the probing images (a folder, image paths,
+        PIL images, or a uint8 (N, H, W, 3) array). ``images`` may be ``None`` when both
+        ``activations`` and the CLIP side (``clip_similarities``, or ``image_features``
+        with or without ``text_features``) are given.
+    concepts
+        Candidate concept names (no duplicates).
+    clip
+        CLIP model: a directory or cached model id (nothing is downloaded), a
+        ``(model, processor)`` pair or a :class:`~pyneuron.describe.ClipEncoder` (used as
+        is: its own ``prompt`` and ``batch_size`` apply).
+    similarity
+        ``"soft_wpmi"`` (default), ``"cos"``, ``"cos3"`` or ``"rank_reorder"``.
+    top_k
+        Top images per unit for soft-WPMI (CLIP-Dissect: 100; clipped to the image count).
+    top_n
+        Concepts listed per unit in ``top_concepts``.
+    transform
+        Preprocessing of the images for ``model`` (as in :func:`pyneuron.capture`).
+    activations
+        Precomputed (N, U, h, w) maps or (N, U) summaries of ``layer``.
+    image_features, text_features
+        Cached CLIP embeddings, (N, D) and (C, D) (normalized here).
+    clip_similarities
+        Cached (N, C) image-concept cosine similarities (skips CLIP entirely).
+    units
+        Report only these units (the soft-WPMI prior still averages over all units).
+    return_matrix
+        Keep the (units, concepts) score matrix in the result.
+
+    Returns
+    -------
+    DescribeResult
+        ``table`` with layer, unit, method, label, score, top_concepts, top_scores,
+        top_images (the unit's top-5 images by summary).
+
+    Examples
+    --------
+    >>> summary = np.array([[3.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    >>> sims = np.array([[0.3, 0.1], [0.1, 0.3], [0.2, 0.2]])
+    >>> result = clip_dissect(None, "fc", None, ["dog", "cat"], activations=summary,
+    ...                       clip_similarities=sims, top_k=1, progress=False)
+    >>> result.table[["unit", "label"]].to_dict("list")
+    {'unit': [0, 1], 'label': ['dog', 'cat']}
+    """
+    names = check_concepts(concepts)
+    method = similarity_name(similarity)
+    image_list = ImageList.of(images) if images is not None else None
+    summary = layer_summary(
+        model,
+        layer,
+        image_list,
+        activations,
+        transform=transform,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+    if image_list is not None and len(image_list) != summary.shape[0]:
+        raise PyneuronError(
+            f"{len(image_list)} images but activations of {summary.shape[0]} images were given"
+        )
+    sims = _clip_side(
+        names,
+        image_list,
+        clip,
+        image_features=image_features,
+        text_features=text_features,
+        clip_similarities=clip_similarities,
+        batch_size=batch_size,
+        prompt=prompt,
+        device=device,
+        progress=progress,
+    )
+    if sims.shape[0] != summary.shape[0]:
+        raise PyneuronError(
+            f"CLIP similarities cover {sims.shape[0]} images but the activations cover "
+            f"{summary.shape[0]}; both must be over the same probing images, in order"
+        )
+    scores = similarity_matrix(
+        summary, sims, method, top_k=top_k, temperature=temperature, lam=lam, device=device
+    )
+    selected = select_units(units, summary.shape[1])
+    ids, values = top_concepts(scores[selected], top_n)
+    import torch
+
+    shown = min(5, summary.shape[0])
+    tops = _top_images(torch.from_numpy(summary), shown).numpy().T[selected]
+    table = pd.DataFrame(
+        {
+            "layer": layer,
+            "unit": selected,
+            "method": METHOD,
+            "label": [names[row[0]] for row in ids],
+            "score": values[:, 0].astype(np.float64),
+            "top_concepts": [join(names[i] for i in row) for row in ids],
+            "top_scores": [join(row, score_text) for row in values],
+            "top_images": [join(row) for row in tops],
+            "similarity": method,
+        }
+    )
+    return DescribeResult(
+        table=table,
+        method=METHOD,
+        concepts=names,
+        scores=scores[selected] if return_matrix else None,
+        top_images=tops,
+        details={"similarity": method, "top_k": top_k, "temperature": temperature, "lam": lam},
+    )
+
+
+def _clip_side(
+    names: list[str],
+    images: ImageList | None,
+    clip: Any,
+    *,
+    image_features: Any,
+    text_features: Any,
+    clip_similarities: Any,
+    batch_size: int,
+    prompt: str,
+    device: Any,
+    progress: bool,
+) -> np.ndarray:
+    """(N, C) image-concept cosine similarities, computing only what was not given."""
+    if clip_similarities is not None:
+        sims = np.asarray(clip_similarities, dtype=np.float32)
+        if sims.ndim != 2 or sims.shape[1] != len(names):
+            raise PyneuronError(
+                f"clip_similarities has shape {sims.shape} but there are {len(names)} concepts; "
+                "give an (images, concepts) matrix with one column per concept, in order"
+            )
+        return sims
+    if text_features is not None and len(text_features) != len(names):
+        raise PyneuronError(
+            f"text_features has {len(text_features)} rows but there are {len(names)} concepts; "
+            "give one embedding per concept, in order"
+        )
+    encoder = None
+    if image_features is None or text_features is None:
+        encoder = ClipEncoder.load(clip, batch_size=batch_size, prompt=prompt, device=device)
+    if image_features is None:
+        if images is None:
+            raise PyneuronError("give the probing images (or CLIP image_features)")
+        assert encoder is not None
+        image_features = encoder.encode_images(images, progress=progress)
+    if text_features is None:
+        assert encoder is not None
+        text_features = encoder.encode_texts(names, progress=progress)
+    return clip_image_text_similarities(image_features, text_features)
