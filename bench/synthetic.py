@@ -30,6 +30,7 @@ and the units with :meth:`pyneuron.UnitMasks.writer`, in chunks of units.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -43,9 +44,18 @@ import pyneuron
 from pyneuron import And, Concept, Formula, Not, Or
 
 COLORS = (
-    "black", "blue", "brown", "green", "grey", "orange",
-    "pink", "purple", "red", "white", "yellow",
-)  # fmt: skip
+    "black",
+    "blue",
+    "brown",
+    "green",
+    "grey",
+    "orange",
+    "pink",
+    "purple",
+    "red",
+    "white",
+    "yellow",
+)
 
 
 @dataclass(frozen=True)
@@ -190,9 +200,12 @@ class Synthetic:
             + [f"{name}-c" for name in COLORS]
         )
         self.categories = (
-            ["object"] * n_objects + ["part"] * n_parts + ["scene"] * n_scenes
-            + ["texture"] * n_textures + ["color"] * len(COLORS)
-        )  # fmt: skip
+            ["object"] * n_objects
+            + ["part"] * n_parts
+            + ["scene"] * n_scenes
+            + ["texture"] * n_textures
+            + ["color"] * len(COLORS)
+        )
         assert len(self.names) == c
 
         # Zipf-like frequencies: objects per image ~ 1 + Poisson(7), drawn by p ~ 1/rank.
@@ -230,22 +243,37 @@ class Synthetic:
 
     def _planted_formula(self, rng: np.random.Generator, k: int) -> tuple:
         n_objects = len(self.objects)
-        lo, hi = min(3, n_objects - 1), min(max(8, n_objects // 4), n_objects)
+        # Objects of rank 3-30: in roughly 3-20 % of the images, so that conjunctions with
+        # a scene or a color are not empty.
+        lo, hi = min(3, n_objects - 1), min(30, n_objects)
+
+        used: set[int] = set()  # distinct objects within one formula
 
         def obj() -> tuple:
-            return ("leaf", int(rng.integers(lo, hi)))
+            o = int(rng.integers(lo, hi))
+            while o in used and len(used) < hi - lo:
+                o = int(rng.integers(lo, hi))
+            used.add(o)
+            return ("leaf", o)
 
         def color() -> tuple:
             return ("leaf", int(rng.choice(self.colors)))
 
         def scene() -> tuple:
-            return ("leaf", int(rng.choice(self.scenes[: max(2, len(self.scenes) // 4)])))
+            return ("leaf", int(rng.choice(self.scenes[:4])))
+
+        def obj_and_part() -> tuple[tuple, tuple]:
+            # An object that has parts (the common ones) and one of its parts.
+            parents = [o for o in range(lo, hi) if len(self.parts_of.get(o, ())) > 0]
+            o = int(rng.choice(parents or [lo]))
+            parts = self.parts_of.get(o, self.parts)
+            return ("leaf", o), ("leaf", int(rng.choice(parts)))
 
         templates = [
             lambda: ("andnot", ("or", obj(), obj()), color()),
             lambda: ("and", obj(), color()),
             lambda: ("or", obj(), obj()),
-            lambda: ("andnot", obj(), ("leaf", int(rng.choice(self.parts)))),
+            lambda: ("andnot", *obj_and_part()),
             lambda: ("and", obj(), scene()),
             lambda: ("or", ("or", obj(), obj()), obj()),
             lambda: obj(),
@@ -282,7 +310,9 @@ class Synthetic:
         masks: dict[int, np.ndarray] = {}
         object_centers: dict[int, tuple[float, float]] = {}
         # Object masks from the instance map: instances of one concept merge.
-        present_inst = np.flatnonzero(np.bincount(instances.reshape(-1) + 1, minlength=n_inst + 1)[1:])
+        present_inst = np.flatnonzero(
+            np.bincount(instances.reshape(-1) + 1, minlength=n_inst + 1)[1:]
+        )
         for k in present_inst:
             c = int(inst_concept[k])
             visible = instances == k
@@ -294,10 +324,13 @@ class Synthetic:
                     cy, cx, ry, rx = boxes[k]
                     sub = np.zeros((h, w), dtype=bool)
                     _paint_ellipse(
-                        sub, cy + rng.uniform(-0.5, 0.5) * ry, cx + rng.uniform(-0.5, 0.5) * rx,
-                        max(ry * rng.uniform(0.25, 0.5), 1.0), max(rx * rng.uniform(0.25, 0.5), 1.0),
+                        sub,
+                        cy + rng.uniform(-0.5, 0.5) * ry,
+                        cx + rng.uniform(-0.5, 0.5) * rx,
+                        max(ry * rng.uniform(0.25, 0.5), 1.0),
+                        max(rx * rng.uniform(0.25, 0.5), 1.0),
                         True,
-                    )  # fmt: skip
+                    )
                     sub &= visible
                     if sub.any():
                         p = int(p)
@@ -354,7 +387,9 @@ class Synthetic:
                     cy, cx = where[j]
                 r = self.blob_radius[j] * side
                 u = self.n_planted + int(j)
-                _paint_ellipse(out[u], cy, cx, max(r * jitter[j, 0], 1.0), max(r * jitter[j, 1], 1.0), True)
+                _paint_ellipse(
+                    out[u], cy, cx, max(r * jitter[j, 0], 1.0), max(r * jitter[j, 1], 1.0), True
+                )
                 touched.append(u)
         return np.array(sorted(set(touched)), dtype=np.int64)
 
@@ -428,10 +463,12 @@ def build(
     grid = pyneuron.Grid(spec.n_images, spec.height, spec.width)
     directory = Path(directory) if directory is not None else None
     store_writer = pyneuron.ConceptStore.writer(
-        grid, syn.names, syn.categories,
+        grid,
+        syn.names,
+        syn.categories,
         path=directory / "store" if directory else None,
         metadata={"synthetic": True, "seed": seed},
-    )  # fmt: skip
+    )
     bounds = list(range(0, spec.n_units, chunk_units)) + [spec.n_units]
     unit_writers = [
         pyneuron.UnitMasks.writer(
@@ -454,12 +491,16 @@ def build(
         touched = syn.unit_masks(image, rng, canvas)
         t0 = time.perf_counter()
         store_writer.add_image(
-            i, masks={names[c]: m for c, m in image.masks.items()},
+            i,
+            masks={names[c]: m for c, m in image.masks.items()},
             labels=[names[c] for c in image.labels],
-        )  # fmt: skip
+        )
         for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            if touched.size and ((touched >= lo) & (touched < hi)).any():
-                unit_writers[k].add_image(i, canvas[lo:hi])
+            mine = touched[(touched >= lo) & (touched < hi)]
+            if mine.size:
+                # Only the units that fire in this image: UnitMasksWriter.add_image takes
+                # all of a chunk's units and would scan 64 x H x W bools per image.
+                unit_writers[k].writer.add_image(i, mine - lo, canvas[mine])
         write_seconds += time.perf_counter() - t0
         for c, m in image.masks.items():
             concept_pixels[c] += np.count_nonzero(m)
@@ -477,9 +518,68 @@ def build(
     close_seconds = time.perf_counter() - t0
     total = time.perf_counter() - start
     return Built(
-        syn, store, units, concept_pixels, concept_images, unit_pixels, unit_images,
-        {"total": total, "writers": write_seconds + close_seconds,
-         "generate": total - write_seconds - close_seconds},
+        syn,
+        store,
+        units,
+        concept_pixels,
+        concept_images,
+        unit_pixels,
+        unit_images,
+        {
+            "total": total,
+            "writers": write_seconds + close_seconds,
+            "generate": total - write_seconds - close_seconds,
+        },
+    )
+
+
+CACHE_FORMAT = 1
+
+
+def cache_key(spec: SizeSpec, seed: int, chunk_units: int) -> str:
+    """Directory name of a cached probing set (generator version, size, seed, chunking)."""
+    return (
+        f"v{CACHE_FORMAT}-{spec.n_images}x{spec.height}x{spec.width}-c{spec.n_concepts}"
+        f"-u{spec.n_units}-s{seed}-k{chunk_units}"
+    )
+
+
+def save_cache(built: Built, directory: str | Path) -> None:
+    """Record what :func:`load_cache` needs next to a probing set built into ``directory``."""
+    directory = Path(directory)
+    np.savez(
+        directory / "expected.npz",
+        concept_pixels=built.concept_pixels,
+        concept_images=built.concept_images,
+        unit_pixels=built.unit_pixels,
+        unit_images=built.unit_images,
+    )
+    (directory / "seconds.json").write_text(json.dumps(built.seconds))
+
+
+def load_cache(
+    spec: SizeSpec, directory: str | Path, *, seed: int = 0, chunk_units: int = 64
+) -> Built | None:
+    """Open a probing set :func:`build` wrote to ``directory`` (memory-mapped), or None
+    if it is not there or incomplete. Edit the generator -> bump ``CACHE_FORMAT``."""
+    directory = Path(directory)
+    if not (directory / "expected.npz").exists():
+        return None
+    bounds = list(range(0, spec.n_units, chunk_units)) + [spec.n_units]
+    try:
+        store = pyneuron.ConceptStore.open(directory / "store")
+        units = [
+            pyneuron.UnitMasks.open(directory / f"units-{k:02d}") for k in range(len(bounds) - 1)
+        ]
+        expected = np.load(directory / "expected.npz")
+        seconds = json.loads((directory / "seconds.json").read_text())
+    except (OSError, ValueError, pyneuron.PyneuronError):
+        return None
+    return Built(
+        Synthetic(spec, seed), store, units,
+        expected["concept_pixels"], expected["concept_images"],
+        expected["unit_pixels"], expected["unit_images"],
+        {**seconds, "cached": True},
     )  # fmt: skip
 
 

@@ -1,0 +1,775 @@
+"""Search benchmark: pyneuron.explain against a numpy packed exhaustive beam search
+(and the PyPI package ``compositional-explanations`` when it is installed), on synthetic
+probing sets with ADE20K / Broden-like statistics (see bench/synthetic.py).
+
+    python bench/search.py --size small|medium|ade [--units N] [--numpy-units K]
+                           [--threads T] [--simd LEVEL | --all-simd]
+
+Prints a table with side-by-side ratios, checks that pyneuron and numpy give identical
+formulas, IoUs and final beams on the units both ran, and writes
+``bench/results/search-<size>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import pyneuron
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy_search  # noqa: E402
+import synthetic  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_NUMPY_UNITS = {"small": 4, "medium": 4, "ade": 2}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parse(argv)
+    spec = synthetic.SIZES[args.size]
+    overrides = {
+        k: v
+        for k, v in (
+            ("n_images", args.images),
+            ("n_concepts", args.concepts),
+            ("n_units", args.units),
+        )
+        if v is not None
+    }
+    spec = dataclasses.replace(spec, **overrides)
+    if args.threads is not None:
+        pyneuron.set_num_threads(args.threads)
+    if args.simd is not None:
+        pyneuron.set_simd_level(args.simd)
+    numpy_units = DEFAULT_NUMPY_UNITS[args.size] if args.numpy_units is None else args.numpy_units
+    stream = args.size == "ade" if args.stream is None else args.stream
+    report: dict = {
+        "size": args.size,
+        "spec": dataclasses.asdict(spec),
+        "search": {"length": args.length, "beam_size": args.beam_size},
+        "machine": _machine(),
+        "notes": [],
+    }
+    print(
+        f"== search benchmark, size {args.size}: {spec.n_images:,} images x "
+        f"{spec.height}x{spec.width}, {spec.n_concepts:,} concepts, {spec.n_units} units"
+    )
+    print(
+        f"   pyneuron {pyneuron.__version__}, {pyneuron.num_threads()} threads, SIMD "
+        f"{pyneuron.simd_level()} (available: {', '.join(pyneuron.available_simd_levels())}), "
+        f"numpy {np.__version__}, {os.cpu_count()} CPUs"
+    )
+
+    tmp = Path(tempfile.mkdtemp(prefix="pyneuron-bench-", dir=args.tmpdir))
+    try:
+        built = _build(spec, args, tmp if stream else None, report)
+        _sizes(built, tmp, stream or args.cache is not None, report)
+        results = _time_pyneuron(built, args, report)
+        _pruning(built, args, report)
+        _planted(built, results, report)
+        _numpy(built, results, args, numpy_units, report)
+        _compexp(built, args, report)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"kept {tmp}")
+    report["peak_rss_mb"] = _rss_mb()
+    if hasattr(os, "getloadavg"):
+        report["machine"]["loadavg_end"] = list(os.getloadavg())
+    _table(report)
+    out = Path(args.output) if args.output else RESULTS / f"search-{args.size}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    print(f"wrote {out}")
+    agreement = report.get("numpy", {}).get("agreement")
+    if agreement is not None and not agreement["identical"]:
+        sys.exit(1)
+    return report
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--size", choices=sorted(synthetic.SIZES), default="small")
+    p.add_argument("--units", type=int, help="units (default 64 for small/medium, 512 for ade)")
+    p.add_argument("--images", type=int, help="override the number of images")
+    p.add_argument("--concepts", type=int, help="override the number of concepts")
+    p.add_argument(
+        "--numpy-units",
+        type=int,
+        help="units for the numpy baseline (default 4 small/medium, 2 ade if it fits)",
+    )
+    p.add_argument("--threads", type=int, help="pyneuron worker threads (default: all cores)")
+    p.add_argument("--simd", choices=["scalar", "avx2", "avx512"], help="pyneuron SIMD level")
+    p.add_argument(
+        "--all-simd", action="store_true", help="also time pyneuron at every available SIMD level"
+    )
+    p.add_argument(
+        "--repeat", type=int, help="time pyneuron this many times, keep the best (default 3; ade 1)"
+    )
+    p.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one untimed pyneuron run first (default: not for ade)",
+    )
+    p.add_argument("--length", type=int, default=3)
+    p.add_argument("--beam-size", type=int, default=5)
+    p.add_argument("--chunk-units", type=int, default=64, help="units per UnitMasks chunk")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write store and units to a temporary directory, memory-mapped "
+        "(default: only for ade)",
+    )
+    p.add_argument(
+        "--compexp-units",
+        type=int,
+        default=2,
+        help="units for compositional-explanations, if installed (small only)",
+    )
+    p.add_argument("--tmpdir", help="where temporary stores go (default: the system's)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument(
+        "--cache",
+        help="directory to keep generated probing sets in and reuse them from (streamed, "
+        "memory-mapped); build times reported are those of the first build",
+    )
+    p.add_argument("--output", help="JSON path (default bench/results/search-<size>.json)")
+    p.add_argument("--progress", action="store_true", help="pyneuron progress bars")
+    return p.parse_args(argv)
+
+
+# -- phases ----------------------------------------------------------------------------
+
+
+def _build(spec, args, directory, report) -> synthetic.Built:
+    built = None
+    if args.cache:
+        directory = Path(args.cache) / synthetic.cache_key(spec, args.seed, args.chunk_units)
+        built = synthetic.load_cache(spec, directory, seed=args.seed, chunk_units=args.chunk_units)
+        if built is not None:
+            print(
+                f"probing set from the cache {directory} (built in {built.seconds['total']:.1f} s)"
+            )
+        elif directory.exists():
+            shutil.rmtree(directory)
+    if built is None:
+        built = synthetic.build(
+            spec, seed=args.seed, chunk_units=args.chunk_units, directory=directory, progress=True
+        )
+        if args.cache:
+            synthetic.save_cache(built, directory)
+    t0 = time.perf_counter()
+    built.check_counts()
+    syn = built.synthetic
+    table = built.store.table()
+    density = built.unit_pixels / built.store.grid.total_pixels
+    report["build"] = {
+        "seconds": built.seconds["total"],
+        "generate_seconds": built.seconds["generate"],
+        "writer_seconds": built.seconds["writers"],
+        "check_seconds": time.perf_counter() - t0,
+        "streamed_to_disk": directory is not None,
+        "from_cache": bool(built.seconds.get("cached")),
+        "concepts_by_category": table.groupby("category").size().to_dict(),
+        "concepts_absent": int((table["pixels"] == 0).sum()),
+        "concept_images_median": float(table["images"].median()),
+        "unit_chunks": len(built.units),
+        "planted_units": syn.n_planted,
+        "unit_density_mean": float(density.mean()),
+        "unit_density_median": float(np.median(density)),
+        "unit_images_mean_fraction": float((built.unit_images / spec.n_images).mean()),
+        "peak_rss_mb": _rss_mb(),
+    }
+    b = report["build"]
+    print(
+        f"build: {b['seconds']:.1f} s (generate {b['generate_seconds']:.1f} s, writers "
+        f"{b['writer_seconds']:.1f} s); {b['concepts_absent']} concepts absent; units: "
+        f"{100 * b['unit_density_mean']:.2f} % of pixels, in "
+        f"{100 * b['unit_images_mean_fraction']:.1f} % of images; "
+        f"peak RSS {b['peak_rss_mb']:.0f} MB"
+    )
+    return built
+
+
+def _sizes(built, tmp: Path, stream: bool, report) -> None:
+    store = built.store
+    t0 = time.perf_counter()
+    if stream:
+        store_dir = store.path
+        save_seconds = None
+    else:
+        store_dir = store.save(tmp / "store")
+        save_seconds = time.perf_counter() - t0
+    dense = numpy_search.dense_bytes(store.grid, len(store))
+    report["store"] = {
+        "nbytes": store.nbytes,
+        "disk_bytes": _du(store_dir),
+        "save_seconds": save_seconds,
+        "dense_packed_bytes": dense,
+        "dense_bool_bytes": len(store) * store.grid.total_pixels,
+        "units_nbytes": sum(u.nbytes for u in built.units),
+        "units_dense_packed_bytes": numpy_search.dense_bytes(store.grid, built.n_units),
+    }
+    s = report["store"]
+    print(
+        f"store: {_mb(s['nbytes'])} (nbytes), {_mb(s['disk_bytes'])} on disk "
+        f"(dense packed {_mb(dense)}, dense bool {_mb(s['dense_bool_bytes'])}); "
+        f"units {_mb(s['units_nbytes'])} (dense packed {_mb(s['units_dense_packed_bytes'])})"
+    )
+
+
+def _explain(built, args, full_beam: bool = False):
+    return pyneuron.explain(
+        built.units,
+        built.store,
+        length=args.length,
+        beam_size=args.beam_size,
+        full_beam=full_beam,
+        progress=args.progress,
+    )
+
+
+def _time_pyneuron(built, args, report):
+    n = built.n_units
+    runs = []
+    level = pyneuron.simd_level()
+    levels = pyneuron.available_simd_levels() if args.all_simd else [level]
+    if level in levels:  # the chosen level first: its results are the reference
+        levels = [level] + [x for x in levels if x != level]
+    if args.warmup if args.warmup is not None else args.size != "ade":
+        _explain(built, args)  # untimed: thread pool start, first touch of the pages
+    reference = None
+    repeat = args.repeat if args.repeat is not None else (1 if args.size == "ade" else 3)
+    for lev in levels:
+        pyneuron.set_simd_level(lev)
+        times, cpu = [], []
+        for _ in range(repeat):
+            c0 = _cpu_seconds()
+            t0 = time.perf_counter()
+            frame = _explain(built, args)
+            times.append(time.perf_counter() - t0)
+            cpu.append(_cpu_seconds() - c0)
+        best = int(np.argmin(times))
+        seconds = times[best]
+        # CPU time over wall time x threads: well under 1 means other work on the machine
+        # took cores from the engine (or the engine did not keep its threads busy).
+        utilization = cpu[best] / (seconds * pyneuron.num_threads())
+        run = {
+            "simd": lev,
+            "threads": pyneuron.num_threads(),
+            "units": n,
+            "seconds": seconds,
+            "per_unit_seconds": seconds / n,
+            "repeats": times,
+            "cpu_seconds": cpu[best],
+            "cpu_utilization": utilization,
+        }
+        if reference is None:
+            reference = frame
+        else:
+            same = _same_results(reference, frame)
+            run["identical_to_" + levels[0]] = same
+            if not same:
+                report["notes"].append(f"pyneuron results at SIMD {lev} differ from {levels[0]}")
+        runs.append(run)
+        of = " (best of " + ", ".join(f"{t:.3f}" for t in times) + ")" if repeat > 1 else ""
+        print(
+            f"pyneuron explain ({lev}, {run['threads']} threads): {seconds:.3f} s for {n} units"
+            f"{of}, {1e3 * run['per_unit_seconds']:.2f} ms/unit, CPU utilization "
+            f"{100 * utilization:.0f} %"
+        )
+    pyneuron.set_simd_level(level)
+    report["pyneuron"] = {"runs": runs, "peak_rss_mb": _rss_mb()}
+    ious = reference["iou"].to_numpy()
+    report["pyneuron"]["iou_mean"] = float(np.mean(ious))
+    report["pyneuron"]["length_counts"] = {
+        str(k): int(v) for k, v in reference["length"].value_counts().sort_index().items()
+    }
+    return reference
+
+
+def _pruning(built, args, report) -> None:
+    """Share of (beam formula, concept) pairs the engine's bounds skipped, on a sample of
+    units from the first chunk (planted units first) and the last chunk (random units)."""
+    k = 16 if args.size == "ade" else 64
+    chunks = [built.units[0]] if len(built.units) == 1 else [built.units[0], built.units[-1]]
+    pruned = counted = sampled = 0
+    try:
+        for chunk in chunks:
+            n = min(len(chunk), k)
+            raw = pyneuron._native.beam_search(
+                chunk._native,
+                0,
+                n,
+                built.store._native,
+                args.length,
+                args.beam_size,
+                [0, 1, 2],
+                1.0,
+            )
+            pruned += int(raw["pruned"].sum())
+            counted += int(raw["counted"].sum())
+            sampled += n
+    except Exception as error:  # internal API: optional
+        report["notes"].append(f"pruning statistics unavailable: {error}")
+        return
+    report["pruning"] = {
+        "sample_units": sampled,
+        "pairs_pruned": pruned,
+        "pairs_counted": counted,
+        "fraction_pruned": pruned / max(pruned + counted, 1),
+    }
+    print(
+        f"pruning ({sampled} sampled units): "
+        f"{100 * report['pruning']['fraction_pruned']:.1f} % of (formula, concept) pairs "
+        f"skipped by the bounds; {counted / max(sampled, 1):,.0f} counted per unit"
+    )
+
+
+def _planted(built, results, report) -> None:
+    syn = built.synthetic
+    if not syn.n_planted:
+        return
+    rows = []
+    first = built.units[0]
+    for u in range(min(syn.n_planted, len(first))):
+        planted = syn.planted_formula(u)
+        planted_iou = float(pyneuron.score(planted, first, built.store)["iou"].iloc[u])
+        found = results["formula"].iloc[u]
+        found = found if isinstance(found, str) else None
+        rows.append(
+            {
+                "unit": u,
+                "planted": planted,
+                "planted_iou": planted_iou,
+                "found": found,
+                "found_iou": float(results["iou"].iloc[u]),
+            }
+        )
+    exact = sum(r["planted"] == r["found"] for r in rows)
+    at_least = sum(r["found_iou"] >= r["planted_iou"] for r in rows)
+    report["planted"] = {
+        "units": rows,
+        "recovered_exactly": exact,
+        "found_iou_at_least_planted": at_least,
+    }
+    print(
+        f"planted formulas: {exact}/{len(rows)} recovered exactly, found IoU >= planted IoU "
+        f"for {at_least}/{len(rows)}"
+    )
+    for r in rows[:8]:
+        print(
+            f"   unit {r['unit']}: planted {r['planted']} (IoU {r['planted_iou']:.3f}) -> "
+            f"found {r['found']} (IoU {r['found_iou']:.3f})"
+        )
+
+
+def _numpy_units(built, k: int) -> list[int]:
+    n, planted = built.n_units, built.synthetic.n_planted
+    k = min(k, n)
+    take_planted = min(planted, (k + 1) // 2)
+    rest = k - take_planted
+    randoms = np.linspace(planted, n - 1, rest).round().astype(int).tolist() if rest else []
+    chosen = list(range(take_planted)) + [u for u in randoms if u >= take_planted]
+    return sorted(dict.fromkeys(chosen))[:k]
+
+
+def _numpy(built, results, args, k: int, report) -> None:
+    store = built.store
+    dense = numpy_search.dense_bytes(store.grid, len(store))
+    info: dict = {"units": [], "dense_packed_bytes": dense}
+    report["numpy"] = info
+    if k <= 0:
+        info["skipped"] = "--numpy-units 0"
+        print("numpy baseline: skipped (--numpy-units 0)")
+        return
+    available = _mem_available()
+    if available is not None and dense > 0.5 * available:
+        info["skipped"] = (
+            f"the dense packed concept matrix needs {_mb(dense)}, more than half of the "
+            f"{_mb(available)} available"
+        )
+        info["extrapolated_per_unit_seconds"] = _extrapolate(store, args)
+        print(
+            f"numpy baseline: skipped: {info['skipped']}; extrapolated from measured numpy "
+            f"bandwidth (if it fit in memory): {info['extrapolated_per_unit_seconds']:.0f} s/unit"
+        )
+        report["notes"].append("numpy baseline skipped: " + info["skipped"])
+        return
+    t0 = time.perf_counter()
+    packed = numpy_search.PackedConcepts.from_store(store)
+    info["build_seconds"] = time.perf_counter() - t0
+    chosen = _numpy_units(built, k)
+    bounds = np.cumsum([0] + [len(c) for c in built.units])
+    unit_masks, np_results, seconds = [], [], []
+    for u in chosen:
+        chunk = int(np.searchsorted(bounds, u, side="right") - 1)
+        dense_unit = built.units[chunk].mask(u - int(bounds[chunk]))
+        unit_masks.append(dense_unit)
+        words = numpy_search.pack_mask(dense_unit)
+        t0 = time.perf_counter()
+        res = numpy_search.beam_search(words, packed, length=args.length, beam_size=args.beam_size)
+        seconds.append(time.perf_counter() - t0)
+        np_results.append(res)
+        print(f"numpy unit {u}: {seconds[-1]:.2f} s -> {res.formula} (IoU {res.iou:.4f})")
+    info["build_peak_rss_mb"] = _rss_mb()
+    info["seconds"] = float(sum(seconds))
+    info["per_unit_seconds"] = float(np.mean(seconds))
+    info["pairs_counted_per_unit"] = float(np.mean([r.counted for r in np_results]))
+    # Agreement: best formula and IoU against the timed run, and the whole final beam
+    # against a full-beam run of pyneuron on just these units.
+    subset = pyneuron.UnitMasks.from_masks(np.stack(unit_masks))
+    full = pyneuron.explain(
+        subset, store, length=args.length, beam_size=args.beam_size, full_beam=True, progress=False
+    )
+    disagreements = []
+    for j, (u, res) in enumerate(zip(chosen, np_results)):
+        py_formula = results["formula"].iloc[u]
+        py_formula = py_formula if isinstance(py_formula, str) else None
+        py_iou = float(results["iou"].iloc[u])
+        rows = full[full["unit"] == j]
+        py_beam = [
+            (f, float(s), float(i))
+            for f, s, i in zip(rows["formula"], rows["score"], rows["iou"])
+            if isinstance(f, str)
+        ]
+        np_beam = res.rows()
+        same = py_formula == res.formula and py_iou == res.iou and py_beam == np_beam
+        info["units"].append(
+            {
+                "unit": u,
+                "seconds": seconds[j],
+                "formula": res.formula,
+                "iou": res.iou,
+                "pyneuron_formula": py_formula,
+                "pyneuron_iou": py_iou,
+                "identical": same,
+            }
+        )
+        if not same:
+            disagreements.append({"unit": u, "numpy_beam": np_beam, "pyneuron_beam": py_beam})
+    info["agreement"] = {
+        "units": len(chosen),
+        "identical": not disagreements,
+        "disagreements": disagreements,
+    }
+    status = "identical" if not disagreements else f"{len(disagreements)} DISAGREE"
+    print(
+        f"numpy packed exhaustive: {info['per_unit_seconds']:.2f} s/unit on {len(chosen)} units "
+        f"(dense build {info['build_seconds']:.1f} s, {_mb(dense)}); agreement with pyneuron "
+        f"(formula, IoU, full final beam): {status}"
+    )
+    for d in disagreements:
+        print(f"   unit {d['unit']}:")
+        print(f"     numpy    {d['numpy_beam']}")
+        print(f"     pyneuron {d['pyneuron_beam']}")
+
+
+def _extrapolate(store, args) -> float:
+    """Per-unit numpy time if the dense matrix fit in memory, from the bandwidth of the
+    same kernels on a 64 MiB sample."""
+    rng = np.random.default_rng(0)
+    w = store.grid.n_images * store.grid.words_per_image
+    rows = max(1, (64 << 20) // (8 * w))
+    sample = rng.integers(0, 2**63, size=(rows, w), dtype=np.uint64)
+    row = sample[0].copy()
+    t0 = time.perf_counter()
+    numpy_search.popcounts(sample, row)
+    single = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    numpy_search.popcounts_pair(sample, row, row)
+    pair = time.perf_counter() - t0
+    scale = len(store) / rows
+    return scale * (single + (args.length - 1) * args.beam_size * pair)
+
+
+def _compexp(built, args, report) -> None:
+    info: dict = {}
+    report["compositional_explanations"] = info
+    try:
+        import torch  # noqa: F401
+        from compositional_explanations import beam as ce_beam
+        from compositional_explanations import metrics as ce_metrics
+    except ImportError as error:
+        info["skipped"] = f"not installed ({error})"
+        print(
+            "compositional-explanations: skipped, not installed (it is no dependency of pyneuron)"
+        )
+        return
+    if args.size != "small":
+        info["skipped"] = "run only on --size small (dense bool masks; out of memory beyond)"
+        print(f"compositional-explanations: skipped: {info['skipped']}")
+        return
+    try:
+        _run_compexp(built, args, info, ce_beam, ce_metrics)
+    except Exception as error:  # a third-party package: report, don't fail the benchmark
+        info["error"] = f"{type(error).__name__}: {error}"
+        print(f"compositional-explanations: failed: {info['error']}")
+
+
+def _run_compexp(built, args, info, ce_beam, ce_metrics) -> None:
+    import torch
+
+    store = built.store
+    names = store.names
+    masks = [torch.from_numpy(store.mask(c)) for c in range(len(store))]
+    # Disjointness (no shared pixel) of every pair of concepts, from pyneuron's IoU table.
+    as_units = pyneuron.UnitMasks.from_masks(np.stack([m.numpy() for m in masks]))
+    disjoint = torch.from_numpy(pyneuron.iou_table(as_units, store, progress=False) == 0)
+    chunk = built.units[0]
+    units = _numpy_units(built, args.compexp_units)
+    for u in units:
+        bitmap = torch.from_numpy(chunk.mask(u))
+        t0 = time.perf_counter()
+        formula = ce_beam.compute_beam_explanations(
+            bitmaps=bitmap,
+            masks=masks,
+            disjoint_info=disjoint,
+            length=args.length,
+            beam_size=args.beam_size,
+            device="cpu",
+        )
+        seconds = time.perf_counter() - t0
+        value = float(
+            ce_metrics.compute_iou_from_masks(bitmaps=bitmap, masks=masks, formula=formula)
+        )
+        info.setdefault("units", []).append(
+            {"unit": u, "seconds": seconds, "formula": _ce_formula(formula, names), "iou": value}
+        )
+        print(
+            f"compositional-explanations unit {u}: {seconds:.2f} s -> "
+            f"{_ce_formula(formula, names)} (IoU {value:.4f})"
+        )
+    info["per_unit_seconds"] = float(np.mean([r["seconds"] for r in info["units"]]))
+
+
+def _ce_formula(node, names) -> str:
+    kind = type(node).__name__
+    if kind == "Leaf":
+        return names[int(node.val)]
+    if kind == "Not":
+        return f"NOT {_ce_formula(node.val, names)}"
+    return f"({_ce_formula(node.left, names)} {kind.upper()} {_ce_formula(node.right, names)})"
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _same_results(a, b) -> bool:
+    fa = [f if isinstance(f, str) else None for f in a["formula"]]
+    fb = [f if isinstance(f, str) else None for f in b["formula"]]
+    return fa == fb and np.array_equal(a["iou"].to_numpy(), b["iou"].to_numpy())
+
+
+def _table(report) -> None:
+    runs = report["pyneuron"]["runs"]
+    np_info = report.get("numpy", {})
+    np_unit = np_info.get("per_unit_seconds")
+    np_note = "measured"
+    if np_unit is None and np_info.get("extrapolated_per_unit_seconds"):
+        np_unit, np_note = np_info["extrapolated_per_unit_seconds"], "extrapolated"
+    rows = []
+    for r in runs:
+        ratio = f"{np_unit / r['per_unit_seconds']:,.0f}x" if np_unit else "-"
+        rows.append(
+            (
+                f"pyneuron explain ({r['simd']}, {r['threads']} threads)",
+                str(r["units"]),
+                f"{r['seconds']:.3f}",
+                _dur(r["per_unit_seconds"]),
+                ratio,
+                f"{100 * r['cpu_utilization']:.0f} %",
+            )
+        )
+    if "per_unit_seconds" in np_info:
+        rows.append(
+            (
+                "numpy packed exhaustive (1 thread)",
+                str(len(np_info["units"])),
+                f"{np_info['seconds']:.2f}",
+                _dur(np_unit),
+                "1x",
+                "-",
+            )
+        )
+    elif np_unit:
+        rows.append(
+            (f"numpy packed exhaustive ({np_note}, not run)", "-", "-", _dur(np_unit), "1x", "-")
+        )
+    else:
+        rows.append(("numpy packed exhaustive", "-", "-", "skipped", "-", "-"))
+    ce = report.get("compositional_explanations", {})
+    if "per_unit_seconds" in ce:
+        ratio = f"{np_unit / ce['per_unit_seconds']:.2f}x" if np_unit else "-"
+        rows.append(
+            (
+                "compositional-explanations (torch)",
+                str(len(ce["units"])),
+                f"{sum(r['seconds'] for r in ce['units']):.2f}",
+                _dur(ce["per_unit_seconds"]),
+                ratio,
+                "-",
+            )
+        )
+    else:
+        rows.append(("compositional-explanations", "-", "-", "skipped", "-", "-"))
+    header = ("engine", "units", "total s", "per unit", "speed vs numpy", "CPU use")
+    widths = [max(len(str(x[i])) for x in [header, *rows]) for i in range(len(header))]
+    print()
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+    s = report["store"]
+    extra = [
+        f"build {report['build']['seconds']:.1f} s; store {_mb(s['nbytes'])} (nbytes), "
+        f"{_mb(s['disk_bytes'])} on disk (dense packed: {_mb(s['dense_packed_bytes'])})",
+        f"peak RSS {report['peak_rss_mb']:.0f} MB (after build "
+        f"{report['build']['peak_rss_mb']:.0f} MB, after pyneuron "
+        f"{report['pyneuron']['peak_rss_mb']:.0f} MB)",
+    ]
+    if "pruning" in report:
+        extra.append(
+            f"pruned {100 * report['pruning']['fraction_pruned']:.1f} % of (formula, concept) pairs"
+        )
+    agreement = np_info.get("agreement")
+    if agreement:
+        extra.append(
+            "numpy vs pyneuron: "
+            + ("identical on all " if agreement["identical"] else "DISAGREE on some of ")
+            + f"{agreement['units']} units"
+        )
+    for line in extra:
+        print("  " + line)
+    print()
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _machine() -> dict:
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pyneuron": pyneuron.__version__,
+        "simd_level": pyneuron.simd_level(),
+        "simd_available": pyneuron.available_simd_levels(),
+        "threads": pyneuron.num_threads(),
+        "memory_total_mb": _meminfo("MemTotal"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        # Other work on the machine skews timings (2 threads on a 2-core machine).
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _meminfo(key: str) -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _mem_available() -> int | None:
+    mb = _meminfo("MemAvailable")
+    return None if mb is None else int(mb * 1024 * 1024)
+
+
+def _rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024
+
+
+def _du(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _mb(n: float | None) -> str:
+    if n is None:
+        return "?"
+    if n >= 1 << 30:
+        return f"{n / (1 << 30):.1f} GiB"
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _dur(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.2f} s"
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+if __name__ == "__main__":
+    main()
