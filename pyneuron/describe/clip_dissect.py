@@ -151,10 +151,6 @@ def clip_dissect(
         device=device,
         progress=progress,
     )
-    if image_list is not None and len(image_list) != summary.shape[0]:
-        raise PyneuronError(
-            f"{len(image_list)} images but activations of {summary.shape[0]} images were given"
-        )
     sims = _clip_side(
         names,
         image_list,

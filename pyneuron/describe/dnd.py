@@ -324,10 +324,6 @@ def describe_and_dissect(
         device=device,
         progress=progress,
     )
-    if len(image_list) != summary.shape[0]:
-        raise PyneuronError(
-            f"{len(image_list)} images but activations of {summary.shape[0]} images were given"
-        )
     selected = select_units(units, summary.shape[1])
     tops = top_image_ids(summary, selected, top_k)
     describe = captioner if callable(captioner) else BlipCaptioner.load(captioner, device=device)

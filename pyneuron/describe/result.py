@@ -160,7 +160,8 @@ def layer_summary(
     device: Any,
     progress: bool,
 ) -> np.ndarray:
-    """(N, U) activation summary: from ``activations`` when given, else captured."""
+    """(N, U) activation summary: from ``activations`` when given, else captured; checks
+    that it covers as many images as ``images`` (when given)."""
     from ..activations import capture
     from .similarity import activation_summary
 
@@ -183,4 +184,8 @@ def layer_summary(
     summary = activation_summary(activations)
     if not np.isfinite(summary).all():
         raise PyneuronError(f"the activations of layer {layer!r} hold NaN or infinite values")
+    if images is not None and len(images) != summary.shape[0]:
+        raise PyneuronError(
+            f"{len(images)} images but activations of {summary.shape[0]} images were given"
+        )
     return summary
