@@ -562,11 +562,58 @@ class SamMasker:
 
 
 class _BoxSamSegmenter(_TransformersSegmenter):
-    """Detector boxes -> SAM masks; subclasses implement :meth:`detect`."""
+    """Detector boxes -> SAM masks; subclasses implement :meth:`detect` and name their
+    transformers detector class and defaults."""
 
-    detector: Any
-    detector_processor: Any
-    sam: SamMasker
+    detector_class = ""  # transformers class of the detector
+    default_detector = ""
+    default_box_threshold = 0.3
+
+    def __init__(
+        self,
+        detector: Any,
+        detector_processor: Any,
+        sam: Any,
+        sam_processor: Any,
+        settings: BoxSettings | None = None,
+        *,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        if settings is None:
+            settings = BoxSettings(box_threshold=self.default_box_threshold)
+        super().__init__(settings, device, dtype)
+        self.detector = _prepare(detector, self.device, self.dtype)
+        self.detector_processor = detector_processor
+        self.sam = SamMasker(sam, sam_processor, self.device, self.dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        detector: str | None = None,
+        sam: str = DEFAULT_SAM,
+        *,
+        device: Any = None,
+        dtype: Any = None,
+        **settings: Any,
+    ) -> Any:
+        """Load the detector and SAM by model id (user cache) or local directory.
+
+        ``settings`` are :class:`BoxSettings` fields (``box_threshold`` defaults to the
+        class's ``default_box_threshold``).
+        """
+        transformers = _transformers()
+        settings.setdefault("box_threshold", cls.default_box_threshold)
+        detector = detector or cls.default_detector
+        return cls(
+            getattr(transformers, cls.detector_class).from_pretrained(detector),
+            transformers.AutoProcessor.from_pretrained(detector),
+            transformers.SamModel.from_pretrained(sam),
+            transformers.AutoProcessor.from_pretrained(sam),
+            BoxSettings(**settings),
+            device=device,
+            dtype=dtype,
+        )
 
     def detect(self, images: list[Any], concepts: Sequence[str]) -> list[Detections]:
         raise NotImplementedError
@@ -614,49 +661,14 @@ class GroundingDinoSamSegmenter(_BoxSamSegmenter):
     """
 
     name = "grounding-dino+sam"
+    detector_class = "GroundingDinoForObjectDetection"
+    default_detector = DEFAULT_GROUNDING_DINO
+    default_box_threshold = 0.3
 
-    def __init__(
-        self,
-        detector: Any,
-        detector_processor: Any,
-        sam: Any,
-        sam_processor: Any,
-        settings: BoxSettings = BoxSettings(),
-        *,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        super().__init__(settings, device, dtype)
-        self.detector = _prepare(detector, self.device, self.dtype)
-        self.detector_processor = detector_processor
-        self.sam = SamMasker(sam, sam_processor, self.device, self.dtype)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._chunks: tuple[tuple[str, ...], list[tuple[str, list[tuple[int, list[int]]]]]] | None
         self._chunks = None
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        detector: str = DEFAULT_GROUNDING_DINO,
-        sam: str = DEFAULT_SAM,
-        *,
-        device: Any = None,
-        dtype: Any = None,
-        **settings: Any,
-    ) -> GroundingDinoSamSegmenter:
-        """Load both models by model id (user cache) or local directory.
-
-        ``settings`` are :class:`BoxSettings` fields.
-        """
-        transformers = _transformers()
-        return cls(
-            transformers.GroundingDinoForObjectDetection.from_pretrained(detector),
-            transformers.AutoProcessor.from_pretrained(detector),
-            transformers.SamModel.from_pretrained(sam),
-            transformers.AutoProcessor.from_pretrained(sam),
-            BoxSettings(**settings),
-            device=device,
-            dtype=dtype,
-        )
 
     def prompts(self, concepts: Sequence[str]) -> list[tuple[str, list[tuple[int, list[int]]]]]:
         """Prompt chunks: (text, [(concept index, token positions in the text)])."""
@@ -769,49 +781,13 @@ class Owlv2SamSegmenter(_BoxSamSegmenter):
     """
 
     name = "owlv2+sam"
+    detector_class = "Owlv2ForObjectDetection"
+    default_detector = DEFAULT_OWLV2
+    default_box_threshold = 0.1
 
-    def __init__(
-        self,
-        detector: Any,
-        detector_processor: Any,
-        sam: Any,
-        sam_processor: Any,
-        settings: BoxSettings = BoxSettings(box_threshold=0.1),
-        *,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        super().__init__(settings, device, dtype)
-        self.detector = _prepare(detector, self.device, self.dtype)
-        self.detector_processor = detector_processor
-        self.sam = SamMasker(sam, sam_processor, self.device, self.dtype)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._queries: tuple[tuple[str, ...], Any] | None = None
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        detector: str = DEFAULT_OWLV2,
-        sam: str = DEFAULT_SAM,
-        *,
-        device: Any = None,
-        dtype: Any = None,
-        **settings: Any,
-    ) -> Owlv2SamSegmenter:
-        """Load both models by model id (user cache) or local directory.
-
-        ``settings`` are :class:`BoxSettings` fields (``box_threshold`` defaults to 0.1 here).
-        """
-        transformers = _transformers()
-        settings.setdefault("box_threshold", 0.1)
-        return cls(
-            transformers.Owlv2ForObjectDetection.from_pretrained(detector),
-            transformers.AutoProcessor.from_pretrained(detector),
-            transformers.SamModel.from_pretrained(sam),
-            transformers.AutoProcessor.from_pretrained(sam),
-            BoxSettings(**settings),
-            device=device,
-            dtype=dtype,
-        )
 
     def query_embeddings(self, concepts: Sequence[str]) -> Any:
         """Normalised text query embeddings (K, D), computed once per concept list."""
