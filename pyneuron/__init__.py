@@ -6,6 +6,7 @@ Main entry points: :func:`dissect` (model layer -> explanations), :func:`capture
 :func:`score` and :class:`Formula`.
 """
 
+from . import concepts, describe
 from ._native import (
     available_simd_levels,
     num_threads,
@@ -43,6 +44,8 @@ __all__ = [
     "StoreError",
     "UnitMasks",
     "UnitMasksWriter",
+    "concepts",
+    "describe",
     "__version__",
     "activation_ranges",
     "available_simd_levels",
