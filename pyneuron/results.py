@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from . import storage
 from .errors import PyneuronError
 from .storage import commit_directory, temporary_sibling
 
@@ -117,9 +118,8 @@ def write_run(
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:
-    """Raise if ``out`` already holds anything and ``overwrite`` is false."""
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    """Raise if ``out`` already holds anything and ``overwrite`` (``--overwrite``) is false."""
+    storage.refuse_existing(out, overwrite, "--overwrite")
 
 
 def read_results(run: str | os.PathLike[str]) -> pd.DataFrame:

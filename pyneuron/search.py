@@ -183,6 +183,8 @@ def best_of_beam(beam: pd.DataFrame) -> pd.DataFrame:
 def _positive_int(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise PyneuronError(f"{name} must be an integer >= 1, got {value!r}")
+    if value > 2**31 - 1:
+        raise PyneuronError(f"{name} must be below 2**31, got {value!r}")
     return int(value)
 
 

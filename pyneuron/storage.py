@@ -105,16 +105,33 @@ def write_directory(
     fsync_file(staging / MANIFEST_FILE)
 
 
+def refuse_existing(path: Path, overwrite: bool, option: str = "overwrite=True") -> None:
+    """Raise ``FileExistsError`` if ``path`` holds anything and ``overwrite`` is false
+    (an empty directory counts as free)."""
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} already exists; pass {option} to replace it")
+
+
 def commit_directory(staging: Path, path: Path, overwrite: bool) -> None:
-    """Move a fully written staging directory to ``path`` atomically."""
+    """Move a fully written staging directory to ``path`` atomically.
+
+    An existing empty directory is replaced; anything else needs ``overwrite``.
+    """
     if path.exists():
-        if not overwrite:
+        try:
+            refuse_existing(path, overwrite)
+        except FileExistsError:
             shutil.rmtree(staging, ignore_errors=True)
-            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+            raise
         old = temporary_sibling(path)
         os.rename(path, old / "previous")
-        os.rename(staging, path)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(staging, path)
+        except BaseException:
+            os.rename(old / "previous", path)
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(staging, path)
 
@@ -132,8 +149,7 @@ def save(
 ) -> Path:
     """Write a mask set held in memory to a new directory, atomically."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    refuse_existing(path, overwrite)
     staging = temporary_sibling(path)
     try:
         write_directory(

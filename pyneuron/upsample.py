@@ -48,7 +48,7 @@ def _check_finite(batch: np.ndarray, first_image: int) -> None:
 
 
 def unit_masks_from_activations(
-    activations: np.ndarray | Iterable[np.ndarray],
+    activations: np.ndarray,
     thresholds: np.ndarray,
     size: tuple[int, int],
     *,
@@ -63,8 +63,8 @@ def unit_masks_from_activations(
     Parameters
     ----------
     activations
-        Array (or memory-mapped array) of shape (N, U, h, w), or an iterable of image
-        batches (B, U, h, w) in image order.
+        Array (or memory-mapped array, for layers larger than memory) of shape
+        (N, U, h, w).
     thresholds
         Per-unit lower thresholds (U,): a pixel is on when ``value > threshold``.
     size
@@ -84,16 +84,28 @@ def unit_masks_from_activations(
     >>> masks.image_counts.tolist(), int(masks.pixel_counts[0])
     ([1], 4)
     """
-    height, width = (int(v) for v in size)
+    try:
+        height, width = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise PyneuronError(f"size must be (height, width), got {size!r}") from None
+    if height < 1 or width < 1 or height * width > 2**31:
+        raise PyneuronError(f"grid size must be positive and at most 2**31 pixels, got {size!r}")
+    if isinstance(batch_images, bool) or not isinstance(batch_images, int) or batch_images < 1:
+        raise PyneuronError(f"batch_images must be a positive integer, got {batch_images!r}")
     lo = np.ascontiguousarray(thresholds, dtype=np.float64).reshape(-1)
     hi = None if upper is None else np.ascontiguousarray(upper, dtype=np.float64).reshape(-1)
     n_units = lo.shape[0]
     if hi is not None and hi.shape != lo.shape:
         raise PyneuronError(f"{hi.shape[0]} upper bounds for {n_units} thresholds")
+    for name, values in (("thresholds", lo), ("upper bounds", hi)):
+        if values is not None and np.isnan(values).any():
+            unit = int(np.flatnonzero(np.isnan(values))[0])
+            raise PyneuronError(f"the {name} of unit {unit} is NaN; give a number for every unit")
     if isinstance(activations, np.ndarray):
-        if activations.ndim != 4:
+        if activations.ndim != 4 or 0 in activations.shape[2:]:
             raise PyneuronError(
-                f"activations must have shape (images, units, h, w), got {activations.shape}"
+                f"activations must have shape (images, units, h, w) with h, w >= 1, got "
+                f"{activations.shape}"
             )
         n_images = activations.shape[0]
         batches: Iterable[np.ndarray] = (

@@ -48,10 +48,7 @@ class StagedWriter(Generic[SetT]):
         self._staging: Path | None = None
         self._words_file = None
         if self.path is not None:
-            if self.path.exists() and not overwrite:
-                raise FileExistsError(
-                    f"{self.path} already exists; pass overwrite=True to replace it"
-                )
+            storage.refuse_existing(self.path, overwrite)
             self._staging = temporary_sibling(self.path)
             self._words_file = open(self._staging / storage.WORDS_FILE, "wb")  # noqa: SIM115
         self._writer: MaskSetWriter | None = MaskSetWriter(self.grid, words_file=self._words_file)

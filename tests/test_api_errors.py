@@ -30,6 +30,7 @@ def pair():
         (dict(penalty=0.0), "penalty"),
         (dict(penalty=float("nan")), "penalty"),
         (dict(batch_size=0), "batch_size"),
+        (dict(beam_size=10**12), "below 2\\*\\*31"),
     ],
 )
 def test_bad_search_options(pair, options, message):

@@ -588,3 +588,25 @@ def test_a_mid_size_report_is_fast(tmp_path: Path) -> None:
     assert len(list((tmp_path / "img" / "units").rglob("*.png"))) == 128 * 8
     assert elapsed < 30, elapsed  # a few seconds; generous for slow CI machines
     assert os.path.getsize(tmp_path / "index.html") > 0
+
+
+def test_a_failed_replacement_keeps_the_whole_old_report(
+    inputs: Inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inputs.write(tmp_path, max_units=1)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    real_rename = os.rename
+    calls = {"n": 0}
+
+    def flaky(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("rename failed")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", flaky)
+    with pytest.raises(OSError, match="rename failed"):
+        inputs.write(tmp_path, max_units=2, overwrite=True)
+    monkeypatch.setattr(os, "rename", real_rename)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before

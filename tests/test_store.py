@@ -287,3 +287,18 @@ def test_failed_overwrite_keeps_the_previous_store(saved, monkeypatch):
         store.save(saved, overwrite=True)
     assert pyneuron.ConceptStore.open(saved).names == before
     assert sorted(p.name for p in saved.parent.iterdir()) == ["store"]
+
+
+def test_an_existing_empty_directory_is_replaced(tmp_path):
+    import pandas as pd
+
+    from pyneuron.results import write_run
+
+    (tmp_path / "store").mkdir()
+    pyneuron.ConceptStore.from_masks(np.ones((1, 1, 2, 2), dtype=bool), ["a"]).save(
+        tmp_path / "store"
+    )
+    assert pyneuron.ConceptStore.open(tmp_path / "store").names == ["a"]
+    (tmp_path / "run").mkdir()
+    write_run(tmp_path / "run", pd.DataFrame({"unit": [0]}), summary={}, config={})
+    assert (tmp_path / "run" / "results.parquet").is_file()

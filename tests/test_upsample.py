@@ -92,3 +92,16 @@ def test_bad_activations():
         unit_masks_from_activations(np.zeros((0, 2, 4, 4)), np.zeros(2), (8, 8), progress=False)
     with pytest.raises(pyneuron.PyneuronError, match="shape"):
         unit_masks_from_activations(np.zeros((2, 4, 4)), np.zeros(2), (8, 8), progress=False)
+    ok = np.zeros((2, 2, 4, 4), dtype=np.float32)
+    with pytest.raises(pyneuron.PyneuronError, match="thresholds of unit 1 is NaN"):
+        unit_masks_from_activations(ok, np.array([0.0, np.nan]), (8, 8), progress=False)
+    with pytest.raises(pyneuron.PyneuronError, match="upper bounds of unit 0 is NaN"):
+        unit_masks_from_activations(ok, np.zeros(2), (8, 8), upper=np.full(2, np.nan))
+    with pytest.raises(pyneuron.PyneuronError, match="size must be"):
+        unit_masks_from_activations(ok, np.zeros(2), (8,), progress=False)
+    with pytest.raises(pyneuron.PyneuronError, match="at most 2"):
+        unit_masks_from_activations(ok, np.zeros(2), (10**6, 10**6), progress=False)
+    with pytest.raises(pyneuron.PyneuronError, match="batch_images"):
+        unit_masks_from_activations(ok, np.zeros(2), (8, 8), batch_images=0)
+    with pytest.raises(pyneuron.PyneuronError, match="h, w >= 1"):
+        unit_masks_from_activations(ok[:, :, :0], np.zeros(2), (8, 8), progress=False)

@@ -907,16 +907,26 @@ def _version() -> str:
 
 
 def _commit(staging: Path, out: Path) -> None:
-    """Move the staged entries into ``out``, replacing older ones; index.html goes last."""
-    old: Path | None = None
+    """Move the staged entries into ``out``, replacing older ones; index.html goes last.
+
+    If a move fails, the entries already moved are taken back and the older ones
+    restored, so ``out`` holds either the whole old report or the whole new one.
+    """
+    old = Path(tempfile.mkdtemp(prefix=".report.old-", dir=out))
+    moved: list[str] = []
     try:
         for name in ENTRIES:
             target = out / name
             if os.path.lexists(target):
-                if old is None:
-                    old = Path(tempfile.mkdtemp(prefix=".report.old-", dir=out))
                 os.rename(target, old / name)
+            moved.append(name)
             os.rename(staging / name, target)
+    except BaseException:
+        for name in reversed(moved):
+            if os.path.lexists(out / name) and not os.path.lexists(staging / name):
+                os.rename(out / name, staging / name)
+            if os.path.lexists(old / name):
+                os.rename(old / name, out / name)
+        raise
     finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
