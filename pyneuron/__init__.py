@@ -16,7 +16,13 @@ from ._native import (
 )
 from .activations import LayerFormat, capture
 from .dissect import dissect
-from .errors import EmptyStoreError, GridMismatchError, PyneuronError, StoreError
+from .errors import (
+    EmptyStoreError,
+    GridMismatchError,
+    PyneuronError,
+    StoreError,
+    UnknownConceptError,
+)
 from .formula import And, Concept, Formula, Not, Or
 from .grid import Grid
 from .search import OPERATORS, explain, iou_table, score
@@ -44,6 +50,7 @@ __all__ = [
     "StoreError",
     "UnitMasks",
     "UnitMasksWriter",
+    "UnknownConceptError",
     "concepts",
     "describe",
     "__version__",

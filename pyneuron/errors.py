@@ -17,3 +17,10 @@ class StoreError(PyneuronError):
 
 class EmptyStoreError(PyneuronError):
     """A store holds no concept that could explain anything."""
+
+
+class UnknownConceptError(PyneuronError, KeyError):
+    """A formula or lookup names a concept the store does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -65,9 +65,16 @@ class Formula:
         """Postfix program of concept ids for the engine."""
         raise NotImplementedError
 
+    def compile(self, store: ConceptStore) -> list[int]:
+        """:meth:`program`, with a clear error for formulas nested too deeply."""
+        try:
+            return self.program(store)
+        except RecursionError:
+            raise PyneuronError("formula is nested too deeply to evaluate; split it") from None
+
     def mask(self, store: ConceptStore) -> np.ndarray:
         """The formula's dense bool mask (n_images, height, width) on ``store``."""
-        words = _native.evaluate_words(self.program(store), store._native)
+        words = _native.evaluate_words(self.compile(store), store._native)
         return unpack_bits(words, store.grid.pixels).reshape(store.grid.shape)
 
     def image_mask(self, store: ConceptStore, image: int) -> np.ndarray:
@@ -234,7 +241,10 @@ class _Parser:
     def parse(self) -> Formula:
         if not self.tokens:
             raise self.error("empty formula")
-        formula = self.parse_or()
+        try:
+            formula = self.parse_or()
+        except RecursionError:
+            raise self.error("formula nested too deeply") from None
         if self.i != len(self.tokens):
             raise self.error(f"unexpected {self.tokens[self.i][1]!r}")
         return formula

@@ -150,7 +150,7 @@ def score(formula: Formula | str, units: UnitSource, store: ConceptStore) -> pd.
     """
     if not isinstance(formula, Formula):
         formula = Formula.parse(formula)
-    program = formula.program(store)
+    program = formula.compile(store)
     frames = []
     for first_unit, chunk in _chunks(units, store):
         raw = _native.formula_counts(program, store._native, chunk._native)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from . import storage
-from .errors import PyneuronError, StoreError
+from .errors import PyneuronError, StoreError, UnknownConceptError
 from .grid import Grid
 from .masks import MaskSet
 from .writer import StagedWriter
@@ -161,7 +161,8 @@ class ConceptStore(MaskSet):
         return list(self._categories)
 
     def index(self, name: str) -> int:
-        """Concept id of ``name``; raises ``KeyError`` listing close names if unknown."""
+        """Concept id of ``name``; raises :class:`UnknownConceptError` (a ``KeyError``
+        and a ``PyneuronError``) listing close names if unknown."""
         try:
             return self._lookup[name]
         except KeyError:
@@ -169,7 +170,7 @@ class ConceptStore(MaskSet):
 
             close = difflib.get_close_matches(str(name), self._names, n=5)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise KeyError(f"no concept named {name!r} in this store{hint}") from None
+            raise UnknownConceptError(f"no concept named {name!r} in this store{hint}") from None
 
     def mask(self, name: str | int) -> np.ndarray:
         """Dense bool mask (n_images, height, width) of a concept (by name or id)."""

@@ -76,8 +76,11 @@ def test_empty_stores(pair):
 
 def test_unknown_concept_in_formula(pair):
     units, store = pair
-    with pytest.raises(KeyError, match="did you mean 'sky'"):
+    with pytest.raises(pyneuron.UnknownConceptError, match="did you mean 'sky'") as caught:
         pyneuron.score("skye OR dog", units, store)
+    assert isinstance(caught.value, KeyError) and isinstance(caught.value, pyneuron.PyneuronError)
+    with pytest.raises(pyneuron.PyneuronError, match="nested too deeply"):
+        pyneuron.score("sky" + " OR dog" * 3000, units, store)
 
 
 def test_threads_and_simd_settings():

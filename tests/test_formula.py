@@ -47,6 +47,7 @@ def test_precedence_and_structure():
         ("a b) OR c", "unexpected"),
         ("AND a", "expected a concept name"),
         ('"unterminated', "unexpected character"),
+        ("(" * 5000 + "a" + ")" * 5000, "nested too deeply"),
     ],
 )
 def test_parse_errors_point_at_the_problem(text, message):
