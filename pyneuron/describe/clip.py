@@ -10,6 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import PyneuronError
+from .result import place_model
 
 #: The CLIP model CLIP-Dissect uses by default (ViT-B/16), as a transformers model id.
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
@@ -74,8 +75,6 @@ class ClipEncoder:
         batch_size: int = 64,
         prompt: str = "{}",
     ) -> None:
-        import torch
-
         for method in ("get_image_features", "get_text_features"):
             if not hasattr(model, method):
                 raise PyneuronError(
@@ -85,16 +84,8 @@ class ClipEncoder:
             raise PyneuronError(f"prompt must contain '{{}}' for the concept, got {prompt!r}")
         if batch_size < 1:
             raise PyneuronError(f"batch_size must be positive, got {batch_size}")
-        self.model = model.eval()
+        self.model, self.device = place_model(model, device)
         self.processor = processor
-        parameter = next(model.parameters(), None)
-        self.device = (
-            torch.device(device)
-            if device is not None
-            else (parameter.device if parameter is not None else torch.device("cpu"))
-        )
-        if parameter is not None and parameter.device != self.device:
-            self.model = self.model.to(self.device)
         self.batch_size = batch_size
         self.prompt = prompt
         self.name = (

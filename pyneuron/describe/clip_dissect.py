@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from ..errors import PyneuronError
 from .clip import DEFAULT_CLIP, ClipEncoder
@@ -15,9 +14,8 @@ from .images import ImageList
 from .result import (
     DescribeResult,
     check_concepts,
-    join,
     layer_summary,
-    score_text,
+    ranked_labels,
     select_units,
 )
 from .similarity import (
@@ -177,19 +175,7 @@ def clip_dissect(
 
     shown = min(5, summary.shape[0])
     tops = _top_images(torch.from_numpy(summary), shown).numpy().T[selected]
-    table = pd.DataFrame(
-        {
-            "layer": layer,
-            "unit": selected,
-            "method": METHOD,
-            "label": [names[row[0]] for row in ids],
-            "score": values[:, 0].astype(np.float64),
-            "top_concepts": [join(names[i] for i in row) for row in ids],
-            "top_scores": [join(row, score_text) for row in values],
-            "top_images": [join(row) for row in tops],
-            "similarity": method,
-        }
-    )
+    table = ranked_labels(layer, selected, METHOD, names, ids, values, tops, similarity=method)
     return DescribeResult(
         table=table,
         method=METHOD,

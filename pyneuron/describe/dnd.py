@@ -25,7 +25,15 @@ from ..errors import PyneuronError
 from .clip import DEFAULT_CLIP, ClipEncoder, load_pretrained
 from .images import ImageList, crop_box, expand_box
 from .occlusion import driving_patches, top_image_ids
-from .result import DescribeResult, check_concepts, join, layer_summary, score_text, select_units
+from .result import (
+    DescribeResult,
+    check_concepts,
+    join,
+    layer_summary,
+    place_model,
+    score_text,
+    select_units,
+)
 
 METHOD = "dnd"
 #: The captioner Describe-and-Dissect uses, as a transformers model id.
@@ -169,18 +177,8 @@ class BlipCaptioner:
         batch_size: int = 16,
         device: Any = None,
     ) -> None:
-        import torch
-
-        self.model = model.eval()
+        self.model, self.device = place_model(model, device)
         self.processor = processor
-        parameter = next(model.parameters(), None)
-        self.device = (
-            torch.device(device)
-            if device is not None
-            else (parameter.device if parameter is not None else torch.device("cpu"))
-        )
-        if parameter is not None and parameter.device != self.device:
-            self.model = self.model.to(self.device)
         self.max_new_tokens = max_new_tokens
         self.prompt = prompt
         self.batch_size = batch_size

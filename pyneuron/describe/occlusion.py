@@ -7,14 +7,21 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from tqdm.auto import tqdm
 
 from ..activations import capture
 from ..errors import PyneuronError
 from .clip import DEFAULT_CLIP, ClipEncoder
 from .images import ImageList, crop_box, expand_box, grey_box, occlusion_boxes
-from .result import DescribeResult, check_concepts, join, layer_summary, score_text, select_units
+from .result import (
+    DescribeResult,
+    check_concepts,
+    join,
+    layer_summary,
+    ranked_labels,
+    score_text,
+    select_units,
+)
 from .similarity import activation_summary, top_concepts
 
 METHOD = "occlusion"
@@ -203,19 +210,16 @@ def occlusion_describe(
     probabilities = _softmax(scale * (crop_features @ word_features.T))  # (crops, words)
     scores = probabilities[crop_index].mean(axis=1)  # (units, words)
     ids, values = top_concepts(scores, top_n)
-    table = pd.DataFrame(
-        {
-            "layer": layer,
-            "unit": selected,
-            "method": METHOD,
-            "label": [words[row[0]] for row in ids],
-            "score": values[:, 0].astype(np.float64),
-            "top_concepts": [join(words[i] for i in row) for row in ids],
-            "top_scores": [join(row, score_text) for row in values],
-            "top_images": [join(row) for row in tops],
-            "boxes": [join(row, _box_text) for row in boxes],
-            "drops": [join(row, score_text) for row in drops],
-        }
+    table = ranked_labels(
+        layer,
+        selected,
+        METHOD,
+        words,
+        ids,
+        values,
+        tops,
+        boxes=[join(row, _box_text) for row in boxes],
+        drops=[join(row, score_text) for row in drops],
     )
     return DescribeResult(
         table=table,

@@ -79,6 +79,48 @@ def split(text: Any) -> list[str]:
     return str(text).split(SEPARATOR)
 
 
+def place_model(model: Any, device: Any) -> tuple[Any, Any]:
+    """(model in eval mode on ``device``, that device); ``device=None`` keeps the model's."""
+    import torch
+
+    parameter = next(model.parameters(), None)
+    if device is not None:
+        target = torch.device(device)
+    else:
+        target = parameter.device if parameter is not None else torch.device("cpu")
+    model = model.eval()
+    if parameter is not None and parameter.device != target:
+        model = model.to(target)
+    return model, target
+
+
+def ranked_labels(
+    layer: str,
+    units: np.ndarray,
+    method: str,
+    names: Sequence[str],
+    ids: np.ndarray,
+    values: np.ndarray,
+    tops: Iterable[Iterable[int]],
+    **extra: Any,
+) -> pd.DataFrame:
+    """The result table of a describer that ranks ``names`` per unit: best name as the
+    label, the top names and scores, the top images, then ``extra`` columns."""
+    return pd.DataFrame(
+        {
+            "layer": layer,
+            "unit": units,
+            "method": method,
+            "label": [names[row[0]] for row in ids],
+            "score": values[:, 0].astype(np.float64),
+            "top_concepts": [join(names[i] for i in row) for row in ids],
+            "top_scores": [join(row, score_text) for row in values],
+            "top_images": [join(row) for row in tops],
+            **extra,
+        }
+    )
+
+
 def score_text(value: float) -> str:
     return f"{float(value):.6g}"
 
