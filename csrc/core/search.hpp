@@ -36,8 +36,11 @@ struct UnitResult {
   uint64_t unit_images = 0;     // images where A is not empty
   int32_t primitive = -1;       // best single concept, -1 if none
   double primitive_iou = 0.0;
-  uint64_t pruned = 0;          // (formula, concept) pairs skipped by the bound
-  uint64_t counted = 0;         // (formula, concept) pairs counted
+  // Every (formula, concept) pair of an expansion step is one of:
+  uint64_t derived = 0;  // scored without counting |F∧C| (known from the co-occurrence table)
+  uint64_t pruned = 0;   // excluded by the bounds before |F∧C| was counted
+  uint64_t counted = 0;  // scored after counting |F∧C|
+  uint64_t words = 0;           // 64-bit word pairs AND-popcounted for this unit
 };
 
 // IoU as everywhere in pyneuron: |F∧A| / (|F| + |A| - |F∧A| + 1e-10).
@@ -45,9 +48,18 @@ inline double iou_of(uint64_t intersection, uint64_t size, uint64_t unit_size) {
   return double(intersection) / (double(size + unit_size - intersection) + 1e-10);
 }
 
-// Beam search for units [unit_begin, unit_end), parallel over units.
+// Beam search for units [unit_begin, unit_end): units in blocks, each expansion step of a
+// block counted in one batched pass over the concepts (batch_count.hpp), parallel over
+// concept ranges and units.
+// `cooccurrence` (optional) is concept_cooccurrence's table for `concepts`, computed
+// here when null: pass it when searching many batches of units against one store.
 std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin, int64_t unit_end,
-                                    const MaskSetView& concepts, const SearchOptions& options);
+                                    const MaskSetView& concepts, const SearchOptions& options,
+                                    const uint64_t* cooccurrence = nullptr);
+
+// out[c * n_concepts + d] = |concept c AND concept d| (n_concepts x n_concepts, symmetric).
+// The search derives bounds of |F AND C| for every beam formula F from it.
+void concept_cooccurrence(const MaskSetView& concepts, uint64_t* out);
 
 // out[u * n_concepts + c] = |unit u AND concept c| for units [unit_begin, unit_end).
 void intersection_counts(const MaskSetView& units, int64_t unit_begin, int64_t unit_end,

@@ -1,6 +1,7 @@
 // One mask over the whole grid with an O(1) per-image index: the working
 // representation of formulas and unit masks during a search.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -25,6 +26,8 @@ class SparseMask {
   uint64_t nonempty_images() const { return nonempty_images_; }
   int32_t slot(uint32_t image) const { return slot_[image]; }
   uint32_t count(uint32_t image) const { return count_[image]; }
+  // Bytes of its bitsets.
+  std::size_t nbytes() const { return words_.size() * sizeof(uint64_t); }
   const uint64_t* bitset(int32_t slot) const { return words_.data() + std::size_t(slot) * grid_.words_per_image; }
 
   // |this AND m| for mask m of a set; optionally the number of images where it is not empty.
