@@ -39,6 +39,7 @@ def beam_search(
     ops: list[int],
     penalty: float,
     cooccurrence: npt.NDArray[np.uint64] | None = None,
+    block_bytes: int = ...,
 ) -> dict[str, np.ndarray]: ...
 def concept_cooccurrence(concepts: MaskSet) -> npt.NDArray[np.uint64]: ...
 def intersection_counts(

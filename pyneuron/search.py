@@ -22,6 +22,11 @@ DEFAULT_OPERATORS = ("OR", "AND", "AND NOT")
 
 UnitSource = UnitMasks | Iterable[UnitMasks]
 
+#: Stores of up to this many concepts get a co-occurrence table (8 bytes per pair of
+#: concepts: 512 MiB here), which lets the search skip most counting; larger ones are
+#: searched without it, with the same results.
+COOCCURRENCE_MAX_CONCEPTS = 8192
+
 
 def explain(
     units: UnitSource,
@@ -42,6 +47,13 @@ def explain(
     with every concept present in the data by each operator, in the order given,
     and keeps the best ``beam_size`` (a stable sort: ties keep the older entry).
     The score is IoU * penalty ** (length - 1), NOT counting as one more.
+
+    The engine searches blocks of units together: each expansion step screens every
+    (beam formula, concept) pair with exact score ranges (from the store's
+    :meth:`~ConceptStore.cooccurrence` table, computed on first use and kept), counts
+    ``|F AND C AND unit|`` for the pairs left and ``|F AND C|`` for the pairs still in
+    question, each in one batched pass over the concepts. Results are identical to a
+    literal brute-force search.
 
     Parameters
     ----------
@@ -97,6 +109,9 @@ def explain(
         raise PyneuronError(f"penalty must be a positive finite number, got {penalty!r}")
     _check_store(store)
     names = store.names
+    cooccurrence = (
+        store.cooccurrence() if length > 1 and len(store) <= COOCCURRENCE_MAX_CONCEPTS else None
+    )
     frames = []
     for first_unit, chunk, batch in _batches(units, store, batch_size, progress, "explain"):
         raw = _native.beam_search(
@@ -108,6 +123,7 @@ def explain(
             beam_size,
             ops,
             float(penalty),
+            cooccurrence,
         )
         frames.append(_result_frame(raw, first_unit + batch.start, names, full_beam))
     return (

@@ -28,12 +28,14 @@ const uint64_t* cooccurrence_data(const std::optional<py::array_t<uint64_t, py::
 
 py::dict run_beam_search(const PyMaskSet& units, int64_t begin, int64_t end, const PyMaskSet& concepts,
                          int length, int beam_size, const std::vector<int>& ops, double penalty,
-                         const std::optional<py::array_t<uint64_t, py::array::c_style>>& cooccurrence) {
+                         const std::optional<py::array_t<uint64_t, py::array::c_style>>& cooccurrence,
+                         std::size_t block_bytes) {
   const uint64_t* table = cooccurrence_data(cooccurrence, concepts);
   SearchOptions options;
   options.length = length;
   options.beam_size = beam_size;
   options.penalty = penalty;
+  options.block_bytes = block_bytes;
   options.ops.clear();
   for (int code : ops) options.ops.push_back(to_op(code));
   std::vector<UnitResult> results;
@@ -162,7 +164,7 @@ py::dict run_formula_counts(const std::vector<int32_t>& program, const PyMaskSet
 void register_search(py::module_& m) {
   m.def("beam_search", &run_beam_search, py::arg("units"), py::arg("begin"), py::arg("end"), py::arg("concepts"),
         py::arg("length"), py::arg("beam_size"), py::arg("ops"), py::arg("penalty"),
-        py::arg("cooccurrence") = py::none(),
+        py::arg("cooccurrence") = py::none(), py::arg("block_bytes") = std::size_t(512) << 20,
         "Exact compositional beam search for units [begin, end); returns a dict of arrays.");
   m.def("concept_cooccurrence", &run_concept_cooccurrence, py::arg("concepts"),
         "|concept c AND concept d| for every pair: a symmetric (concepts, concepts) uint64 table.");

@@ -41,20 +41,20 @@ inline Interval overlap_interval(int64_t f, int64_t c, int64_t total) {
   return {std::max<int64_t>(0, f + c - total), std::min(f, c)};
 }
 
-// |F' AND C| for F' = F op C' from x = |F∧C| in [x.lo, x.hi], y = |C'∧C|, z = |F∧C'|
-// (exact), the sizes f = |F|, c = |C|, cp = |C'| and f_new = |F'|. With t = |F∧C'∧C|:
-// t <= min(x, y, z), and t >= x + y - c, z + y - cp, x + z - f (two subsets of one set).
-// F'∧C is then x + y - t (OR), t (AND), x - t (AND NOT) or c - y + t (OR NOT).
-inline Interval derive_overlap(BinaryOp op, Interval x, int64_t y, int64_t z, int64_t f, int64_t c, int64_t cp,
+// |F' AND C| for F' = F op C' from x = |F∧C| in [x.lo, x.hi], y = |C'∧C| in [y.lo, y.hi],
+// z = |F∧C'| (exact), the sizes f = |F|, c = |C|, cp = |C'| and f_new = |F'|. With
+// t = |F∧C'∧C|: t <= min(x, y, z), and t >= x + y - c, z + y - cp, x + z - f (two subsets
+// of one set). F'∧C is then x + y - t (OR), t (AND), x - t (AND NOT) or c - y + t (OR NOT).
+inline Interval derive_overlap(BinaryOp op, Interval x, Interval y, int64_t z, int64_t f, int64_t c, int64_t cp,
                                int64_t f_new) {
-  const int64_t t_hi = std::min({x.hi, y, z});
-  const int64_t t_lo = std::max({int64_t(0), x.lo + y - c, z + y - cp, x.lo + z - f});
+  const int64_t t_hi = std::min({x.hi, y.hi, z});
+  const int64_t t_lo = std::max({int64_t(0), x.lo + y.lo - c, z + y.lo - cp, x.lo + z - f});
   Interval out{0, 0};
   switch (op) {
-    case BinaryOp::Or: out = {std::max({x.lo, y, x.lo + y - t_hi}), x.hi + y - t_lo}; break;
+    case BinaryOp::Or: out = {std::max({x.lo, y.lo, x.lo + y.lo - t_hi}), x.hi + y.hi - t_lo}; break;
     case BinaryOp::And: out = {t_lo, t_hi}; break;
-    case BinaryOp::AndNot: out = {x.lo - t_hi, std::min(x.hi - t_lo, c - y)}; break;
-    case BinaryOp::OrNot: out = {c - y + t_lo, c - y + t_hi}; break;
+    case BinaryOp::AndNot: out = {x.lo - t_hi, std::min(x.hi - t_lo, c - y.lo)}; break;
+    case BinaryOp::OrNot: out = {c - y.hi + t_lo, c - y.lo + t_hi}; break;
   }
   return {std::max<int64_t>(out.lo, 0), std::min({out.hi, c, f_new})};
 }

@@ -70,19 +70,25 @@ struct SearchContext {
   const std::vector<uint64_t>& concept_size;
   const SearchOptions& options;
   uint64_t total;
-  const uint64_t* cooccurrence;  // |C AND C'|, n_concepts x n_concepts
+  const uint64_t* cooccurrence;  // |C AND C'|, n_concepts x n_concepts, or null
+
+  // |concept c AND concept d|: exact from the table, else what the sizes allow.
+  Interval concept_overlap(std::size_t c, std::size_t d) const {
+    if (cooccurrence != nullptr) {
+      const int64_t y = int64_t(cooccurrence[c * concept_size.size() + d]);
+      return {y, y};
+    }
+    return overlap_interval(int64_t(concept_size[c]), int64_t(concept_size[d]), int64_t(total));
+  }
 };
 
 // Beam entry of a single concept.
 LiveEntry primitive_entry(const SearchContext& ctx, const SparseMask& unit, int32_t concept, double iou) {
   SparseMask formula = SparseMask::from_set(ctx.concepts, concept);
   SparseMask inter = formula.combine(unit, BinaryOp::And);
-  const std::size_t n = ctx.cooccurrence != nullptr ? ctx.concept_size.size() : 0;  // none: no steps
+  const std::size_t n = ctx.options.length > 1 ? ctx.concept_size.size() : 0;  // only steps use them
   std::vector<Interval> overlaps(n);
-  for (std::size_t c = 0; c < n; ++c) {
-    const int64_t y = int64_t(ctx.cooccurrence[std::size_t(concept) * n + c]);
-    overlaps[c] = {y, y};
-  }
+  for (std::size_t c = 0; c < n; ++c) overlaps[c] = ctx.concept_overlap(concept, c);
   LiveEntry live{BeamEntry{}, std::move(formula), std::move(inter), std::move(overlaps)};
   live.entry.concepts = {concept};
   live.entry.length = 1;
@@ -98,13 +104,12 @@ LiveEntry extended_entry(const SearchContext& ctx, const LiveEntry& parent, cons
   SparseMask formula = parent.formula.combine(SparseMask::from_set(ctx.concepts, cand.concept), cand.op);
   SparseMask inter = formula.combine(unit, BinaryOp::And);
   const std::size_t n = ctx.concept_size.size();
-  const uint64_t* y = ctx.cooccurrence + std::size_t(cand.concept) * n;
   const int64_t z = parent.overlaps[cand.concept].lo, f = int64_t(parent.entry.size);
   const int64_t cp = int64_t(ctx.concept_size[cand.concept]), f_new = int64_t(formula.total());
   std::vector<Interval> overlaps(n);
   for (std::size_t c = 0; c < n; ++c)
-    overlaps[c] = derive_overlap(cand.op, parent.overlaps[c], int64_t(y[c]), z, f, int64_t(ctx.concept_size[c]),
-                                 cp, f_new);
+    overlaps[c] = derive_overlap(cand.op, parent.overlaps[c], ctx.concept_overlap(cand.concept, c), z, f,
+                                 int64_t(ctx.concept_size[c]), cp, f_new);
   LiveEntry live{parent.entry, std::move(formula), std::move(inter), std::move(overlaps)};
   live.entry.concepts.push_back(cand.concept);
   live.entry.ops.push_back(cand.op);
@@ -275,9 +280,6 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block) {
   advance_block(ctx, block, next);
 }
 
-// Units searched together, so that their bitsets in flight stay within about this much memory.
-constexpr std::size_t kBlockBytes = std::size_t(512) << 20;
-
 void check_same_grid(const MaskSetView& units, const MaskSetView& concepts) {
   if (!(units.grid == concepts.grid))
     throw std::invalid_argument("units and concepts are on different grids");
@@ -301,12 +303,6 @@ std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin
   for (int64_t c = 0; c < n_concepts; ++c)
     for (int64_t e = concepts.offsets[c]; e < concepts.offsets[c + 1]; ++e) concept_size[c] += concepts.counts[e];
   const ImageMajorIndex index(concepts);
-  std::vector<uint64_t> own_cooccurrence;
-  if (cooccurrence == nullptr && options.length > 1) {
-    own_cooccurrence.resize(std::size_t(n_concepts) * std::size_t(n_concepts));
-    concept_cooccurrence(concepts, own_cooccurrence.data());
-    cooccurrence = own_cooccurrence.data();
-  }
   const SearchContext ctx{concepts, index, concept_size, options, concepts.grid.total_pixels(), cooccurrence};
   const std::size_t beam_size = static_cast<std::size_t>(options.beam_size);
 
@@ -356,7 +352,7 @@ std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin
     if (s.beam.empty()) continue;
     std::size_t bytes = 0;
     for (const LiveEntry& live : s.beam) bytes += 2 * (live.formula.nbytes() + live.intersection.nbytes());
-    if (!block.empty() && block_bytes + bytes > kBlockBytes) run_block();
+    if (!block.empty() && block_bytes + bytes > options.block_bytes) run_block();
     block.push_back(&s);
     block_bytes += bytes;
   }

@@ -1,6 +1,7 @@
 // Exact compositional beam search (compexp semantics, see DESIGN.md) and the
 // counting primitives behind IoU tables and formula scores.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -14,6 +15,8 @@ struct SearchOptions {
   int beam_size = 5;
   std::vector<BinaryOp> ops{BinaryOp::Or, BinaryOp::And, BinaryOp::AndNot};
   double penalty = 1.0;
+  // Units are searched together in blocks whose beams take about this many bytes.
+  std::size_t block_bytes = std::size_t(512) << 20;
 };
 
 // A left-deep formula concepts[0] ops[0] concepts[1] ops[1] ... with its counts
@@ -51,8 +54,9 @@ inline double iou_of(uint64_t intersection, uint64_t size, uint64_t unit_size) {
 // Beam search for units [unit_begin, unit_end): units in blocks, each expansion step of a
 // block counted in one batched pass over the concepts (batch_count.hpp), parallel over
 // concept ranges and units.
-// `cooccurrence` (optional) is concept_cooccurrence's table for `concepts`, computed
-// here when null: pass it when searching many batches of units against one store.
+// `cooccurrence` (optional) is concept_cooccurrence's table for `concepts`: with it the
+// overlap of every beam formula with every concept is known or tightly bounded, and
+// most counting is skipped. Results are the same with or without it.
 std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin, int64_t unit_end,
                                     const MaskSetView& concepts, const SearchOptions& options,
                                     const uint64_t* cooccurrence = nullptr);
