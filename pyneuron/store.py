@@ -190,10 +190,11 @@ class ConceptStore(MaskSet):
         table, ``|c AND d|``, with the concept sizes on its diagonal.
 
         Computed once in a batched pass over the store (about as long as explaining a few
-        dozen units) and kept with the store. :func:`pyneuron.explain` uses it on stores of
-        up to :data:`pyneuron.search.COOCCURRENCE_MAX_CONCEPTS` concepts: the overlap of every beam formula
-        with every concept is then known or tightly bounded before any counting, which skips
-        most of the work on dense concept data. Results are the same without it.
+        dozen units) and kept with the store. :func:`pyneuron.explain` uses it on stores
+        of up to ``pyneuron.search.COOCCURRENCE_MAX_CONCEPTS`` concepts: the overlap of
+        every beam formula with every concept is then known or tightly bounded before any
+        counting, which skips most of the work on dense concept data. Results are the
+        same without it.
 
         Examples
         --------

@@ -50,9 +50,11 @@ def _group_concepts(rng, n_images, height, width, groups, per_group, image_level
     for _ in range(groups):
         labels = np.zeros(shape, dtype=np.int64)
         for i in range(n_images):
-            present = rng.choice(per_group, size=rng.integers(1, min(4, per_group) + 1), replace=False)
-            seeds = rng.random((len(present), 2)) * (height, width)
-            d = (yy[None] - seeds[:, 0, None, None]) ** 2 + (xx[None] - seeds[:, 1, None, None]) ** 2
+            k = rng.integers(1, min(4, per_group) + 1)
+            present = rng.choice(per_group, size=k, replace=False)
+            seeds = rng.random((k, 2)) * (height, width)
+            dy = yy[None] - seeds[:, 0, None, None]
+            d = dy**2 + (xx[None] - seeds[:, 1, None, None]) ** 2
             labels[i] = present[np.argmin(d, axis=0)]
             speckle = rng.random((height, width)) < 0.05
             labels[i][speckle] = rng.integers(0, per_group, int(speckle.sum()))
