@@ -39,9 +39,10 @@ py::dict run_beam_search(const PyMaskSet& units, int64_t begin, int64_t end, con
   options.ops.clear();
   for (int code : ops) options.ops.push_back(to_op(code));
   std::vector<UnitResult> results;
+  SearchStats stats;
   {
     py::gil_scoped_release release;
-    results = beam_search(units.view, begin, end, concepts.view, options, table);
+    results = beam_search(units.view, begin, end, concepts.view, options, table, &stats);
   }
   const py::ssize_t n = static_cast<py::ssize_t>(results.size());
   const py::ssize_t b = beam_size, len = length;
@@ -104,6 +105,8 @@ py::dict run_beam_search(const PyMaskSet& units, int64_t begin, int64_t end, con
   out["counted"] = counted;
   out["words"] = words;
   out["derived"] = derived;
+  out["count_seconds"] = stats.count_seconds;
+  out["count_words"] = stats.count_words;
   return out;
 }
 

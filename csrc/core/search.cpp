@@ -1,6 +1,7 @@
 #include "search.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <functional>
 #include <cmath>
 #include <limits>
@@ -71,6 +72,18 @@ struct SearchContext {
   const SearchOptions& options;
   uint64_t total;
   const uint64_t* cooccurrence;  // |C AND C'|, n_concepts x n_concepts, or null
+  SearchStats* stats;            // or null
+
+  // A batched counting pass, timed into the stats.
+  BatchCounts count(const PairCounter& counter, const PairSet* pairs) const {
+    const auto start = std::chrono::steady_clock::now();
+    BatchCounts counted = counter.count(pairs);
+    if (stats != nullptr) {
+      stats->count_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      for (const uint64_t w : counted.words) stats->count_words += w;
+    }
+    return counted;
+  }
 
   // |concept c AND concept d|: exact from the table, else what the sizes allow.
   Interval concept_overlap(std::size_t c, std::size_t d) const {
@@ -253,7 +266,7 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block) {
         any = true;
       }
     if (!any) return false;
-    const BatchCounts counted = counter.count(&selected);
+    const BatchCounts counted = ctx.count(counter, &selected);
     for (int64_t b = 0; b < nb; ++b) {
       for (std::size_t p = 0; p < block[b]->beam.size(); ++p)
         block[b]->result.words += counted.words[rows_from + first_row[b] + p];
@@ -289,7 +302,7 @@ void check_same_grid(const MaskSetView& units, const MaskSetView& concepts) {
 
 std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin, int64_t unit_end,
                                     const MaskSetView& concepts, const SearchOptions& options,
-                                    const uint64_t* cooccurrence) {
+                                    const uint64_t* cooccurrence, SearchStats* stats) {
   check_same_grid(units, concepts);
   if (options.length < 1) throw std::invalid_argument("length must be at least 1");
   if (options.beam_size < 1) throw std::invalid_argument("beam_size must be at least 1");
@@ -303,7 +316,7 @@ std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin
   for (int64_t c = 0; c < n_concepts; ++c)
     for (int64_t e = concepts.offsets[c]; e < concepts.offsets[c + 1]; ++e) concept_size[c] += concepts.counts[e];
   const ImageMajorIndex index(concepts);
-  const SearchContext ctx{concepts, index, concept_size, options, concepts.grid.total_pixels(), cooccurrence};
+  const SearchContext ctx{concepts, index, concept_size, options, concepts.grid.total_pixels(), cooccurrence, stats};
   const std::size_t beam_size = static_cast<std::size_t>(options.beam_size);
 
   std::vector<UnitSearch> searches;
@@ -314,7 +327,7 @@ std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin
   // Primitives: concepts present in the data with IoU > 0, by IoU then concept id.
   std::vector<const SparseMask*> unit_rows;
   for (const UnitSearch& s : searches) unit_rows.push_back(&s.unit);
-  const BatchCounts primitive_counts = PairCounter(unit_rows, concepts, index).count(nullptr);
+  const BatchCounts primitive_counts = ctx.count(PairCounter(unit_rows, concepts, index), nullptr);
   parallel_for(n, [&](int64_t i) {
     UnitSearch& s = searches[i];
     const uint64_t a = s.unit.total();

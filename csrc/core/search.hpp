@@ -46,6 +46,12 @@ struct UnitResult {
   uint64_t words = 0;           // 64-bit word pairs AND-popcounted for this unit
 };
 
+// Where a search spent its counting (for benchmarks: the achieved AND+popcount rate).
+struct SearchStats {
+  double count_seconds = 0;  // wall time inside the batched counting passes
+  uint64_t count_words = 0;  // 64-bit word pairs AND-popcounted in them
+};
+
 // IoU as everywhere in pyneuron: |F∧A| / (|F| + |A| - |F∧A| + 1e-10).
 inline double iou_of(uint64_t intersection, uint64_t size, uint64_t unit_size) {
   return double(intersection) / (double(size + unit_size - intersection) + 1e-10);
@@ -59,7 +65,7 @@ inline double iou_of(uint64_t intersection, uint64_t size, uint64_t unit_size) {
 // most counting is skipped. Results are the same with or without it.
 std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin, int64_t unit_end,
                                     const MaskSetView& concepts, const SearchOptions& options,
-                                    const uint64_t* cooccurrence = nullptr);
+                                    const uint64_t* cooccurrence = nullptr, SearchStats* stats = nullptr);
 
 // out[c * n_concepts + d] = |concept c AND concept d| (n_concepts x n_concepts, symmetric).
 // The search derives bounds of |F AND C| for every beam formula F from it.
