@@ -114,7 +114,7 @@ LiveEntry primitive_entry(const SearchContext& ctx, const SparseMask& unit, int3
 // Beam entry parent op concept; the parent's overlap with that concept must be exact.
 LiveEntry extended_entry(const SearchContext& ctx, const LiveEntry& parent, const SparseMask& unit,
                          const Candidate& cand) {
-  SparseMask formula = parent.formula.combine(SparseMask::from_set(ctx.concepts, cand.concept), cand.op);
+  SparseMask formula = parent.formula.combine(ctx.concepts, cand.concept, cand.op);
   SparseMask inter = formula.combine(unit, BinaryOp::And);
   const std::size_t n = ctx.concept_size.size();
   const int64_t z = parent.overlaps[cand.concept].lo, f = int64_t(parent.entry.size);

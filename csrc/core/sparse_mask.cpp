@@ -84,8 +84,15 @@ uint64_t SparseMask::intersect_count(const SparseMask& other, uint64_t* images) 
   return total;
 }
 
-SparseMask SparseMask::combine(const SparseMask& other, BinaryOp op) const {
-  if (!(grid_ == other.grid_)) throw std::invalid_argument("masks on different grids");
+namespace {
+// Markers of empty and full containers among the bitset pointers combine_with reads.
+const uint64_t* const kEmptyBits = nullptr;
+const uint64_t kFullMarker = 0;
+const uint64_t* const kFullBits = &kFullMarker;
+}  // namespace
+
+template <class Other>
+SparseMask SparseMask::combine_with(const Other& other, BinaryOp op) const {
   const std::size_t w = grid_.words_per_image;
   const uint64_t last_mask = grid_.last_word_mask();
   std::vector<uint64_t> ones(w, ~uint64_t(0));
@@ -94,28 +101,31 @@ SparseMask SparseMask::combine(const SparseMask& other, BinaryOp op) const {
   std::vector<uint64_t> out(w);
   SparseMask result(grid_);
   for (uint32_t image = 0; image < grid_.n_images; ++image) {
-    const int32_t a = slot_[image], b = other.slot_[image];
+    const int32_t a = slot_[image];
+    const uint64_t* y = other(image);
+    const bool b_empty = y == kEmptyBits, b_full = y == kFullBits;
     // Shortcuts on empty and full containers; bitset work only where both are partial.
     switch (op) {
       case BinaryOp::And:
-        if (a == kEmpty || b == kEmpty) continue;
-        if (a == kFull && b == kFull) { result.set_full(image); continue; }
+        if (a == kEmpty || b_empty) continue;
+        if (a == kFull && b_full) { result.set_full(image); continue; }
         break;
       case BinaryOp::Or:
-        if (a == kFull || b == kFull) { result.set_full(image); continue; }
-        if (a == kEmpty && b == kEmpty) continue;
+        if (a == kFull || b_full) { result.set_full(image); continue; }
+        if (a == kEmpty && b_empty) continue;
         break;
       case BinaryOp::AndNot:
-        if (a == kEmpty || b == kFull) continue;
-        if (a == kFull && b == kEmpty) { result.set_full(image); continue; }
+        if (a == kEmpty || b_full) continue;
+        if (a == kFull && b_empty) { result.set_full(image); continue; }
         break;
       case BinaryOp::OrNot:
-        if (a == kFull || b == kEmpty) { result.set_full(image); continue; }
-        if (a == kEmpty && b == kFull) continue;
+        if (a == kFull || b_empty) { result.set_full(image); continue; }
+        if (a == kEmpty && b_full) continue;
         break;
     }
     const uint64_t* x = a == kEmpty ? zeros.data() : a == kFull ? ones.data() : bitset(a);
-    const uint64_t* y = b == kEmpty ? zeros.data() : b == kFull ? ones.data() : other.bitset(b);
+    if (b_empty) y = zeros.data();
+    if (b_full) y = ones.data();
     switch (op) {
       case BinaryOp::And: for (std::size_t i = 0; i < w; ++i) out[i] = x[i] & y[i]; break;
       case BinaryOp::Or: for (std::size_t i = 0; i < w; ++i) out[i] = x[i] | y[i]; break;
@@ -126,6 +136,24 @@ SparseMask SparseMask::combine(const SparseMask& other, BinaryOp op) const {
     result.set_image(image, out.data(), static_cast<uint32_t>(popcount_words(out.data(), w)));
   }
   return result;
+}
+
+SparseMask SparseMask::combine(const SparseMask& other, BinaryOp op) const {
+  if (!(grid_ == other.grid_)) throw std::invalid_argument("masks on different grids");
+  return combine_with(
+      [&](uint32_t image) {
+        const int32_t slot = other.slot_[image];
+        return slot == kEmpty ? kEmptyBits : slot == kFull ? kFullBits : other.bitset(slot);
+      },
+      op);
+}
+
+SparseMask SparseMask::combine(const MaskSetView& set, int64_t m, BinaryOp op) const {
+  if (!(grid_ == set.grid)) throw std::invalid_argument("masks on different grids");
+  std::vector<const uint64_t*> bits(grid_.n_images, kEmptyBits);
+  for (int64_t e = set.offsets[m]; e < set.offsets[m + 1]; ++e)
+    bits[std::size_t(set.images[e])] = set.slots[e] == kFullSlot ? kFullBits : set.bitset(set.slots[e]);
+  return combine_with([&](uint32_t image) { return bits[image]; }, op);
 }
 
 SparseMask SparseMask::complement() const {

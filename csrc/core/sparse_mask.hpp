@@ -37,6 +37,8 @@ class SparseMask {
 
   // this OP other, image by image, keeping empty and full containers as such.
   SparseMask combine(const SparseMask& other, BinaryOp op) const;
+  // this OP mask m of a set, read in place.
+  SparseMask combine(const MaskSetView& set, int64_t m, BinaryOp op) const;
   SparseMask complement() const;
   // Dense words, image-major, words_per_image per image (padding bits zero).
   std::vector<uint64_t> to_words() const;
@@ -44,6 +46,9 @@ class SparseMask {
  private:
   void set_image(uint32_t image, const uint64_t* bits, uint32_t count);
   void set_full(uint32_t image);
+  // `other(image)`: the other mask's bitset in that image, or its empty / full marker.
+  template <class Other>
+  SparseMask combine_with(const Other& other, BinaryOp op) const;
 
   Grid grid_;
   std::vector<int32_t> slot_;
