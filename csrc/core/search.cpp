@@ -97,7 +97,7 @@ struct SearchContext {
 
 // Beam entry of a single concept.
 LiveEntry primitive_entry(const SearchContext& ctx, const SparseMask& unit, int32_t concept, double iou) {
-  SparseMask formula = SparseMask::from_set(ctx.concepts, concept);
+  SparseMask formula = SparseMask::view_of(ctx.concepts, concept);
   SparseMask inter = formula.combine(unit, BinaryOp::And);
   const std::size_t n = ctx.options.length > 1 ? ctx.concept_size.size() : 0;  // only steps use them
   std::vector<Interval> overlaps(n);
@@ -112,23 +112,32 @@ LiveEntry primitive_entry(const SearchContext& ctx, const SparseMask& unit, int3
 }
 
 // Beam entry parent op concept; the parent's overlap with that concept must be exact.
+// A final entry (last step) gets its counts only, without masks or intervals.
 LiveEntry extended_entry(const SearchContext& ctx, const LiveEntry& parent, const SparseMask& unit,
-                         const Candidate& cand) {
-  SparseMask formula = parent.formula.combine(ctx.concepts, cand.concept, cand.op);
-  SparseMask inter = formula.combine(unit, BinaryOp::And);
-  const std::size_t n = ctx.concept_size.size();
-  const int64_t z = parent.overlaps[cand.concept].lo, f = int64_t(parent.entry.size);
-  const int64_t cp = int64_t(ctx.concept_size[cand.concept]), f_new = int64_t(formula.total());
-  std::vector<Interval> overlaps(n);
-  for (std::size_t c = 0; c < n; ++c)
-    overlaps[c] = derive_overlap(cand.op, parent.overlaps[c], ctx.concept_overlap(cand.concept, c), z, f,
-                                 int64_t(ctx.concept_size[c]), cp, f_new);
-  LiveEntry live{parent.entry, std::move(formula), std::move(inter), std::move(overlaps)};
+                         const Candidate& cand, bool final) {
+  LiveEntry live{parent.entry, SparseMask(unit.grid()), SparseMask(unit.grid()), {}};
   live.entry.concepts.push_back(cand.concept);
   live.entry.ops.push_back(cand.op);
   live.entry.length += 1 + is_negated(cand.op);
   live.entry.score = cand.score;
-  fill_counts(live);
+  if (final) {
+    const CombinedCounts n = parent.formula.combined_counts(ctx.concepts, cand.concept, cand.op, unit);
+    live.entry.size = n.total;
+    live.entry.size_images = n.images;
+    live.entry.intersection = n.with_total;
+    live.entry.intersection_images = n.with_images;
+  } else {
+    live.formula = parent.formula.combine(ctx.concepts, cand.concept, cand.op);
+    live.intersection = live.formula.combine(unit, BinaryOp::And);
+    fill_counts(live);
+    const std::size_t n = ctx.concept_size.size();
+    const int64_t z = parent.overlaps[cand.concept].lo, f = int64_t(parent.entry.size);
+    const int64_t cp = int64_t(ctx.concept_size[cand.concept]), f_new = int64_t(live.entry.size);
+    live.overlaps.resize(n);
+    for (std::size_t c = 0; c < n; ++c)
+      live.overlaps[c] = derive_overlap(cand.op, parent.overlaps[c], ctx.concept_overlap(cand.concept, c), z, f,
+                                        int64_t(ctx.concept_size[c]), cp, f_new);
+  }
   live.entry.iou = iou_of(live.entry.intersection, live.entry.size, unit.total());
   return live;
 }
@@ -141,15 +150,16 @@ struct UnitSearch {
   std::vector<LiveEntry> beam;
 };
 
-// The new beams of a block from its units' top-k candidates.
-void advance_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, const std::vector<TopK>& next) {
+// The new beams of a block from its units' top-k candidates (`final`: of the last step).
+void advance_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, const std::vector<TopK>& next,
+                   bool final) {
   parallel_for(int64_t(block.size()), [&](int64_t b) {
     UnitSearch& s = *block[b];
     // Extensions first, while their parents are intact; then the kept entries move over.
     const std::vector<Candidate>& items = next[b].items();
     std::vector<std::optional<LiveEntry>> beam(items.size());
     for (std::size_t j = 0; j < items.size(); ++j)
-      if (items[j].concept >= 0) beam[j] = extended_entry(ctx, s.beam[items[j].parent], s.unit, items[j]);
+      if (items[j].concept >= 0) beam[j] = extended_entry(ctx, s.beam[items[j].parent], s.unit, items[j], final);
     for (std::size_t j = 0; j < items.size(); ++j)
       if (items[j].concept < 0) beam[j] = std::move(s.beam[items[j].parent]);
     s.beam.clear();
@@ -167,7 +177,7 @@ void advance_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, co
 // beam_size-th best score some candidate surely reaches (exact scores, lower ends): such
 // candidates cannot enter the beam. Offering candidates in any order gives the same top-k
 // (a strict total order on (score, order)), so the result is the brute-force one.
-void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block) {
+void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, bool final) {
   const SearchOptions& options = ctx.options;
   const std::size_t beam_size = std::size_t(options.beam_size);
   const std::size_t n_ops = options.ops.size();
@@ -175,17 +185,10 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block) {
   const int64_t nb = int64_t(block.size());
   const int64_t total = int64_t(ctx.total);
 
-  // Rows: F of every live entry, then F AND A of every live entry.
+  // Beam entries of the block, numbered unit by unit.
   std::vector<int64_t> first_row(static_cast<std::size_t>(nb) + 1, 0);
   for (int64_t b = 0; b < nb; ++b) first_row[b + 1] = first_row[b] + int64_t(block[b]->beam.size());
   const int64_t n_entries = first_row[nb];
-  std::vector<const SparseMask*> rows(std::size_t(2 * n_entries));
-  for (int64_t b = 0; b < nb; ++b)
-    for (std::size_t p = 0; p < block[b]->beam.size(); ++p) {
-      rows[first_row[b] + p] = &block[b]->beam[p].formula;
-      rows[n_entries + first_row[b] + p] = &block[b]->beam[p].intersection;
-    }
-  const PairCounter counter(rows, ctx.concepts, ctx.index);
 
   std::vector<TopK> next(static_cast<std::size_t>(nb), TopK(beam_size));
   std::vector<std::vector<std::vector<double>>> factor(static_cast<std::size_t>(nb));
@@ -255,23 +258,34 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block) {
       stage[b] = std::move(left);
     });
   };
-  // Counts rows (first_row offset `rows_from`: 0 for F, n_entries for F AND A) against
-  // the concepts of the pending pairs; returns false when no pair is pending.
-  const auto count = [&](Stage& stage, int64_t rows_from, auto&& take) {
-    PairSet selected(2 * n_entries, n_concepts);
-    bool any = false;
+  // Counts F (inside = false) or F AND A (inside = true) of the beam entries with pending
+  // pairs against those pairs' concepts, in one batched pass; hands each pair its count.
+  // Returns false when no pair is pending.
+  const auto count = [&](Stage& stage, bool inside, auto&& take) {
+    std::vector<int64_t> row_of(std::size_t(n_entries), -1);  // entry -> row of this pass
+    std::vector<const SparseMask*> rows;
     for (int64_t b = 0; b < nb; ++b)
       for (const Pending& x : stage[b]) {
-        selected.add(rows_from + first_row[b] + x.parent, x.concept);
-        any = true;
+        int64_t& row = row_of[std::size_t(first_row[b] + x.parent)];
+        if (row >= 0) continue;
+        row = int64_t(rows.size());
+        const LiveEntry& entry = block[b]->beam[x.parent];
+        rows.push_back(inside ? &entry.intersection : &entry.formula);
       }
-    if (!any) return false;
-    const BatchCounts counted = ctx.count(counter, &selected);
+    if (rows.empty()) return false;
+    PairSet selected(int64_t(rows.size()), n_concepts);
+    for (int64_t b = 0; b < nb; ++b)
+      for (const Pending& x : stage[b]) selected.add(row_of[std::size_t(first_row[b] + x.parent)], x.concept);
+    const BatchCounts counted = ctx.count(PairCounter(rows, ctx.concepts, ctx.index), &selected);
     for (int64_t b = 0; b < nb; ++b) {
-      for (std::size_t p = 0; p < block[b]->beam.size(); ++p)
-        block[b]->result.words += counted.words[rows_from + first_row[b] + p];
-      for (Pending& x : stage[b])
-        take(b, x, counted.counts[std::size_t(x.concept) * std::size_t(2 * n_entries) + rows_from + first_row[b] + x.parent]);
+      for (std::size_t p = 0; p < block[b]->beam.size(); ++p) {
+        const int64_t row = row_of[std::size_t(first_row[b]) + p];
+        if (row >= 0) block[b]->result.words += counted.words[std::size_t(row)];
+      }
+      for (Pending& x : stage[b]) {
+        const int64_t row = row_of[std::size_t(first_row[b] + x.parent)];
+        take(b, x, counted.counts[std::size_t(x.concept) * rows.size() + std::size_t(row)]);
+      }
     }
     return true;
   };
@@ -283,14 +297,14 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block) {
         if (ctx.concept_size[c] != 0) stage[b].push_back({p, c, kUnknown, 0});
   screen(stage, false);
   // Pass 1: |F AND C AND A|; pass 2: |F AND C|, from then on exact in the entry's intervals.
-  if (count(stage, n_entries, [](int64_t, Pending& x, uint64_t n) { x.fca = {int64_t(n), int64_t(n)}; })) {
+  if (count(stage, true, [](int64_t, Pending& x, uint64_t n) { x.fca = {int64_t(n), int64_t(n)}; })) {
     screen(stage, false);
     const auto exact = [&](int64_t b, Pending& x, uint64_t n) {
       block[b]->beam[x.parent].overlaps[x.concept] = {int64_t(n), int64_t(n)};
     };
-    if (count(stage, 0, exact)) screen(stage, true);
+    if (count(stage, false, exact)) screen(stage, true);
   }
-  advance_block(ctx, block, next);
+  advance_block(ctx, block, next, final);
 }
 
 void check_same_grid(const MaskSetView& units, const MaskSetView& concepts) {
@@ -322,7 +336,7 @@ std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin
   std::vector<UnitSearch> searches;
   searches.reserve(std::size_t(n));
   for (int64_t i = 0; i < n; ++i) searches.push_back({SparseMask(concepts.grid), {}, {}, {}});
-  parallel_for(n, [&](int64_t i) { searches[i].unit = SparseMask::from_set(units, unit_begin + i); });
+  parallel_for(n, [&](int64_t i) { searches[i].unit = SparseMask::view_of(units, unit_begin + i); });
 
   // Primitives: concepts present in the data with IoU > 0, by IoU then concept id.
   std::vector<const SparseMask*> unit_rows;
@@ -353,7 +367,8 @@ std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin
   std::vector<UnitSearch*> block;
   std::size_t block_bytes = 0;
   const auto run_block = [&] {
-    for (int step = 1; step < options.length && !block.empty(); ++step) expand_block(ctx, block);
+    for (int step = 1; step < options.length && !block.empty(); ++step)
+      expand_block(ctx, block, step == options.length - 1);
     for (UnitSearch* s : block) {
       for (LiveEntry& live : s->beam) s->result.beam.push_back(std::move(live.entry));
       s->beam.clear();
