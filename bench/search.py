@@ -562,7 +562,9 @@ def _numba(built, results, full, args, packed, report) -> dict:
     info: dict = {}
     report["numba"] = info
     if args.numba_units == 0 or packed is None:
-        info["skipped"] = "--numba-units 0" if packed is not None else "dense matrix too large"
+        info["skipped"] = (
+            "--numba-units 0" if args.numba_units == 0 else report["dense_matrix"]["skipped"]
+        )
         print(f"numba baseline: skipped ({info['skipped']})")
         return {}
     try:

@@ -182,12 +182,7 @@ class Synthetic:
     at_preferred = 0.7  # chance a random unit fires at its preferred object when present
 
     def __init__(self, spec: SizeSpec, seed: int = 0, n_planted: int | None = None) -> None:
-        if spec.n_concepts < 40:
-            raise ValueError("a synthetic probing set needs at least 40 concepts")
-        self.spec = spec
-        self.seed = seed
-        self.shape = (spec.height, spec.width)
-        rng = np.random.default_rng((seed, 1 << 40))
+        rng = self._start(spec, seed, 1 << 40)
         c = spec.n_concepts
         n_scenes = max(8, round(0.08 * c))
         n_textures = min(47, max(4, round(0.05 * c)))
@@ -245,6 +240,15 @@ class Synthetic:
         self.fire_p = np.exp(rng.uniform(np.log(0.02), np.log(0.1), n_random))
         self.blob_radius = np.sqrt(0.0035 / self.fire_p / np.pi)  # fraction of the side
         self.preferred = np.where(rng.random(n_random) < 0.5, rng.integers(0, pool, n_random), -1)
+
+    def _start(self, spec: SizeSpec, seed: int, stream: int) -> np.random.Generator:
+        """Check and keep the size and seed; the generator of the set-wide parameters."""
+        if spec.n_concepts < 40:
+            raise ValueError("a synthetic probing set needs at least 40 concepts")
+        self.spec = spec
+        self.seed = seed
+        self.shape = (spec.height, spec.width)
+        return np.random.default_rng((seed, stream))
 
     # -- vocabulary and formulas -------------------------------------------------------
     def planted_formula(self, unit: int) -> str:
@@ -439,12 +443,7 @@ class DenseSynthetic(Synthetic):
     warp_points = 5  # control points per side of the smooth warp of the Voronoi cells
 
     def __init__(self, spec: SizeSpec, seed: int = 0, n_planted: int | None = None) -> None:
-        if spec.n_concepts < 40:
-            raise ValueError("a synthetic probing set needs at least 40 concepts")
-        self.spec = spec
-        self.seed = seed
-        self.shape = (spec.height, spec.width)
-        rng = np.random.default_rng((seed, 1 << 41))
+        rng = self._start(spec, seed, 1 << 41)
         n_groups = len(DENSE_GROUPS)
         n_scenes = min(10, max(2, spec.n_concepts // 100))
         sizes = np.full(n_groups, (spec.n_concepts - n_scenes) // n_groups)
