@@ -167,7 +167,7 @@ py::dict run_formula_counts(const std::vector<int32_t>& program, const PyMaskSet
 void register_search(py::module_& m) {
   m.def("beam_search", &run_beam_search, py::arg("units"), py::arg("begin"), py::arg("end"), py::arg("concepts"),
         py::arg("length"), py::arg("beam_size"), py::arg("ops"), py::arg("penalty"),
-        py::arg("cooccurrence") = py::none(), py::arg("block_bytes") = std::size_t(512) << 20,
+        py::arg("cooccurrence") = py::none(), py::arg("block_bytes") = std::size_t(256) << 20,
         "Exact compositional beam search for units [begin, end); returns a dict of arrays.");
   m.def("concept_cooccurrence", &run_concept_cooccurrence, py::arg("concepts"),
         "|concept c AND concept d| for every pair: a symmetric (concepts, concepts) uint64 table.");
