@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.lib.stride_tricks import sliding_window_view
 
 from .errors import PyneuronError
 from .grid import pack_bits
@@ -44,9 +45,14 @@ def roll_masks(masks: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
     [[1, 2]]
     """
     k, h, w = masks.shape
-    rows = (np.arange(h)[None, :] - np.asarray(dy)[:, None]) % h
-    cols = (np.arange(w)[None, :] - np.asarray(dx)[:, None]) % w
-    return masks[np.arange(k)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    picks = np.arange(k)
+    # A roll is a window of the mask repeated twice: gather whole rows, then whole columns.
+    twice = np.concatenate([masks, masks], axis=1)
+    windows = sliding_window_view(twice, h, axis=1)  # (k, h + 1, w, h)
+    rolled = np.swapaxes(windows[picks, (h - np.asarray(dy)) % h], 1, 2)
+    twice = np.concatenate([rolled, rolled], axis=2)
+    windows = sliding_window_view(twice, w, axis=2)  # (k, h, w + 1, w)
+    return windows[picks, :, (w - np.asarray(dx)) % w]
 
 
 def control_units(
