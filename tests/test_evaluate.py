@@ -105,10 +105,18 @@ def test_take_rejects_bad_ids():
 # -- held-out scoring -----------------------------------------------------------------------
 
 
-def assert_metrics_equal(row: pd.Series, expected: dict[str, float], suffix: str) -> None:
-    for m in METRIC_COLUMNS:
-        value, truth = row[f"{m}{suffix}"], expected[m]
-        assert (np.isnan(value) and np.isnan(truth)) or value == pytest.approx(truth, abs=1e-12), m
+def assert_heldout_metrics(table: pd.DataFrame, store: pyneuron.ConceptStore, unit_mask) -> None:
+    """Every explained row's held-out metrics equal those of the formula's dense mask
+    against ``unit_mask(row)`` (a dense bool array over the held-out images)."""
+    explained = table.dropna(subset=["formula"]).to_dict("records")
+    assert explained, "no row has a formula: nothing would be checked"
+    for row in explained:
+        formula_mask = pyneuron.Formula.parse(row["formula"]).mask(store)
+        expected = oracle_metrics(formula_mask, unit_mask(row))
+        for m in METRIC_COLUMNS:
+            value, truth = row[f"{m}_heldout"], expected[m]
+            assert (np.isnan(value) and np.isnan(truth)) or value == pytest.approx(truth, abs=1e-12)
+        assert row["iou_drop"] == row["iou"] - row["iou_heldout"]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -120,17 +128,10 @@ def test_held_out_metrics_match_brute_force(seed):
     table = explain_split(masks, store, holdout=0.3, seed=seed, length=3, progress=False)
     fit, held = pyneuron.split_images(40, 0.3, seed)
     assert len(held) == 12 and not set(fit) & set(held)
-    held_store = store.take_images(held)
-    assert table["formula"].isna().any()  # the unit that never fires
-    for row in table.itertuples(index=False):
-        row = pd.Series(row._asdict())
-        if row["formula"] is None or pd.isna(row["formula"]):
-            assert row["iou_heldout"] == 0.0 and np.isnan(row["detection_accuracy_heldout"])
-            continue
-        formula_mask = pyneuron.Formula.parse(row["formula"]).mask(held_store)
-        expected = oracle_metrics(formula_mask, units[row["unit"]][held])
-        assert_metrics_equal(row, expected, "_heldout")
-        assert row["iou_drop"] == row["iou"] - row["iou_heldout"]
+    assert_heldout_metrics(table, store.take_images(held), lambda row: units[row["unit"]][held])
+    silent = table[table["formula"].isna()]
+    assert len(silent) and (silent["iou_heldout"] == 0).all()  # the unit that never fires
+    assert silent["detection_accuracy_heldout"].isna().all()
 
 
 def test_planted_unit_keeps_its_iou_on_held_out_images():
@@ -162,12 +163,7 @@ def test_dissect_holdout_sets_thresholds_on_the_explaining_images_only(world):
     held_masks = pyneuron.unit_masks_from_activations(
         acts[held], table["threshold"].to_numpy(), (16, 16), progress=False
     )
-    held_store = store.take_images(held)
-    for row in table.dropna(subset=["formula"]).itertuples(index=False):
-        row = pd.Series(row._asdict())
-        formula_mask = pyneuron.Formula.parse(row["formula"]).mask(held_store)
-        unit = held_masks.mask(row["unit"])
-        assert_metrics_equal(row, oracle_metrics(formula_mask, unit), "_heldout")
+    assert_heldout_metrics(table, store.take_images(held), lambda row: held_masks.mask(row["unit"]))
     red = table.loc[0]
     assert "red" in red["formula"] and red["iou_heldout"] > 0.5 and abs(red["iou_drop"]) < 0.15
 
@@ -179,18 +175,17 @@ def test_dissect_holdout_with_activation_ranges(world):
     )
     acts = pyneuron.capture(model, "1", images, progress=False)["1"]
     _, held = pyneuron.split_images(len(images), 0.3)
-    held_store = store.take_images(held)
     assert {"range", "lower", "upper", "iou_heldout"} <= set(table.columns)
-    for row in table.dropna(subset=["formula"]).itertuples(index=False):
-        row = pd.Series(row._asdict())
-        lower = np.full(3, np.inf)
-        upper = np.full(3, -np.inf)
+
+    def unit_mask(row: dict) -> np.ndarray:
+        lower, upper = np.full(3, np.inf), np.full(3, -np.inf)
         lower[row["unit"]], upper[row["unit"]] = row["lower"], row["upper"]
-        unit = pyneuron.unit_masks_from_activations(
+        masks = pyneuron.unit_masks_from_activations(
             acts[held], lower, (16, 16), upper=upper, progress=False
-        ).mask(row["unit"])
-        formula_mask = pyneuron.Formula.parse(row["formula"]).mask(held_store)
-        assert_metrics_equal(row, oracle_metrics(formula_mask, unit), "_heldout")
+        )
+        return masks.mask(row["unit"])
+
+    assert_heldout_metrics(table, store.take_images(held), unit_mask)
 
 
 def test_held_out_errors(world):
