@@ -3,7 +3,7 @@
 For each explained unit, its top images (highest peak activation among the images where
 its formula's mask is not empty) are shown to the model again with the formula's pixels
 replaced by a neutral fill, and with random regions of the same shape and area (the
-formula's mask rolled by random offsets) filled the same way. A faithful explanation
+formula's mask rolled by random non-zero offsets, wrapping around) filled the same way. A faithful explanation
 makes the first drop far larger than the second.
 """
 
@@ -103,7 +103,7 @@ def faithfulness(
     >>> out = pyneuron.faithfulness(model, "1", images, store, table, progress=False)
     >>> columns = ["activation_drop", "activation_drop_random", "faithfulness_images"]
     >>> [round(float(out.loc[0, c]), 2) for c in columns]  # the square vs random 3x3 patches
-    [1.0, 0.04, 6.0]
+    [1.0, 0.0, 6.0]
     """
     check_table(table, ("unit", "formula"))
     if "range" in table.columns:
@@ -145,10 +145,9 @@ def faithfulness(
             original = pixels.get(image)
             region = _resize_mask(grid_mask, original.shape[:2])
             h, w = region.shape
+            offsets = rng.integers(1, max(2, h * w), size=random_regions)  # never (0, 0)
             shifted = roll_masks(
-                np.repeat(region[None], random_regions, axis=0),
-                rng.integers(0, h, size=random_regions),
-                rng.integers(0, w, size=random_regions),
+                np.repeat(region[None], random_regions, axis=0), offsets // w, offsets % w
             )
             filler = _blur(original, blur_sigma) if fill_value is None else fill_value
             variants.append(original)
