@@ -3,8 +3,8 @@
 For each explained unit, its top images (highest peak activation among the images where
 its formula's mask is not empty) are shown to the model again with the formula's pixels
 replaced by a neutral fill, and with random regions of the same shape and area (the
-formula's mask rolled by random non-zero offsets, wrapping around) filled the same way. A faithful explanation
-makes the first drop far larger than the second.
+formula's mask rolled by random non-zero offsets, wrapping around) filled the same way.
+A faithful explanation makes the first drop far larger than the second.
 """
 
 from __future__ import annotations
