@@ -296,27 +296,28 @@ class ConceptStore(MaskSet):
         >>> store.sample("dog", 10)[0].tolist()
         [1, 3, 4]
         """
-        from .grid import unpack_bits
-        from .masks import FULL_SLOT
-
         m = self._resolve(name)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
             raise PyneuronError(f"k must be an integer >= 0, got {k!r}")
-        begin, end = int(self._offsets[m]), int(self._offsets[m + 1])
+        n_images = int(self._offsets[m + 1] - self._offsets[m])
         rng = np.random.default_rng(seed)
-        picked = begin + np.sort(
-            rng.choice(end - begin, size=min(int(k), end - begin), replace=False)
-        )
-        images = self._images[picked].astype(np.int64)
-        slots = self._slots[picked]
-        grid = self.grid
-        masks = np.zeros((picked.shape[0], grid.pixels), dtype=bool)
-        full = slots == FULL_SLOT
-        masks[full] = True
-        if (~full).any():
-            words = self._words.reshape(-1, grid.words_per_image)[slots[~full]]
-            masks[~full] = unpack_bits(words, grid.pixels)
-        return images, masks.reshape(-1, grid.height, grid.width)
+        picked = np.sort(rng.choice(n_images, size=min(int(k), n_images), replace=False))
+        return self._entries(m, picked)
+
+    def take_images(self, images: Sequence[int] | np.ndarray) -> ConceptStore:
+        """The store restricted to some images, renumbered 0, 1, ... in the order given.
+
+        Used to split a probing set (explain on one part, score on the other); the
+        containers are copied, never decoded.
+
+        Examples
+        --------
+        >>> masks = np.zeros((1, 4, 2, 2), dtype=bool); masks[0, [1, 3]] = True
+        >>> ConceptStore.from_masks(masks, ["dog"]).take_images([3, 0]).images_with("dog")
+        array([0])
+        """
+        grid, index, words = self._subset(images=images)
+        return ConceptStore(grid, index, words, self._names, self._categories, self._metadata)
 
     def __repr__(self) -> str:
         where = f", path={str(self.path)!r}" if self.path else ""

@@ -15,6 +15,9 @@ MODULES = [
     "pyneuron.units",
     "pyneuron.search",
     "pyneuron.formula",
+    "pyneuron.evaluate",
+    "pyneuron.null",
+    "pyneuron.faithfulness",
 ]
 
 
