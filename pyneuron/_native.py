@@ -18,6 +18,7 @@ except ImportError as error:  # pragma: no cover - only when the build is missin
 NativeMaskSet = _core.MaskSet
 beam_search = _core.beam_search
 intersection_counts = _core.intersection_counts
+category_unit_pixels = _core.category_unit_pixels
 evaluate_words = _core.evaluate_words
 formula_counts = _core.formula_counts
 bilinear_resize = _core.bilinear_resize

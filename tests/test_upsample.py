@@ -62,7 +62,10 @@ def test_resize_matches_pillow_on_random_shrinking_and_enlarging_shapes():
         for k in range(2):
             expected = pillow_resize(maps[k], height, width)
             assert ours[k].view(np.uint32).tolist() == expected.view(np.uint32).tolist(), (
-                h, w, height, width
+                h,
+                w,
+                height,
+                width,
             )
         kinds.add((np.sign(height - h), np.sign(width - w), vertical_first))
         checked += 1
