@@ -57,6 +57,7 @@ def dissect_run(
     length: int = 3,
     beam_size: int = 5,
     operators: Sequence[str] = ("OR", "AND", "AND NOT"),
+    iou: str = "dataset",
     batch_size: int = 32,
     transform: Callable[..., Any] | None = None,
     config: Mapping[str, Any] | None = None,
@@ -73,7 +74,8 @@ def dissect_run(
     it (or with ``report=False``) no report is written; ``save_store`` copies the concept
     store into the run (for stores built from a Broden folder or by segmentation). The
     directory appears only when everything succeeded; an existing one is kept unless
-    ``overwrite``.
+    ``overwrite``. ``iou="netdissect"`` (with ``length=1``) ranks concepts by
+    NetDissect-Lite's category-restricted IoU (``explain(..., mode=...)``).
     Returns the summary.
     """
     out = Path(out)
@@ -96,6 +98,7 @@ def dissect_run(
             length=length,
             beam_size=beam_size,
             operators=operators,
+            mode=iou,
             full_beam=True,
             progress=progress,
         )
@@ -124,6 +127,7 @@ def dissect_run(
             "beam_size": beam_size,
             "operators": list(operators),
             "quantile": quantile,
+            "iou": iou,
         },
         "timings_seconds": timings,
         **(extra_summary or {}),
@@ -148,6 +152,7 @@ def dissect_run(
                 top_images=tops,
                 beam=beam_table,
                 progress=progress,
+                iou=iou,
             )
             timings["report"] = time.perf_counter() - t0
             summary["report"] = str(out / "report" / "index.html")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PyneuronError
 from ..formula import Concept, Formula, Not, _Binary
+from ..netdissect import check_mode
 from ..store import ConceptStore
 from ..units import UnitMasks
 from .images import (
@@ -68,6 +69,23 @@ _COLUMNS: dict[str, tuple[str, str]] = {
     "lower": ("lower", "lower end of the activation range"),
     "upper": ("upper", "upper end of the activation range"),
 }
+_NETDISSECT_IOU = (
+    "NetDissect-Lite's IoU: the unit's pixels count only in images where the concept's "
+    "category meets the unit"
+)
+
+
+def _column_help(iou: str) -> dict[str, tuple[str, str]]:
+    """Column headers and tooltips for results computed with IoU mode ``iou``."""
+    if iou == "dataset":
+        return _COLUMNS
+    return {
+        **_COLUMNS,
+        "iou": ("IoU", _NETDISSECT_IOU),
+        "primitive_iou": ("primitive IoU", _NETDISSECT_IOU),
+    }
+
+
 _INDEX_COLUMNS = (
     "iou",
     "detection_accuracy",
@@ -116,6 +134,7 @@ def write_report(
     overwrite: bool = False,
     thumbnail_size: int = THUMBNAIL_SIZE,
     descriptions: pd.DataFrame | None = None,
+    iou: str = "dataset",
 ) -> Path:
     """Write a static HTML report of explained units.
 
@@ -179,6 +198,9 @@ def write_report(
         Optional label-free descriptions (``pyneuron describe`` results: ``layer``,
         ``unit``, ``method``, ``label``, ``score``), shown on unit pages with their
         agreement with the formula (:func:`pyneuron.describe.agreement`).
+    iou
+        How the results' IoU was computed (``explain(..., mode=...)``): ``"dataset"``
+        or ``"netdissect"``; only the column's explanation changes.
 
     Returns
     -------
@@ -221,6 +243,7 @@ def write_report(
     try:
         renderer = _Renderer(plan, staging, images, title, progress, thumbnail_size)
         renderer.descriptions = _group_descriptions(descriptions)
+        renderer.columns = _column_help(check_mode(iou))
         renderer.render()
         _commit(staging, out)
     finally:
@@ -584,6 +607,7 @@ class _Renderer:
         self.root = root
         self.images = images
         self.descriptions: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        self.columns = _COLUMNS
         self.title = str(title)
         self.progress = progress
         grid = plan.store.grid
@@ -678,7 +702,7 @@ class _Renderer:
         root = "../../"
         plan = self.plan
         metrics = [
-            (_COLUMNS[c][0], _COLUMNS[c][1], _format(row.values[c])[0])
+            (self.columns[c][0], self.columns[c][1], _format(row.values[c])[0])
             for c in _UNIT_METRICS
             if c in row.values
         ]
@@ -687,7 +711,7 @@ class _Renderer:
             entries = plan.beam.get((row.layer, row.unit, row.range), [])
             columns = [c for c in _BEAM_COLUMNS if entries and c in entries[0]]
             beam = {
-                "columns": [(_COLUMNS[c][0], _COLUMNS[c][1]) for c in columns],
+                "columns": [(self.columns[c][0], self.columns[c][1]) for c in columns],
                 "rows": [
                     {
                         "rank": entry["rank"],
@@ -843,7 +867,7 @@ class _Renderer:
                     "histogram": histogram,
                     "facts": facts,
                     "note": note,
-                    "columns": [(_COLUMNS[c][0], _COLUMNS[c][1]) for c in columns],
+                    "columns": [(self.columns[c][0], self.columns[c][1]) for c in columns],
                     "rows": [
                         dict(
                             self._row_link(r, ""),
