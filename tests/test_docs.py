@@ -15,6 +15,8 @@ MODULES = [
     "pyneuron.units",
     "pyneuron.search",
     "pyneuron.formula",
+    "pyneuron.netdissect",
+    "pyneuron.compexp_quantiles",
 ]
 
 
