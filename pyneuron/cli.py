@@ -433,6 +433,13 @@ def describe(
     similarity: Annotated[
         str, typer.Option(help="CLIP-Dissect similarity: soft_wpmi, cos, cos3 or rank_reorder.")
     ] = "soft_wpmi",
+    ties: Annotated[
+        str,
+        typer.Option(
+            help="CLIP-Dissect's order of tied activations: lowest (image id) or torch "
+            "(torch.topk, to reproduce published labels)."
+        ),
+    ] = "lowest",
     top_k: Annotated[int | None, typer.Option(help="Top images per unit.")] = None,
     weights: Annotated[Path | None, typer.Option(help="State-dict file for the model.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
@@ -461,6 +468,7 @@ def describe(
         not quiet,
         weights=weights,
         similarity=similarity,
+        ties=ties,
     )
     typer.echo(f"descriptions written to {path}")
 

@@ -743,10 +743,13 @@ def test_describe_command_writes_a_run(method, command_inputs, clip_dir, blip_di
     with pytest.raises(FileExistsError):
         describe_command(**args)
     if method == "clip-dissect":
-        describe_command(**{**args, "overwrite": True, "top_k": None}, similarity="cos")
+        describe_command(
+            **{**args, "overwrite": True, "top_k": None}, similarity="cos", ties="torch"
+        )
         again = pd.read_parquet(out / "results.parquet")
         assert again["similarity"].eq("cos").all()
-        assert json.loads((out / "summary.json").read_text())["top_k"] == 100
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["top_k"] == 100 and summary["ties"] == "torch"
 
 
 def test_describe_command_bad_input(command_inputs, clip_dir, tmp_path):
@@ -765,6 +768,8 @@ def test_describe_command_bad_input(command_inputs, clip_dir, tmp_path):
         describe_command(**{**args, "method": "dnd"})
     with pytest.raises(error, match="needs a concept list"):
         describe_command(**{**args, "concepts": None})
+    with pytest.raises(error, match="unknown ties rule"):
+        describe_command(**args, ties="stable")
     assert not (tmp_path / "run").exists()
 
 
