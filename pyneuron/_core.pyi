@@ -45,6 +45,14 @@ def concept_cooccurrence(concepts: MaskSet) -> npt.NDArray[np.uint64]: ...
 def intersection_counts(
     units: MaskSet, begin: int, end: int, concepts: MaskSet
 ) -> npt.NDArray[np.int64]: ...
+def category_unit_pixels(
+    units: MaskSet,
+    begin: int,
+    end: int,
+    concepts: MaskSet,
+    category: npt.NDArray[np.int32],
+    n_categories: int,
+) -> npt.NDArray[np.int64]: ...
 def evaluate_words(program: list[int], concepts: MaskSet) -> npt.NDArray[np.uint64]: ...
 def formula_counts(
     program: list[int], concepts: MaskSet, units: MaskSet

@@ -19,6 +19,7 @@ NativeMaskSet = _core.MaskSet
 beam_search = _core.beam_search
 concept_cooccurrence = _core.concept_cooccurrence
 intersection_counts = _core.intersection_counts
+category_unit_pixels = _core.category_unit_pixels
 evaluate_words = _core.evaluate_words
 formula_counts = _core.formula_counts
 bilinear_resize = _core.bilinear_resize

@@ -71,6 +71,14 @@ OverwriteOption = Annotated[
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 LengthOption = Annotated[int, typer.Option(help="Maximum concepts per formula (1: NetDissect).")]
+IouOption = Annotated[
+    str,
+    typer.Option(
+        "--iou",
+        help="IoU: 'dataset' (over all pixels, compexp) or 'netdissect' (NetDissect-Lite's "
+        "category-restricted IoU; needs --length 1).",
+    ),
+]
 BeamOption = Annotated[int, typer.Option("--beam", help="Beam size.")]
 OperatorsOption = Annotated[
     str, typer.Option(help="Comma-separated operators: OR, AND, AND NOT, OR NOT.")
@@ -202,6 +210,7 @@ def dissect(
     length: LengthOption = 3,
     beam: BeamOption = 5,
     operators: OperatorsOption = "OR,AND,AND NOT",
+    iou: IouOption = "dataset",
     quantile: Annotated[float, typer.Option(help="Top activation quantile per unit.")] = 0.005,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     overwrite: OverwriteOption = False,
@@ -237,6 +246,7 @@ def dissect(
         length=length,
         beam_size=beam,
         operators=_operators(operators),
+        iou=iou,
         batch_size=batch_size,
         transform=processor or image_transform(image_size),
         config={
@@ -253,6 +263,7 @@ def dissect(
             "length": length,
             "beam": beam,
             "operators": operators,
+            "iou": iou,
             "quantile": quantile,
             "batch_size": batch_size,
             "image_files": [str(f) for f in files],
@@ -280,6 +291,7 @@ def explain(
     length: LengthOption = 3,
     beam: BeamOption = 5,
     operators: OperatorsOption = "OR,AND,AND NOT",
+    iou: IouOption = "dataset",
     overwrite: OverwriteOption = False,
     quiet: QuietOption = False,
     config: ConfigOption = None,
@@ -300,6 +312,7 @@ def explain(
         length=length,
         beam_size=beam,
         operators=_operators(operators),
+        mode=iou,
         full_beam=True,
         progress=not quiet,
     )
@@ -310,6 +323,7 @@ def explain(
         "length": length,
         "beam": beam,
         "operators": operators,
+        "iou": iou,
     }
     write_run(
         out,
@@ -432,6 +446,13 @@ def describe(
     similarity: Annotated[
         str, typer.Option(help="CLIP-Dissect similarity: soft_wpmi, cos, cos3 or rank_reorder.")
     ] = "soft_wpmi",
+    ties: Annotated[
+        str,
+        typer.Option(
+            help="CLIP-Dissect's order of tied activations: lowest (image id) or torch "
+            "(torch.topk, to reproduce published labels)."
+        ),
+    ] = "lowest",
     top_k: Annotated[int | None, typer.Option(help="Top images per unit.")] = None,
     weights: Annotated[Path | None, typer.Option(help="State-dict file for the model.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
@@ -460,6 +481,7 @@ def describe(
         not quiet,
         weights=weights,
         similarity=similarity,
+        ties=ties,
     )
     typer.echo(f"descriptions written to {path}")
 

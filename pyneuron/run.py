@@ -58,6 +58,7 @@ def dissect_run(
     length: int = 3,
     beam_size: int = 5,
     operators: Sequence[str] = ("OR", "AND", "AND NOT"),
+    iou: str = "dataset",
     batch_size: int = 32,
     transform: Callable[..., Any] | None = None,
     config: Mapping[str, Any] | None = None,
@@ -74,7 +75,8 @@ def dissect_run(
     it (or with ``report=False``) no report is written; ``save_store`` copies the concept
     store into the run (for stores built from a Broden folder or by segmentation). The
     directory appears only when everything succeeded; an existing one is kept unless
-    ``overwrite``.
+    ``overwrite``. ``iou="netdissect"`` (with ``length=1``) ranks concepts by
+    NetDissect-Lite's category-restricted IoU (``explain(..., mode=...)``).
     Returns the summary.
     """
     out = Path(out)
@@ -97,6 +99,7 @@ def dissect_run(
             length=length,
             beam_size=beam_size,
             operators=operators,
+            mode=iou,
             full_beam=True,
             progress=progress,
         )
@@ -125,6 +128,7 @@ def dissect_run(
             "beam_size": beam_size,
             "operators": list(operators),
             "quantile": quantile,
+            "iou": iou,
         },
         "timings_seconds": timings,
         **(extra_summary or {}),
@@ -149,6 +153,7 @@ def dissect_run(
                 top_images=tops,
                 beam=beam_table,
                 progress=progress,
+                iou=iou,
             )
             timings["report"] = time.perf_counter() - t0
             summary["report"] = str(out / "report" / "index.html")
@@ -252,6 +257,7 @@ def write_run_report(
             descriptions=descriptions,
             null=pd.read_parquet(null_path) if null_path.exists() else None,
             progress=progress,
+            iou=settings.get("iou", "dataset"),
         )
         if descriptions is not None:
             compare(results, descriptions).to_csv(staging / "comparison.csv", index=False)

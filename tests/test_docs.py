@@ -18,6 +18,8 @@ MODULES = [
     "pyneuron.evaluate",
     "pyneuron.null",
     "pyneuron.faithfulness",
+    "pyneuron.netdissect",
+    "pyneuron.compexp_quantiles",
 ]
 
 

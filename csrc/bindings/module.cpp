@@ -20,6 +20,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("num_threads", &num_threads, "Worker threads used by the engine.");
   m.def("set_num_threads", &set_num_threads, py::arg("n"), "Set the number of worker threads.");
   register_masks(m);
+  register_netdissect(m);
   register_search(m);
   register_upsample(m);
 }

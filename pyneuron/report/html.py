@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PyneuronError
 from ..formula import Concept, Formula, Not, _Binary
+from ..netdissect import check_mode
 from ..store import ConceptStore
 from ..units import UnitMasks
 from .images import (
@@ -98,6 +99,24 @@ _EVALUATION_COLUMNS = (
     "activation_drop",
     "activation_drop_random",
 )
+
+_NETDISSECT_IOU = (
+    "NetDissect-Lite's IoU: the unit's pixels count only in images where the concept's "
+    "category meets the unit"
+)
+
+
+def _column_help(iou: str) -> dict[str, tuple[str, str]]:
+    """Column headers and tooltips for results computed with IoU mode ``iou``."""
+    if iou == "dataset":
+        return _COLUMNS
+    return {
+        **_COLUMNS,
+        "iou": ("IoU", _NETDISSECT_IOU),
+        "primitive_iou": ("primitive IoU", _NETDISSECT_IOU),
+    }
+
+
 _INDEX_COLUMNS = (
     "iou",
     "detection_accuracy",
@@ -150,6 +169,7 @@ def write_report(
     thumbnail_size: int = THUMBNAIL_SIZE,
     descriptions: pd.DataFrame | None = None,
     null: pd.DataFrame | None = None,
+    iou: str = "dataset",
 ) -> Path:
     """Write a static HTML report of explained units.
 
@@ -218,6 +238,9 @@ def write_report(
         ``layer`` column): each layer gets a plot of its units' IoU against the controls'.
         Held-out columns (``iou_heldout``) add a held-out vs in-sample scatter, and rows
         with ``above_null`` false are marked.
+    iou
+        How the results' IoU was computed (``explain(..., mode=...)``): ``"dataset"``
+        or ``"netdissect"``; only the column's explanation changes.
 
     Returns
     -------
@@ -261,6 +284,7 @@ def write_report(
         renderer = _Renderer(plan, staging, images, title, progress, thumbnail_size)
         renderer.descriptions = _group_descriptions(descriptions)
         renderer.null = _group_null(null)
+        renderer.columns = _column_help(check_mode(iou))
         renderer.render()
         _commit(staging, out)
     finally:
@@ -639,6 +663,7 @@ class _Renderer:
         self.images = images
         self.descriptions: dict[tuple[str, int], list[dict[str, Any]]] = {}
         self.null: dict[str | None, np.ndarray] = {}
+        self.columns = _COLUMNS
         self.title = str(title)
         self.progress = progress
         grid = plan.store.grid
@@ -733,7 +758,7 @@ class _Renderer:
         root = "../../"
         plan = self.plan
         metrics = [
-            (_COLUMNS[c][0], _COLUMNS[c][1], _format(row.values[c])[0])
+            (self.columns[c][0], self.columns[c][1], _format(row.values[c])[0])
             for c in _UNIT_METRICS
             if c in row.values
         ]
@@ -742,7 +767,7 @@ class _Renderer:
             entries = plan.beam.get((row.layer, row.unit, row.range), [])
             columns = [c for c in _BEAM_COLUMNS if entries and c in entries[0]]
             beam = {
-                "columns": [(_COLUMNS[c][0], _COLUMNS[c][1]) for c in columns],
+                "columns": [(self.columns[c][0], self.columns[c][1]) for c in columns],
                 "rows": [
                     {
                         "rank": entry["rank"],
@@ -936,7 +961,7 @@ class _Renderer:
                     "plots": plots,
                     "facts": facts,
                     "note": note,
-                    "columns": [(_COLUMNS[c][0], _COLUMNS[c][1]) for c in columns],
+                    "columns": [(self.columns[c][0], self.columns[c][1]) for c in columns],
                     "rows": [
                         dict(
                             self._row_link(r, ""),
