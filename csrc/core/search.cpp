@@ -381,7 +381,9 @@ std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin
   for (UnitSearch& s : searches) {
     if (s.beam.empty()) continue;
     std::size_t bytes = 0;
-    for (const LiveEntry& live : s.beam) bytes += 2 * (live.formula.nbytes() + live.intersection.nbytes());
+    // The next beam's formulas take about as much as these (single concepts are read in
+    // place, their extensions are built), both sit in memory during a step.
+    for (const LiveEntry& live : s.beam) bytes += 2 * (live.formula.bitset_bytes() + live.intersection.bitset_bytes());
     if (!block.empty() && block_bytes + bytes > options.block_bytes) run_block();
     block.push_back(&s);
     block_bytes += bytes;

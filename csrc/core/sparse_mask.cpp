@@ -28,6 +28,7 @@ void SparseMask::set_image(uint32_t image, const uint64_t* bits, uint32_t count)
   count_[image] = count;
   total_ += count;
   ++nonempty_images_;
+  ++bitsets_;
 }
 
 SparseMask SparseMask::from_set(const MaskSetView& set, int64_t m) {
@@ -55,6 +56,7 @@ SparseMask SparseMask::view_of(const MaskSetView& set, int64_t m) {
       mask.count_[image] = static_cast<uint32_t>(set.counts[e]);
       mask.total_ += mask.count_[image];
       ++mask.nonempty_images_;
+      ++mask.bitsets_;
     }
   }
   return mask;
