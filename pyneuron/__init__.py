@@ -19,13 +19,14 @@ from .dissect import dissect
 from .errors import (
     EmptyStoreError,
     GridMismatchError,
+    OutOfRangeError,
     PyneuronError,
     StoreError,
     UnknownConceptError,
 )
 from .formula import And, Concept, Formula, Not, Or
 from .grid import Grid
-from .search import OPERATORS, explain, iou_table, score
+from .search import MAX_BEAM_SIZE, MAX_LENGTH, OPERATORS, explain, iou_table, score
 from .store import ConceptStore, ConceptStoreWriter
 from .thresholds import activation_ranges, compexp_level, quantile_thresholds, user_thresholds
 from .units import UnitMasks, UnitMasksWriter
@@ -34,6 +35,8 @@ from .upsample import bilinear_resize, unit_masks_from_activations
 __version__ = "0.1.0"
 
 __all__ = [
+    "MAX_BEAM_SIZE",
+    "MAX_LENGTH",
     "OPERATORS",
     "And",
     "Concept",
@@ -46,6 +49,7 @@ __all__ = [
     "LayerFormat",
     "Not",
     "Or",
+    "OutOfRangeError",
     "PyneuronError",
     "StoreError",
     "UnitMasks",

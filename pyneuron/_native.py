@@ -21,6 +21,9 @@ intersection_counts = _core.intersection_counts
 evaluate_words = _core.evaluate_words
 formula_counts = _core.formula_counts
 bilinear_resize = _core.bilinear_resize
+#: Largest ``length`` and ``beam_size`` the beam search accepts.
+MAX_LENGTH: int = _core.max_length
+MAX_BEAM_SIZE: int = _core.max_beam_size
 upsample_threshold = _core.upsample_threshold
 
 

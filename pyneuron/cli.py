@@ -349,26 +349,20 @@ def report(
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """(Re)write the HTML report of a run directory (into RUN/report)."""
+    """(Re)write the HTML report of a run directory (into RUN/report, replaced atomically)."""
     import shutil
 
     import pandas as pd
 
-    from .activations import list_images
+    from .atomic import commit_directory, temporary_sibling
     from .describe import compare
     from .report import write_report
     from .results import read_results
     from .run import layer_dir_name, load_top_images
-    from .storage import temporary_sibling
-    from .store import ConceptStore
     from .units import UnitMasks
 
     results = read_results(run)
-    settings = tomllib.loads((run / "config.toml").read_text())
-    store = ConceptStore.open(
-        run / "concepts" if (run / "concepts").is_dir() else settings["concepts"]
-    )
-    files = [Path(f) for f in settings["image_files"]] if images is None else list_images(images)
+    store, image_source = _report_sources(run, images)
     tops = load_top_images(run)
     layers = list(dict.fromkeys(results["layer"]))
     masks = {layer: UnitMasks.open(run / "units" / layer_dir_name(layer)) for layer in layers}
@@ -383,7 +377,7 @@ def report(
             results,
             store,
             unit_masks=masks,
-            images=_image_reader(files, store),
+            images=image_source,
             top_images={layer: tops[layer_dir_name(layer)] for layer in layers},
             beam=pd.read_parquet(beam_path) if beam_path.exists() else None,
             descriptions=descriptions,
@@ -391,12 +385,42 @@ def report(
         )
         if descriptions is not None:
             compare(results, descriptions).to_csv(staging / "comparison.csv", index=False)
-        shutil.rmtree(run / "report", ignore_errors=True)
-        staging.rename(run / "report")
+        commit_directory(staging, run / "report", overwrite=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     typer.echo(f"report: {(run / 'report' / 'index.html').resolve()}")
+
+
+def _report_sources(run: Path, images: Path | None) -> tuple[Any, Callable[[int], Any]]:
+    """The concept store and the image reader of a run: its saved or referenced store and
+    image files, or for a demo run the synthetic data, regenerated from its seed."""
+    from .activations import list_images
+    from .errors import PyneuronError
+    from .store import ConceptStore
+
+    config = run / "config.toml"
+    if not config.is_file():
+        raise PyneuronError(f"{run} is not a run directory ({config.name} is missing)")
+    settings = tomllib.loads(config.read_text())
+    if "demo" in settings and images is None:
+        from .demo import DemoConfig, make_data
+
+        data = make_data(DemoConfig(**settings["demo"]), progress=False)
+        return data.store, lambda i: data.images[i]
+    if (run / "concepts").is_dir():
+        store = ConceptStore.open(run / "concepts")
+    elif "concepts" in settings:
+        store = ConceptStore.open(settings["concepts"])
+    else:
+        raise PyneuronError(f"{run} names no concept store in {config.name}")
+    if images is not None:
+        files = list_images(images)
+    elif "image_files" in settings:
+        files = [Path(f) for f in settings["image_files"]]
+    else:
+        raise PyneuronError(f"{run} lists no probing images; pass --images FOLDER")
+    return store, _image_reader(files, store)
 
 
 @app.command()
