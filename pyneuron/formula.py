@@ -240,7 +240,8 @@ class _Parser:
     def error(self, what: str, position: int | None = None) -> PyneuronError:
         if position is None:
             position = self.tokens[self.i][2] if self.i < len(self.tokens) else len(self.text)
-        return PyneuronError(f"cannot parse formula {self.text!r}: {what} at position {position}")
+        text = self.text if len(self.text) <= 80 else self.text[:77] + "..."
+        return PyneuronError(f"cannot parse formula {text!r}: {what} at position {position}")
 
     def peek(self) -> str | None:
         return self.tokens[self.i][0] if self.i < len(self.tokens) else None

@@ -30,7 +30,12 @@ def pair():
         (dict(penalty=0.0), "penalty"),
         (dict(penalty=float("nan")), "penalty"),
         (dict(batch_size=0), "batch_size"),
-        (dict(beam_size=10**12), "below 2\\*\\*31"),
+        (dict(beam_size=10**12), "beam_size must be at most 1024"),
+        (dict(beam_size=2**31 - 1), "beam_size must be at most 1024"),
+        (dict(length=2**31 - 1), "length must be at most 32"),
+        (dict(penalty=1e308), "is inf: every score would be equal"),
+        (dict(penalty=1e-200), "is 0: every score would be equal"),
+        (dict(penalty=True), "penalty"),
     ],
 )
 def test_bad_search_options(pair, options, message):
@@ -79,8 +84,27 @@ def test_unknown_concept_in_formula(pair):
     with pytest.raises(pyneuron.UnknownConceptError, match="did you mean 'sky'") as caught:
         pyneuron.score("skye OR dog", units, store)
     assert isinstance(caught.value, KeyError) and isinstance(caught.value, pyneuron.PyneuronError)
-    with pytest.raises(pyneuron.PyneuronError, match="nested too deeply"):
-        pyneuron.score("sky" + " OR dog" * 3000, units, store)
+
+
+
+def test_deep_formulas_are_scored_and_printed_without_recursion(pair):
+    # 400 and 3000 nested ORs: printing and compiling are iterative, so they work and
+    # give the result of the shallow equivalent.
+    units, store = pair
+    shallow = pyneuron.score("sky OR dog", units, store)
+    for text in [" OR ".join(["sky"] * 400) + " OR dog", "sky" + " OR dog" * 3000]:
+        deep = pyneuron.score(text, units, store)
+        assert deep["formula"][0].startswith("(" * 399)
+        assert deep["iou"].tolist() == shallow["iou"].tolist()
+    formula = pyneuron.Formula.parse("sky" + " AND NOT dog" * 2000)
+    assert formula.length == 4001 and formula.concepts() == ["sky", "dog"]
+    assert repr(formula).startswith("Formula.parse('((((")
+    shorter = pyneuron.Formula.parse("sky" + " AND NOT dog" * 200)
+    assert pyneuron.Formula.parse(str(shorter)) == shorter
+    # Parentheses are parsed recursively: thousands of levels give a short, clear error.
+    with pytest.raises(pyneuron.PyneuronError, match=r"'\(\(\(.*\.\.\.': formula nested too") as caught:
+        pyneuron.Formula.parse("(" * 5000 + "sky" + ")" * 5000)
+    assert len(str(caught.value)) < 200
 
 
 def test_threads_and_simd_settings():

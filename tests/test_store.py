@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 from oracle import random_case
+from store_fuzz import read_manifest, refresh, write_manifest
 
 import pyneuron
 from pyneuron import storage
@@ -229,17 +230,15 @@ def test_consistent_but_invalid_index_is_rejected_not_crashing(saved):
     slots = np.fromfile(saved / "slots.bin", dtype="<i8")
     slots[-1] = 10**9
     slots.tofile(saved / "slots.bin")
-    manifest = json.loads((saved / "manifest.json").read_text())
-    manifest["files"]["slots.bin"]["crc32"] = storage.crc32_of_file(saved / "slots.bin")
-    (saved / "manifest.json").write_text(json.dumps(manifest))
+    refresh(saved, "slots.bin")
     with pytest.raises(pyneuron.StoreError, match="slot out of range"):
         pyneuron.ConceptStore.open(saved)
 
 
 def test_future_version_and_foreign_directories(saved, tmp_path):
-    manifest = json.loads((saved / "manifest.json").read_text())
+    manifest = read_manifest(saved)
     manifest["version"] = storage.FORMAT_VERSION + 1
-    (saved / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(saved, manifest)
     with pytest.raises(pyneuron.StoreError, match="newer pyneuron"):
         pyneuron.ConceptStore.open(saved)
     (saved / "manifest.json").write_text("{not json")
