@@ -49,10 +49,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 def write_manifest(path: Path, manifest: dict[str, Any], checksum: bool = True) -> None:
     """Write a manifest, with a matching manifest checksum if ``checksum``."""
-    if checksum:
-        manifest["manifest_crc32"] = storage.manifest_crc32(manifest)
-    text = json.dumps(manifest).replace('"RAW_BIG"', "1e400")
-    (path / storage.MANIFEST_FILE).write_text(text)
+    def text() -> str:
+        return json.dumps(manifest).replace('"RAW_BIG"', "1e400")
+
+    if checksum:  # of the manifest as the loader will parse it
+        manifest["manifest_crc32"] = storage.manifest_crc32(json.loads(text()))
+    (path / storage.MANIFEST_FILE).write_text(text())
 
 
 def refresh(path: Path, name: str, checksum: bool = True) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -113,3 +116,33 @@ def test_threads_and_simd_settings():
     with pytest.raises(ValueError, match="not available"):
         pyneuron.set_simd_level("avx9000")
     assert pyneuron.simd_level() in pyneuron.available_simd_levels()
+
+
+THREADS_REFUSED = """
+import resource, sys
+import numpy as np, pyneuron
+rng = np.random.default_rng(0)
+concepts = rng.random((5, 4, 4, 4)) < 0.4
+units = rng.random((600, 4, 4, 4)) < 0.4
+store = pyneuron.ConceptStore.from_masks(concepts, list("abcde"))
+masks = pyneuron.UnitMasks.from_masks(units)
+pyneuron.set_num_threads(1)
+expected = pyneuron.iou_table(masks, store, progress=False)
+size = next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]
+# Room for the work but not for 400 thread stacks (8 MiB each).
+limit = int(size) * 1024 + 200 * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+pyneuron.set_num_threads(400)
+table = pyneuron.iou_table(masks, store, progress=False)
+print("same" if np.array_equal(table, expected) else "different")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and RLIMIT_AS")
+def test_engine_runs_on_fewer_threads_when_the_system_refuses_more():
+    # Before: std::thread threw inside parallel_for and the process aborted (SIGABRT).
+    done = subprocess.run(
+        [sys.executable, "-c", THREADS_REFUSED], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "same"
