@@ -91,9 +91,7 @@ class Formula:
             right = right[1:-1] if isinstance(node.right, Not) else right
             return f"({left} {node.keyword} {right})"
 
-        return _fold(
-            self, lambda leaf: quote_name(leaf.name), lambda node, s: f"(NOT {s})", binary
-        )
+        return _fold(self, lambda leaf: quote_name(leaf.name), lambda node, s: f"(NOT {s})", binary)
 
     def __and__(self, other: Formula) -> Formula:
         return And(self, _formula(other))

@@ -52,8 +52,7 @@ class Grid:
             object.__setattr__(self, field, int(value))
         if self.n_images > MAX_IMAGES:
             raise PyneuronError(
-                f"a grid holds at most 2**31 - 1 images, got {self.n_images}; split the "
-                "probing set"
+                f"a grid holds at most 2**31 - 1 images, got {self.n_images}; split the probing set"
             )
         check_image_size(self.height, self.width)
 

@@ -14,8 +14,8 @@ from typing import Any
 import pandas as pd
 
 from . import atomic
-from .errors import PyneuronError
 from .atomic import commit_directory, temporary_sibling
+from .errors import PyneuronError
 
 RESULTS = "results"
 BEAM = "beam"

@@ -256,9 +256,7 @@ def load(path: str | os.PathLike[str], *, kind: str, verify: bool | None) -> dic
         words = np.zeros(0, dtype="<u8")
     words = words.astype(np.uint64, copy=False).reshape(-1, grid.words_per_image)
     try:
-        native = _native.NativeMaskSet(
-            grid.n_images, grid.pixels, *index, words.reshape(-1)
-        )
+        native = _native.NativeMaskSet(grid.n_images, grid.pixels, *index, words.reshape(-1))
         if verify:
             native.verify_words()
     except ValueError as error:

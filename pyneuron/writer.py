@@ -14,10 +14,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import storage
+from .atomic import commit_directory, refuse_existing, temporary_sibling
 from .errors import PyneuronError
 from .grid import Grid
 from .masks import MaskSet, MaskSetWriter, pixel_counts
-from .atomic import commit_directory, refuse_existing, temporary_sibling
 
 SetT = TypeVar("SetT", bound=MaskSet)
 

@@ -89,7 +89,6 @@ def test_unknown_concept_in_formula(pair):
     assert isinstance(caught.value, KeyError) and isinstance(caught.value, pyneuron.PyneuronError)
 
 
-
 def test_deep_formulas_are_scored_and_printed_without_recursion(pair):
     # 400 and 3000 nested ORs: printing and compiling are iterative, so they work and
     # give the result of the shallow equivalent.
@@ -105,7 +104,9 @@ def test_deep_formulas_are_scored_and_printed_without_recursion(pair):
     shorter = pyneuron.Formula.parse("sky" + " AND NOT dog" * 200)
     assert pyneuron.Formula.parse(str(shorter)) == shorter
     # Parentheses are parsed recursively: thousands of levels give a short, clear error.
-    with pytest.raises(pyneuron.PyneuronError, match=r"'\(\(\(.*\.\.\.': formula nested too") as caught:
+    with pytest.raises(
+        pyneuron.PyneuronError, match=r"'\(\(\(.*\.\.\.': formula nested too"
+    ) as caught:
         pyneuron.Formula.parse("(" * 5000 + "sky" + ")" * 5000)
     assert len(str(caught.value)) < 200
 

@@ -461,7 +461,12 @@ def test_from_coco_huge_image_costs_only_its_grid():
         "images": [{"id": 1, "height": 30000, "width": 30000}],
         "categories": [{"id": 1, "name": "a"}],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[0, 0, 15000, 0, 15000, 30000, 0, 30000]]}
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "segmentation": [[0, 0, 15000, 0, 15000, 30000, 0, 30000]],
+            }
         ],
     }
     store = from_coco(data, grid=8, progress=False)

@@ -567,7 +567,9 @@ def _rle_counts_from_string(text: str | bytes) -> np.ndarray:
     return np.asarray(counts, dtype=np.int64)
 
 
-def _sample_rle(counts: np.ndarray, h: int, w: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def _sample_rle(
+    counts: np.ndarray, h: int, w: int, rows: np.ndarray, cols: np.ndarray
+) -> np.ndarray:
     """Pixels (rows x cols) of an h x w mask given as column-major run lengths (the first
     run is zeros), without decoding the whole mask."""
     if counts.size and counts.min() < 0:
