@@ -26,6 +26,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from results_file import write_results
+
 FAILURES = {"WRONG", "ERROR", "CRASH", "HANG"}
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent / "tests"
@@ -97,10 +99,7 @@ def main() -> int:
         "failures": [o for _, o in bad[:50]],
         "seconds": round(time.perf_counter() - started, 1),
     }
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / "fuzz_store.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    write_results("fuzz_store", summary)
     return 1 if bad else 0
 
 

@@ -23,6 +23,7 @@ Writes ``scripts/results/kill_writes.json``; exits 1 on any lost or partial outp
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import functools
 import json
 import os
@@ -30,18 +31,21 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from results_file import write_results
+from tqdm.auto import tqdm as tqdm_auto
+from tqdm.std import tqdm as tqdm_std
 
 import pyneuron
 from pyneuron.cli import app
 from pyneuron.demo import DemoConfig, make_data
 from pyneuron.results import read_results
 
-HERE = Path(__file__).resolve().parent
 DEMO = ["--images", "60", "--epochs", "1", "--size", "16", "--quiet"]
 
 
@@ -93,6 +97,10 @@ def kill_at(write: Callable[[], object], delay: float | None) -> float:
     pid = os.fork()
     if pid == 0:  # the child: write, then leave without cleanup handlers
         try:
+            # tqdm's default lock is a semaphore shared across fork: a child killed while
+            # holding it would hang this process, so the child takes a lock of its own.
+            for cls in {tqdm_std, tqdm_auto}:
+                cls.set_lock(threading.RLock())
             write()
         finally:
             os._exit(0)
@@ -150,6 +158,7 @@ def main() -> int:
         reference = files_of(path / "report") if name == "report" else files_of(path)
         lost, left = [], 0
         for k in range(count):
+            faulthandler.dump_traceback_later(600, exit=True)  # a hang ends the run loudly
             delay = float(rng.uniform(0, duration))
             kill_at(functools.partial(write, k + 1), delay)
             left += leftovers(path.parent)
@@ -170,10 +179,7 @@ def main() -> int:
         print(name, json.dumps(summary["targets"][name]), file=sys.stderr)  # type: ignore[index]
     summary["total_kills"] = sum(kills.values())
     shutil.rmtree(root, ignore_errors=True)
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / "kill_writes.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    write_results("kill_writes", summary)
     return 1 if failures else 0
 
 
