@@ -33,10 +33,12 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from results_file import write_results
 from tqdm.auto import tqdm as tqdm_auto
 from tqdm.std import tqdm as tqdm_std
@@ -92,22 +94,28 @@ def leftovers(directory: Path) -> int:
 
 def kill_at(write: Callable[[], object], delay: float | None) -> float:
     """Run ``write`` in a forked child and SIGKILL it after ``delay`` seconds (``None``:
-    let it finish); return the seconds until it ended."""
+    let it finish, and fail if it did not succeed); return the seconds until it ended."""
     started = time.perf_counter()
     pid = os.fork()
     if pid == 0:  # the child: write, then leave without cleanup handlers
+        status = 1
         try:
             # tqdm's default lock is a semaphore shared across fork: a child killed while
             # holding it would hang this process, so the child takes a lock of its own.
             for cls in {tqdm_std, tqdm_auto}:
                 cls.set_lock(threading.RLock())
             write()
+            status = 0
+        except BaseException:
+            traceback.print_exc()
         finally:
-            os._exit(0)
+            os._exit(status)
     if delay is not None:
         time.sleep(delay)
         os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)
+    if delay is None and status != 0:
+        raise RuntimeError(f"a whole write failed in the child (status {status})")
     return time.perf_counter() - started
 
 
@@ -117,6 +125,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=16)
     args = parser.parse_args()
     kills = {k: int(v) for k, v in (item.split("=") for item in args.kills.split(","))}
+    # One torch (OpenMP) thread: libgomp's worker pool does not survive fork, so a forked
+    # child training the demo's CNN would hang had this process started the pool.
+    torch.set_num_threads(1)
     rng = np.random.default_rng(args.seed)
     root = Path(tempfile.mkdtemp(prefix="pyneuron-kills-"))
     demo, units, concepts = root / "demo", root / "units", root / "concepts"
@@ -152,6 +163,7 @@ def main() -> int:
     failures = 0
     for name, count in kills.items():
         path, write, check = targets[name]
+        faulthandler.dump_traceback_later(900, exit=True)  # a hang ends the run loudly
         write(0)  # an existing output to replace
         # The longest of a few whole writes in a child, as the kills will see them.
         duration = max(kill_at(functools.partial(write, v), None) for v in (1, 2, 3))
