@@ -180,7 +180,11 @@ def _read_manifest(path: Path, kind: str) -> dict[str, Any]:
         )
     if not _is_int(version) or version not in READABLE_VERSIONS:
         raise _corrupt(path, f"unknown format version {version!r:.60} in {MANIFEST_FILE}")
-    if version >= 2 and manifest.get("manifest_crc32") != manifest_crc32(manifest):
+    try:
+        intact = version < 2 or manifest.get("manifest_crc32") == manifest_crc32(manifest)
+    except (RecursionError, ValueError):  # nested too deeply to encode again
+        intact = False
+    if not intact:
         raise _corrupt(path, f"checksum of {MANIFEST_FILE} does not match (edited or damaged)")
     if manifest.get("kind") != kind:
         raise StoreError(f"{path} holds {str(manifest.get('kind'))[:60]}, not {kind}")
