@@ -1,11 +1,14 @@
 """Type stubs for the compiled engine. Use the pyneuron package, not this module."""
 
+from typing import Literal, overload
+
 import numpy as np
 import numpy.typing as npt
 
 def available_simd_levels() -> list[str]: ...
 def simd_level() -> str: ...
 def set_simd_level(level: str) -> None: ...
+def and_popcount_throughput(words: int, seconds: float) -> float: ...
 def num_threads() -> int: ...
 def set_num_threads(n: int) -> None: ...
 
@@ -40,9 +43,27 @@ def beam_search(
     beam_size: int,
     ops: list[int],
     penalty: float,
-) -> dict[str, np.ndarray]: ...
+    cooccurrence: npt.NDArray[np.uint64] | None = None,
+    block_bytes: int = ...,
+) -> dict[str, np.ndarray | float | int]: ...
+@overload
+def concept_cooccurrence(
+    concepts: MaskSet, with_stats: Literal[False] = False
+) -> npt.NDArray[np.uint64]: ...
+@overload
+def concept_cooccurrence(
+    concepts: MaskSet, with_stats: Literal[True]
+) -> tuple[npt.NDArray[np.uint64], float, int]: ...
 def intersection_counts(
     units: MaskSet, begin: int, end: int, concepts: MaskSet
+) -> npt.NDArray[np.int64]: ...
+def category_unit_pixels(
+    units: MaskSet,
+    begin: int,
+    end: int,
+    concepts: MaskSet,
+    category: npt.NDArray[np.int32],
+    n_categories: int,
 ) -> npt.NDArray[np.int64]: ...
 def evaluate_words(program: list[int], concepts: MaskSet) -> npt.NDArray[np.uint64]: ...
 def formula_counts(

@@ -19,6 +19,7 @@ from .errors import PyneuronError
 
 RESULTS = "results"
 BEAM = "beam"
+NULL = "null"
 SUMMARY = "summary.json"
 CONFIG = "config.toml"
 
