@@ -31,6 +31,9 @@ class MaskSet:
     def pixels(self) -> int: ...
     def verify_words(self) -> None: ...
 
+max_length: int
+max_beam_size: int
+
 def beam_search(
     units: MaskSet,
     begin: int,

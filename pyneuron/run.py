@@ -204,6 +204,20 @@ def open_run_store(run: str | os.PathLike[str], settings: Mapping[str, Any]) -> 
     return ConceptStore.open(settings["concepts"])
 
 
+def run_sources(
+    run: Path, settings: Mapping[str, Any], images: str | os.PathLike[str] | None
+) -> tuple[ConceptStore, Callable[[int], np.ndarray]]:
+    """The concept store and image reader of a run; a demo run's synthetic data (never
+    saved) are regenerated from the seed in its config."""
+    if "demo" in settings and images is None:
+        from .demo import DemoConfig, make_data
+
+        data = make_data(DemoConfig(**settings["demo"]), progress=False)
+        return data.store, lambda i: data.images[i]
+    store = open_run_store(run, settings)
+    return store, image_reader(run_image_files(settings, images), store)
+
+
 def run_image_files(
     settings: Mapping[str, Any], images: str | os.PathLike[str] | None
 ) -> list[Path]:
@@ -226,19 +240,19 @@ def write_run_report(
 ) -> Path:
     """(Re)write ``run/report`` from the run's files (results, unit masks, top images,
     beam, and ``null`` control units when ``pyneuron evaluate`` wrote them); the old
-    report is replaced only once the new one is complete. Returns ``index.html``."""
+    report is replaced in one atomic step once the new one is complete (see
+    :mod:`pyneuron.atomic`). Returns ``index.html``."""
     import shutil
 
+    from .atomic import commit_directory, temporary_sibling
     from .describe import compare
     from .report import write_report
-    from .storage import temporary_sibling
     from .units import UnitMasks
 
     run = Path(run)
     results = read_results(run)
     settings = read_config(run)
-    store = open_run_store(run, settings)
-    files = run_image_files(settings, images)
+    store, image_source = run_sources(run, settings, images)
     tops = load_top_images(run)
     layers = list(dict.fromkeys(results["layer"]))
     masks = {layer: UnitMasks.open(run / "units" / layer_dir_name(layer)) for layer in layers}
@@ -251,7 +265,7 @@ def write_run_report(
             results,
             store,
             unit_masks=masks,
-            images=image_reader(files, store),
+            images=image_source,
             top_images={layer: tops[layer_dir_name(layer)] for layer in layers},
             beam=pd.read_parquet(beam_path) if beam_path.exists() else None,
             descriptions=descriptions,
@@ -261,8 +275,7 @@ def write_run_report(
         )
         if descriptions is not None:
             compare(results, descriptions).to_csv(staging / "comparison.csv", index=False)
-        shutil.rmtree(run / "report", ignore_errors=True)
-        staging.rename(run / "report")
+        commit_directory(staging, run / "report", overwrite=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

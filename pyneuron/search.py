@@ -17,6 +17,10 @@ from .netdissect import category_codes, category_unit_pixels, check_mode, netdis
 from .store import ConceptStore
 from .units import UnitMasks
 
+#: Largest ``length`` and ``beam_size`` of :func:`explain` (the engine's limits).
+MAX_LENGTH = _native.MAX_LENGTH
+MAX_BEAM_SIZE = _native.MAX_BEAM_SIZE
+
 #: Operators in engine code order; ``operators=`` takes any of them, in any order.
 OPERATORS = ("OR", "AND", "AND NOT", "OR NOT")
 DEFAULT_OPERATORS = ("OR", "AND", "AND NOT")
@@ -65,14 +69,17 @@ def explain(
     store
         The concepts, on the same grid as the units.
     length
-        Maximum number of concepts in a formula (1 is NetDissect).
+        Maximum number of concepts in a formula (1 is NetDissect), at most
+        :data:`MAX_LENGTH` (32).
     beam_size
-        Formulas kept per step.
+        Formulas kept per step, at most :data:`MAX_BEAM_SIZE` (1024); memory grows
+        with ``beam_size`` x images per unit being searched.
     operators
         Any of ``"OR"``, ``"AND"``, ``"AND NOT"``, ``"OR NOT"``; candidates are
         generated in this order.
     penalty
-        Score multiplier per extra length unit (1.0: none).
+        Score multiplier per extra length unit (1.0: none); ``penalty ** k`` must be a
+        positive finite float for every formula length ``k + 1`` the search can reach.
     full_beam
         Return the whole final beam: one row per (unit, rank) with a ``rank`` and a
         ``score`` column.
@@ -108,14 +115,9 @@ def explain(
     ('(b OR a)', 1.0)
     """
     ops = _operator_codes(operators, length)
-    length = _positive_int(length, "length")
-    beam_size = _positive_int(beam_size, "beam_size")
-    if (
-        isinstance(penalty, bool)
-        or not isinstance(penalty, (int, float))
-        or not (math.isfinite(penalty) and penalty > 0)
-    ):
-        raise PyneuronError(f"penalty must be a positive finite number, got {penalty!r}")
+    length = _positive_int(length, "length", MAX_LENGTH)
+    beam_size = _positive_int(beam_size, "beam_size", MAX_BEAM_SIZE)
+    _check_penalty(penalty, length)
     _check_store(store)
     if check_mode(mode) == "netdissect":
         if length != 1:
@@ -251,7 +253,7 @@ def score(formula: Formula | str, units: UnitSource, store: ConceptStore) -> pd.
     """
     if not isinstance(formula, Formula):
         formula = Formula.parse(formula)
-    program = formula.compile(store)
+    program = formula.program(store)
     frames = []
     for first_unit, chunk in _chunks(units, store):
         raw = _native.formula_counts(program, store._native, chunk._native)
@@ -281,12 +283,33 @@ def best_of_beam(beam: pd.DataFrame) -> pd.DataFrame:
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _positive_int(value: int, name: str) -> int:
+def _positive_int(value: int, name: str, maximum: int = 2**31 - 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise PyneuronError(f"{name} must be an integer >= 1, got {value!r}")
-    if value > 2**31 - 1:
-        raise PyneuronError(f"{name} must be below 2**31, got {value!r}")
+    if value > maximum:
+        raise PyneuronError(f"{name} must be at most {maximum}, got {value!r}")
     return int(value)
+
+
+def _check_penalty(penalty: float, length: int) -> None:
+    """A penalty whose powers stay positive and finite up to the longest formula
+    (``2 * length - 1``: every added concept may carry a NOT)."""
+    if (
+        isinstance(penalty, bool)
+        or not isinstance(penalty, (int, float, np.floating, np.integer))
+        or not (math.isfinite(penalty) and penalty > 0)
+    ):
+        raise PyneuronError(f"penalty must be a positive finite number, got {penalty!r}")
+    try:
+        extreme = math.pow(float(penalty), 2 * length - 2)
+    except OverflowError:
+        extreme = math.inf
+    if not (0 < extreme < math.inf):
+        raise PyneuronError(
+            f"penalty {penalty!r} to the power {2 * length - 2} (a formula of length "
+            f"{2 * length - 1}) is {'0' if extreme == 0 else 'inf'}: every score would be "
+            "equal; use a penalty closer to 1 (e.g. 0.95)"
+        )
 
 
 def _operator_codes(operators: Sequence[str], length: int) -> list[int]:

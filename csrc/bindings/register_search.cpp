@@ -169,6 +169,8 @@ py::dict run_formula_counts(const std::vector<int32_t>& program, const PyMaskSet
 }  // namespace
 
 void register_search(py::module_& m) {
+  m.attr("max_length") = kMaxLength;
+  m.attr("max_beam_size") = kMaxBeamSize;
   m.def("beam_search", &run_beam_search, py::arg("units"), py::arg("begin"), py::arg("end"), py::arg("concepts"),
         py::arg("length"), py::arg("beam_size"), py::arg("ops"), py::arg("penalty"),
         py::arg("cooccurrence") = py::none(), py::arg("block_bytes") = std::size_t(256) << 20,

@@ -320,8 +320,10 @@ std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin
                                     const MaskSetView& concepts, const SearchOptions& options,
                                     const uint64_t* cooccurrence, SearchStats* stats) {
   check_same_grid(units, concepts);
-  if (options.length < 1) throw std::invalid_argument("length must be at least 1");
-  if (options.beam_size < 1) throw std::invalid_argument("beam_size must be at least 1");
+  if (options.length < 1 || options.length > kMaxLength)
+    throw std::invalid_argument("length must be between 1 and " + std::to_string(kMaxLength));
+  if (options.beam_size < 1 || options.beam_size > kMaxBeamSize)
+    throw std::invalid_argument("beam_size must be between 1 and " + std::to_string(kMaxBeamSize));
   if (options.ops.empty() && options.length > 1) throw std::invalid_argument("no operators given");
   if (!(options.penalty > 0) || !std::isfinite(options.penalty))
     throw std::invalid_argument("penalty must be a positive finite number");

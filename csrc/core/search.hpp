@@ -10,6 +10,10 @@
 
 namespace pyneuron {
 
+// Largest accepted length and beam_size (memory and time grow with both).
+constexpr int kMaxLength = 32;
+constexpr int kMaxBeamSize = 1024;
+
 struct SearchOptions {
   int length = 3;
   int beam_size = 5;
