@@ -16,6 +16,7 @@ from ._native import (
 )
 from .activations import LayerFormat, capture
 from .dissect import dissect
+from .distributed import RayBackend
 from .errors import (
     EmptyStoreError,
     GridMismatchError,
@@ -47,6 +48,7 @@ __all__ = [
     "Not",
     "Or",
     "PyneuronError",
+    "RayBackend",
     "StoreError",
     "UnitMasks",
     "UnitMasksWriter",

@@ -59,7 +59,8 @@ def dissect(
     activations_dir
         Stream captured activations there (resumable), for layers larger than memory.
     **search_options
-        ``length``, ``beam_size``, ``operators``, ``penalty``, ``full_beam`` of
+        ``length``, ``beam_size``, ``operators``, ``penalty``, ``full_beam`` and
+        ``backend`` (``"ray"`` or a :class:`RayBackend`: the search on a Ray cluster) of
         :func:`explain`.
 
     Returns

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,9 @@ from .formula import And, Concept, Formula, Not, Or
 from .metrics import METRIC_COLUMNS, iou, metrics
 from .store import ConceptStore
 from .units import UnitMasks
+
+if TYPE_CHECKING:
+    from .distributed import RayBackend
 
 #: Operators in engine code order; ``operators=`` takes any of them, in any order.
 OPERATORS = ("OR", "AND", "AND NOT", "OR NOT")
@@ -34,6 +38,7 @@ def explain(
     full_beam: bool = False,
     batch_size: int | None = None,
     progress: bool = True,
+    backend: str | RayBackend = "local",
 ) -> pd.DataFrame:
     """Explain every unit by the best formula over the store's concepts (exact beam search).
 
@@ -66,6 +71,10 @@ def explain(
         Units per engine call (progress granularity); default scales with threads.
     progress
         Show a progress bar (on a terminal).
+    backend
+        ``"local"`` (this process), ``"ray"`` (shards of units on a Ray cluster,
+        :mod:`pyneuron.distributed`; identical results), or a :class:`RayBackend`
+        with its settings (cluster address, unit block, resumable shard directory).
 
     Returns
     -------
@@ -96,6 +105,14 @@ def explain(
     ):
         raise PyneuronError(f"penalty must be a positive finite number, got {penalty!r}")
     _check_store(store)
+    from .distributed import explain_on_ray, resolve_backend
+
+    ray_backend = resolve_backend(backend)
+    if ray_backend is not None:
+        search = (length, beam_size, ops, float(penalty))
+        return explain_on_ray(
+            units, store, ray_backend, search=search, full_beam=full_beam, progress=progress
+        )
     names = store.names
     frames = []
     for first_unit, chunk, batch in _batches(units, store, batch_size, progress, "explain"):

@@ -1,0 +1,452 @@
+"""Explaining units across machines on Ray, with results identical to one machine.
+
+The search is embarrassingly parallel over units: the work is cut into *shards*, blocks
+of consecutive units of one layer (one set of unit masks), run as Ray tasks and
+scheduled dynamically (a free worker takes the next shard, so units that take long do
+not hold the others up). Each worker runs the same C++ beam search as
+:func:`pyneuron.explain` on its block; the driver turns the raw results into rows with
+the same code as a local run and concatenates them in unit order, so the table is
+identical (same formulas, same float64 scores) to ``backend="local"``.
+
+Data reach the workers once per worker process, not once per shard:
+
+- the concept store is opened by each worker from its directory when it was opened
+  from disk (:meth:`ConceptStore.open`, memory-mapped; the worker checks that the
+  manifest is the driver's and verifies every checksum), or else put once in Ray's
+  object store;
+- the unit masks are put once in the object store.
+
+Faults: a worker process that dies mid-shard is replaced and its shard rerun (Ray task
+retries, ``max_retries``); a shard that fails on bad input fails the run with the
+worker's exception and message. With ``shard_dir``, every finished shard is written
+there atomically (named by a fingerprint of the inputs and search settings), so
+rerunning an interrupted run computes only the missing shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from . import _native, storage
+from .errors import PyneuronError, StoreError
+from .masks import MaskSet
+from .store import ConceptStore
+from .units import UnitMasks
+
+logger = logging.getLogger(__name__)
+
+#: ``backend=`` values of :func:`pyneuron.explain` besides a :class:`RayBackend`.
+BACKENDS = ("local", "ray")
+SHARE_MODES = ("auto", "path", "object")
+# Bump when the layout of a shard file changes (old shards are then not reused).
+SHARD_FORMAT = 1
+# The arrays of one engine result (``_native.beam_search``), all indexed by unit first.
+RESULT_KEYS = (
+    "score",
+    "beam_count",
+    "intersection",
+    "size",
+    "unit_size",
+    "intersection_images",
+    "size_images",
+    "unit_images",
+    "concepts",
+    "ops",
+    "length",
+    "primitive",
+    "primitive_iou",
+)
+
+
+@dataclass(frozen=True)
+class RayBackend:
+    """Settings of a run on Ray; ``explain(..., backend="ray")`` uses the defaults.
+
+    Parameters
+    ----------
+    address
+        The cluster: ``None`` uses the Ray session already started in this process, or
+        else ``ray.init()`` (a cluster started with ``ray start`` on this machine, or a
+        new local one); ``"auto"`` a running cluster (an error when there is none);
+        ``"local"`` a new single-machine instance; anything else is passed to
+        ``ray.init(address=...)`` (``"HOST:PORT"``, ``"ray://HOST:PORT"``).
+    unit_block
+        Units per shard. Smaller blocks balance better, larger ones cost less overhead.
+    shard_dir
+        Directory where finished shards are kept (atomic writes); a rerun with the
+        same inputs and settings reuses them and computes only the missing shards.
+    share_store
+        ``"path"``: workers open the store from ``store.path`` (a directory every node
+        sees); ``"object"``: the store is put once in Ray's object store; ``"auto"``:
+        the path when the store was opened from disk, else the object store.
+    cpus_per_task
+        CPUs Ray reserves per shard, and the engine threads each shard uses.
+    max_retries
+        Reruns of a shard whose worker process died (not of bad-input failures).
+
+    Examples
+    --------
+    >>> import numpy as np, pyneuron
+    >>> backend = pyneuron.RayBackend(address="auto", unit_block=16, shard_dir="run.shards")
+    >>> backend.unit_block
+    16
+    """
+
+    address: str | None = None
+    unit_block: int = 32
+    shard_dir: str | os.PathLike[str] | None = None
+    share_store: str = "auto"
+    cpus_per_task: int = 1
+    max_retries: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("unit_block", "cpus_per_task"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PyneuronError(f"RayBackend.{name} must be an integer >= 1, got {value!r}")
+        retries = self.max_retries
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise PyneuronError(f"RayBackend.max_retries must be an integer >= 0, got {retries!r}")
+        if self.share_store not in SHARE_MODES:
+            raise PyneuronError(
+                f"RayBackend.share_store must be one of {', '.join(SHARE_MODES)}, "
+                f"got {self.share_store!r}"
+            )
+
+
+def resolve_backend(backend: str | RayBackend) -> RayBackend | None:
+    """``None`` for the local backend, else the :class:`RayBackend` to use."""
+    if isinstance(backend, RayBackend):
+        return backend
+    if backend == "local":
+        return None
+    if backend == "ray":
+        return RayBackend()
+    raise PyneuronError(
+        f"unknown backend {backend!r}; use 'local', 'ray' or a pyneuron.RayBackend(...)"
+    )
+
+
+def run_shard_dir(out: str | os.PathLike[str]) -> Path:
+    """Where the commands keep the finished shards of the run written to ``out``:
+    ``OUT.shards`` next to it (the run directory itself appears only when complete).
+
+    Examples
+    --------
+    >>> run_shard_dir("runs/resnet").name
+    'resnet.shards'
+    """
+    out = Path(out)
+    return out.with_name(f"{out.name}.shards")
+
+
+# -- fingerprints --------------------------------------------------------------------------
+
+
+def _digest(*parts: Any) -> str:
+    """A hex digest of strings, bytes and numpy arrays."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(f"{part.dtype.str}{part.shape}".encode())
+            h.update(memoryview(np.ascontiguousarray(part)).cast("B"))
+        else:
+            h.update(part if isinstance(part, bytes) else str(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _content_key(masks: MaskSet) -> str:
+    """Fingerprint of a mask set's containers (and of a store's concept names)."""
+    names = "\n".join(masks.names) if isinstance(masks, ConceptStore) else ""
+    arrays = (masks._offsets, masks._images, masks._slots, masks._counts, masks._words)
+    return _digest(masks.KIND, masks.grid.shape, names, *arrays)
+
+
+def _manifest_key(path: Path) -> str:
+    try:
+        return _digest("manifest", (path / storage.MANIFEST_FILE).read_bytes())
+    except OSError as error:
+        raise StoreError(f"cannot read the store manifest at {path}: {error}") from None
+
+
+# -- what the workers receive --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """A mask set as a worker gets it: a store directory, or an object-store reference
+    (wrapped in a list so that Ray does not fetch it before the worker's cache is asked)."""
+
+    key: str
+    path: str | None = None
+    ref: list | None = None
+
+
+def _arrays(masks: MaskSet) -> dict[str, Any]:
+    arrays = {
+        "grid": masks.grid,
+        "index": (masks._offsets, masks._images, masks._slots, masks._counts),
+        "words": masks._words,
+    }
+    if isinstance(masks, ConceptStore):
+        arrays["names"] = masks.names
+        arrays["categories"] = masks.categories
+    return arrays
+
+
+def _share_store(ray: Any, store: ConceptStore, mode: str) -> _Shared:
+    path = getattr(store, "path", None)
+    if mode == "path" and path is None:
+        raise PyneuronError(
+            "share_store='path' needs a store opened from a directory (ConceptStore.open); "
+            "save it where every node sees it, or use share_store='object'"
+        )
+    if path is not None and mode in ("auto", "path"):
+        return _Shared(_manifest_key(Path(path)), path=str(Path(path).resolve()))
+    return _Shared(_content_key(store), ref=[ray.put(_arrays(store))])
+
+
+# Per worker process: the mask sets already opened, by key (a few, most recent last).
+_CACHE: dict[str, MaskSet] = {}
+_CACHE_SIZE = 4
+
+
+def _open_shared(ray: Any, shared: _Shared, kind: type[MaskSet]) -> MaskSet:
+    cached = _CACHE.pop(shared.key, None)
+    if cached is None:
+        cached = _open_uncached(ray, shared, kind)
+        while len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[shared.key] = cached
+    return cached
+
+
+def _open_uncached(ray: Any, shared: _Shared, kind: type[MaskSet]) -> MaskSet:
+    if shared.path is not None:
+        path = Path(shared.path)
+        node = ray.util.get_node_ip_address()
+        hint = (
+            "the store must be on a path every node sees; otherwise pass "
+            "RayBackend(share_store='object')"
+        )
+        try:
+            if _manifest_key(path) != shared.key:
+                raise StoreError(f"the store at {path} is not the one the driver opened")
+            return ConceptStore.open(path, verify=True)
+        except StoreError as error:
+            raise StoreError(f"worker on node {node}: {error}; {hint}") from None
+    data = ray.get(shared.ref[0])
+    if kind is ConceptStore:
+        return ConceptStore(
+            data["grid"], data["index"], data["words"], data["names"], data["categories"]
+        )
+    return UnitMasks(data["grid"], *data["index"], data["words"])
+
+
+def _run_shard(
+    store: _Shared, units: _Shared, start: int, stop: int, search: tuple, threads: int
+) -> dict[str, np.ndarray]:
+    """A Ray task: the engine's raw beam-search result for units [start, stop)."""
+    import ray
+
+    concepts = _open_shared(ray, store, ConceptStore)
+    masks = _open_shared(ray, units, UnitMasks)
+    _native.set_num_threads(threads)
+    return _native.beam_search(masks._native, start, stop, concepts._native, *search)
+
+
+# -- shard files ---------------------------------------------------------------------------
+
+
+def _shard_file(directory: Path, start: int, stop: int) -> Path:
+    return directory / f"units-{start:09d}-{stop:09d}.npz"
+
+
+def _write_shard(path: Path, raw: dict[str, np.ndarray]) -> None:
+    """Write a shard atomically: a temporary file in the same directory, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **{key: raw[key] for key in RESULT_KEYS})
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _read_shard(path: Path, n_units: int) -> dict[str, np.ndarray] | None:
+    """A finished shard, or ``None`` when it is missing or unreadable (then recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            raw = {key: data[key] for key in RESULT_KEYS}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        logger.warning("shard %s is unreadable (%s); computing it again", path, error)
+        return None
+    if any(array.shape[0] != n_units for array in raw.values()):
+        logger.warning("shard %s does not hold %d units; computing it again", path, n_units)
+        return None
+    return raw
+
+
+# -- the driver ----------------------------------------------------------------------------
+
+
+def _connect(address: str | None) -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise PyneuronError(
+            "backend='ray' needs Ray; install it with pip install 'pyneuron[ray]'"
+        ) from None
+    if ray.is_initialized():
+        return ray
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except ConnectionError as error:
+        raise PyneuronError(
+            f"cannot connect to a Ray cluster at {address!r} ({error}); start one with "
+            "`ray start --head` or pass its address (or 'local' for this machine only)"
+        ) from None
+    return ray
+
+
+@dataclass(frozen=True)
+class _Shard:
+    chunk: int
+    first_unit: int  # number of the chunk's first unit in the whole table
+    start: int
+    stop: int
+    file: Path | None
+
+
+def explain_on_ray(
+    units: Any,
+    store: ConceptStore,
+    backend: RayBackend,
+    *,
+    search: tuple[int, int, Sequence[int], float],
+    full_beam: bool,
+    progress: bool,
+) -> pd.DataFrame:
+    """The Ray backend of :func:`pyneuron.explain` (inputs already checked there).
+
+    ``search`` is ``(length, beam_size, operator codes, penalty)``.
+    """
+    from .search import _chunks, _result_frame
+
+    chunks = [chunk for _, chunk in _chunks(units, store)]
+    ray = _connect(backend.address)
+    length, beam_size, ops, penalty = search
+    search_args = (int(length), int(beam_size), list(ops), float(penalty))
+    store_shared = _share_store(ray, store, backend.share_store)
+
+    # Shards are named by the contents of the inputs, not by how they reach the workers.
+    store_key = _content_key(store) if backend.shard_dir is not None else ""
+    shards: list[_Shard] = []
+    unit_keys: list[str] = []
+    first = 0
+    for index, chunk in enumerate(chunks):
+        unit_keys.append(_content_key(chunk))
+        directory = None
+        if backend.shard_dir is not None:
+            run_key = _digest(
+                SHARD_FORMAT, store_key, unit_keys[-1], search_args, backend.unit_block
+            )
+            directory = Path(backend.shard_dir) / run_key
+        for start in range(0, len(chunk), backend.unit_block):
+            stop = min(start + backend.unit_block, len(chunk))
+            file = _shard_file(directory, start, stop) if directory is not None else None
+            shards.append(_Shard(index, first, start, stop, file))
+        first += len(chunk)
+
+    raws: list[dict[str, np.ndarray] | None] = [
+        _read_shard(s.file, s.stop - s.start) if s.file is not None else None for s in shards
+    ]
+    missing = [i for i, raw in enumerate(raws) if raw is None]
+    if backend.shard_dir is not None:
+        logger.info(
+            "%d of %d shards already done in %s; computing %d",
+            len(shards) - len(missing),
+            len(shards),
+            backend.shard_dir,
+            len(missing),
+        )
+    units_shared: dict[int, _Shared] = {}
+    for i in missing:
+        c = shards[i].chunk
+        if c not in units_shared:
+            units_shared[c] = _Shared(unit_keys[c], ref=[ray.put(_arrays(chunks[c]))])
+
+    task = ray.remote(_run_shard).options(
+        num_cpus=backend.cpus_per_task,
+        max_retries=backend.max_retries,
+        retry_exceptions=False,
+    )
+    pending = {
+        task.remote(
+            store_shared,
+            units_shared[shards[i].chunk],
+            shards[i].start,
+            shards[i].stop,
+            search_args,
+            backend.cpus_per_task,
+        ): i
+        for i in missing
+    }
+    done_units = sum(s.stop - s.start for s, raw in zip(shards, raws) if raw is not None)
+    with tqdm(
+        total=first,
+        initial=done_units,
+        desc="explain (ray)",
+        unit="unit",
+        disable=None if progress else True,
+    ) as bar:
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                i = pending.pop(ready[0])
+                raw = _get(ray, ready[0])
+                if shards[i].file is not None:
+                    _write_shard(shards[i].file, raw)
+                raws[i] = raw
+                bar.update(shards[i].stop - shards[i].start)
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
+
+    names = store.names
+    frames = [
+        _result_frame(raw, s.first_unit + s.start, names, full_beam) for s, raw in zip(shards, raws)
+    ]
+    if not frames:
+        return _result_frame(None, 0, names, full_beam)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _get(ray: Any, ref: Any) -> dict[str, np.ndarray]:
+    """A shard's result; a failed shard raises the worker's own exception."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        cause = error.cause
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise PyneuronError(f"a shard failed on a Ray worker: {error}") from None
