@@ -98,7 +98,7 @@ class RayBackend:
 
     Examples
     --------
-    >>> import numpy as np, pyneuron
+    >>> import pyneuron
     >>> backend = pyneuron.RayBackend(address="auto", unit_block=16, shard_dir="run.shards")
     >>> backend.unit_block
     16
@@ -353,10 +353,8 @@ def explain_on_ray(
     from .search import _chunks, _result_frame
 
     chunks = [chunk for _, chunk in _chunks(units, store)]
-    ray = _connect(backend.address)
     length, beam_size, ops, penalty = search
     search_args = (int(length), int(beam_size), list(ops), float(penalty))
-    store_shared = _share_store(ray, store, backend.share_store)
 
     # Shards are named by the contents of the inputs, not by how they reach the workers.
     store_key = _content_key(store) if backend.shard_dir is not None else ""
@@ -364,7 +362,8 @@ def explain_on_ray(
     unit_keys: list[str] = []
     first = 0
     for index, chunk in enumerate(chunks):
-        unit_keys.append(_content_key(chunk))
+        # Without a shard directory a key of this call is enough (and hashes nothing).
+        unit_keys.append(_content_key(chunk) if store_key else uuid.uuid4().hex)
         directory = None
         if backend.shard_dir is not None:
             run_key = _digest(
@@ -389,6 +388,32 @@ def explain_on_ray(
             backend.shard_dir,
             len(missing),
         )
+    if missing:
+        _compute(backend, store, chunks, unit_keys, shards, raws, search_args, progress)
+    names = store.names
+    frames = [
+        _result_frame(raw, s.first_unit + s.start, names, full_beam) for s, raw in zip(shards, raws)
+    ]
+    if not frames:
+        return _result_frame(None, 0, names, full_beam)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _compute(
+    backend: RayBackend,
+    store: ConceptStore,
+    chunks: list[UnitMasks],
+    unit_keys: list[str],
+    shards: list[_Shard],
+    raws: list[dict[str, np.ndarray] | None],
+    search_args: tuple,
+    progress: bool,
+) -> None:
+    """Run the shards whose ``raws`` entry is None on Ray, filling ``raws`` (and the
+    shard files) as they finish."""
+    missing = [i for i, raw in enumerate(raws) if raw is None]
+    ray = _connect(backend.address)
+    store_shared = _share_store(ray, store, backend.share_store)
     units_shared: dict[int, _Shared] = {}
     for i in missing:
         c = shards[i].chunk
@@ -413,7 +438,7 @@ def explain_on_ray(
     }
     done_units = sum(s.stop - s.start for s, raw in zip(shards, raws) if raw is not None)
     with tqdm(
-        total=first,
+        total=sum(len(chunk) for chunk in chunks),
         initial=done_units,
         desc="explain (ray)",
         unit="unit",
@@ -431,14 +456,6 @@ def explain_on_ray(
         finally:
             for ref in pending:
                 ray.cancel(ref)
-
-    names = store.names
-    frames = [
-        _result_frame(raw, s.first_unit + s.start, names, full_beam) for s, raw in zip(shards, raws)
-    ]
-    if not frames:
-        return _result_frame(None, 0, names, full_beam)
-    return pd.concat(frames, ignore_index=True)
 
 
 def _get(ray: Any, ref: Any) -> dict[str, np.ndarray]:

@@ -24,6 +24,7 @@ import torch
 from pandas.testing import assert_frame_equal
 
 import pyneuron
+from pyneuron import distributed
 from pyneuron.distributed import RayBackend, resolve_backend, run_shard_dir
 
 SHARD_TASK = b"ray::_run_shard"
@@ -81,7 +82,7 @@ def _heavy(seed: int = 7):
     return _data(seed, n_units=24, n_images=300, size=24, n_concepts=60)
 
 
-HEAVY_SEARCH = {"length": 4, "beam_size": 10, "progress": False}
+HEAVY_SEARCH = {"length": 5, "beam_size": 25, "progress": False}
 
 
 # -- the cluster ---------------------------------------------------------------------------
@@ -240,7 +241,9 @@ def test_bad_input_on_a_worker_fails_with_its_message(cluster, tmp_path):
         pyneuron.explain(units, on_disk, backend=RayBackend(share_store="path"), progress=False)
 
 
-def test_resume_after_interruption_computes_only_missing_shards(cluster, tmp_path, caplog):
+def test_resume_after_interruption_computes_only_missing_shards(
+    cluster, tmp_path, caplog, monkeypatch
+):
     store, units = _heavy(seed=8)
     store.save(tmp_path / "store")
     units.save(tmp_path / "units")
@@ -277,6 +280,15 @@ def test_resume_after_interruption_computes_only_missing_shards(cluster, tmp_pat
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards.glob("*/units-*.npz")}
     assert len(after) == total and all(after[name] == kept[name] for name in kept)
     assert_frame_equal(table, pyneuron.explain(units, store, **HEAVY_SEARCH), check_exact=True)
+
+    # All shards done: nothing to compute, so Ray is not even contacted.
+    def no_ray(address):
+        raise AssertionError("Ray contacted although every shard was done")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(distributed, "_connect", no_ray)
+        done = pyneuron.explain(units, store, backend=RayBackend(**backend), **HEAVY_SEARCH)
+    assert_frame_equal(done, table, check_exact=True)
 
     # A damaged shard file is recomputed, not trusted.
     damaged = sorted(shards.glob("*/units-*.npz"))[0]
