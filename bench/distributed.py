@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -90,19 +91,39 @@ def _timed(report: dict, name: str, call, reference: pd.DataFrame | None = None)
     """Run ``call`` once more under ``name``; the figure kept is the best of the runs
     (other work on the machine only ever slows a run down)."""
     load = os.getloadavg()[0]
+    c0 = _cpu_seconds()
     t0 = time.perf_counter()
     table = call()
     seconds = time.perf_counter() - t0
-    run = report["runs"].setdefault(name, {"repeats": [], "loadavg_1min": []})
+    cpu = _cpu_seconds() - c0
+    run = report["runs"].setdefault(name, {"repeats": [], "cpu_repeats": [], "loadavg_1min": []})
     run["repeats"].append(seconds)
+    run["cpu_repeats"].append(cpu)
     run["loadavg_1min"].append(load)
     run["seconds"] = min(run["repeats"])
+    run["cpu_seconds"] = min(run["cpu_repeats"])
     if reference is not None:
         pd.testing.assert_frame_equal(table, reference, check_exact=True)
         run["identical"] = bool(table.equals(reference)) and run.get("identical", True)
     same = "" if reference is None else ", identical to local"
-    print(f"{name:<28} {seconds:8.2f} s{same} (load {load:.1f})")
+    print(f"{name:<36} {seconds:6.2f} s, CPU {cpu:6.2f} s{same} (load {load:.1f})")
     return table
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of the Ray worker processes on this machine (their
+    titles start with ``ray::``): what the search costs, whatever else runs here."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total = usage.ru_utime + usage.ru_stime
+    ticks = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::"):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
 
 
 def _run(built, args, search: dict, report: dict) -> None:
@@ -168,6 +189,14 @@ def _figures(report: dict, units, args) -> None:
     report["speedup_2_workers"] = ray1 / ray2
     report["scaling_efficiency"] = ray1 / (2 * ray2)
     report["cold_start_seconds"] = runs["ray, 1 worker(s), cold"] - ray1
+    cpu = {name: run["cpu_seconds"] for name, run in report["runs"].items()}
+    report["cpu_per_unit_seconds"] = cpu["local, 1 thread"] / sum(len(chunk) for chunk in units)
+    report["cpu_overhead_per_shard_seconds"] = (
+        cpu["ray, 1 worker"] - cpu["local, 1 thread"]
+    ) / shards
+    # Wall time the 2 workers would take if each had a free core: the CPU they used / 2.
+    report["cpu_bound_scaling_efficiency"] = cpu["ray, 1 worker"] / cpu["ray, 2 workers"]
+    report["cores_busy_2_workers"] = cpu["ray, 2 workers"] / ray2
     print(
         f"per unit {1e3 * report['per_unit_seconds']:.1f} ms (1 thread); overhead per shard "
         f"{1e3 * report['overhead_per_shard_seconds']:.0f} ms vs local "
@@ -176,6 +205,12 @@ def _figures(report: dict, units, args) -> None:
         f"{100 * report['scaling_efficiency']:.0f} %; cold start "
         f"+{report['cold_start_seconds']:.1f} s"
     )
+    print(
+        f"CPU: overhead per shard {1e3 * report['cpu_overhead_per_shard_seconds']:.0f} ms; "
+        f"2 workers used {report['cores_busy_2_workers']:.2f} cores on average (other work "
+        f"on this machine takes the rest); CPU of 1 worker / CPU of 2 workers "
+        f"{report['cpu_bound_scaling_efficiency']:.2f}"
+    )
 
 
 def _estimate(report: dict, args) -> None:
@@ -183,18 +218,21 @@ def _estimate(report: dict, args) -> None:
     if args.size != "ade":
         print("(no ResNet-50 estimate: it needs the ADE grid and concepts, --size ade)")
         return
-    scale = FULL_ADE_IMAGES / report["spec"]["n_images"]  # the search is linear in images
-    per_unit = report["per_unit_seconds"] * scale
-    per_shard = max(report["overhead_per_shard_seconds"], 0.0)
+    # Per-core costs from CPU time (wall time on a busy machine overstates them); the
+    # search is linear in the number of images.
+    scale = FULL_ADE_IMAGES / report["spec"]["n_images"]
+    per_unit = report["cpu_per_unit_seconds"] * scale
+    per_shard = max(report["cpu_overhead_per_shard_seconds"], report["marginal_shard_seconds"], 0)
     units = sum(RESNET50_STAGES.values())
     shards = sum(-(-n // args.unit_block) for n in RESNET50_STAGES.values())
     work = units * per_unit + shards * per_shard  # core-seconds
     rows = []
     for machines in (1, 2, 4, 8, 16):
         workers = machines * args.cores
-        # Dynamic scheduling: the last shard may start when the others are done.
-        wall = work / workers + args.unit_block * per_unit
-        rows.append({"machines": machines, "workers": workers, "hours": wall / 3600})
+        # Dynamic scheduling: the last shard may start when the others are done; plus
+        # starting the workers (measured cold start).
+        wall = work / workers + args.unit_block * per_unit + report["cold_start_seconds"]
+        rows.append({"machines": machines, "workers": workers, "seconds": wall})
     report["estimate_resnet50"] = {
         "units": units,
         "shards": shards,
@@ -204,14 +242,15 @@ def _estimate(report: dict, args) -> None:
         "per_shard_overhead_seconds": per_shard,
         "core_hours": work / 3600,
         "rows": rows,
-        "assumes": "per-unit cost linear in images, measured on this set; store shared by path",
+        "assumes": "per-unit CPU cost linear in images, measured on this set (length "
+        f"{args.length}, beam {args.beam_size}); store shared by path; one core per worker",
     }
     print(
         f"ResNet-50, 4 stages ({units} units, {shards} shards) at {FULL_ADE_IMAGES:,} "
         f"images: {work / 3600:.2f} core-hours"
     )
     for row in rows:
-        print(f"  {row['machines']:>2} machines x {args.cores} cores: {60 * row['hours']:.1f} min")
+        print(f"  {row['machines']:>2} machines x {args.cores} cores: {row['seconds']:.0f} s")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -8,12 +8,12 @@ not hold the others up). Each worker runs the same C++ beam search as
 the same code as a local run and concatenates them in unit order, so the table is
 identical (same formulas, same float64 scores) to ``backend="local"``.
 
-Data reach the workers once per worker process, not once per shard:
+Data reach each worker process once per call, not once per shard:
 
 - the concept store is opened by each worker from its directory when it was opened
   from disk (:meth:`ConceptStore.open`, memory-mapped; the worker checks that the
-  manifest is the driver's and verifies every checksum), or else put once in Ray's
-  object store;
+  manifest is the driver's and verifies every checksum; kept open across calls), or
+  else put once in Ray's object store;
 - the unit masks are put once in the object store.
 
 Faults: a worker process that dies mid-shard is replaced and its shard rerun (Ray task
@@ -187,8 +187,9 @@ def _manifest_key(path: Path) -> str:
 
 @dataclass(frozen=True)
 class _Shared:
-    """A mask set as a worker gets it: a store directory, or an object-store reference
-    (wrapped in a list so that Ray does not fetch it before the worker's cache is asked)."""
+    """A mask set as a worker gets it: a store directory (``key`` names its manifest), or
+    an object-store reference put by the ``explain`` call ``key`` (wrapped in a list so
+    that Ray does not fetch it before the worker's cache is asked)."""
 
     key: str
     path: str | None = None
@@ -207,7 +208,7 @@ def _arrays(masks: MaskSet) -> dict[str, Any]:
     return arrays
 
 
-def _share_store(ray: Any, store: ConceptStore, mode: str) -> _Shared:
+def _share_store(ray: Any, store: ConceptStore, mode: str, call: str) -> _Shared:
     path = getattr(store, "path", None)
     if mode == "path" and path is None:
         raise PyneuronError(
@@ -216,15 +217,21 @@ def _share_store(ray: Any, store: ConceptStore, mode: str) -> _Shared:
         )
     if path is not None and mode in ("auto", "path"):
         return _Shared(_manifest_key(Path(path)), path=str(Path(path).resolve()))
-    return _Shared(_content_key(store), ref=[ray.put(_arrays(store))])
+    return _Shared(f"{call}:store", ref=[ray.put(_arrays(store))])
 
 
-# Per worker process: the mask sets already opened, by key (a few, most recent last).
+# Per worker process: the mask sets already opened, by key, most recent last. Stores
+# opened from a path stay across calls; what came through the object store is dropped
+# when a shard of another call arrives (so old objects are not pinned in memory).
 _CACHE: dict[str, MaskSet] = {}
 _CACHE_SIZE = 4
 
 
 def _open_shared(ray: Any, shared: _Shared, kind: type[MaskSet]) -> MaskSet:
+    if shared.ref is not None:
+        call = shared.key.split(":")[0]
+        for key in [k for k in _CACHE if ":" in k and not k.startswith(call + ":")]:
+            del _CACHE[key]
     cached = _CACHE.pop(shared.key, None)
     if cached is None:
         cached = _open_uncached(ray, shared, kind)
@@ -359,16 +366,12 @@ def explain_on_ray(
     # Shards are named by the contents of the inputs, not by how they reach the workers.
     store_key = _content_key(store) if backend.shard_dir is not None else ""
     shards: list[_Shard] = []
-    unit_keys: list[str] = []
     first = 0
     for index, chunk in enumerate(chunks):
-        # Without a shard directory a key of this call is enough (and hashes nothing).
-        unit_keys.append(_content_key(chunk) if store_key else uuid.uuid4().hex)
         directory = None
         if backend.shard_dir is not None:
-            run_key = _digest(
-                SHARD_FORMAT, store_key, unit_keys[-1], search_args, backend.unit_block
-            )
+            units_key = _content_key(chunk)
+            run_key = _digest(SHARD_FORMAT, store_key, units_key, search_args, backend.unit_block)
             directory = Path(backend.shard_dir) / run_key
         for start in range(0, len(chunk), backend.unit_block):
             stop = min(start + backend.unit_block, len(chunk))
@@ -389,7 +392,7 @@ def explain_on_ray(
             len(missing),
         )
     if missing:
-        _compute(backend, store, chunks, unit_keys, shards, raws, search_args, progress)
+        _compute(backend, store, chunks, shards, raws, search_args, progress)
     names = store.names
     frames = [
         _result_frame(raw, s.first_unit + s.start, names, full_beam) for s, raw in zip(shards, raws)
@@ -403,7 +406,6 @@ def _compute(
     backend: RayBackend,
     store: ConceptStore,
     chunks: list[UnitMasks],
-    unit_keys: list[str],
     shards: list[_Shard],
     raws: list[dict[str, np.ndarray] | None],
     search_args: tuple,
@@ -413,12 +415,13 @@ def _compute(
     shard files) as they finish."""
     missing = [i for i, raw in enumerate(raws) if raw is None]
     ray = _connect(backend.address)
-    store_shared = _share_store(ray, store, backend.share_store)
+    call = uuid.uuid4().hex
+    store_shared = _share_store(ray, store, backend.share_store, call)
     units_shared: dict[int, _Shared] = {}
     for i in missing:
         c = shards[i].chunk
         if c not in units_shared:
-            units_shared[c] = _Shared(unit_keys[c], ref=[ray.put(_arrays(chunks[c]))])
+            units_shared[c] = _Shared(f"{call}:units{c}", ref=[ray.put(_arrays(chunks[c]))])
 
     task = ray.remote(_run_shard).options(
         num_cpus=backend.cpus_per_task,
