@@ -8,13 +8,15 @@ not hold the others up). Each worker runs the same C++ beam search as
 the same code as a local run and concatenates them in unit order, so the table is
 identical (same formulas, same float64 scores) to ``backend="local"``.
 
-Data reach each worker process once per call, not once per shard:
+The data reach the workers this way:
 
 - the concept store is opened by each worker from its directory when it was opened
   from disk (:meth:`ConceptStore.open`, memory-mapped; the worker checks that the
   manifest is the driver's and verifies every checksum; kept open across calls), or
   else put once in Ray's object store;
-- the unit masks are put once in the object store.
+- each shard carries only its own block of unit masks (through the object store), so
+  every node receives the units it explains and no others. Shards are submitted a few
+  per worker ahead, so the driver holds only those blocks at a time.
 
 Faults: a worker process that dies mid-shard is replaced and its shard rerun (Ray task
 retries, ``max_retries``); a shard that fails on bad input fails the run with the
@@ -26,6 +28,7 @@ rerunning an interrupted run computes only the missing shards.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import uuid
@@ -41,7 +44,7 @@ from tqdm.auto import tqdm
 
 from . import _native, storage
 from .errors import PyneuronError, StoreError
-from .masks import MaskSet
+from .masks import FULL_SLOT, MaskSet
 from .store import ConceptStore
 from .units import UnitMasks
 
@@ -187,25 +190,36 @@ def _manifest_key(path: Path) -> str:
 
 @dataclass(frozen=True)
 class _Shared:
-    """A mask set as a worker gets it: a store directory (``key`` names its manifest), or
-    an object-store reference put by the ``explain`` call ``key`` (wrapped in a list so
-    that Ray does not fetch it before the worker's cache is asked)."""
+    """The concept store as a worker gets it: a directory (``key`` names its manifest),
+    or an object-store reference put by the ``explain`` call named in ``key`` (wrapped in
+    a list so that Ray does not fetch it before the worker's cache is asked)."""
 
     key: str
     path: str | None = None
     ref: list | None = None
 
 
-def _arrays(masks: MaskSet) -> dict[str, Any]:
-    arrays = {
-        "grid": masks.grid,
-        "index": (masks._offsets, masks._images, masks._slots, masks._counts),
-        "words": masks._words,
+def _store_arrays(store: ConceptStore) -> dict[str, Any]:
+    return {
+        "grid": store.grid,
+        "index": (store._offsets, store._images, store._slots, store._counts),
+        "words": store._words,
+        "names": store.names,
+        "categories": store.categories,
     }
-    if isinstance(masks, ConceptStore):
-        arrays["names"] = masks.names
-        arrays["categories"] = masks.categories
-    return arrays
+
+
+def _unit_block(units: UnitMasks, start: int, stop: int) -> dict[str, Any]:
+    """The containers of units [start, stop) alone, as arrays of a new mask set."""
+    begin, end = int(units._offsets[start]), int(units._offsets[stop])
+    slots = units._slots[begin:end]
+    bitsets = slots != FULL_SLOT
+    words = units._words.reshape(-1, units.grid.words_per_image)[slots[bitsets]]
+    new_slots = np.full(slots.shape, FULL_SLOT, dtype=slots.dtype)
+    new_slots[bitsets] = np.arange(int(bitsets.sum()), dtype=slots.dtype)
+    offsets = units._offsets[start : stop + 1] - begin
+    index = (offsets, units._images[begin:end], new_slots, units._counts[begin:end])
+    return {"grid": units.grid, "index": index, "words": words}
 
 
 def _share_store(ray: Any, store: ConceptStore, mode: str, call: str) -> _Shared:
@@ -217,31 +231,31 @@ def _share_store(ray: Any, store: ConceptStore, mode: str, call: str) -> _Shared
         )
     if path is not None and mode in ("auto", "path"):
         return _Shared(_manifest_key(Path(path)), path=str(Path(path).resolve()))
-    return _Shared(f"{call}:store", ref=[ray.put(_arrays(store))])
+    return _Shared(f"{call}:store", ref=[ray.put(_store_arrays(store))])
 
 
-# Per worker process: the mask sets already opened, by key, most recent last. Stores
-# opened from a path stay across calls; what came through the object store is dropped
-# when a shard of another call arrives (so old objects are not pinned in memory).
-_CACHE: dict[str, MaskSet] = {}
+# Per worker process: the stores already opened, by key, most recent last. Stores
+# opened from a path stay across calls; one that came through the object store is
+# dropped when a shard of another call arrives (so old objects are not pinned in memory).
+_CACHE: dict[str, ConceptStore] = {}
 _CACHE_SIZE = 4
 
 
-def _open_shared(ray: Any, shared: _Shared, kind: type[MaskSet]) -> MaskSet:
+def _open_store(ray: Any, shared: _Shared) -> ConceptStore:
     if shared.ref is not None:
         call = shared.key.split(":")[0]
         for key in [k for k in _CACHE if ":" in k and not k.startswith(call + ":")]:
             del _CACHE[key]
     cached = _CACHE.pop(shared.key, None)
     if cached is None:
-        cached = _open_uncached(ray, shared, kind)
+        cached = _open_uncached(ray, shared)
         while len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
     _CACHE[shared.key] = cached
     return cached
 
 
-def _open_uncached(ray: Any, shared: _Shared, kind: type[MaskSet]) -> MaskSet:
+def _open_uncached(ray: Any, shared: _Shared) -> ConceptStore:
     if shared.path is not None:
         path = Path(shared.path)
         node = ray.util.get_node_ip_address()
@@ -256,23 +270,21 @@ def _open_uncached(ray: Any, shared: _Shared, kind: type[MaskSet]) -> MaskSet:
         except StoreError as error:
             raise StoreError(f"worker on node {node}: {error}; {hint}") from None
     data = ray.get(shared.ref[0])
-    if kind is ConceptStore:
-        return ConceptStore(
-            data["grid"], data["index"], data["words"], data["names"], data["categories"]
-        )
-    return UnitMasks(data["grid"], *data["index"], data["words"])
+    return ConceptStore(
+        data["grid"], data["index"], data["words"], data["names"], data["categories"]
+    )
 
 
 def _run_shard(
-    store: _Shared, units: _Shared, start: int, stop: int, search: tuple, threads: int
+    store: _Shared, block: dict[str, Any], search: tuple, threads: int
 ) -> dict[str, np.ndarray]:
-    """A Ray task: the engine's raw beam-search result for units [start, stop)."""
+    """A Ray task: the engine's raw beam-search result for a block of units."""
     import ray
 
-    concepts = _open_shared(ray, store, ConceptStore)
-    masks = _open_shared(ray, units, UnitMasks)
+    concepts = _open_store(ray, store)
+    units = UnitMasks(block["grid"], *block["index"], block["words"])
     _native.set_num_threads(threads)
-    return _native.beam_search(masks._native, start, stop, concepts._native, *search)
+    return _native.beam_search(units._native, 0, len(units), concepts._native, *search)
 
 
 # -- shard files ---------------------------------------------------------------------------
@@ -413,32 +425,24 @@ def _compute(
 ) -> None:
     """Run the shards whose ``raws`` entry is None on Ray, filling ``raws`` (and the
     shard files) as they finish."""
-    missing = [i for i, raw in enumerate(raws) if raw is None]
+    missing = iter([i for i, raw in enumerate(raws) if raw is None])
     ray = _connect(backend.address)
-    call = uuid.uuid4().hex
-    store_shared = _share_store(ray, store, backend.share_store, call)
-    units_shared: dict[int, _Shared] = {}
-    for i in missing:
-        c = shards[i].chunk
-        if c not in units_shared:
-            units_shared[c] = _Shared(f"{call}:units{c}", ref=[ray.put(_arrays(chunks[c]))])
-
+    store_shared = _share_store(ray, store, backend.share_store, uuid.uuid4().hex)
     task = ray.remote(_run_shard).options(
         num_cpus=backend.cpus_per_task,
         max_retries=backend.max_retries,
         retry_exceptions=False,
     )
-    pending = {
-        task.remote(
-            store_shared,
-            units_shared[shards[i].chunk],
-            shards[i].start,
-            shards[i].stop,
-            search_args,
-            backend.cpus_per_task,
-        ): i
-        for i in missing
-    }
+    # Two shards per worker in flight: every worker always has its next shard at hand.
+    window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1) // backend.cpus_per_task))
+    pending: dict[Any, int] = {}
+
+    def submit() -> None:
+        for i in itertools.islice(missing, window - len(pending)):
+            s = shards[i]
+            block = _unit_block(chunks[s.chunk], s.start, s.stop)
+            pending[task.remote(store_shared, block, search_args, backend.cpus_per_task)] = i
+
     done_units = sum(s.stop - s.start for s, raw in zip(shards, raws) if raw is not None)
     with tqdm(
         total=sum(len(chunk) for chunk in chunks),
@@ -448,6 +452,7 @@ def _compute(
         disable=None if progress else True,
     ) as bar:
         try:
+            submit()
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 i = pending.pop(ready[0])
@@ -456,6 +461,7 @@ def _compute(
                     _write_shard(shards[i].file, raw)
                 raws[i] = raw
                 bar.update(shards[i].stop - shards[i].start)
+                submit()
         finally:
             for ref in pending:
                 ray.cancel(ref)

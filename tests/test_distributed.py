@@ -187,6 +187,39 @@ def test_cli_explain_with_ray(cluster, tmp_path):
     assert not run_shard_dir(tmp_path / "ray").exists()
 
 
+def test_cli_dissect_with_ray(cluster, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from pyneuron.cli import app
+    from pyneuron.results import read_results
+
+    rng = np.random.default_rng(6)
+    (tmp_path / "images").mkdir()
+    for i in range(12):
+        pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i:02d}.png")
+    store, _ = _data(seed=6, n_units=1, n_images=12, size=8)
+    store.save(tmp_path / "store")
+    (tmp_path / "net.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.ReLU())\n"
+    )
+    args = ["dissect", "--model", f"{tmp_path / 'net.py'}:build", "--layer", "1"]
+    args += ["--images", str(tmp_path / "images"), "--concepts", str(tmp_path / "store")]
+    args += ["--image-size", "16", "--quantile", "0.1", "-q"]
+    runner = CliRunner()
+    for out, extra in (("local", []), ("ray", ["--ray", "auto"])):
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / out), *extra])
+        assert result.exit_code == 0, result.output
+    assert_frame_equal(
+        read_results(tmp_path / "ray"), read_results(tmp_path / "local"), check_exact=True
+    )
+    assert not run_shard_dir(tmp_path / "ray").exists()
+
+
 # -- faults --------------------------------------------------------------------------------
 
 
