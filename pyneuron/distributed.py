@@ -281,10 +281,14 @@ def _run_shard(
     """A Ray task: the engine's raw beam-search result for a block of units."""
     import ray
 
-    concepts = _open_store(ray, store)
+    from .search import search_cooccurrence
+
+    concepts = _open_store(ray, store)  # kept, and so is its co-occurrence table
     units = UnitMasks(block["grid"], *block["index"], block["words"])
     _native.set_num_threads(threads)
-    return _native.beam_search(units._native, 0, len(units), concepts._native, *search)
+    cooccurrence = search_cooccurrence(concepts, search[0])
+    raw = _native.beam_search(units._native, 0, len(units), concepts._native, *search, cooccurrence)
+    return {key: raw[key] for key in RESULT_KEYS}
 
 
 # -- shard files ---------------------------------------------------------------------------

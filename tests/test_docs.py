@@ -16,6 +16,11 @@ MODULES = [
     "pyneuron.search",
     "pyneuron.distributed",
     "pyneuron.formula",
+    "pyneuron.evaluate",
+    "pyneuron.null",
+    "pyneuron.faithfulness",
+    "pyneuron.netdissect",
+    "pyneuron.compexp_quantiles",
 ]
 
 

@@ -24,6 +24,7 @@ struct PyMaskSet {
 };
 
 void register_masks(py::module_& m);
+void register_netdissect(py::module_& m);
 void register_search(py::module_& m);
 void register_upsample(py::module_& m);
 
