@@ -354,7 +354,6 @@ def _connect(address: str | None) -> Any:
 @dataclass(frozen=True)
 class _Shard:
     chunk: int
-    first_unit: int  # number of the chunk's first unit in the whole table
     start: int
     stop: int
     file: Path | None
@@ -382,7 +381,6 @@ def explain_on_ray(
     # Shards are named by the contents of the inputs, not by how they reach the workers.
     store_key = _content_key(store) if backend.shard_dir is not None else ""
     shards: list[_Shard] = []
-    first = 0
     for index, chunk in enumerate(chunks):
         directory = None
         if backend.shard_dir is not None:
@@ -392,8 +390,7 @@ def explain_on_ray(
         for start in range(0, len(chunk), backend.unit_block):
             stop = min(start + backend.unit_block, len(chunk))
             file = _shard_file(directory, start, stop) if directory is not None else None
-            shards.append(_Shard(index, first, start, stop, file))
-        first += len(chunk)
+            shards.append(_Shard(index, start, stop, file))
 
     raws: list[dict[str, np.ndarray] | None] = [
         _read_shard(s.file, s.stop - s.start) if s.file is not None else None for s in shards
@@ -409,13 +406,10 @@ def explain_on_ray(
         )
     if missing:
         _compute(backend, store, chunks, shards, raws, search_args, progress)
-    names = store.names
-    frames = [
-        _result_frame(raw, s.first_unit + s.start, names, full_beam) for s, raw in zip(shards, raws)
-    ]
-    if not frames:
-        return _result_frame(None, 0, names, full_beam)
-    return pd.concat(frames, ignore_index=True)
+    # The shards cover units 0, 1, ... in order: one table from all their arrays (column
+    # types are then inferred over all units, not per shard).
+    whole = {key: np.concatenate([raw[key] for raw in raws]) for key in RESULT_KEYS}
+    return _result_frame(whole if raws else None, 0, store.names, full_beam)
 
 
 def _compute(

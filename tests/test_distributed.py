@@ -129,10 +129,13 @@ def _same_as_local(units, store, backend, **options):
 # -- identical results ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("full_beam", [False, True])
-def test_same_table_as_local(cluster, full_beam):
-    store, units = _data(seed=0, n_units=23)  # 5 shards of 5, the last one of 3
-    table = _same_as_local(units, store, RayBackend(unit_block=5), full_beam=full_beam)
+# Blocks of 5: the last one of 3; blocks of 1: a silent unit and a unit firing everywhere
+# (empty and full-image containers only) travel alone.
+@pytest.mark.parametrize(("full_beam", "unit_block"), [(False, 5), (True, 1)])
+def test_same_table_as_local(cluster, full_beam, unit_block):
+    store, units = _data(seed=0, n_units=23)
+    backend = RayBackend(unit_block=unit_block)
+    table = _same_as_local(units, store, backend, full_beam=full_beam)
     assert table["unit"].drop_duplicates().tolist() == list(range(23))
     assert table["formula"].notna().sum() > 0
 
