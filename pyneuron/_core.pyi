@@ -1,5 +1,7 @@
 """Type stubs for the compiled engine. Use the pyneuron package, not this module."""
 
+from typing import Literal, overload
+
 import numpy as np
 import numpy.typing as npt
 
@@ -41,7 +43,14 @@ def beam_search(
     cooccurrence: npt.NDArray[np.uint64] | None = None,
     block_bytes: int = ...,
 ) -> dict[str, np.ndarray | float | int]: ...
-def concept_cooccurrence(concepts: MaskSet) -> npt.NDArray[np.uint64]: ...
+@overload
+def concept_cooccurrence(
+    concepts: MaskSet, with_stats: Literal[False] = False
+) -> npt.NDArray[np.uint64]: ...
+@overload
+def concept_cooccurrence(
+    concepts: MaskSet, with_stats: Literal[True]
+) -> tuple[npt.NDArray[np.uint64], float, int]: ...
 def intersection_counts(
     units: MaskSet, begin: int, end: int, concepts: MaskSet
 ) -> npt.NDArray[np.int64]: ...

@@ -45,8 +45,6 @@ class SparseMask {
 
   // |this AND m| for mask m of a set; optionally the number of images where it is not empty.
   uint64_t intersect_count(const MaskSetView& set, int64_t m, uint64_t* images = nullptr) const;
-  // |this AND other| and the number of images where it is not empty.
-  uint64_t intersect_count(const SparseMask& other, uint64_t* images = nullptr) const;
 
   // this OP other, image by image, keeping empty and full containers as such.
   SparseMask combine(const SparseMask& other, BinaryOp op) const;
