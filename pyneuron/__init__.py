@@ -18,6 +18,7 @@ from ._native import (
 )
 from .activations import LayerFormat, capture
 from .dissect import dissect
+from .distributed import RayBackend
 from .errors import (
     EmptyStoreError,
     GridMismatchError,
@@ -56,6 +57,7 @@ __all__ = [
     "Or",
     "OutOfRangeError",
     "PyneuronError",
+    "RayBackend",
     "StoreError",
     "UnitMasks",
     "UnitMasksWriter",

@@ -84,6 +84,16 @@ OperatorsOption = Annotated[
     str, typer.Option(help="Comma-separated operators: OR, AND, AND NOT, OR NOT.")
 ]
 
+RayOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        help="Run the search on Ray: 'auto' (the running cluster), 'local' (this machine) "
+        "or the cluster's ADDRESS. Finished shards are kept in OUT.shards/ until the run "
+        "is written, so rerunning an interrupted run computes only the missing ones.",
+    ),
+]
+
 
 def friendly_errors(command: F) -> F:
     """Turn expected errors into one line on stderr and exit status 1 (unless --debug)."""
@@ -106,6 +116,26 @@ def friendly_errors(command: F) -> F:
 
 def _operators(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _backend(ray: str | None, out: Path) -> Any:
+    """The search backend of a command writing ``out``: local, or Ray with shards in
+    ``OUT.shards/``."""
+    if ray is None:
+        return "local"
+    from .distributed import RayBackend, run_shard_dir
+
+    return RayBackend(address=ray, shard_dir=run_shard_dir(out))
+
+
+def _drop_shards(ray: str | None, out: Path) -> None:
+    """Remove the shards of a Ray run once its directory is written."""
+    if ray is not None:
+        import shutil
+
+        from .distributed import run_shard_dir
+
+        shutil.rmtree(run_shard_dir(out), ignore_errors=True)
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -213,6 +243,7 @@ def dissect(
     iou: IouOption = "dataset",
     quantile: Annotated[float, typer.Option(help="Top activation quantile per unit.")] = 0.005,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    ray: RayOption = None,
     overwrite: OverwriteOption = False,
     quiet: QuietOption = False,
     config: ConfigOption = None,
@@ -266,12 +297,15 @@ def dissect(
             "iou": iou,
             "quantile": quantile,
             "batch_size": batch_size,
+            "ray": ray,
             "image_files": [str(f) for f in files],
         },
         save_store=built,
         overwrite=overwrite,
         progress=not quiet,
+        backend=_backend(ray, out),
     )
+    _drop_shards(ray, out)
     _print_best(out)
     typer.echo(f"report: {Path(summary['report']).resolve()}")
 
@@ -292,6 +326,7 @@ def explain(
     beam: BeamOption = 5,
     operators: OperatorsOption = "OR,AND,AND NOT",
     iou: IouOption = "dataset",
+    ray: RayOption = None,
     overwrite: OverwriteOption = False,
     quiet: QuietOption = False,
     config: ConfigOption = None,
@@ -315,6 +350,7 @@ def explain(
         mode=iou,
         full_beam=True,
         progress=not quiet,
+        backend=_backend(ray, out),
     )
     results = best_of_beam(beam_table)
     settings = {
@@ -324,6 +360,7 @@ def explain(
         "beam": beam,
         "operators": operators,
         "iou": iou,
+        "ray": ray,
     }
     write_run(
         out,
@@ -338,6 +375,7 @@ def explain(
         beam=beam_table,
         overwrite=overwrite,
     )
+    _drop_shards(ray, out)
     typer.echo(f"{len(results)} units explained; results in {out / 'results.parquet'}")
 
 

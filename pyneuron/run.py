@@ -68,12 +68,14 @@ def dissect_run(
     save_store: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    backend: Any = "local",
 ) -> dict[str, Any]:
     """Dissect ``layers`` of ``model`` on ``store`` and write a run directory (see module doc).
 
     ``image_source(i)`` returns image ``i`` as uint8 (H, W, 3) for the report; without
     it (or with ``report=False``) no report is written; ``save_store`` copies the concept
-    store into the run (for stores built from a Broden folder or by segmentation). The
+    store into the run (for stores built from a Broden folder or by segmentation);
+    ``backend`` is :func:`pyneuron.explain`'s (``"ray"`` or a ``RayBackend``). The
     directory appears only when everything succeeded; an existing one is kept unless
     ``overwrite``. ``iou="netdissect"`` (with ``length=1``) ranks concepts by
     NetDissect-Lite's category-restricted IoU (``explain(..., mode=...)``).
@@ -102,6 +104,7 @@ def dissect_run(
             mode=iou,
             full_beam=True,
             progress=progress,
+            backend=backend,
         )
         timings[f"explain {layer}"] = time.perf_counter() - t0
         best = best_of_beam(beam)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,9 @@ from .units import UnitMasks
 #: Largest ``length`` and ``beam_size`` of :func:`explain` (the engine's limits).
 MAX_LENGTH = _native.MAX_LENGTH
 MAX_BEAM_SIZE = _native.MAX_BEAM_SIZE
+
+if TYPE_CHECKING:
+    from .distributed import RayBackend
 
 #: Operators in engine code order; ``operators=`` takes any of them, in any order.
 OPERATORS = ("OR", "AND", "AND NOT", "OR NOT")
@@ -45,6 +49,7 @@ def explain(
     batch_size: int | None = None,
     mode: str = "dataset",
     progress: bool = True,
+    backend: str | RayBackend = "local",
 ) -> pd.DataFrame:
     """Explain every unit by the best formula over the store's concepts (exact beam search).
 
@@ -94,6 +99,11 @@ def explain(
         metrics stay dataset-wide.
     progress
         Show a progress bar (on a terminal).
+    backend
+        ``"local"`` (this process), ``"ray"`` (shards of units on a Ray cluster,
+        :mod:`pyneuron.distributed`; identical results), or a :class:`RayBackend`
+        with its settings (cluster address, unit block, resumable shard directory).
+        ``mode="netdissect"`` always runs here.
 
     Returns
     -------
@@ -126,10 +136,16 @@ def explain(
                 f"length=1 (got length={length}), or mode='dataset' for formulas"
             )
         return _explain_netdissect(units, store, beam_size, full_beam, batch_size, progress)
+    from .distributed import explain_on_ray, resolve_backend
+
+    ray_backend = resolve_backend(backend)
+    if ray_backend is not None:
+        search = (length, beam_size, ops, float(penalty))
+        return explain_on_ray(
+            units, store, ray_backend, search=search, full_beam=full_beam, progress=progress
+        )
     names = store.names
-    cooccurrence = (
-        store.cooccurrence() if length > 1 and len(store) <= COOCCURRENCE_MAX_CONCEPTS else None
-    )
+    cooccurrence = search_cooccurrence(store, length)
     frames = []
     for first_unit, chunk, batch in _batches(units, store, batch_size, progress, "explain"):
         raw = _native.beam_search(
@@ -281,6 +297,11 @@ def best_of_beam(beam: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def search_cooccurrence(store: ConceptStore, length: int) -> np.ndarray | None:
+    """The co-occurrence table the beam search screens with (None: searched without)."""
+    return store.cooccurrence() if length > 1 and len(store) <= COOCCURRENCE_MAX_CONCEPTS else None
 
 
 def _positive_int(value: int, name: str, maximum: int = 2**31 - 1) -> int:
