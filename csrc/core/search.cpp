@@ -117,7 +117,7 @@ LiveEntry primitive_entry(const SearchContext& ctx, const SparseMask& unit, int3
 // A final entry (last step) gets its counts only, without masks or intervals.
 LiveEntry extended_entry(const SearchContext& ctx, const LiveEntry& parent, const SparseMask& unit,
                          const Candidate& cand, bool final) {
-  LiveEntry live{parent.entry, SparseMask(unit.grid()), SparseMask(unit.grid()), {}};
+  LiveEntry live{parent.entry, SparseMask(), SparseMask(), {}};
   live.entry.concepts.push_back(cand.concept);
   live.entry.ops.push_back(cand.op);
   live.entry.length += 1 + is_negated(cand.op);

@@ -25,6 +25,8 @@ class SparseMask {
   static constexpr int32_t kFull = -2;
 
   explicit SparseMask(const Grid& grid);
+  // A placeholder that holds no mask (no grid): only assignable.
+  SparseMask() = default;
   // Mask m of a mask set.
   static SparseMask from_set(const MaskSetView& set, int64_t m);
 
