@@ -214,14 +214,15 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
   };
   using Stage = std::vector<std::vector<Pending>>;
   // Offers the candidates of the pairs whose counts are known, keeps the others that can
-  // still enter the beam; `counted`: whether |F∧C| was counted for this stage.
-  const auto screen = [&](Stage& stage, bool counted) {
+  // still enter the beam. `first`: screen every pair (the stage is empty), else the
+  // stage's; `counted`: whether |F∧C| was counted for this stage.
+  const auto screen = [&](Stage& stage, bool first, bool counted) {
     parallel_for(nb, [&](int64_t b) {
       UnitSearch& s = *block[b];
       const int64_t a = int64_t(s.result.unit_size);
       std::vector<double> guaranteed;  // scores some candidate surely reaches
       std::vector<Pending> left;
-      for (Pending& x : stage[b]) {
+      const auto consider = [&](Pending x) {
         const LiveEntry& parent = s.beam[x.parent];
         const int64_t f = int64_t(parent.entry.size), fa = int64_t(parent.entry.intersection);
         const int64_t c = int64_t(ctx.concept_size[x.concept]), ca = int64_t(s.ca[x.concept]);
@@ -237,7 +238,7 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
             next[b].offer({score, order, x.parent, x.concept, options.ops[k]});
           }
           ++(counted ? s.result.counted : s.result.derived);
-          continue;
+          return;
         }
         x.upper = 0;
         for (std::size_t k = 0; k < n_ops; ++k) {
@@ -246,6 +247,13 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
           guaranteed.push_back(range.lo * factor[b][x.parent][k]);
         }
         left.push_back(x);
+      };
+      if (first) {
+        for (int32_t p = 0; p < int32_t(s.beam.size()); ++p)
+          for (int32_t c = 0; c < int32_t(n_concepts); ++c)
+            if (ctx.concept_size[c] != 0) consider({p, c, kUnknown, 0});
+      } else {
+        for (const Pending& x : stage[b]) consider(x);
       }
       for (const Candidate& kept : next[b].items()) guaranteed.push_back(kept.score);
       if (guaranteed.size() >= beam_size) {
@@ -293,18 +301,14 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
   };
 
   Stage stage(static_cast<std::size_t>(nb));
-  for (int64_t b = 0; b < nb; ++b)
-    for (int32_t p = 0; p < int32_t(block[b]->beam.size()); ++p)
-      for (int32_t c = 0; c < int32_t(n_concepts); ++c)
-        if (ctx.concept_size[c] != 0) stage[b].push_back({p, c, kUnknown, 0});
-  screen(stage, false);
+  screen(stage, true, false);
   // Pass 1: |F AND C AND A|; pass 2: |F AND C|, from then on exact in the entry's intervals.
   if (count(stage, true, [](int64_t, Pending& x, uint64_t n) { x.fca = {int64_t(n), int64_t(n)}; })) {
-    screen(stage, false);
+    screen(stage, false, false);
     const auto exact = [&](int64_t b, Pending& x, uint64_t n) {
       block[b]->beam[x.parent].overlaps[x.concept] = {int64_t(n), int64_t(n)};
     };
-    if (count(stage, false, exact)) screen(stage, true);
+    if (count(stage, false, exact)) screen(stage, false, true);
   }
   advance_block(ctx, block, next, final);
 }
