@@ -17,6 +17,7 @@ except ImportError as error:  # pragma: no cover - only when the build is missin
 
 NativeMaskSet = _core.MaskSet
 beam_search = _core.beam_search
+optimal_search = _core.optimal_search
 intersection_counts = _core.intersection_counts
 evaluate_words = _core.evaluate_words
 formula_counts = _core.formula_counts

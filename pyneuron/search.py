@@ -19,6 +19,9 @@ from .units import UnitMasks
 #: Operators in engine code order; ``operators=`` takes any of them, in any order.
 OPERATORS = ("OR", "AND", "AND NOT", "OR NOT")
 DEFAULT_OPERATORS = ("OR", "AND", "AND NOT")
+SEARCHES = ("beam", "optimal")
+#: Columns the optimal search adds to the result table.
+OPTIMAL_COLUMNS = ("optimal", "upper_bound", "nodes", "seconds")
 
 UnitSource = UnitMasks | Iterable[UnitMasks]
 
@@ -34,8 +37,12 @@ def explain(
     full_beam: bool = False,
     batch_size: int | None = None,
     progress: bool = True,
+    search: str = "beam",
+    time_limit: float | None = None,
+    max_nodes: int | None = None,
 ) -> pd.DataFrame:
-    """Explain every unit by the best formula over the store's concepts (exact beam search).
+    """Explain every unit by the best formula over the store's concepts (exact beam search,
+    or with ``search="optimal"`` the guaranteed best formula).
 
     Semantics are compexp's: primitives are the concepts with IoU > 0 (ties to the
     smaller concept id); each of ``length - 1`` steps combines every beam formula
@@ -66,6 +73,18 @@ def explain(
         Units per engine call (progress granularity); default scales with threads.
     progress
         Show a progress bar (on a terminal).
+    search
+        ``"beam"`` (compexp's beam search) or ``"optimal"``: for each unit the formula of
+        maximum IoU over *every* left-deep formula of at most ``length`` concepts present
+        in the data with the given operators (concepts may repeat), found by exact branch
+        and bound (the beam's answer is its starting point, so its IoU is never lower).
+        Ties go to the shorter formula, then to the smaller concept ids read left to
+        right, then to the operator listed first in ``operators``. ``penalty`` must be
+        1.0; ``full_beam=True`` gives the one optimum per unit with ``rank`` 0.
+    time_limit, max_nodes
+        Optimal search only: a per-unit budget in seconds and in expanded nodes (None:
+        none). A unit that runs out returns the best formula found with ``optimal``
+        False and ``upper_bound`` the highest IoU any formula could still have.
 
     Returns
     -------
@@ -74,6 +93,8 @@ def explain(
         ``detection_accuracy``, ``activation_coverage``, ``samples_coverage``,
         ``explanation_coverage``, ``primitive``, ``primitive_iou``, ``unit_pixels``,
         ``unit_images``. A unit no concept overlaps has a missing ``formula`` (NA) and IoU 0.
+        The optimal search adds ``optimal`` (bool: proven), ``upper_bound`` (equal to
+        ``iou`` when proven), ``nodes`` and ``seconds`` (per unit).
 
     Examples
     --------
@@ -85,6 +106,9 @@ def explain(
     >>> row = pyneuron.explain(units, store, progress=False).loc[0]
     >>> row["formula"], round(float(row["iou"]), 6)   # "b" overlaps more, so it leads
     ('(b OR a)', 1.0)
+    >>> best = pyneuron.explain(units, store, search="optimal", progress=False).loc[0]
+    >>> best["formula"], bool(best["optimal"])    # the tie rule puts "a" first
+    ('(a OR b)', True)
     """
     ops = _operator_codes(operators, length)
     length = _positive_int(length, "length")
@@ -95,24 +119,30 @@ def explain(
         or not (math.isfinite(penalty) and penalty > 0)
     ):
         raise PyneuronError(f"penalty must be a positive finite number, got {penalty!r}")
+    if search not in SEARCHES:
+        raise PyneuronError(f"unknown search {search!r}; choose from {', '.join(SEARCHES)}")
+    optimal = search == "optimal"
+    if optimal and penalty != 1:
+        raise PyneuronError(
+            "the optimal search maximizes IoU; use penalty=1.0 with search='optimal'"
+        )
+    if not optimal and (time_limit is not None or max_nodes is not None):
+        raise PyneuronError("time_limit and max_nodes apply to search='optimal' only")
+    seconds = _time_limit(time_limit)
+    nodes = 0 if max_nodes is None else _positive_int(max_nodes, "max_nodes")
     _check_store(store)
     names = store.names
     frames = []
     for first_unit, chunk, batch in _batches(units, store, batch_size, progress, "explain"):
-        raw = _native.beam_search(
-            chunk._native,
-            batch.start,
-            batch.stop,
-            store._native,
-            length,
-            beam_size,
-            ops,
-            float(penalty),
-        )
-        frames.append(_result_frame(raw, first_unit + batch.start, names, full_beam))
-    return (
-        pd.concat(frames, ignore_index=True) if frames else _result_frame(None, 0, names, full_beam)
-    )
+        args = (chunk._native, batch.start, batch.stop, store._native, length)
+        if optimal:
+            raw = _native.optimal_search(*args, ops, beam_size, seconds, nodes)
+        else:
+            raw = _native.beam_search(*args, beam_size, ops, float(penalty))
+        frames.append(_result_frame(raw, first_unit + batch.start, names, full_beam, optimal))
+    if frames:
+        return pd.concat(frames, ignore_index=True)
+    return _result_frame(None, 0, names, full_beam, optimal)
 
 
 def iou_table(units: UnitSource, store: ConceptStore, *, progress: bool = True) -> np.ndarray:
@@ -178,6 +208,15 @@ def best_of_beam(beam: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def _time_limit(value: float | None) -> float:
+    """Seconds as the engine takes them (0.0: no limit)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise PyneuronError(f"time_limit must be a positive number of seconds, got {value!r}")
+    return float(value) if math.isfinite(value) else 0.0
 
 
 def _positive_int(value: int, name: str) -> int:
@@ -266,7 +305,7 @@ def _render(concept_ids: np.ndarray, op_codes: np.ndarray, names: Sequence[str])
 
 
 def _result_frame(
-    raw: dict | None, first_unit: int, names: Sequence[str], full_beam: bool
+    raw: dict | None, first_unit: int, names: Sequence[str], full_beam: bool, optimal: bool = False
 ) -> pd.DataFrame:
     columns = [
         "unit",
@@ -279,6 +318,7 @@ def _result_frame(
         "primitive_iou",
         "unit_pixels",
         "unit_images",
+        *(OPTIMAL_COLUMNS if optimal else []),
     ]
     if raw is None:
         return pd.DataFrame({c: [] for c in columns})
@@ -315,4 +355,6 @@ def _result_frame(
     frame["primitive_iou"] = raw["primitive_iou"][unit_idx]
     frame["unit_pixels"] = raw["unit_size"][unit_idx]
     frame["unit_images"] = raw["unit_images"][unit_idx]
+    for column in OPTIMAL_COLUMNS if optimal else []:
+        frame[column] = raw[column][unit_idx]
     return frame[columns]

@@ -25,6 +25,7 @@ struct PyMaskSet {
 
 void register_masks(py::module_& m);
 void register_search(py::module_& m);
+void register_optimal(py::module_& m);
 void register_upsample(py::module_& m);
 
 }  // namespace pyneuron::bindings

@@ -13,6 +13,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_num_threads", &set_num_threads, py::arg("n"), "Set the number of worker threads.");
   register_masks(m);
   register_search(m);
+  register_optimal(m);
   register_upsample(m);
 }
 
