@@ -34,8 +34,8 @@
 //
 // Pruning that removes formulas without a bound, each only where an equal-mask formula
 // with a smaller tie key stays in the space (so the best key is never removed):
-// * a step that leaves the mask unchanged (|W op d| = |W|: every operator either only
-//   grows or only shrinks the set): W op d op' ... has the mask of the shorter W op' ...
+// * a step dominated by its left operand (an OR that adds no pixel of A, an AND that
+//   removes no pixel outside A; unchanged masks included): see expand().
 // * the first pair of a symmetric operator (OR, AND) with c2 < c1: c1 op c2 is c2 op c1.
 // * (without OR NOT) the extensions of a node with I(W) = 0: every operator is monotone
 //   in its left operand, so Y(W) ⊇ Y(∅) with the same intersection with A, and Y(∅) is
@@ -140,6 +140,9 @@ Span span_of(BinaryOp op, int64_t z, int64_t c, int64_t w, int64_t d, int64_t zd
 }
 
 bool symmetric(BinaryOp op) { return op == BinaryOp::Or || op == BinaryOp::And; }
+
+// OR and OR NOT only grow the left operand; AND and AND NOT only shrink it.
+bool grows(BinaryOp op) { return op == BinaryOp::Or || op == BinaryOp::OrNot; }
 
 // A candidate formula in tie order: concepts (present indices, ascending = store id
 // order) and operators (indices into options.ops).
@@ -289,11 +292,36 @@ class UnitSearch {
     }
     for (int32_t j = n - 1; j >= 0; --j)
       suffix_ratio_[j] = std::max(suffix_ratio_[j + 1], ratio(ci_[order[j]], ce_[order[j]]));
+    by_e_desc_.assign(order.rbegin(), order.rend());
+    by_i_desc_ = order;
+    std::stable_sort(by_i_desc_.begin(), by_i_desc_.end(), [&](int32_t x, int32_t y) { return ci_[x] > ci_[y]; });
   }
 
   uint64_t pair_i(int32_t p, int32_t q) const {
     const int32_t x = aidx_[p], y = aidx_[q];
     return x < 0 || y < 0 ? 0 : pair_i_[std::size_t(x) * k_ + y];
+  }
+
+  // |X∧d∧A| and |X∧d| for every d, contiguous.
+  struct RowRef {
+    const uint64_t* i;
+    const uint64_t* size;
+  };
+
+  // The row of concept p (built on first use).
+  RowRef concept_row(int32_t p) {
+    if (concept_rows_.empty()) concept_rows_.resize(t_.n);
+    std::vector<uint64_t>& row = concept_rows_[p];
+    if (row.empty()) {
+      row.resize(std::size_t(t_.n));
+      for (int32_t d = 0; d < t_.n; ++d) row[d] = pair_i(p, d);
+    }
+    return {row.data(), t_.pair.data() + std::size_t(p) * std::size_t(t_.n)};
+  }
+
+  RowRef row_ref(const Node& x) {
+    if (x.depth == 1) return concept_row(x.key.c[0]);
+    return {x.row_i.data(), x.row_size.data()};
   }
 
   // ---- bounds ------------------------------------------------------------------------
@@ -330,17 +358,6 @@ class UnitSearch {
     return std::max(here, last_step(i, e));
   }
 
-  // Exact |X∧d∧A| and |X∧d∖A| where X's row is known.
-  void row_of(const Node& x, int32_t d, uint64_t& i, uint64_t& e) const {
-    if (x.depth == 1) {
-      i = pair_i(x.key.c[0], d);
-      e = t_.at(x.key.c[0], d) - i;
-    } else {
-      i = x.row_i[d];
-      e = x.row_size[d] - i;
-    }
-  }
-
   // Bounds (i_max, e_min) for Y = W op d given spans of |W∧d| on A and on ¬A.
   void y_bounds(BinaryOp op, const Node& w, int32_t d, Span si, Span se, uint64_t& im, uint64_t& em) const {
     const int64_t wi = int64_t(w.i), we = int64_t(w.e), di = int64_t(ci_[d]), de = int64_t(ce_[d]);
@@ -356,24 +373,21 @@ class UnitSearch {
     em = uint64_t(std::max<int64_t>(e, 0));
   }
 
-  // Spans of |W∧d| (exact where W's row is known, else from its parent's row).
-  void spans(const Node& w, const Node* parent, int32_t d, Span& si, Span& se) const {
-    if (w.depth == 1 || !w.row_size.empty()) {
-      uint64_t i, e;
-      row_of(w, d, i, e);
-      si = {int64_t(i), int64_t(i)};
-      se = {int64_t(e), int64_t(e)};
+  // Spans of |W∧d| on A and ¬A: exact from W's row when known (own = true), else
+  // from its parent Z's row and its last concept c's row.
+  static void spans(const Node& w, const Node* parent, bool own, RowRef wr, RowRef zr, RowRef cr, BinaryOp op,
+                    int32_t d, int64_t a, int64_t na, int64_t c_i, int64_t c_e, int64_t d_i, int64_t d_e, Span& si,
+                    Span& se) {
+    if (own) {
+      si = {int64_t(wr.i[d]), int64_t(wr.i[d])};
+      const int64_t e = int64_t(wr.size[d] - wr.i[d]);
+      se = {e, e};
       return;
     }
-    const int32_t c = w.key.c.back();
-    const BinaryOp op = opt_.ops[w.key.op.back()];
-    uint64_t zi, ze;
-    row_of(*parent, d, zi, ze);
-    const uint64_t ci = pair_i(c, d), ce = t_.at(c, d) - ci;
-    si = span_of(op, int64_t(parent->i), int64_t(ci_[c]), int64_t(w.i), int64_t(ci_[d]), int64_t(zi), int64_t(ci),
-                 int64_t(a_));
-    se = span_of(op, int64_t(parent->e), int64_t(ce_[c]), int64_t(w.e), int64_t(ce_[d]), int64_t(ze), int64_t(ce),
-                 int64_t(total_ - a_));
+    const int64_t zi = int64_t(zr.i[d]), ze = int64_t(zr.size[d]) - zi;
+    const int64_t ci = int64_t(cr.i[d]), ce = int64_t(cr.size[d]) - ci;
+    si = span_of(op, int64_t(parent->i), c_i, int64_t(w.i), d_i, zi, ci, a);
+    se = span_of(op, int64_t(parent->e), c_e, int64_t(w.e), d_e, ze, ce, na);
   }
 
   // Exact counts of W op d from |W∧d∧A| = wdi and |W∧d∖A| = wde.
@@ -485,30 +499,75 @@ class UnitSearch {
 
   // Node w (counts known, `remaining` >= 1 steps left): bound its extensions by the
   // pairwise spans, then count them exactly.
+  //
+  // Besides the bounds, an extension Y = W op d is dropped when it is dominated by W
+  // itself: an OR / OR NOT step that adds no pixel of A (Y ⊇ W, I(Y) = I(W)) or an
+  // AND / AND NOT step that removes no pixel outside A (Y ⊆ W, E(Y) = E(W)). Formulas
+  // are evaluated pixel by pixel and every operator is monotone in its left operand, so
+  // any continuation of Y agrees with the same continuation of W on A (first case) or
+  // outside A (second case) and is a superset (subset) of it: its IoU is at most that of
+  // the shorter formula without the step, which stays in the space.
   void expand(Node& w, Node* parent, int remaining) {
     ++nodes_;
     const int32_t n = t_.n;
     const int k = w.depth;
     const int32_t n_ops = int32_t(opt_.ops.size());
-    const bool exact = w.depth == 1;
-    // Candidate extensions (op, d) that the pairwise bound cannot exclude.
+    const bool own = w.depth == 1;
+    const RowRef wr = own ? row_ref(w) : RowRef{nullptr, nullptr};
+    const RowRef zr = own ? RowRef{nullptr, nullptr} : row_ref(*parent);
+    const int32_t c = w.key.c.back();
+    const RowRef cr = own ? RowRef{nullptr, nullptr} : concept_row(c);
+    const BinaryOp last_op = own ? BinaryOp::Or : opt_.ops[w.key.op.back()];
+    const int64_t a = int64_t(a_), na = int64_t(total_ - a_);
+    // Candidate extensions (op, d) that neither a bound nor dominance excludes.
     std::vector<Child> cands;
-    for (int32_t d = 0; d < n; ++d) {
+    auto consider = [&](int32_t d, int32_t j) {
+      const BinaryOp op = opt_.ops[j];
+      if (k == 1 && symmetric(op) && d < w.key.c[0]) return;
       Span si, se;
-      spans(w, parent, d, si, se);
+      spans(w, parent, own, wr, zr, cr, last_op, d, a, na, int64_t(ci_[c]), int64_t(ce_[c]), int64_t(ci_[d]),
+            int64_t(ce_[d]), si, se);
+      uint64_t im, em;
+      y_bounds(op, w, d, si, se, im, em);
+      if (grows(op) ? im <= w.i : em >= w.e) return;  // dominated by W
+      // b covers Y = W op d and its extensions; on a tie only a key below the
+      // incumbent's can win, and Y's extensions are longer than Y.
+      const double b = reach(im, em, remaining - 1);
+      if (b < best_iou_ || (b == best_iou_ && !beats(b, extend(w.key, j, d)))) return;
+      cands.push_back({b, j, d, 0, 0});
+    };
+    if (remaining > 1 || best_iou_ <= 0) {
+      for (int32_t d = 0; d < n; ++d)
+        for (int32_t j = 0; j < n_ops; ++j) consider(d, j);
+    } else {
+      // Last step: only concepts that could reach the incumbent by the whole-set bound
+      // of Y = W op d. OR: IoU <= (I(W) + I(d)) / (a + E(W)); AND: <= I(d) / a; AND NOT:
+      // <= I(W) / (a + E(W) - E(d)). Thresholds are loosened by a relative 1e-9 and one
+      // pixel, so rounding never drops a candidate; the exact bound follows.
+      const double t = best_iou_ * (1.0 - 1e-9);
       for (int32_t j = 0; j < n_ops; ++j) {
-        if (k == 1 && symmetric(opt_.ops[j]) && d < w.key.c[0]) continue;
-        uint64_t im, em;
-        y_bounds(opt_.ops[j], w, d, si, se, im, em);
-        // b covers Y = W op d and its extensions; on a tie only a key below the
-        // incumbent's can win, and Y's extensions are longer than Y.
-        const double b = reach(im, em, remaining - 1);
-        if (b < best_iou_ || (b == best_iou_ && !beats(b, extend(w.key, j, d)))) continue;
-        cands.push_back({b, j, d, 0, 0});
+        const BinaryOp op = opt_.ops[j];
+        if (op == BinaryOp::OrNot) {
+          for (int32_t d = 0; d < n; ++d) consider(d, j);
+          continue;
+        }
+        const bool by_i = op != BinaryOp::AndNot;
+        const std::vector<int32_t>& order = by_i ? by_i_desc_ : by_e_desc_;
+        const double need = op == BinaryOp::Or    ? t * double(a_ + w.e) - double(w.i)
+                            : op == BinaryOp::And ? t * double(a_)
+                                                  : double(a_ + w.e) - double(w.i) / t;
+        for (const int32_t d : order) {
+          const double value = double(by_i ? ci_[d] : ce_[d]);
+          if (value <= 0 || value < need - 1.0) break;
+          consider(d, j);
+        }
       }
+      // Count each concept once, whatever the operators that need it.
+      std::sort(cands.begin(), cands.end(),
+                [](const Child& x, const Child& y) { return x.d != y.d ? x.d < y.d : x.op < y.op; });
     }
     if (cands.empty()) return;
-    if (!exact) {
+    if (!own) {
       materialize(w, parent);
       if (remaining > 1) {
         w.row_size.resize(n);
@@ -521,18 +580,25 @@ class UnitSearch {
         }
       }
     }
+    const bool rows = own || remaining > 1;
+    const RowRef full = rows ? row_ref(w) : RowRef{nullptr, nullptr};
     std::vector<Child> children;
     int32_t counted = -1;
     uint64_t wdi = 0, wde = 0;
     for (const Child& cand : cands) {
       if (cand.d != counted) {
-        if (exact || remaining > 1) row_of(w, cand.d, wdi, wde);
-        else count_with(w, cand.d, wdi, wde);
+        if (rows) {
+          wdi = full.i[cand.d];
+          wde = full.size[cand.d] - wdi;
+        } else {
+          count_with(w, cand.d, wdi, wde);
+        }
         counted = cand.d;
       }
+      const BinaryOp op = opt_.ops[cand.op];
       uint64_t i, e;
-      child_counts(opt_.ops[cand.op], w, cand.d, wdi, wde, i, e);
-      if (i + e == w.i + w.e) continue;  // the step leaves the mask unchanged
+      child_counts(op, w, cand.d, wdi, wde, i, e);
+      if (grows(op) ? i == w.i : e == w.e) continue;  // dominated by W (incl. unchanged masks)
       offer(ratio(i, e), extend(w.key, cand.op, cand.d));
       if (remaining > 1 && (has_ornot_ || i > 0))
         children.push_back({reach(i, e, remaining - 1), cand.op, cand.d, i, e});
@@ -571,9 +637,11 @@ class UnitSearch {
   std::vector<int32_t> aidx_;
   int32_t k_ = 0;
   std::vector<uint64_t> pair_i_;
+  std::vector<std::vector<uint64_t>> concept_rows_;
   uint64_t max_i_ = 0, max_e_ = 0;
   std::vector<uint64_t> top_i_, by_e_, prefix_i_;
   std::vector<double> suffix_ratio_;
+  std::vector<int32_t> by_i_desc_, by_e_desc_;  // present concepts by I(d), by E(d), descending
   Clock::time_point deadline_;
   double best_iou_ = 0.0;
   Key best_;
