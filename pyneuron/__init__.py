@@ -3,7 +3,7 @@ over concepts, exactly and fast.
 
 Main entry points: :func:`dissect` (model layer -> explanations), :func:`capture`,
 :class:`ConceptStore`, :class:`UnitMasks`, :func:`explain`, :func:`iou_table`,
-:func:`score` and :class:`Formula`.
+:func:`compare_searches`, :func:`score` and :class:`Formula`.
 """
 
 from . import concepts, describe
@@ -25,7 +25,7 @@ from .errors import (
 )
 from .formula import And, Concept, Formula, Not, Or
 from .grid import Grid
-from .search import OPERATORS, explain, iou_table, score
+from .search import OPERATORS, compare_searches, explain, iou_table, score
 from .store import ConceptStore, ConceptStoreWriter
 from .thresholds import activation_ranges, compexp_level, quantile_thresholds, user_thresholds
 from .units import UnitMasks, UnitMasksWriter
@@ -58,6 +58,7 @@ __all__ = [
     "available_simd_levels",
     "bilinear_resize",
     "capture",
+    "compare_searches",
     "compexp_level",
     "dissect",
     "explain",

@@ -75,6 +75,16 @@ BeamOption = Annotated[int, typer.Option("--beam", help="Beam size.")]
 OperatorsOption = Annotated[
     str, typer.Option(help="Comma-separated operators: OR, AND, AND NOT, OR NOT.")
 ]
+SearchOption = Annotated[
+    str,
+    typer.Option(help="beam (compexp's beam search) or optimal (guaranteed best formula)."),
+]
+TimeLimitOption = Annotated[
+    float | None, typer.Option(help="Optimal search: seconds per unit (default: none).")
+]
+MaxNodesOption = Annotated[
+    int | None, typer.Option(help="Optimal search: expanded nodes per unit (default: none).")
+]
 
 
 def friendly_errors(command: F) -> F:
@@ -202,6 +212,9 @@ def dissect(
     length: LengthOption = 3,
     beam: BeamOption = 5,
     operators: OperatorsOption = "OR,AND,AND NOT",
+    search: SearchOption = "beam",
+    time_limit: TimeLimitOption = None,
+    max_nodes: MaxNodesOption = None,
     quantile: Annotated[float, typer.Option(help="Top activation quantile per unit.")] = 0.005,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     overwrite: OverwriteOption = False,
@@ -237,6 +250,9 @@ def dissect(
         length=length,
         beam_size=beam,
         operators=_operators(operators),
+        search=search,
+        time_limit=time_limit,
+        max_nodes=max_nodes,
         batch_size=batch_size,
         transform=processor or image_transform(image_size),
         config={
@@ -253,6 +269,9 @@ def dissect(
             "length": length,
             "beam": beam,
             "operators": operators,
+            "search": search,
+            "time_limit": time_limit,
+            "max_nodes": max_nodes,
             "quantile": quantile,
             "batch_size": batch_size,
             "image_files": [str(f) for f in files],
@@ -287,6 +306,9 @@ def explain(
     length: LengthOption = 3,
     beam: BeamOption = 5,
     operators: OperatorsOption = "OR,AND,AND NOT",
+    search: SearchOption = "beam",
+    time_limit: TimeLimitOption = None,
+    max_nodes: MaxNodesOption = None,
     overwrite: OverwriteOption = False,
     quiet: QuietOption = False,
     config: ConfigOption = None,
@@ -307,6 +329,9 @@ def explain(
         length=length,
         beam_size=beam,
         operators=_operators(operators),
+        search=search,
+        time_limit=time_limit,
+        max_nodes=max_nodes,
         full_beam=True,
         progress=not quiet,
     )
@@ -317,6 +342,9 @@ def explain(
         "length": length,
         "beam": beam,
         "operators": operators,
+        "search": search,
+        "time_limit": time_limit,
+        "max_nodes": max_nodes,
     }
     write_run(
         out,

@@ -57,6 +57,9 @@ def dissect_run(
     length: int = 3,
     beam_size: int = 5,
     operators: Sequence[str] = ("OR", "AND", "AND NOT"),
+    search: str = "beam",
+    time_limit: float | None = None,
+    max_nodes: int | None = None,
     batch_size: int = 32,
     transform: Callable[..., Any] | None = None,
     config: Mapping[str, Any] | None = None,
@@ -73,7 +76,8 @@ def dissect_run(
     it (or with ``report=False``) no report is written; ``save_store`` copies the concept
     store into the run (for stores built from a Broden folder or by segmentation). The
     directory appears only when everything succeeded; an existing one is kept unless
-    ``overwrite``.
+    ``overwrite``. ``search``, ``time_limit`` and ``max_nodes`` are those of
+    :func:`pyneuron.explain`.
     Returns the summary.
     """
     out = Path(out)
@@ -96,6 +100,9 @@ def dissect_run(
             length=length,
             beam_size=beam_size,
             operators=operators,
+            search=search,
+            time_limit=time_limit,
+            max_nodes=max_nodes,
             full_beam=True,
             progress=progress,
         )
@@ -123,6 +130,9 @@ def dissect_run(
             "length": length,
             "beam_size": beam_size,
             "operators": list(operators),
+            "search": search,
+            "time_limit": time_limit,
+            "max_nodes": max_nodes,
             "quantile": quantile,
         },
         "timings_seconds": timings,

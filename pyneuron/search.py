@@ -130,6 +130,8 @@ def explain(
         raise PyneuronError("time_limit and max_nodes apply to search='optimal' only")
     seconds = _time_limit(time_limit)
     nodes = 0 if max_nodes is None else _positive_int(max_nodes, "max_nodes")
+    if optimal and batch_size is None:
+        batch_size = 2**31 - 1  # one engine call per chunk: the pair tables are built per call
     _check_store(store)
     names = store.names
     frames = []
@@ -143,6 +145,74 @@ def explain(
     if frames:
         return pd.concat(frames, ignore_index=True)
     return _result_frame(None, 0, names, full_beam, optimal)
+
+
+#: Verdicts of :func:`compare_searches`, per unit.
+AUDIT_VERDICTS = ("same formula", "same IoU", "beam worse", "no formula")
+
+
+def compare_searches(
+    units: UnitSource,
+    store: ConceptStore,
+    *,
+    length: int = 3,
+    beam_size: int = 5,
+    operators: Sequence[str] = DEFAULT_OPERATORS,
+    time_limit: float | None = None,
+    max_nodes: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Optimality audit of the beam: beam and optimal search on the same units, side by side.
+
+    Parameters
+    ----------
+    units, store, length, beam_size, operators, time_limit, max_nodes, progress
+        As for :func:`explain` (the budget applies to the optimal search).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per unit: ``unit``, ``beam_formula``, ``beam_iou``, ``optimal_formula``,
+        ``optimal_iou``, ``optimal`` (the optimum is proven), ``upper_bound``, ``gap``
+        (optimal IoU minus beam IoU, never negative) and ``audit``: ``"same formula"``,
+        ``"same IoU"`` (a different formula, equally good), ``"beam worse"`` or
+        ``"no formula"`` (no formula overlaps the unit). Where ``optimal`` is False the
+        verdict compares the beam with the best formula found within the budget.
+
+    Examples
+    --------
+    >>> import numpy as np, pyneuron
+    >>> rng = np.random.default_rng(0)
+    >>> concepts = rng.random((4, 20, 8, 8)) < 0.3
+    >>> store = pyneuron.ConceptStore.from_masks(concepts, ["a", "b", "c", "d"])
+    >>> units = pyneuron.UnitMasks.from_masks((concepts[0] | concepts[1])[None])
+    >>> pyneuron.compare_searches(units, store, progress=False)["audit"].tolist()
+    ['same IoU']
+    """
+    options = dict(length=length, beam_size=beam_size, operators=operators, progress=progress)
+    beam = explain(units, store, **options)
+    best = explain(
+        units, store, search="optimal", time_limit=time_limit, max_nodes=max_nodes, **options
+    )
+    gap = (best["iou"] - beam["iou"]).clip(lower=0.0)
+    audit = np.select(
+        [best["formula"].isna(), best["formula"] == beam["formula"], gap == 0],
+        ["no formula", "same formula", "same IoU"],
+        "beam worse",
+    )
+    return pd.DataFrame(
+        {
+            "unit": beam["unit"],
+            "beam_formula": beam["formula"],
+            "beam_iou": beam["iou"],
+            "optimal_formula": best["formula"],
+            "optimal_iou": best["iou"],
+            "optimal": best["optimal"],
+            "upper_bound": best["upper_bound"],
+            "gap": gap,
+            "audit": audit,
+        }
+    )
 
 
 def iou_table(units: UnitSource, store: ConceptStore, *, progress: bool = True) -> np.ndarray:
