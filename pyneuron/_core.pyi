@@ -38,6 +38,17 @@ def beam_search(
     ops: list[int],
     penalty: float,
 ) -> dict[str, np.ndarray]: ...
+def optimal_search(
+    units: MaskSet,
+    begin: int,
+    end: int,
+    concepts: MaskSet,
+    length: int,
+    ops: list[int],
+    beam_size: int,
+    time_limit: float,
+    max_nodes: int,
+) -> dict[str, np.ndarray]: ...
 def intersection_counts(
     units: MaskSet, begin: int, end: int, concepts: MaskSet
 ) -> npt.NDArray[np.int64]: ...

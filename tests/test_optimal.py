@@ -84,7 +84,9 @@ def test_ties_go_to_the_shorter_then_smaller_formula():
     unit = (concepts[0] | concepts[1])[None]
     names = _names(4)
     store = pyneuron.ConceptStore.from_masks(concepts, names)
-    got = pyneuron.explain(pyneuron.UnitMasks.from_masks(unit), store, search="optimal", progress=False)
+    got = pyneuron.explain(
+        pyneuron.UnitMasks.from_masks(unit), store, search="optimal", progress=False
+    )
     assert got.loc[0, "formula"] == "(c0 OR c1)" and got.loc[0, "iou"] == pytest.approx(1.0)
     # A formula of one concept wins over the longer ones equal to it.
     got = pyneuron.explain(
@@ -108,7 +110,9 @@ def test_planted_and_or_beats_the_best_single_concept():
     unit |= rng.random(shape) < 0.002
     names = _names(12)
     store = pyneuron.ConceptStore.from_masks(concepts, names)
-    got = pyneuron.explain(pyneuron.UnitMasks.from_masks(unit[None]), store, search="optimal", progress=False)
+    got = pyneuron.explain(
+        pyneuron.UnitMasks.from_masks(unit[None]), store, search="optimal", progress=False
+    )
     row = got.loc[0]
     assert 0.7 < row["primitive_iou"] < 0.8  # the best single concept (c9) is far from it
     assert bool(row["optimal"])
@@ -196,3 +200,21 @@ def test_bad_options_raise_clear_errors(options, message):
     _, _, _, store, masks = _case(0, (3, 1, 1))
     with pytest.raises(PyneuronError, match=message):
         pyneuron.explain(masks, store, progress=False, **options)
+
+
+def test_report_layer_summary_shows_the_audit(tmp_path):
+    concepts, units, names, store, masks = _case(4, (5, 8, 8), n_concepts=8, n_units=12)
+    audit = pyneuron.compare_searches(masks, store, progress=False)
+    results = pyneuron.explain(masks, store, search="optimal", progress=False)
+    results["audit"], results["gap"] = audit["audit"], audit["gap"]
+    from pyneuron.report import write_report
+
+    out = write_report(
+        tmp_path / "report", results, store, unit_masks=masks, images=None, top_images={},
+        max_units=2, progress=False,
+    )  # fmt: skip
+    index = (out / "index.html").read_text()
+    assert f"{int(results['optimal'].sum())} of {len(results)}" in index
+    counts = audit["audit"].value_counts()
+    for verdict, n in counts.items():
+        assert f"{n} {verdict}" in index

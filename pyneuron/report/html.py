@@ -19,8 +19,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..errors import PyneuronError
-from ..search import AUDIT_VERDICTS
 from ..formula import Concept, Formula, Not, _Binary
+from ..search import AUDIT_VERDICTS
 from ..store import ConceptStore
 from ..units import UnitMasks
 from .images import (
