@@ -207,13 +207,20 @@ def test_report_layer_summary_shows_the_audit(tmp_path):
     audit = pyneuron.compare_searches(masks, store, progress=False)
     results = pyneuron.explain(masks, store, search="optimal", progress=False)
     results["audit"], results["gap"] = audit["audit"], audit["gap"]
+    results.insert(0, "layer", "layer")
     from pyneuron.report import write_report
 
     out = write_report(
-        tmp_path / "report", results, store, unit_masks=masks, images=None, top_images={},
-        max_units=2, progress=False,
-    )  # fmt: skip
-    index = (out / "index.html").read_text()
+        tmp_path / "report",
+        results,
+        store,
+        unit_masks={"layer": masks},
+        images=None,
+        top_images={},
+        max_units=2,
+        progress=False,
+    )
+    index = out.read_text()  # write_report returns the index page
     assert f"{int(results['optimal'].sum())} of {len(results)}" in index
     counts = audit["audit"].value_counts()
     for verdict, n in counts.items():
