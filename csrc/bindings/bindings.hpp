@@ -4,7 +4,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <vector>
+
 #include "mask_set.hpp"
+#include "search.hpp"
 
 namespace pyneuron::bindings {
 
@@ -22,6 +25,11 @@ struct PyMaskSet {
   CArray<uint64_t> words;
   MaskSetView view;
 };
+
+// Operators from their codes (0 OR, 1 AND, 2 AND NOT, 3 OR NOT); throws on others.
+std::vector<BinaryOp> to_ops(const std::vector<int>& codes);
+// beam_search's result arrays: (units, beam_size, length) concepts and so on.
+py::dict beam_dict(const std::vector<UnitResult>& results, int beam_size, int length);
 
 void register_masks(py::module_& m);
 void register_search(py::module_& m);

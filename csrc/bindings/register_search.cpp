@@ -22,13 +22,24 @@ py::dict run_beam_search(const PyMaskSet& units, int64_t begin, int64_t end, con
   options.length = length;
   options.beam_size = beam_size;
   options.penalty = penalty;
-  options.ops.clear();
-  for (int code : ops) options.ops.push_back(to_op(code));
+  options.ops = to_ops(ops);
   std::vector<UnitResult> results;
   {
     py::gil_scoped_release release;
     results = beam_search(units.view, begin, end, concepts.view, options);
   }
+  return beam_dict(results, beam_size, length);
+}
+
+}  // namespace
+
+std::vector<BinaryOp> to_ops(const std::vector<int>& codes) {
+  std::vector<BinaryOp> ops;
+  for (int code : codes) ops.push_back(to_op(code));
+  return ops;
+}
+
+py::dict beam_dict(const std::vector<UnitResult>& results, int beam_size, int length) {
   const py::ssize_t n = static_cast<py::ssize_t>(results.size());
   const py::ssize_t b = beam_size, len = length;
   py::array_t<int32_t> concepts_out({n, b, len});
@@ -88,6 +99,8 @@ py::dict run_beam_search(const PyMaskSet& units, int64_t begin, int64_t end, con
   out["counted"] = counted;
   return out;
 }
+
+namespace {
 
 py::array_t<int64_t> run_intersection_counts(const PyMaskSet& units, int64_t begin, int64_t end,
                                              const PyMaskSet& concepts) {
