@@ -82,6 +82,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--units", type=int, help="override the number of units")
     p.add_argument("--beam-size", type=int, default=5)
+    p.add_argument(
+        "--repeat", type=int, default=3, help="runs per length, fastest kept (runs under 60 s)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", help="directory to keep generated probing sets in")
     p.add_argument("--output", help="JSON path (default bench/results/optimal-<size>.json)")
@@ -103,9 +106,15 @@ def _run(units, store, length: int, args) -> dict:
     t0 = time.perf_counter()
     beam = pyneuron.explain(units, store, **options)
     beam_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    best = pyneuron.explain(units, store, search="optimal", time_limit=args.time_limit, **options)
-    optimal_seconds = time.perf_counter() - t0
+    # Other work on a shared machine inflates wall times: repeat short runs, keep the fastest.
+    tries = []
+    while len(tries) < args.repeat and (not tries or tries[-1][0] < 60):
+        t0 = time.perf_counter()
+        table = pyneuron.explain(
+            units, store, search="optimal", time_limit=args.time_limit, **options
+        )
+        tries.append((time.perf_counter() - t0, table))
+    optimal_seconds, best = min(tries, key=lambda item: item[0])
     seconds, nodes = best["seconds"].to_numpy(), best["nodes"].to_numpy()
     gap = np.clip(best["iou"].to_numpy() - beam["iou"].to_numpy(), 0.0, None)
     same = (best["formula"] == beam["formula"]).to_numpy()
@@ -116,6 +125,8 @@ def _run(units, store, length: int, args) -> dict:
         "units": len(best),
         "beam_wall_seconds": beam_seconds,
         "optimal_wall_seconds": optimal_seconds,
+        "optimal_wall_seconds_all_tries": [seconds for seconds, _ in tries],
+        "loadavg_after": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "per_unit_seconds": _quantiles(seconds),
         "nodes": _quantiles(nodes.astype(float)),
         "proven_optimal": int(proven.sum()),

@@ -22,6 +22,8 @@ DEFAULT_OPERATORS = ("OR", "AND", "AND NOT")
 SEARCHES = ("beam", "optimal")
 #: Columns the optimal search adds to the result table.
 OPTIMAL_COLUMNS = ("optimal", "upper_bound", "nodes", "seconds")
+#: Concepts present in the data the optimal search accepts (as csrc/core/optimal.cpp).
+MAX_OPTIMAL_CONCEPTS = 6000
 
 UnitSource = UnitMasks | Iterable[UnitMasks]
 
@@ -133,6 +135,13 @@ def explain(
     if optimal and batch_size is None:
         batch_size = 2**31 - 1  # one engine call per chunk: the pair tables are built per call
     _check_store(store)
+    present = int((store.pixel_counts > 0).sum())
+    if optimal and present > MAX_OPTIMAL_CONCEPTS:
+        raise PyneuronError(
+            f"the optimal search supports at most {MAX_OPTIMAL_CONCEPTS:,} concepts present in "
+            f"the data (its pair table holds n² counts); this store has {present:,}: build "
+            "one with fewer concepts or use search='beam'"
+        )
     names = store.names
     frames = []
     for first_unit, chunk, batch in _batches(units, store, batch_size, progress, "explain"):

@@ -225,3 +225,16 @@ def test_report_layer_summary_shows_the_audit(tmp_path):
     counts = audit["audit"].value_counts()
     for verdict, n in counts.items():
         assert f"{n} {verdict}" in index
+
+
+def test_too_many_concepts_for_the_pair_table(monkeypatch):
+    _, _, _, store, masks = _case(0, (5, 8, 8))
+    monkeypatch.setattr(pyneuron.search, "MAX_OPTIMAL_CONCEPTS", 2)
+    with pytest.raises(PyneuronError, match="at most 2 concepts present"):
+        pyneuron.explain(masks, store, search="optimal", progress=False)
+
+
+def test_unproven_upper_bound_is_at_most_one():
+    _, _, _, store, masks = _case(2, (5, 8, 8), n_concepts=8)
+    got = pyneuron.explain(masks, store, search="optimal", length=4, max_nodes=1, progress=False)
+    assert (got["upper_bound"] <= 1.0).all() and (got["upper_bound"] >= got["iou"]).all()

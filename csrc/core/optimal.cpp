@@ -61,7 +61,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-constexpr int32_t kMaxPresentConcepts = 6000;  // the pair table holds n^2 counts
+constexpr int32_t kMaxPresentConcepts = 6000;  // the pair table holds n^2 counts (MAX_OPTIMAL_CONCEPTS)
 
 // Concepts present in the data, their pair counts |c∧d| and a per-image index.
 struct StoreTables {
@@ -205,7 +205,8 @@ class UnitSearch {
       search_root();
     }
     result.optimal = !aborted_;
-    result.upper_bound = aborted_ ? std::max(best_iou_, open_bound_) : best_iou_;
+    // No IoU exceeds 1 (I <= a); the bounds' upward nudges may.
+    result.upper_bound = aborted_ ? std::min(1.0, std::max(best_iou_, open_bound_)) : best_iou_;
     result.nodes = nodes_;
     if (!best_.c.empty()) result.best = materialize_best();
     result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
