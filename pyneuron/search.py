@@ -86,7 +86,8 @@ def explain(
     time_limit, max_nodes
         Optimal search only: a per-unit budget in seconds and in expanded nodes (None:
         none). A unit that runs out returns the best formula found with ``optimal``
-        False and ``upper_bound`` the highest IoU any formula could still have.
+        False and ``upper_bound`` the highest IoU any formula could still have. Length 3
+        takes milliseconds per unit; lengths of 4 and more can take hours without one.
 
     Returns
     -------
