@@ -156,7 +156,7 @@ class Entry:
     iou: float
     size: int  # |F|
     intersection: int  # |F∧A|
-    mask: np.ndarray  # F, packed
+    mask: np.ndarray | None  # F, packed (None where a search keeps it elsewhere)
 
     def formula(self, names: Sequence[str]) -> Formula:
         formula: Formula = Concept(names[self.concepts[0]])

@@ -1,13 +1,18 @@
-"""Search benchmark: pyneuron.explain against a numpy packed exhaustive beam search
-(and the PyPI package ``compositional-explanations`` when it is installed), on synthetic
-probing sets with ADE20K / Broden-like statistics (see bench/synthetic.py).
+"""Search benchmark: pyneuron.explain against two exhaustive beam searches over dense
+packed bitsets, compiled (numba, bench/numba_search.py, units in parallel) and numpy
+(bench/numpy_search.py), and the PyPI package ``compositional-explanations`` when it is
+installed, on synthetic probing sets (see bench/synthetic.py): ADE20K / Broden-like
+statistics (``small``, ``medium``, ``ade``) or open-vocabulary concept groups (``dense``).
 
-    python bench/search.py --size small|medium|ade [--units N] [--numpy-units K]
-                           [--threads T] [--simd LEVEL | --all-simd]
+    python bench/search.py --size small|medium|ade|dense [--units N] [--numpy-units K]
+                           [--numba-units K] [--threads T] [--simd LEVEL | --all-simd]
+                           [--length L] [--beam-size B]
 
-Prints a table with side-by-side ratios, checks that pyneuron and numpy give identical
-formulas, IoUs and final beams on the units both ran, and writes
-``bench/results/search-<size>.json``.
+Prints a table with side-by-side per-unit times and ratios, checks that pyneuron, numba
+and numpy give identical formulas, IoUs and final beams on the units they ran, measures
+the in-cache AND+popcount peak of one core and the share of it the search achieves (when
+the engine exposes both), and writes ``bench/results/search-<size>.json``. The numba
+baseline needs ``pip install ".[bench]"``; it uses as many threads as pyneuron.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import numpy_search  # noqa: E402
 import synthetic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_NUMPY_UNITS = {"small": 4, "medium": 4, "ade": 2}
+DEFAULT_NUMPY_UNITS = {"small": 4, "medium": 4, "ade": 2, "dense": 2}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -82,8 +87,14 @@ def main(argv: list[str] | None = None) -> dict:
         _sizes(built, tmp, stream or args.cache is not None, report)
         results = _time_pyneuron(built, args, report)
         _pruning(built, args, report)
+        _peak(built, args, report)
         _planted(built, results, report)
-        _numpy(built, results, args, numpy_units, report)
+        packed = _dense_concepts(built, numpy_units > 0 or args.numba_units != 0, report)
+        # pyneuron's final beams, to check the baselines' against.
+        full = _explain(built, args, full_beam=True) if packed is not None else None
+        numba_found = _numba(built, results, full, args, packed, report)
+        _numpy(built, results, full, args, numpy_units, packed, numba_found, report)
+        del packed
         _compexp(built, results, args, tmp, report)
     finally:
         if not args.keep:
@@ -98,8 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     print(f"wrote {out}")
-    agreement = report.get("numpy", {}).get("agreement")
-    if agreement is not None and not agreement["identical"]:
+    checks = [report[k].get("agreement") for k in ("numba", "numpy")]
+    checks.append(report["numpy"].get("numba_agreement"))
+    if any(c is not None and not c["identical"] for c in checks):
         sys.exit(1)
     return report
 
@@ -117,7 +129,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="units for the numpy baseline (default 4 small/medium, 2 ade if it fits)",
     )
-    p.add_argument("--threads", type=int, help="pyneuron worker threads (default: all cores)")
+    p.add_argument(
+        "--numba-units",
+        type=int,
+        help="units for the numba baseline (default: all units if they take at most "
+        "--numba-budget seconds, else as many as fit; 0 skips it)",
+    )
+    p.add_argument(
+        "--numba-budget", type=float, default=120.0, help="seconds for the numba baseline"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="pyneuron worker threads, also the numba baseline's (default: all cores)",
+    )
     p.add_argument("--simd", choices=["scalar", "avx2", "avx512"], help="pyneuron SIMD level")
     p.add_argument(
         "--all-simd", action="store_true", help="also time pyneuron at every available SIMD level"
@@ -310,6 +335,14 @@ def _time_pyneuron(built, args, report):
     return reference
 
 
+def _raw_search(built, chunk, n: int, args) -> dict:
+    """The engine's raw beam search of a chunk's first ``n`` units (internal API: its
+    work counters: ``pruned``, ``counted``, and ``words`` where the engine reports them)."""
+    return pyneuron._native.beam_search(
+        chunk._native, 0, n, built.store._native, args.length, args.beam_size, [0, 1, 2], 1.0
+    )
+
+
 def _pruning(built, args, report) -> None:
     """Share of (beam formula, concept) pairs the engine's bounds skipped, on a sample of
     units from the first chunk (planted units first) and the last chunk (random units)."""
@@ -319,16 +352,7 @@ def _pruning(built, args, report) -> None:
     try:
         for chunk in chunks:
             n = min(len(chunk), k)
-            raw = pyneuron._native.beam_search(
-                chunk._native,
-                0,
-                n,
-                built.store._native,
-                args.length,
-                args.beam_size,
-                [0, 1, 2],
-                1.0,
-            )
+            raw = _raw_search(built, chunk, n, args)
             pruned += int(raw["pruned"].sum())
             counted += int(raw["counted"].sum())
             sampled += n
@@ -346,6 +370,59 @@ def _pruning(built, args, report) -> None:
         f"{100 * report['pruning']['fraction_pruned']:.1f} % of (formula, concept) pairs "
         f"skipped by the bounds; {counted / max(sampled, 1):,.0f} counted per unit"
     )
+
+
+PEAK_WORDS, PEAK_SECONDS = 2048, 0.3  # the micro-benchmark: words per operand, duration
+
+
+def _peak(built, args, report) -> None:
+    """The in-cache AND+popcount peak of one core at the current SIMD level (the engine's
+    micro-benchmark, 16 bytes per 64-bit word pair) and the share of it the search
+    achieves: 16 bytes x the word pairs the engine reports it AND-popcounted in a raw
+    search of all units, over that search's wall time x threads."""
+    native, threads = pyneuron._native, pyneuron.num_threads()
+    info: dict = {"simd": pyneuron.simd_level(), "threads": threads}
+    report["popcount_peak"] = info
+    peak = None
+    if hasattr(native, "and_popcount_throughput"):
+        peak = float(native.and_popcount_throughput(PEAK_WORDS, PEAK_SECONDS))
+        info["peak_bytes_per_second_per_core"] = peak
+        info["peak_words"] = PEAK_WORDS
+        print(
+            f"AND+popcount peak ({info['simd']}, one core, {PEAK_WORDS} words in cache): "
+            f"{peak / 1e9:.1f} GB/s"
+        )
+    else:
+        info["peak_unavailable"] = "the engine has no and_popcount_throughput"
+    words = 0
+    seconds = 0.0
+    for chunk in built.units:
+        t0 = time.perf_counter()
+        raw = _raw_search(built, chunk, len(chunk), args)
+        seconds += time.perf_counter() - t0
+        if "words" not in raw:
+            info["words_unavailable"] = "the engine's beam_search reports no 'words'"
+            break
+        words += int(np.sum(raw["words"]))
+    else:
+        achieved = 16 * words / (seconds * threads)
+        info.update(
+            search_units=built.n_units,
+            search_seconds=seconds,
+            word_pairs=words,
+            achieved_bytes_per_second_per_core=achieved,
+        )
+        line = (
+            f"search streamed {16 * words / 1e9:.2f} GB of word pairs in {seconds:.3f} s on "
+            f"{threads} threads: {achieved / 1e9:.1f} GB/s per core"
+        )
+        if peak:
+            info["fraction_of_peak"] = achieved / peak
+            line += f" = {100 * achieved / peak:.1f} % of the peak"
+        print(line)
+    missing = [info[k] for k in ("peak_unavailable", "words_unavailable") if k in info]
+    if missing:
+        print("AND+popcount share of peak: unavailable (" + "; ".join(missing) + ")")
 
 
 def _planted(built, results, report) -> None:
@@ -396,39 +473,173 @@ def _numpy_units(built, k: int) -> list[int]:
     return sorted(dict.fromkeys(chosen))[:k]
 
 
-def _numpy(built, results, args, k: int, report) -> None:
+def _unit_mask(built, u: int) -> np.ndarray:
+    """Dense bool (N, H, W) mask of unit ``u`` (numbered across the chunks)."""
+    bounds = np.cumsum([0] + [len(c) for c in built.units])
+    chunk = int(np.searchsorted(bounds, u, side="right") - 1)
+    return built.units[chunk].mask(u - int(bounds[chunk]))
+
+
+def _beam_rows(full, u: int) -> list[tuple[str, float, float]]:
+    """pyneuron's final beam of unit ``u`` from a ``full_beam`` frame, as (formula, score,
+    iou) like :meth:`numpy_search.Result.rows`."""
+    rows = full[full["unit"] == u]
+    return [
+        (f, float(s), float(i))
+        for f, s, i in zip(rows["formula"], rows["score"], rows["iou"])
+        if isinstance(f, str)
+    ]
+
+
+def _agreement(chosen, found, results, full) -> dict:
+    """Best formula and IoU of each unit against the timed pyneuron run, and the whole
+    final beam against pyneuron's full beam; ``found`` = baseline Results of ``chosen``."""
+    units, disagreements = [], []
+    for u, res in zip(chosen, found):
+        py_formula = results["formula"].iloc[u]
+        py_formula = py_formula if isinstance(py_formula, str) else None
+        py_iou = float(results["iou"].iloc[u])
+        py_beam, beam = _beam_rows(full, u), res.rows()
+        same = py_formula == res.formula and py_iou == res.iou and py_beam == beam
+        units.append(
+            {
+                "unit": u,
+                "formula": res.formula,
+                "iou": res.iou,
+                "pyneuron_formula": py_formula,
+                "pyneuron_iou": py_iou,
+                "identical": same,
+            }
+        )
+        if not same:
+            disagreements.append({"unit": u, "beam": beam, "pyneuron_beam": py_beam})
+    return {
+        "units": units,
+        "agreement": {
+            "units": len(units),
+            "identical": not disagreements,
+            "disagreements": disagreements,
+        },
+    }
+
+
+def _print_disagreements(name: str, agreement: dict) -> None:
+    for d in agreement["disagreements"]:
+        print(f"   unit {d['unit']}:")
+        print(f"     {name:<8} {d['beam']}")
+        print(f"     pyneuron {d['pyneuron_beam']}")
+
+
+def _dense_concepts(built, needed: bool, report):
+    """The dense packed concept matrix both baselines search (None if not needed or if it
+    would take more than half of the available memory)."""
     store = built.store
     dense = numpy_search.dense_bytes(store.grid, len(store))
-    info: dict = {"units": [], "dense_packed_bytes": dense}
-    report["numpy"] = info
-    if k <= 0:
-        info["skipped"] = "--numpy-units 0"
-        print("numpy baseline: skipped (--numpy-units 0)")
-        return
+    info: dict = {"bytes": dense}
+    report["dense_matrix"] = info
     available = _mem_available()
+    if not needed:
+        info["skipped"] = "no baseline asked for"
+        return None
     if available is not None and dense > 0.5 * available:
         info["skipped"] = (
             f"the dense packed concept matrix needs {_mb(dense)}, more than half of the "
             f"{_mb(available)} available"
         )
+        report["notes"].append("numpy and numba baselines skipped: " + info["skipped"])
+        return None
+    t0 = time.perf_counter()
+    packed = numpy_search.PackedConcepts.from_store(store)
+    info["build_seconds"] = time.perf_counter() - t0
+    print(f"dense packed concept matrix for the baselines: {_mb(dense)} in "
+          f"{info['build_seconds']:.1f} s")  # fmt: skip
+    return packed
+
+
+def _numba(built, results, full, args, packed, report) -> dict:
+    """The numba baseline (bench/numba_search.py) on all units or as many as fit in
+    ``--numba-budget`` seconds; returns {unit: Result}."""
+    info: dict = {}
+    report["numba"] = info
+    if args.numba_units == 0 or packed is None:
+        info["skipped"] = (
+            "--numba-units 0" if args.numba_units == 0 else report["dense_matrix"]["skipped"]
+        )
+        print(f"numba baseline: skipped ({info['skipped']})")
+        return {}
+    try:
+        import numba
+        import numba_search
+    except ImportError as error:
+        info["skipped"] = f"numba is not installed ({error}); pip install '.[bench]'"
+        print(f"numba baseline: skipped: {info['skipped']}")
+        return {}
+    numba.set_num_threads(min(pyneuron.num_threads(), numba.config.NUMBA_NUM_THREADS))
+    info["threads"] = numba_search.num_threads()
+    info["numba"] = numba.__version__
+    info["warmup_seconds"] = numba_search.warm_up()
+
+    def run(units: list[int]) -> tuple[list, float, float]:
+        words = np.stack([numpy_search.pack_mask(_unit_mask(built, u)) for u in units])
+        c0, t0 = _cpu_seconds(), time.perf_counter()
+        found = numba_search.beam_search(
+            words, packed, length=args.length, beam_size=args.beam_size
+        )
+        return found, time.perf_counter() - t0, _cpu_seconds() - c0
+
+    n = built.n_units
+    k = n if args.numba_units is None else min(args.numba_units, n)
+    if args.numba_units is None:  # all units if they fit in the budget (timed on a probe)
+        probe = _numpy_units(built, info["threads"])
+        _, seconds, _ = run(probe)
+        info["probe"] = {"units": probe, "seconds": seconds}
+        if seconds / len(probe) * n > args.numba_budget:
+            k = max(len(probe), int(args.numba_budget * len(probe) / seconds))
+    chosen = list(range(n)) if k >= n else _numpy_units(built, k)
+    found, seconds, cpu = run(chosen)
+    info.update(
+        unit_count=len(chosen),
+        seconds=seconds,
+        per_unit_seconds=seconds / len(chosen),
+        cpu_seconds=cpu,
+        cpu_utilization=cpu / (seconds * info["threads"]),
+        pairs_counted_per_unit=float(np.mean([r.counted for r in found])),
+    )
+    info.update(_agreement(chosen, found, results, full))
+    agreement = info["agreement"]
+    status = "identical" if agreement["identical"] else (
+        f"{len(agreement['disagreements'])} DISAGREE")  # fmt: skip
+    print(
+        f"numba dense exhaustive ({info['threads']} threads, JIT warm-up "
+        f"{info['warmup_seconds']:.1f} s not timed): {seconds:.2f} s for {len(chosen)} units, "
+        f"{_dur(info['per_unit_seconds'])}/unit, CPU utilization "
+        f"{100 * info['cpu_utilization']:.0f} %; agreement with pyneuron (formula, IoU, full "
+        f"final beam): {status}"
+    )
+    _print_disagreements("numba", agreement)
+    return dict(zip(chosen, found))
+
+
+def _numpy(built, results, full, args, k: int, packed, numba_found: dict, report) -> None:
+    store = built.store
+    info: dict = {"units": [], "dense_packed_bytes": report["dense_matrix"]["bytes"]}
+    report["numpy"] = info
+    if k <= 0:
+        info["skipped"] = "--numpy-units 0"
+        print("numpy baseline: skipped (--numpy-units 0)")
+        return
+    if packed is None:
+        info["skipped"] = report["dense_matrix"]["skipped"]
         info["extrapolated_per_unit_seconds"] = _extrapolate(store, args)
         print(
             f"numpy baseline: skipped: {info['skipped']}; extrapolated from measured numpy "
             f"bandwidth (if it fit in memory): {info['extrapolated_per_unit_seconds']:.0f} s/unit"
         )
-        report["notes"].append("numpy baseline skipped: " + info["skipped"])
         return
-    t0 = time.perf_counter()
-    packed = numpy_search.PackedConcepts.from_store(store)
-    info["build_seconds"] = time.perf_counter() - t0
     chosen = _numpy_units(built, k)
-    bounds = np.cumsum([0] + [len(c) for c in built.units])
-    unit_masks, np_results, seconds = [], [], []
+    np_results, seconds = [], []
     for u in chosen:
-        chunk = int(np.searchsorted(bounds, u, side="right") - 1)
-        dense_unit = built.units[chunk].mask(u - int(bounds[chunk]))
-        unit_masks.append(dense_unit)
-        words = numpy_search.pack_mask(dense_unit)
+        words = numpy_search.pack_mask(_unit_mask(built, u))
         t0 = time.perf_counter()
         res = numpy_search.beam_search(words, packed, length=args.length, beam_size=args.beam_size)
         seconds.append(time.perf_counter() - t0)
@@ -438,53 +649,22 @@ def _numpy(built, results, args, k: int, report) -> None:
     info["seconds"] = float(sum(seconds))
     info["per_unit_seconds"] = float(np.mean(seconds))
     info["pairs_counted_per_unit"] = float(np.mean([r.counted for r in np_results]))
-    # Agreement: best formula and IoU against the timed run, and the whole final beam
-    # against a full-beam run of pyneuron on just these units.
-    subset = pyneuron.UnitMasks.from_masks(np.stack(unit_masks))
-    full = pyneuron.explain(
-        subset, store, length=args.length, beam_size=args.beam_size, full_beam=True, progress=False
-    )
-    disagreements = []
-    for j, (u, res) in enumerate(zip(chosen, np_results)):
-        py_formula = results["formula"].iloc[u]
-        py_formula = py_formula if isinstance(py_formula, str) else None
-        py_iou = float(results["iou"].iloc[u])
-        rows = full[full["unit"] == j]
-        py_beam = [
-            (f, float(s), float(i))
-            for f, s, i in zip(rows["formula"], rows["score"], rows["iou"])
-            if isinstance(f, str)
-        ]
-        np_beam = res.rows()
-        same = py_formula == res.formula and py_iou == res.iou and py_beam == np_beam
-        info["units"].append(
-            {
-                "unit": u,
-                "seconds": seconds[j],
-                "formula": res.formula,
-                "iou": res.iou,
-                "pyneuron_formula": py_formula,
-                "pyneuron_iou": py_iou,
-                "identical": same,
-            }
-        )
-        if not same:
-            disagreements.append({"unit": u, "numpy_beam": np_beam, "pyneuron_beam": py_beam})
-    info["agreement"] = {
-        "units": len(chosen),
-        "identical": not disagreements,
-        "disagreements": disagreements,
-    }
-    status = "identical" if not disagreements else f"{len(disagreements)} DISAGREE"
+    info.update(_agreement(chosen, np_results, results, full))
+    for unit, s in zip(info["units"], seconds):
+        unit["seconds"] = s
+    # The numba baseline's final beams on the units both ran.
+    both = [(u, r) for u, r in zip(chosen, np_results) if u in numba_found]
+    same_numba = [u for u, r in both if r.rows() == numba_found[u].rows()]
+    info["numba_agreement"] = {"units": len(both), "identical": len(same_numba) == len(both)}
+    agreement = info["agreement"]
+    status = "identical" if agreement["identical"] else (
+        f"{len(agreement['disagreements'])} DISAGREE")  # fmt: skip
+    vs_numba = f"; final beams vs numba: {len(same_numba)}/{len(both)} identical" if both else ""
     print(
-        f"numpy packed exhaustive: {info['per_unit_seconds']:.2f} s/unit on {len(chosen)} units "
-        f"(dense build {info['build_seconds']:.1f} s, {_mb(dense)}); agreement with pyneuron "
-        f"(formula, IoU, full final beam): {status}"
+        f"numpy packed exhaustive: {info['per_unit_seconds']:.2f} s/unit on {len(chosen)} units;"
+        f" agreement with pyneuron (formula, IoU, full final beam): {status}{vs_numba}"
     )
-    for d in disagreements:
-        print(f"   unit {d['unit']}:")
-        print(f"     numpy    {d['numpy_beam']}")
-        print(f"     pyneuron {d['pyneuron_beam']}")
+    _print_disagreements("numpy", agreement)
 
 
 def _extrapolate(store, args) -> float:
@@ -608,6 +788,14 @@ def _same_results(a, b) -> bool:
     return fa == fb and np.array_equal(a["iou"].to_numpy(), b["iou"].to_numpy())
 
 
+def _ratio(base: float | None, engine: float | None) -> str:
+    """How many times faster ``engine`` is than ``base`` (per-unit seconds)."""
+    if not base or not engine:
+        return "-"
+    x = base / engine
+    return f"{x:,.0f}x" if x >= 10 else f"{x:.2f}x"
+
+
 def _table(report) -> None:
     runs = report["pyneuron"]["runs"]
     np_info = report.get("numpy", {})
@@ -615,19 +803,42 @@ def _table(report) -> None:
     np_note = "measured"
     if np_unit is None and np_info.get("extrapolated_per_unit_seconds"):
         np_unit, np_note = np_info["extrapolated_per_unit_seconds"], "extrapolated"
+    nb_info = report.get("numba", {})
+    nb_unit = nb_info.get("per_unit_seconds")
+    py_unit = runs[0]["per_unit_seconds"]
+    report["ratios"] = {
+        "pyneuron_vs_numba": nb_unit / py_unit if nb_unit else None,
+        "pyneuron_vs_numpy": np_unit / py_unit if np_unit else None,
+        "numba_vs_numpy": np_unit / nb_unit if np_unit and nb_unit else None,
+        "numpy": np_note if np_unit else None,
+    }
     rows = []
     for r in runs:
-        ratio = f"{np_unit / r['per_unit_seconds']:,.0f}x" if np_unit else "-"
         rows.append(
             (
                 f"pyneuron explain ({r['simd']}, {r['threads']} threads)",
                 str(r["units"]),
                 f"{r['seconds']:.3f}",
                 _dur(r["per_unit_seconds"]),
-                ratio,
+                _ratio(nb_unit, r["per_unit_seconds"]),
+                _ratio(np_unit, r["per_unit_seconds"]),
                 f"{100 * r['cpu_utilization']:.0f} %",
             )
         )
+    if nb_unit:
+        rows.append(
+            (
+                f"numba dense exhaustive ({nb_info['threads']} threads)",
+                str(nb_info["unit_count"]),
+                f"{nb_info['seconds']:.2f}",
+                _dur(nb_unit),
+                "1x",
+                _ratio(np_unit, nb_unit),
+                f"{100 * nb_info['cpu_utilization']:.0f} %",
+            )
+        )
+    else:
+        rows.append(("numba dense exhaustive", "-", "-", "skipped", "-", "-", "-"))
     if "per_unit_seconds" in np_info:
         rows.append(
             (
@@ -635,32 +846,35 @@ def _table(report) -> None:
                 str(len(np_info["units"])),
                 f"{np_info['seconds']:.2f}",
                 _dur(np_unit),
+                _ratio(nb_unit, np_unit),
                 "1x",
                 "-",
             )
         )
     elif np_unit:
         rows.append(
-            (f"numpy packed exhaustive ({np_note}, not run)", "-", "-", _dur(np_unit), "1x", "-")
-        )
+            (f"numpy packed exhaustive ({np_note}, not run)", "-", "-", _dur(np_unit), "-",
+             "1x", "-")
+        )  # fmt: skip
     else:
-        rows.append(("numpy packed exhaustive", "-", "-", "skipped", "-", "-"))
+        rows.append(("numpy packed exhaustive", "-", "-", "skipped", "-", "-", "-"))
     ce = report.get("compositional_explanations", {})
     if "per_unit_seconds" in ce:
-        ratio = f"{np_unit / ce['per_unit_seconds']:.2f}x" if np_unit else "-"
         rows.append(
             (
                 f"compositional-explanations (torch, first call {ce['first_call_seconds']:.1f} s)",
                 str(len(ce["units"])),
                 f"{sum(r['seconds'] for r in ce['units']):.2f}",
                 _dur(ce["per_unit_seconds"]),
-                ratio,
+                _ratio(nb_unit, ce["per_unit_seconds"]),
+                _ratio(np_unit, ce["per_unit_seconds"]),
                 "-",
             )
         )
     else:
-        rows.append(("compositional-explanations", "-", "-", "skipped", "-", "-"))
-    header = ("engine", "units", "total s", "per unit", "speed vs numpy", "CPU use")
+        rows.append(("compositional-explanations", "-", "-", "skipped", "-", "-", "-"))
+    header = ("engine", "units", "total s", "per unit", "speed vs numba", "speed vs numpy",
+              "CPU use")  # fmt: skip
     widths = [max(len(str(x[i])) for x in [header, *rows]) for i in range(len(header))]
     print()
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
@@ -679,13 +893,28 @@ def _table(report) -> None:
         extra.append(
             f"pruned {100 * report['pruning']['fraction_pruned']:.1f} % of (formula, concept) pairs"
         )
-    agreement = np_info.get("agreement")
-    if agreement:
+    for name, agreement in (
+        ("numba vs pyneuron", nb_info.get("agreement")),
+        ("numpy vs pyneuron", np_info.get("agreement")),
+        ("numpy vs numba (final beams)", np_info.get("numba_agreement")),
+    ):
+        if agreement and agreement["units"]:
+            extra.append(
+                f"{name}: "
+                + ("identical on all " if agreement["identical"] else "DISAGREE on some of ")
+                + f"{agreement['units']} units"
+            )
+    if "warmup_seconds" in nb_info:
+        extra.append(f"numba JIT warm-up {nb_info['warmup_seconds']:.1f} s (not timed)")
+    peak = report.get("popcount_peak", {})
+    if "fraction_of_peak" in peak:
         extra.append(
-            "numpy vs pyneuron: "
-            + ("identical on all " if agreement["identical"] else "DISAGREE on some of ")
-            + f"{agreement['units']} units"
+            f"AND+popcount: {peak['achieved_bytes_per_second_per_core'] / 1e9:.1f} GB/s per core"
+            f" = {100 * peak['fraction_of_peak']:.1f} % of the in-cache peak "
+            f"{peak['peak_bytes_per_second_per_core'] / 1e9:.1f} GB/s ({peak['simd']})"
         )
+    else:
+        extra.append("AND+popcount share of peak: unavailable")
     for line in extra:
         print("  " + line)
     print()

@@ -1,6 +1,9 @@
-"""Synthetic probing sets with ADE20K / Broden-like statistics, for the search benchmark.
+"""Synthetic probing sets for the search benchmark: ADE20K / Broden-like statistics
+(:class:`Synthetic`, sizes ``small``, ``medium``, ``ade``) or open-vocabulary concept
+groups where every pixel takes one concept per group (:class:`DenseSynthetic`, ``dense``).
 
-A probing set is N images x H x W pixels with C concepts of five kinds:
+A probing set is N images x H x W pixels. With ADE20K / Broden-like statistics it has
+C concepts of five kinds:
 
 - **objects** (most concepts): ellipses and rectangles painted into a per-image label map
   (one object per pixel, bigger objects first, so small ones sit on top; pixels no object
@@ -67,12 +70,14 @@ class SizeSpec:
     width: int
     n_concepts: int
     n_units: int
+    statistics: str = "ade"  # "ade": ADE20K / Broden-like; "dense": open-vocabulary groups
 
 
 SIZES = {
     "small": SizeSpec(2_000, 56, 56, 200, 64),
     "medium": SizeSpec(2_000, 56, 56, 1_000, 64),
     "ade": SizeSpec(22_210, 112, 112, 1_200, 512),
+    "dense": SizeSpec(2_000, 56, 56, 1_000, 64, statistics="dense"),
 }
 
 
@@ -174,13 +179,10 @@ class Synthetic:
         Units with a planted formula (the first ``n_planted`` units); default ``n_units // 8``.
     """
 
+    at_preferred = 0.7  # chance a random unit fires at its preferred object when present
+
     def __init__(self, spec: SizeSpec, seed: int = 0, n_planted: int | None = None) -> None:
-        if spec.n_concepts < 40:
-            raise ValueError("a synthetic probing set needs at least 40 concepts")
-        self.spec = spec
-        self.seed = seed
-        self.shape = (spec.height, spec.width)
-        rng = np.random.default_rng((seed, 1 << 40))
+        rng = self._start(spec, seed, 1 << 40)
         c = spec.n_concepts
         n_scenes = max(8, round(0.08 * c))
         n_textures = min(47, max(4, round(0.05 * c)))
@@ -225,16 +227,28 @@ class Synthetic:
             o: self.parts[self.part_parent == o] for o in range(n_parents)
         }
 
-        # Units.
+        self._init_units(rng, n_planted, min(n_objects, 100))
+
+    def _init_units(self, rng: np.random.Generator, n_planted: int | None, pool: int) -> None:
+        """Planted formulas and random-unit parameters; random units prefer the location
+        of one of the concepts ``0 .. pool - 1`` half of the time."""
+        spec = self.spec
         self.n_units = spec.n_units
         self.n_planted = min(spec.n_units, spec.n_units // 8 if n_planted is None else n_planted)
         self.planted = [self._planted_formula(rng, k) for k in range(self.n_planted)]
         n_random = spec.n_units - self.n_planted
         self.fire_p = np.exp(rng.uniform(np.log(0.02), np.log(0.1), n_random))
         self.blob_radius = np.sqrt(0.0035 / self.fire_p / np.pi)  # fraction of the side
-        self.preferred = np.where(
-            rng.random(n_random) < 0.5, rng.integers(0, min(n_objects, 100), n_random), -1
-        )
+        self.preferred = np.where(rng.random(n_random) < 0.5, rng.integers(0, pool, n_random), -1)
+
+    def _start(self, spec: SizeSpec, seed: int, stream: int) -> np.random.Generator:
+        """Check and keep the size and seed; the generator of the set-wide parameters."""
+        if spec.n_concepts < 40:
+            raise ValueError("a synthetic probing set needs at least 40 concepts")
+        self.spec = spec
+        self.seed = seed
+        self.shape = (spec.height, spec.width)
+        return np.random.default_rng((seed, stream))
 
     # -- vocabulary and formulas -------------------------------------------------------
     def planted_formula(self, unit: int) -> str:
@@ -376,7 +390,7 @@ class Synthetic:
         if n_random:
             fire = rng.random(n_random) < self.fire_p
             pref_here = np.array([p in image.object_centers for p in self.preferred])
-            at_object = pref_here & (rng.random(n_random) < 0.7)
+            at_object = pref_here & (rng.random(n_random) < self.at_preferred)
             jitter = np.exp(rng.normal(0.0, 0.3, (n_random, 2)))
             where = rng.random((n_random, 2)) * (h, w)
             for j in np.flatnonzero(fire | at_object):
@@ -404,6 +418,156 @@ class Synthetic:
         if kind == "and":
             return left & right
         return left & ~right
+
+
+class DenseSynthetic(Synthetic):
+    """A probing set with open-vocabulary (OVCE-style) concept statistics: ``dense``.
+
+    Concepts come in :data:`DENSE_GROUPS` groups of equal size, as an open-vocabulary
+    segmenter's argmax over each group's concept list produces them: every pixel of every
+    image takes exactly one concept of each group. Per image, each concept of a group is
+    drawn with its own probability (log-uniform in 6-50 %, modulated by the image's scene;
+    a drawn concept can lose all its pixels to its neighbours, so concepts end up in about
+    4-50 % of the images), owns one or more seed points, and the group's label map is the
+    weighted Voronoi argmin of the (smoothly warped) distance to the seeds: blob-shaped
+    regions with wavy boundaries. Then 4 % of the pixels take the label of a pixel up to
+    two pixels away (argmax speckle along boundaries). Besides, each image has one of a
+    few scene labels (image-level, full-image masks, Zipf-like in about 5-25 % of images).
+
+    Units are made as in :class:`Synthetic`: planted formulas over these concepts plus
+    noise, and random top-0.5 % blobs (half of them near a concept of the first group).
+    """
+
+    at_preferred = 0.1  # concepts of a group are common: fire at few of them
+    speckle = 0.04  # share of pixels flipped to the label of a nearby pixel
+    warp_points = 5  # control points per side of the smooth warp of the Voronoi cells
+
+    def __init__(self, spec: SizeSpec, seed: int = 0, n_planted: int | None = None) -> None:
+        rng = self._start(spec, seed, 1 << 41)
+        n_groups = len(DENSE_GROUPS)
+        n_scenes = min(10, max(2, spec.n_concepts // 100))
+        sizes = np.full(n_groups, (spec.n_concepts - n_scenes) // n_groups)
+        sizes[: (spec.n_concepts - n_scenes) % n_groups] += 1
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        n_grouped = int(starts[-1])
+        self.groups = [np.arange(starts[g], starts[g + 1]) for g in range(n_groups)]
+        self.group = np.repeat(np.arange(n_groups), sizes)  # group of each grouped concept
+        self.scenes = n_grouped + np.arange(n_scenes)
+        self.names = [
+            f"{DENSE_GROUPS[g]}{j:03d}" for g in range(n_groups) for j in range(sizes[g])
+        ] + [f"scene{j:02d}-s" for j in range(n_scenes)]
+        self.categories = [DENSE_GROUPS[g] for g in self.group] + ["scene"] * n_scenes
+        assert len(self.names) == spec.n_concepts
+
+        self.scene_p = _zipf(n_scenes, 0.7)
+        self.frequency = np.exp(rng.uniform(np.log(0.06), np.log(0.5), n_grouped))
+        # Presence given the scene: frequency x a scene factor, normalised so that the
+        # marginal image frequency stays `frequency` (up to the 0.95 cap).
+        factor = np.exp(rng.normal(0.0, 0.6, (n_scenes, n_grouped)))
+        factor /= self.scene_p @ factor
+        self.present_p = np.minimum(self.frequency * factor, 0.95)
+        self.concept_scale = np.exp(rng.normal(0.0, 0.3, n_grouped))  # Voronoi weight
+        h, w = self.shape
+        self._warp_y = _lerp_matrix(h, self.warp_points)
+        self._warp_x = _lerp_matrix(w, self.warp_points)
+        self._grid_yx = np.stack(
+            np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
+        ).reshape(2, -1)
+        self._init_units(rng, n_planted, len(self.groups[0]))
+
+    def _planted_formula(self, rng: np.random.Generator, k: int) -> tuple:
+        used: set[int] = set()  # distinct concepts within one formula
+
+        def pick(group: int) -> tuple:
+            # Concepts in 10-35 % of the images, so that conjunctions are not empty.
+            members = self.groups[group]
+            freq = self.frequency[members]
+            pool = [int(c) for c in members[(freq >= 0.1) & (freq <= 0.35)] if c not in used]
+            c = int(rng.choice(pool or members))
+            used.add(c)
+            return ("leaf", c)
+
+        def scene() -> tuple:
+            return ("leaf", int(rng.choice(self.scenes[:4])))
+
+        templates = [
+            lambda: ("andnot", ("or", pick(0), pick(0)), pick(4)),
+            lambda: ("and", pick(0), pick(3)),
+            lambda: ("or", pick(1), pick(1)),
+            lambda: ("andnot", pick(0), pick(2)),
+            lambda: ("and", pick(0), scene()),
+            lambda: ("or", ("or", pick(0), pick(1)), pick(2)),
+            lambda: pick(0),
+            lambda: ("or", ("and", pick(1), scene()), pick(0)),
+        ]
+        return templates[k % len(templates)]()
+
+    def image(self, i: int) -> tuple[ImageConcepts, np.random.Generator]:
+        """The concepts of image ``i`` (deterministic) and its generator for the units."""
+        rng = np.random.default_rng((self.seed, i))
+        h, w = self.shape
+        n_pixels, n_groups = h * w, len(self.groups)
+        scene = int(rng.choice(len(self.scenes), p=self.scene_p))
+        present = rng.random(self.group.size) < self.present_p[scene]
+        for members in self.groups:  # every pixel takes one concept of each group
+            if not present[members].any():
+                present[rng.choice(members)] = True
+        ids = np.flatnonzero(present)  # group-major, since groups are consecutive ids
+        n_seeds = 1 + rng.poisson(0.6, ids.size)
+        seed_concept = np.repeat(ids, n_seeds)
+        seeds = rng.random((seed_concept.size, 2)) * (h, w)
+        weight = self.concept_scale[seed_concept] * np.exp(rng.normal(0.0, 0.3, seeds.shape[0]))
+        # Warped pixel coordinates per group: a smooth random displacement field.
+        control = rng.normal(0.0, 0.06 * min(h, w), (n_groups, 2, *(2 * [self.warp_points])))
+        warp = np.einsum("yi,gaij,xj->gayx", self._warp_y, control, self._warp_x)
+        coords = self._grid_yx[None] + warp.reshape(n_groups, 2, n_pixels)
+        bounds = np.searchsorted(self.group[seed_concept], np.arange(n_groups + 1))
+        labels = np.empty((n_groups, n_pixels), dtype=np.int64)
+        for g in range(n_groups):
+            s = slice(bounds[g], bounds[g + 1])
+            d2 = (coords[g, 0][None] - seeds[s, 0, None]) ** 2
+            d2 += (coords[g, 1][None] - seeds[s, 1, None]) ** 2
+            d2 /= weight[s, None] ** 2
+            labels[g] = seed_concept[s][np.argmin(d2, axis=0)]
+        # Speckle: some pixels take the label of a pixel up to two pixels away.
+        flat = labels.reshape(-1)
+        flip = np.flatnonzero(rng.random(flat.size) < self.speckle)
+        g, pix = np.divmod(flip, n_pixels)
+        y = np.clip(pix // w + rng.integers(-2, 3, flip.size), 0, h - 1)
+        x = np.clip(pix % w + rng.integers(-2, 3, flip.size), 0, w - 1)
+        flat[flip] = flat[g * n_pixels + y * w + x]
+        concepts = np.unique(labels)
+        masks = labels[self.group[concepts]] == concepts[:, None]
+        first = np.searchsorted(seed_concept, ids)
+        centers = dict(zip(ids.tolist(), map(tuple, seeds[first].tolist())))
+        return (
+            ImageConcepts(
+                dict(zip(concepts.tolist(), masks.reshape(-1, h, w))),
+                [int(self.scenes[scene])],
+                centers,
+            ),
+            rng,
+        )
+
+
+DENSE_GROUPS = ("object", "stuff", "part", "material", "color")
+
+
+def _lerp_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) weights that linearly interpolate n_in control points (spread evenly
+    over the n_out pixels, ends included)."""
+    at = np.linspace(0.0, n_in - 1, n_out)
+    lo = np.minimum(at.astype(int), n_in - 2)
+    frac = at - lo
+    out = np.zeros((n_out, n_in))
+    out[np.arange(n_out), lo] = 1.0 - frac
+    out[np.arange(n_out), lo + 1] = frac
+    return out
+
+
+def synthetic_for(spec: SizeSpec, seed: int = 0) -> Synthetic:
+    """The generator of a size: :class:`DenseSynthetic` for ``dense`` statistics."""
+    return DenseSynthetic(spec, seed) if spec.statistics == "dense" else Synthetic(spec, seed)
 
 
 def _zipf(n: int, exponent: float) -> np.ndarray:
@@ -459,7 +623,7 @@ def build(
     (``directory/units-KK``) stream to disk and come back memory-mapped, so the bitsets
     never sit twice in memory; without, everything stays in memory.
     """
-    syn = Synthetic(spec, seed)
+    syn = synthetic_for(spec, seed)
     grid = pyneuron.Grid(spec.n_images, spec.height, spec.width)
     directory = Path(directory) if directory is not None else None
     store_writer = pyneuron.ConceptStore.writer(
@@ -538,9 +702,10 @@ CACHE_FORMAT = 1
 
 def cache_key(spec: SizeSpec, seed: int, chunk_units: int) -> str:
     """Directory name of a cached probing set (generator version, size, seed, chunking)."""
+    statistics = "" if spec.statistics == "ade" else f"-{spec.statistics}"
     return (
         f"v{CACHE_FORMAT}-{spec.n_images}x{spec.height}x{spec.width}-c{spec.n_concepts}"
-        f"-u{spec.n_units}-s{seed}-k{chunk_units}"
+        f"-u{spec.n_units}-s{seed}-k{chunk_units}{statistics}"
     )
 
 
@@ -576,7 +741,7 @@ def load_cache(
     except (OSError, ValueError, pyneuron.PyneuronError):
         return None
     return Built(
-        Synthetic(spec, seed), store, units,
+        synthetic_for(spec, seed), store, units,
         expected["concept_pixels"], expected["concept_images"],
         expected["unit_pixels"], expected["unit_images"],
         {**seconds, "cached": True},

@@ -3,7 +3,9 @@ over concepts, exactly and fast.
 
 Main entry points: :func:`dissect` (model layer -> explanations), :func:`capture`,
 :class:`ConceptStore`, :class:`UnitMasks`, :func:`explain`, :func:`iou_table`,
-:func:`compare_searches`, :func:`score` and :class:`Formula`.
+:func:`compare_searches`, :func:`score` and :class:`Formula`; checks of explanations:
+:func:`evaluate` (held-out images), :func:`null_baseline` and :func:`significance` (control
+units), :func:`faithfulness` (masking concepts).
 """
 
 from . import concepts, describe
@@ -23,8 +25,11 @@ from .errors import (
     StoreError,
     UnknownConceptError,
 )
+from .evaluate import evaluate, split_images
+from .faithfulness import faithfulness
 from .formula import And, Concept, Formula, Not, Or
 from .grid import Grid
+from .null import control_units, null_baseline, significance
 from .search import OPERATORS, compare_searches, explain, iou_table, score
 from .store import ConceptStore, ConceptStoreWriter
 from .thresholds import activation_ranges, compexp_level, quantile_thresholds, user_thresholds
@@ -60,15 +65,21 @@ __all__ = [
     "capture",
     "compare_searches",
     "compexp_level",
+    "control_units",
     "dissect",
+    "evaluate",
     "explain",
+    "faithfulness",
     "iou_table",
+    "null_baseline",
     "num_threads",
     "quantile_thresholds",
     "score",
     "set_num_threads",
     "set_simd_level",
+    "significance",
     "simd_level",
+    "split_images",
     "unit_masks_from_activations",
     "user_thresholds",
 ]

@@ -18,11 +18,15 @@ except ImportError as error:  # pragma: no cover - only when the build is missin
 NativeMaskSet = _core.MaskSet
 beam_search = _core.beam_search
 optimal_search = _core.optimal_search
+concept_cooccurrence = _core.concept_cooccurrence
 intersection_counts = _core.intersection_counts
+category_unit_pixels = _core.category_unit_pixels
 evaluate_words = _core.evaluate_words
 formula_counts = _core.formula_counts
 bilinear_resize = _core.bilinear_resize
 upsample_threshold = _core.upsample_threshold
+#: In-cache AND+popcount bytes/s of one core at the current SIMD level (benchmarks only).
+and_popcount_throughput = _core.and_popcount_throughput
 
 
 def available_simd_levels() -> list[str]:

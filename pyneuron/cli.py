@@ -71,6 +71,14 @@ OverwriteOption = Annotated[
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 LengthOption = Annotated[int, typer.Option(help="Maximum concepts per formula (1: NetDissect).")]
+IouOption = Annotated[
+    str,
+    typer.Option(
+        "--iou",
+        help="IoU: 'dataset' (over all pixels, compexp) or 'netdissect' (NetDissect-Lite's "
+        "category-restricted IoU; needs --length 1).",
+    ),
+]
 BeamOption = Annotated[int, typer.Option("--beam", help="Beam size.")]
 OperatorsOption = Annotated[
     str, typer.Option(help="Comma-separated operators: OR, AND, AND NOT, OR NOT.")
@@ -215,6 +223,7 @@ def dissect(
     search: SearchOption = "beam",
     time_limit: TimeLimitOption = None,
     max_nodes: MaxNodesOption = None,
+    iou: IouOption = "dataset",
     quantile: Annotated[float, typer.Option(help="Top activation quantile per unit.")] = 0.005,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     overwrite: OverwriteOption = False,
@@ -253,6 +262,7 @@ def dissect(
         search=search,
         time_limit=time_limit,
         max_nodes=max_nodes,
+        iou=iou,
         batch_size=batch_size,
         transform=processor or image_transform(image_size),
         config={
@@ -272,6 +282,7 @@ def dissect(
             "search": search,
             "time_limit": time_limit,
             "max_nodes": max_nodes,
+            "iou": iou,
             "quantile": quantile,
             "batch_size": batch_size,
             "image_files": [str(f) for f in files],
@@ -285,16 +296,9 @@ def dissect(
 
 
 def _image_reader(files: list[Path], store: Any) -> Callable[[int], Any]:
-    import numpy as np
-    from PIL import Image
+    from .run import image_reader
 
-    size = (store.grid.width, store.grid.height)
-
-    def read(i: int) -> Any:
-        with Image.open(files[i]) as image:
-            return np.asarray(image.convert("RGB").resize(size, Image.BILINEAR))
-
-    return read
+    return image_reader(files, store)
 
 
 @app.command()
@@ -309,6 +313,7 @@ def explain(
     search: SearchOption = "beam",
     time_limit: TimeLimitOption = None,
     max_nodes: MaxNodesOption = None,
+    iou: IouOption = "dataset",
     overwrite: OverwriteOption = False,
     quiet: QuietOption = False,
     config: ConfigOption = None,
@@ -332,6 +337,7 @@ def explain(
         search=search,
         time_limit=time_limit,
         max_nodes=max_nodes,
+        mode=iou,
         full_beam=True,
         progress=not quiet,
     )
@@ -345,6 +351,7 @@ def explain(
         "search": search,
         "time_limit": time_limit,
         "max_nodes": max_nodes,
+        "iou": iou,
     }
     write_run(
         out,
@@ -378,53 +385,74 @@ def report(
     debug: DebugOption = False,
 ) -> None:
     """(Re)write the HTML report of a run directory (into RUN/report)."""
-    import shutil
-
     import pandas as pd
 
-    from .activations import list_images
-    from .describe import compare
-    from .report import write_report
     from .results import read_results
-    from .run import layer_dir_name, load_top_images
-    from .storage import temporary_sibling
-    from .store import ConceptStore
-    from .units import UnitMasks
+    from .run import write_run_report
 
-    results = read_results(run)
-    settings = tomllib.loads((run / "config.toml").read_text())
-    store = ConceptStore.open(
-        run / "concepts" if (run / "concepts").is_dir() else settings["concepts"]
-    )
-    files = [Path(f) for f in settings["image_files"]] if images is None else list_images(images)
-    tops = load_top_images(run)
-    layers = list(dict.fromkeys(results["layer"]))
-    masks = {layer: UnitMasks.open(run / "units" / layer_dir_name(layer)) for layer in layers}
-    beam_path = run / "beam.parquet"
     descriptions = (
         pd.concat([read_results(d) for d in describe], ignore_index=True) if describe else None
     )
-    staging = temporary_sibling(run / "report")
-    try:
-        write_report(
-            staging,
-            results,
-            store,
-            unit_masks=masks,
-            images=_image_reader(files, store),
-            top_images={layer: tops[layer_dir_name(layer)] for layer in layers},
-            beam=pd.read_parquet(beam_path) if beam_path.exists() else None,
-            descriptions=descriptions,
-            progress=not quiet,
-        )
-        if descriptions is not None:
-            compare(results, descriptions).to_csv(staging / "comparison.csv", index=False)
-        shutil.rmtree(run / "report", ignore_errors=True)
-        staging.rename(run / "report")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    typer.echo(f"report: {(run / 'report' / 'index.html').resolve()}")
+    index = write_run_report(run, images=images, descriptions=descriptions, progress=not quiet)
+    typer.echo(f"report: {index.resolve()}")
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `pyneuron dissect`.")],
+    holdout: Annotated[
+        float, typer.Option(help="Share of images held out (0 skips held-out scoring).")
+    ] = 0.2,
+    controls: Annotated[
+        int, typer.Option(help="Control units per layer for the null (0 skips it).")
+    ] = 1000,
+    alpha: Annotated[float, typer.Option(help="p-value below which a unit beats the null.")] = 0.05,
+    faithfulness: Annotated[
+        bool, typer.Option(help="Mask concepts in images and measure activation drops.")
+    ] = True,
+    top_k: Annotated[int, typer.Option(help="Top images per unit for faithfulness.")] = 8,
+    fill: Annotated[str, typer.Option(help="Neutral fill of masked pixels: mean or blur.")] = (
+        "mean"
+    ),
+    model: Annotated[
+        str | None, typer.Option(help="The model, if not the run's own (as for dissect).")
+    ] = None,
+    weights: Annotated[Path | None, typer.Option(help="State-dict file for --model.")] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(help="The folder of probing images (default: the run's own list)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the split, controls and regions.")] = 0,
+    quiet: QuietOption = False,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Check a run's explanations: held-out IoU, null baseline, concept masking."""
+    from .run_evaluation import EvaluationConfig, evaluate_run
+
+    summary = evaluate_run(
+        run,
+        EvaluationConfig(
+            holdout=holdout,
+            controls=controls,
+            alpha=alpha,
+            faithfulness=faithfulness,
+            top_k=top_k,
+            fill=fill,
+            seed=seed,
+        ),
+        model=model,
+        weights=weights,
+        images=images,
+        progress=not quiet,
+    )
+    for layer, facts in summary["layers"].items():
+        typer.echo(f"{layer}: " + ", ".join(f"{k} {v}" for k, v in facts.items()))
+    for note in summary["notes"]:
+        typer.echo(f"note: {note}")
+    if summary.get("report"):
+        typer.echo(f"report: {Path(summary['report']).resolve()}")
 
 
 @app.command()
@@ -446,6 +474,13 @@ def describe(
     similarity: Annotated[
         str, typer.Option(help="CLIP-Dissect similarity: soft_wpmi, cos, cos3 or rank_reorder.")
     ] = "soft_wpmi",
+    ties: Annotated[
+        str,
+        typer.Option(
+            help="CLIP-Dissect's order of tied activations: lowest (image id) or torch "
+            "(torch.topk, to reproduce published labels)."
+        ),
+    ] = "lowest",
     top_k: Annotated[int | None, typer.Option(help="Top images per unit.")] = None,
     weights: Annotated[Path | None, typer.Option(help="State-dict file for the model.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
@@ -474,6 +509,7 @@ def describe(
         not quiet,
         weights=weights,
         similarity=similarity,
+        ties=ties,
     )
     typer.echo(f"descriptions written to {path}")
 

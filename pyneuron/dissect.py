@@ -36,6 +36,8 @@ def dissect(
     layer_format: LayerFormat | None = None,
     activations_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    holdout: float | None = None,
+    holdout_seed: int = 0,
     **search_options: Any,
 ) -> pd.DataFrame:
     """Explain every unit of ``layer``: capture → thresholds → unit masks → :func:`explain`.
@@ -58,6 +60,10 @@ def dissect(
         (unit, range) with ``range``, ``lower`` and ``upper`` columns.
     activations_dir
         Stream captured activations there (resumable), for layers larger than memory.
+    holdout
+        Hold out this share of the images (drawn with ``holdout_seed``): thresholds and
+        formulas come from the rest, and every metric is scored again on the held-out
+        images (:func:`pyneuron.evaluate`: ``iou_heldout``, ..., ``iou_drop``).
     **search_options
         ``length``, ``beam_size``, ``operators``, ``penalty``, ``full_beam`` of
         :func:`explain`.
@@ -65,7 +71,8 @@ def dissect(
     Returns
     -------
     pandas.DataFrame
-        The :func:`explain` table with ``layer`` and ``threshold`` columns added.
+        The :func:`explain` table with ``layer`` and ``threshold`` columns added
+        (and the held-out columns with ``holdout``).
     """
     activations = capture(
         model,
@@ -79,6 +86,21 @@ def dissect(
         out=activations_dir,
         progress=progress,
     )[layer]
+    if holdout is not None:
+        from .evaluate import explain_activations_split
+
+        return explain_activations_split(
+            activations,
+            store,
+            holdout=holdout,
+            seed=holdout_seed,
+            layer=layer,
+            quantile=quantile,
+            thresholds=thresholds,
+            ranges=ranges,
+            progress=progress,
+            **search_options,
+        )
     table, _ = explain_activations(
         activations,
         store,
@@ -90,6 +112,15 @@ def dissect(
         **search_options,
     )
     return table
+
+
+def check_image_count(n_images: int, store: ConceptStore) -> None:
+    """Raise :class:`GridMismatchError` unless activations cover the store's images."""
+    if n_images != store.grid.n_images:
+        raise GridMismatchError(
+            f"captured {n_images} images but the concept store covers "
+            f"{store.grid.n_images}; pass the store's probing images, in its order"
+        )
 
 
 def explain_activations(
@@ -108,11 +139,7 @@ def explain_activations(
     Returns the table (with ``layer`` and ``threshold``, and for ``ranges`` also
     ``range``, ``lower``, ``upper``) and the unit masks (one set per range index).
     """
-    if activations.shape[0] != store.grid.n_images:
-        raise GridMismatchError(
-            f"captured {activations.shape[0]} images but the concept store covers "
-            f"{store.grid.n_images}; pass the store's probing images, in its order"
-        )
+    check_image_count(activations.shape[0], store)
     size = (store.grid.height, store.grid.width)
     if ranges is None:
         if thresholds is not None:

@@ -151,9 +151,68 @@ class MaskSet:
         words = self._words.reshape(-1, grid.words_per_image)[self._slots[k]][None]
         return unpack_bits(words, grid.pixels).reshape(grid.height, grid.width)
 
+    def _entries(self, m: int, picked: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mask m's non-empty images (int64) and its masks there, bool (K, height, width);
+        ``picked``: positions among those images to decode (default all)."""
+        m = self._check_index(m)
+        entry = np.arange(self._offsets[m], self._offsets[m + 1])
+        if picked is not None:
+            entry = entry[picked]
+        grid = self._grid
+        slots = self._slots[entry]
+        masks = np.zeros((entry.shape[0], grid.pixels), dtype=bool)
+        full = slots == FULL_SLOT
+        masks[full] = True
+        if (~full).any():
+            words = self._words.reshape(-1, grid.words_per_image)[slots[~full]]
+            masks[~full] = unpack_bits(words, grid.pixels)
+        images = self._images[entry].astype(np.int64)
+        return images, masks.reshape(-1, grid.height, grid.width)
+
     def _images_with(self, m: int) -> np.ndarray:
         m = self._check_index(m)
         return self._images[self._offsets[m] : self._offsets[m + 1]].astype(np.int64)
+
+    def _subset(
+        self, masks: np.ndarray | None = None, images: np.ndarray | None = None
+    ) -> tuple[Grid, tuple[np.ndarray, ...], np.ndarray]:
+        """(grid, (offsets, images, slots, counts), words) of some masks on some images.
+
+        ``masks``: mask ids, in the order wanted (default all); ``images``: distinct
+        image ids, renumbered 0, 1, ... in the order given (default all). Only the
+        containers of the kept (mask, image) pairs are copied; nothing is decoded.
+        """
+        grid = self._grid
+        mask_ids = np.arange(len(self)) if masks is None else _ids(masks, len(self), "mask")
+        begins, ends = self._offsets[mask_ids], self._offsets[mask_ids + 1]
+        lengths = ends - begins
+        owner = np.repeat(np.arange(mask_ids.shape[0]), lengths)
+        entry = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        entry = entry + np.repeat(begins, lengths)
+        new_images = self._images[entry].astype(np.int64)
+        if images is not None:
+            image_ids = _ids(images, grid.n_images, "image")
+            if np.unique(image_ids).shape[0] != image_ids.shape[0]:
+                raise PyneuronError("image ids must be distinct to take a subset of images")
+            lookup = np.full(grid.n_images, -1, dtype=np.int64)
+            lookup[image_ids] = np.arange(image_ids.shape[0])
+            new_images = lookup[new_images]
+            keep = new_images >= 0
+            entry, owner, new_images = entry[keep], owner[keep], new_images[keep]
+            order = np.lexsort((new_images, owner))
+            entry, owner, new_images = entry[order], owner[order], new_images[order]
+            grid = Grid(image_ids.shape[0], grid.height, grid.width)
+        old_slots = self._slots[entry]
+        partial = old_slots != FULL_SLOT
+        slots = np.full(entry.shape[0], FULL_SLOT, dtype=np.int64)
+        slots[partial] = np.arange(int(partial.sum()))
+        words = np.ascontiguousarray(
+            self._words.reshape(-1, grid.words_per_image)[old_slots[partial]]
+        )
+        offsets = np.zeros(mask_ids.shape[0] + 1, dtype=np.int64)
+        np.cumsum(np.bincount(owner, minlength=mask_ids.shape[0]), out=offsets[1:])
+        index = (offsets, new_images.astype(np.int32), slots, self._counts[entry].copy())
+        return grid, index, words
 
     def verify(self) -> None:
         """Read every bitset and check it against its stored pixel count.
@@ -167,6 +226,17 @@ class MaskSet:
             self._native.verify_words()
         except ValueError as error:
             raise PyneuronError(str(error)) from None
+
+
+def _ids(values: np.ndarray | Sequence[int], bound: int, what: str) -> np.ndarray:
+    """Validated int64 ids in [0, bound)."""
+    ids = np.asarray(values)
+    if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+        raise PyneuronError(f"{what} ids must be a 1-D sequence of integers, got {values!r}")
+    ids = ids.astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= bound):
+        raise PyneuronError(f"{what} ids must lie in [0, {bound}), got {ids.min()}..{ids.max()}")
+    return ids
 
 
 def pixel_counts(offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ from .storage import commit_directory, temporary_sibling
 
 RESULTS = "results"
 BEAM = "beam"
+NULL = "null"
 SUMMARY = "summary.json"
 CONFIG = "config.toml"
 

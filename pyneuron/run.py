@@ -25,7 +25,8 @@ import pandas as pd
 
 from .activations import capture
 from .dissect import explain_activations
-from .results import refuse_existing, versions, write_run
+from .errors import PyneuronError
+from .results import BEAM, CONFIG, NULL, read_results, refuse_existing, versions, write_run
 from .search import best_of_beam
 from .store import ConceptStore
 
@@ -60,6 +61,7 @@ def dissect_run(
     search: str = "beam",
     time_limit: float | None = None,
     max_nodes: int | None = None,
+    iou: str = "dataset",
     batch_size: int = 32,
     transform: Callable[..., Any] | None = None,
     config: Mapping[str, Any] | None = None,
@@ -76,8 +78,9 @@ def dissect_run(
     it (or with ``report=False``) no report is written; ``save_store`` copies the concept
     store into the run (for stores built from a Broden folder or by segmentation). The
     directory appears only when everything succeeded; an existing one is kept unless
-    ``overwrite``. ``search``, ``time_limit`` and ``max_nodes`` are those of
-    :func:`pyneuron.explain`.
+    ``overwrite``. ``iou="netdissect"`` (with ``length=1``) ranks concepts by
+    NetDissect-Lite's category-restricted IoU (``explain(..., mode=...)``); ``search``,
+    ``time_limit`` and ``max_nodes`` are those of :func:`pyneuron.explain`.
     Returns the summary.
     """
     out = Path(out)
@@ -103,6 +106,7 @@ def dissect_run(
             search=search,
             time_limit=time_limit,
             max_nodes=max_nodes,
+            mode=iou,
             full_beam=True,
             progress=progress,
         )
@@ -134,6 +138,7 @@ def dissect_run(
             "time_limit": time_limit,
             "max_nodes": max_nodes,
             "quantile": quantile,
+            "iou": iou,
         },
         "timings_seconds": timings,
         **(extra_summary or {}),
@@ -158,6 +163,7 @@ def dissect_run(
                 top_images=tops,
                 beam=beam_table,
                 progress=progress,
+                iou=iou,
             )
             timings["report"] = time.perf_counter() - t0
             summary["report"] = str(out / "report" / "index.html")
@@ -173,6 +179,104 @@ def dissect_run(
         overwrite=overwrite,
     )
     return summary
+
+
+def image_reader(files: Sequence[Path], store: ConceptStore) -> Callable[[int], np.ndarray]:
+    """Image ``i`` of ``files`` as uint8 RGB resized to the store's grid (for reports)."""
+    from PIL import Image
+
+    size = (store.grid.width, store.grid.height)
+
+    def read(i: int) -> np.ndarray:
+        with Image.open(files[i]) as image:
+            return np.asarray(image.convert("RGB").resize(size, Image.BILINEAR))
+
+    return read
+
+
+def read_config(run: str | os.PathLike[str]) -> dict[str, Any]:
+    """The resolved configuration (``config.toml``) of a run directory."""
+    import tomllib
+
+    path = Path(run) / CONFIG
+    if not path.is_file():
+        raise PyneuronError(f"{run} is not a pyneuron run ({CONFIG} is missing)")
+    return tomllib.loads(path.read_text())
+
+
+def open_run_store(run: str | os.PathLike[str], settings: Mapping[str, Any]) -> ConceptStore:
+    """The concept store of a run: its own copy, or the store its config names."""
+    run = Path(run)
+    if (run / "concepts").is_dir():
+        return ConceptStore.open(run / "concepts")
+    if "concepts" not in settings:
+        raise PyneuronError(f"{run} has no concept store and its config names none")
+    return ConceptStore.open(settings["concepts"])
+
+
+def run_image_files(
+    settings: Mapping[str, Any], images: str | os.PathLike[str] | None
+) -> list[Path]:
+    """The probing images of a run: ``images`` (a folder) or the list in its config."""
+    from .activations import list_images
+
+    if images is not None:
+        return list_images(images)
+    if "image_files" not in settings:
+        raise PyneuronError("the run's config lists no image files; pass the image folder")
+    return [Path(f) for f in settings["image_files"]]
+
+
+def write_run_report(
+    run: str | os.PathLike[str],
+    *,
+    images: str | os.PathLike[str] | None = None,
+    descriptions: pd.DataFrame | None = None,
+    progress: bool = True,
+) -> Path:
+    """(Re)write ``run/report`` from the run's files (results, unit masks, top images,
+    beam, and ``null`` control units when ``pyneuron evaluate`` wrote them); the old
+    report is replaced only once the new one is complete. Returns ``index.html``."""
+    import shutil
+
+    from .describe import compare
+    from .report import write_report
+    from .storage import temporary_sibling
+    from .units import UnitMasks
+
+    run = Path(run)
+    results = read_results(run)
+    settings = read_config(run)
+    store = open_run_store(run, settings)
+    files = run_image_files(settings, images)
+    tops = load_top_images(run)
+    layers = list(dict.fromkeys(results["layer"]))
+    masks = {layer: UnitMasks.open(run / "units" / layer_dir_name(layer)) for layer in layers}
+    beam_path = run / f"{BEAM}.parquet"
+    null_path = run / f"{NULL}.parquet"
+    staging = temporary_sibling(run / "report")
+    try:
+        write_report(
+            staging,
+            results,
+            store,
+            unit_masks=masks,
+            images=image_reader(files, store),
+            top_images={layer: tops[layer_dir_name(layer)] for layer in layers},
+            beam=pd.read_parquet(beam_path) if beam_path.exists() else None,
+            descriptions=descriptions,
+            null=pd.read_parquet(null_path) if null_path.exists() else None,
+            progress=progress,
+            iou=settings.get("iou", "dataset"),
+        )
+        if descriptions is not None:
+            compare(results, descriptions).to_csv(staging / "comparison.csv", index=False)
+        shutil.rmtree(run / "report", ignore_errors=True)
+        staging.rename(run / "report")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return run / "report" / "index.html"
 
 
 def load_top_images(run: str | os.PathLike[str]) -> Mapping[str, np.ndarray]:

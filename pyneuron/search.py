@@ -13,6 +13,7 @@ from . import _native
 from .errors import EmptyStoreError, PyneuronError
 from .formula import And, Concept, Formula, Not, Or
 from .metrics import METRIC_COLUMNS, iou, metrics
+from .netdissect import category_codes, category_unit_pixels, check_mode, netdissect_iou
 from .store import ConceptStore
 from .units import UnitMasks
 
@@ -22,10 +23,13 @@ DEFAULT_OPERATORS = ("OR", "AND", "AND NOT")
 SEARCHES = ("beam", "optimal")
 #: Columns the optimal search adds to the result table.
 OPTIMAL_COLUMNS = ("optimal", "upper_bound", "nodes", "seconds")
-#: Concepts present in the data the optimal search accepts (as csrc/core/optimal.cpp).
-MAX_OPTIMAL_CONCEPTS = 6000
 
 UnitSource = UnitMasks | Iterable[UnitMasks]
+
+#: Stores of up to this many concepts get a co-occurrence table (8 bytes per pair of
+#: concepts: 512 MiB here), which lets the search skip most counting; larger ones are
+#: searched without it, with the same results.
+COOCCURRENCE_MAX_CONCEPTS = 8192
 
 
 def explain(
@@ -38,6 +42,7 @@ def explain(
     penalty: float = 1.0,
     full_beam: bool = False,
     batch_size: int | None = None,
+    mode: str = "dataset",
     progress: bool = True,
     search: str = "beam",
     time_limit: float | None = None,
@@ -51,6 +56,13 @@ def explain(
     with every concept present in the data by each operator, in the order given,
     and keeps the best ``beam_size`` (a stable sort: ties keep the older entry).
     The score is IoU * penalty ** (length - 1), NOT counting as one more.
+
+    The engine searches blocks of units together: each expansion step screens every
+    (beam formula, concept) pair with exact score ranges (from the store's
+    :meth:`~ConceptStore.cooccurrence` table, computed on first use and kept), counts
+    ``|F AND C AND unit|`` for the pairs left and ``|F AND C|`` for the pairs still in
+    question, each in one batched pass over the concepts. Results are identical to a
+    literal brute-force search.
 
     Parameters
     ----------
@@ -73,6 +85,13 @@ def explain(
         ``score`` column.
     batch_size
         Units per engine call (progress granularity); default scales with threads.
+    mode
+        ``"dataset"`` (default): IoU over all pixels of the probing set (compexp).
+        ``"netdissect"``, only with ``length=1``: NetDissect-Lite's IoU, counting the
+        unit's pixels per concept category only in images where that category meets the
+        unit (see :mod:`pyneuron.netdissect`); concepts are ranked by it (ties: smaller
+        concept id) and ``score``, ``iou`` and ``primitive_iou`` hold it, while the other
+        metrics stay dataset-wide.
     progress
         Show a progress bar (on a terminal).
     search
@@ -133,24 +152,34 @@ def explain(
         raise PyneuronError("time_limit and max_nodes apply to search='optimal' only")
     seconds = _time_limit(time_limit)
     nodes = 0 if max_nodes is None else _positive_int(max_nodes, "max_nodes")
-    if optimal and batch_size is None:
-        batch_size = 2**31 - 1  # one engine call per chunk: the pair tables are built per call
     _check_store(store)
-    present = int((store.pixel_counts > 0).sum())
-    if optimal and present > MAX_OPTIMAL_CONCEPTS:
+    if check_mode(mode) == "netdissect":
+        if length != 1 or optimal:
+            raise PyneuronError(
+                f"mode='netdissect' is NetDissect-Lite's IoU of single concepts; use it with "
+                f"length=1 and search='beam' (got length={length}, search={search!r}), or "
+                "mode='dataset' for formulas"
+            )
+        return _explain_netdissect(units, store, beam_size, full_beam, batch_size, progress)
+    if optimal and len(store) > COOCCURRENCE_MAX_CONCEPTS:
         raise PyneuronError(
-            f"the optimal search supports at most {MAX_OPTIMAL_CONCEPTS:,} concepts present in "
-            f"the data (its pair table holds n² counts); this store has {present:,}: build "
-            "one with fewer concepts or use search='beam'"
+            f"the optimal search needs the store's co-occurrence table, kept for up to "
+            f"{COOCCURRENCE_MAX_CONCEPTS:,} concepts; this store has {len(store):,}: build one "
+            "with fewer concepts or use search='beam'"
         )
     names = store.names
+    cooccurrence = (
+        store.cooccurrence()
+        if optimal or (length > 1 and len(store) <= COOCCURRENCE_MAX_CONCEPTS)
+        else None
+    )
     frames = []
     for first_unit, chunk, batch in _batches(units, store, batch_size, progress, "explain"):
         args = (chunk._native, batch.start, batch.stop, store._native, length)
         if optimal:
-            raw = _native.optimal_search(*args, ops, beam_size, seconds, nodes)
+            raw = _native.optimal_search(*args, ops, beam_size, seconds, nodes, cooccurrence)
         else:
-            raw = _native.beam_search(*args, beam_size, ops, float(penalty))
+            raw = _native.beam_search(*args, beam_size, ops, float(penalty), cooccurrence)
         frames.append(_result_frame(raw, first_unit + batch.start, names, full_beam, optimal))
     if frames:
         return pd.concat(frames, ignore_index=True)
@@ -225,8 +254,22 @@ def compare_searches(
     )
 
 
-def iou_table(units: UnitSource, store: ConceptStore, *, progress: bool = True) -> np.ndarray:
+def iou_table(
+    units: UnitSource, store: ConceptStore, *, mode: str = "dataset", progress: bool = True
+) -> np.ndarray:
     """IoU of every unit with every concept: float64 (units, concepts) — NetDissect.
+
+    Parameters
+    ----------
+    units, store
+        The unit masks (or an iterable of chunks) and the concepts, on one grid.
+    mode
+        ``"dataset"`` (default, compexp's): |C∧A| / (|C| + |A| - |C∧A| + 1e-10) over all
+        pixels. ``"netdissect"``: NetDissect-Lite's, where |A| counts the unit's pixels
+        only in images where the concept's category meets the unit (see
+        :mod:`pyneuron.netdissect`); bit for bit what its ``tally`` computes.
+    progress
+        Show a progress bar (on a terminal).
 
     Examples
     --------
@@ -237,13 +280,68 @@ def iou_table(units: UnitSource, store: ConceptStore, *, progress: bool = True) 
     array([[1. , 0.5]])
     """
     _check_store(store)
+    netdissect = check_mode(mode) == "netdissect"
+    codes, n_categories = category_codes(store)
     sizes = store.pixel_counts
     rows = []
     for _, chunk, batch in _batches(units, store, None, progress, "IoU table"):
         counts = _native.intersection_counts(chunk._native, batch.start, batch.stop, store._native)
-        unit_sizes = chunk.pixel_counts[batch][:, None]
-        rows.append(iou(counts, sizes[None, :], unit_sizes))
+        if netdissect:
+            per_category = category_unit_pixels(chunk, batch, store, codes, n_categories)
+            rows.append(netdissect_iou(counts, sizes[None, :], per_category[:, codes]))
+        else:
+            rows.append(iou(counts, sizes[None, :], chunk.pixel_counts[batch][:, None]))
     return np.concatenate(rows) if rows else np.zeros((0, len(store)))
+
+
+def _explain_netdissect(
+    units: UnitSource,
+    store: ConceptStore,
+    beam_size: int,
+    full_beam: bool,
+    batch_size: int | None,
+    progress: bool,
+) -> pd.DataFrame:
+    """Length-1 explanations ranked by NetDissect-Lite's IoU.
+
+    Every concept with a positive NetDissect IoU overlaps the unit, so it is among the
+    engine's primitives (all concepts with dataset-wide IoU > 0) when the beam holds every
+    concept; those are re-scored and re-ranked here.
+    """
+    names = store.names
+    codes, n_categories = category_codes(store)
+    frames = []
+    for first_unit, chunk, batch in _batches(units, store, batch_size, progress, "explain"):
+        raw = _native.beam_search(
+            chunk._native, batch.start, batch.stop, store._native, 1, len(store), [], 1.0
+        )
+        per_category = category_unit_pixels(chunk, batch, store, codes, n_categories)
+        concepts = raw["concepts"][:, :, 0]
+        have = np.arange(concepts.shape[1])[None, :] < raw["beam_count"][:, None]
+        safe = np.where(have, concepts, 0)
+        scores = netdissect_iou(
+            raw["intersection"], raw["size"], np.take_along_axis(per_category, codes[safe], 1)
+        )
+        scores = np.where(have, scores, -np.inf)
+        order = np.lexsort((np.where(have, concepts, np.iinfo(np.int32).max), -scores), axis=1)
+        order = order[:, :beam_size]
+        ranked = {
+            key: np.take_along_axis(raw[key], order if raw[key].ndim == 2 else order[:, :, None], 1)
+            for key in ("concepts", "ops", "length", "intersection", "size",
+                        "intersection_images", "size_images")
+        }  # fmt: skip
+        best = np.take_along_axis(scores, order, 1)
+        ranked["score"] = np.where(np.isfinite(best), best, np.nan)
+        ranked["beam_count"] = np.minimum(raw["beam_count"], beam_size)
+        ranked["primitive"] = np.where(ranked["beam_count"] > 0, ranked["concepts"][:, 0, 0], -1)
+        ranked["primitive_iou"] = np.where(ranked["beam_count"] > 0, best[:, 0], 0.0)
+        ranked["unit_size"], ranked["unit_images"] = raw["unit_size"], raw["unit_images"]
+        frame = _result_frame(ranked, first_unit + batch.start, names, full_beam)
+        frame["iou"] = frame["score"]
+        frames.append(frame)
+    if not frames:
+        return _result_frame(None, 0, names, full_beam)
+    return pd.concat(frames, ignore_index=True)
 
 
 def score(formula: Formula | str, units: UnitSource, store: ConceptStore) -> pd.DataFrame:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import storage
+from . import _native, storage
 from .errors import PyneuronError, StoreError, UnknownConceptError
 from .grid import Grid
 from .masks import MaskSet
@@ -63,6 +63,7 @@ class ConceptStore(MaskSet):
         self._lookup = _name_lookup(self._names)
         self._metadata.update(metadata or {})
         self.path = path
+        self._cooccurrence: np.ndarray | None = None
 
     # -- construction ----------------------------------------------------------------
     @classmethod
@@ -184,6 +185,31 @@ class ConceptStore(MaskSet):
         """Ids of the images where a concept is present."""
         return self._images_with(self._resolve(name))
 
+    def cooccurrence(self) -> np.ndarray:
+        """Pixels shared by every pair of concepts: a symmetric uint64 (concepts, concepts)
+        table, ``|c AND d|``, with the concept sizes on its diagonal.
+
+        Computed once in a batched pass over the store (about as long as explaining a few
+        dozen units) and kept with the store. :func:`pyneuron.explain` uses it on stores
+        of up to ``pyneuron.search.COOCCURRENCE_MAX_CONCEPTS`` concepts: the overlap of
+        every beam formula with every concept is then known or tightly bounded before any
+        counting, which skips most of the work on dense concept data. Results are the
+        same without it.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> masks = np.zeros((2, 1, 2, 2), dtype=bool)
+        >>> masks[0, 0, 0] = True; masks[1, 0, :, 0] = True
+        >>> ConceptStore.from_masks(masks, ["top", "left"]).cooccurrence().tolist()
+        [[2, 1], [1, 2]]
+        """
+        if self._cooccurrence is None:
+            table = _native.concept_cooccurrence(self._native)
+            table.setflags(write=False)
+            self._cooccurrence = table
+        return self._cooccurrence
+
     def _resolve(self, name: str | int) -> int:
         return self._check_index(name) if isinstance(name, (int, np.integer)) else self.index(name)
 
@@ -270,27 +296,28 @@ class ConceptStore(MaskSet):
         >>> store.sample("dog", 10)[0].tolist()
         [1, 3, 4]
         """
-        from .grid import unpack_bits
-        from .masks import FULL_SLOT
-
         m = self._resolve(name)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
             raise PyneuronError(f"k must be an integer >= 0, got {k!r}")
-        begin, end = int(self._offsets[m]), int(self._offsets[m + 1])
+        n_images = int(self._offsets[m + 1] - self._offsets[m])
         rng = np.random.default_rng(seed)
-        picked = begin + np.sort(
-            rng.choice(end - begin, size=min(int(k), end - begin), replace=False)
-        )
-        images = self._images[picked].astype(np.int64)
-        slots = self._slots[picked]
-        grid = self.grid
-        masks = np.zeros((picked.shape[0], grid.pixels), dtype=bool)
-        full = slots == FULL_SLOT
-        masks[full] = True
-        if (~full).any():
-            words = self._words.reshape(-1, grid.words_per_image)[slots[~full]]
-            masks[~full] = unpack_bits(words, grid.pixels)
-        return images, masks.reshape(-1, grid.height, grid.width)
+        picked = np.sort(rng.choice(n_images, size=min(int(k), n_images), replace=False))
+        return self._entries(m, picked)
+
+    def take_images(self, images: Sequence[int] | np.ndarray) -> ConceptStore:
+        """The store restricted to some images, renumbered 0, 1, ... in the order given.
+
+        Used to split a probing set (explain on one part, score on the other); the
+        containers are copied, never decoded.
+
+        Examples
+        --------
+        >>> masks = np.zeros((1, 4, 2, 2), dtype=bool); masks[0, [1, 3]] = True
+        >>> ConceptStore.from_masks(masks, ["dog"]).take_images([3, 0]).images_with("dog")
+        array([0])
+        """
+        grid, index, words = self._subset(images=images)
+        return ConceptStore(grid, index, words, self._names, self._categories, self._metadata)
 
     def __repr__(self) -> str:
         where = f", path={str(self.path)!r}" if self.path else ""

@@ -9,7 +9,8 @@ whole images and keeps only what it needs.
   the quantile at level :func:`compexp_level` of the unit's raw activations over all images
   and positions. It is *exact*: equal to ``np.quantile(a[:, u].astype(np.float64).ravel(),
   level)``, computed by :class:`StreamingQuantiles` in memory proportional to
-  ``U * (1 - level) * N * h * w`` instead of the whole array.
+  ``U * (1 - level) * N * h * w`` instead of the whole array. ``method="compexp"`` gives
+  instead what compexp's own randomized estimator gives (:mod:`pyneuron.compexp_quantiles`).
 - :func:`activation_ranges` gives the Clustered-CompExp / OVCE ranges: per unit, 1-D KMeans
   (:func:`kmeans_1d`) over its non-zero activations, one ``(lo, hi)`` range per cluster.
 - :func:`user_thresholds` checks thresholds chosen by the user.
@@ -28,6 +29,7 @@ from collections.abc import Iterator
 import numpy as np
 import numpy.typing as npt
 
+from .compexp_quantiles import CompexpQuantiles
 from .errors import PyneuronError
 
 __all__ = [
@@ -443,6 +445,7 @@ def quantile_thresholds(
     *,
     level: float | None = None,
     batch_images: int | None = None,
+    method: str = "exact",
 ) -> np.ndarray:
     """Per-unit top-quantile thresholds, exactly as compexp / NetDissect-Lite define them.
 
@@ -467,6 +470,14 @@ def quantile_thresholds(
         The quantile level in [0, 1], used instead of ``compexp_level(q)``.
     batch_images : int, optional
         Images per batch; by default about 64 MiB of activations.
+    method : {"exact", "compexp"}
+        ``"exact"`` (default): the exact quantile described above. ``"compexp"``: the
+        value compexp's and NetDissect-Lite's own randomized streaming estimator gives
+        (:class:`~pyneuron.compexp_quantiles.CompexpQuantiles`, seed 1, images in array
+        order, readout index ``int(1000 * (1 - q) - 1)``), bit for bit, for reproducing
+        published thresholds; it differs from the exact quantile (by up to ~0.005 on real
+        layers). ``level`` cannot be combined with it; the result does not depend on
+        ``batch_images``. Memory: about 0.6 MB per unit.
 
     Returns
     -------
@@ -482,6 +493,20 @@ def quantile_thresholds(
     True
     """
     arr = _as_activations(activations)
+    if method not in ("exact", "compexp"):
+        raise PyneuronError(f"unknown method {method!r}; choose 'exact' or 'compexp'")
+    if method == "compexp":
+        if level is not None:
+            raise PyneuronError(
+                "method='compexp' reads its estimator at readout index int(1000 * (1 - q) - 1);"
+                " give q, not level"
+            )
+        compexp_level(q)  # checks q
+        estimator = CompexpQuantiles(arr.shape[1])
+        for start, values in _batches(arr, _batch_size(batch_images, arr)):
+            _check_finite(values, start)
+            estimator.update(values)
+        return estimator.quantile(q)
     level = compexp_level(q) if level is None else _check_level(level)
     batch = _batch_size(batch_images, arr)
     n, units = arr.shape[:2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,24 @@ class UnitMasks(MaskSet):
     def images_with(self, unit: int) -> np.ndarray:
         """Ids of the images where the unit fires."""
         return self._images_with(unit)
+
+    def take_images(self, images: Sequence[int] | np.ndarray) -> UnitMasks:
+        """The masks restricted to some images, renumbered 0, 1, ... in the order given
+        (see :meth:`ConceptStore.take_images`)."""
+        grid, index, words = self._subset(images=images)
+        return UnitMasks(grid, *index, words)
+
+    def take_units(self, units: Sequence[int] | np.ndarray) -> UnitMasks:
+        """Some units only, renumbered 0, 1, ... in the order given.
+
+        Examples
+        --------
+        >>> dense = np.zeros((3, 2, 2, 2), dtype=bool); dense[2, 1, 0] = True
+        >>> UnitMasks.from_masks(dense).take_units([2, 0]).pixel_counts.tolist()
+        [2, 0]
+        """
+        grid, index, words = self._subset(masks=units)
+        return UnitMasks(grid, *index, words)
 
     def __repr__(self) -> str:
         return f"UnitMasks({len(self)} units on {self.grid})"

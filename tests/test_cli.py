@@ -164,6 +164,40 @@ def test_dissect_explain_report_and_store_info(tiny_project, tmp_path):
     assert invoke("info").exit_code == 0
 
 
+def test_netdissect_iou_through_dissect_explain_and_report(tiny_project, tmp_path):
+    root = tiny_project
+    out = tmp_path / "run"
+    common = ("--length", 1, "--iou", "netdissect", "--quiet")
+    result = invoke(
+        "dissect", "--model", f"{root / 'net.py'}:build", "--layer", "1", "--images",
+        root / "images", "--concepts", root / "store", "--out", out, "--image-size", 32,
+        "--quantile", 0.1, *common,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    results = pd.read_parquet(out / "results.parquet")
+    store = pyneuron.ConceptStore.open(root / "store")
+    units = pyneuron.UnitMasks.open(out / "units" / "1")
+    table = pyneuron.iou_table(units, store, mode="netdissect", progress=False)
+    assert results["iou"].tolist() == table.max(axis=1).tolist()
+    assert tomllib.loads((out / "config.toml").read_text())["iou"] == "netdissect"
+    assert "NetDissect-Lite&#39;s IoU" in (out / "report" / "index.html").read_text()
+    assert invoke("report", out, "--quiet").exit_code == 0
+    assert "NetDissect-Lite&#39;s IoU" in (out / "report" / "index.html").read_text()
+
+    explained = tmp_path / "explained"
+    result = invoke(
+        "explain", "--units", out / "units" / "1", "--concepts", root / "store", "--out",
+        explained, *common,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert pd.read_parquet(explained / "results.parquet")["iou"].tolist() == results["iou"].tolist()
+    bad = invoke(
+        "explain", "--units", out / "units" / "1", "--concepts", root / "store", "--out",
+        tmp_path / "bad", "--iou", "netdissect", "--quiet",
+    )  # fmt: skip
+    assert bad.exit_code != 0 and "length=1" in bad.output and "Traceback" not in bad.output
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

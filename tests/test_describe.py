@@ -59,12 +59,16 @@ def stable_top(column: np.ndarray, k: int) -> list[int]:
     return sorted(range(len(column)), key=lambda i: (-column[i], i))[:k]
 
 
-def soft_wpmi_oracle(summary, probabilities, k, lam=1.0, p_start=0.998, p_end=0.97, eps=1e-7):
+def soft_wpmi_oracle(
+    summary, probabilities, k, lam=1.0, p_start=0.998, p_end=0.97, eps=1e-7, top=None
+):
+    """``top``: (k, U) top image ids, best first; default: ties to the lower image id."""
     n_units, n_concepts = summary.shape[1], probabilities.shape[1]
     weights = p_start - np.arange(k) / k * (p_start - p_end)
     log_given = np.zeros((n_units, n_concepts))
     for unit in range(n_units):
-        for rank, image in enumerate(stable_top(summary[:, unit], k)):
+        order = stable_top(summary[:, unit], k) if top is None else top[:, unit]
+        for rank, image in enumerate(order):
             log_given[unit] += np.log(1 + weights[rank] * (probabilities[image] - 1) + eps)
     prior = np.log(np.mean(np.exp(log_given), axis=0))
     return log_given - lam * prior
@@ -144,6 +148,34 @@ def test_soft_wpmi_matches_numpy(k, lam):
     expected = soft_wpmi_oracle(summary, probabilities, min(k, 30), lam=lam)
     got = soft_wpmi(summary, probabilities, top_k=k, lam=lam, block_bytes=4 * k * 11 * 2)
     np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_soft_wpmi_ties_torch_takes_torch_topk_order():
+    import torch
+
+    summary = RNG.normal(size=(40, 6)).astype(np.float32)
+    summary[:, 0] = 0.0  # a dead unit
+    summary[:, 1] = 3.0  # a constant one
+    summary[:, 2] = np.round(summary[:, 2])  # quantized
+    probabilities = RNG.dirichlet(np.ones(7), size=40)
+    top = torch.topk(torch.from_numpy(summary), 10, dim=0).indices.numpy()
+    assert not (top == np.stack([stable_top(summary[:, u], 10) for u in range(6)], 1)).all()
+    expected = soft_wpmi_oracle(summary, probabilities, 10, top=top)
+    got = soft_wpmi(summary, probabilities, top_k=10, ties="torch")
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+    lowest = soft_wpmi(summary, probabilities, top_k=10)
+    np.testing.assert_allclose(lowest, soft_wpmi_oracle(summary, probabilities, 10), atol=2e-5)
+    assert np.abs(got - lowest).max() > 1e-3  # through the prior, every unit moves
+    sims = RNG.uniform(0.1, 0.3, size=(40, 7)).astype(np.float32)
+    result = clip_dissect(
+        None, "fc", None, [f"c{i}" for i in range(7)], activations=summary,
+        clip_similarities=sims, top_k=10, ties="torch", progress=False,
+    )  # fmt: skip
+    shown = torch.topk(torch.from_numpy(summary), 5, dim=0).indices.numpy()
+    np.testing.assert_array_equal(result.top_images, shown.T)
+    assert result.details["ties"] == "torch"
+    with pytest.raises(pyneuron.PyneuronError, match="ties"):
+        similarity_matrix(summary, sims, ties="random")
 
 
 def test_similarity_matrix_soft_wpmi_uses_the_temperature():
@@ -711,10 +743,13 @@ def test_describe_command_writes_a_run(method, command_inputs, clip_dir, blip_di
     with pytest.raises(FileExistsError):
         describe_command(**args)
     if method == "clip-dissect":
-        describe_command(**{**args, "overwrite": True, "top_k": None}, similarity="cos")
+        describe_command(
+            **{**args, "overwrite": True, "top_k": None}, similarity="cos", ties="torch"
+        )
         again = pd.read_parquet(out / "results.parquet")
         assert again["similarity"].eq("cos").all()
-        assert json.loads((out / "summary.json").read_text())["top_k"] == 100
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["top_k"] == 100 and summary["ties"] == "torch"
 
 
 def test_describe_command_bad_input(command_inputs, clip_dir, tmp_path):
@@ -733,6 +768,8 @@ def test_describe_command_bad_input(command_inputs, clip_dir, tmp_path):
         describe_command(**{**args, "method": "dnd"})
     with pytest.raises(error, match="needs a concept list"):
         describe_command(**{**args, "concepts": None})
+    with pytest.raises(error, match="unknown ties rule"):
+        describe_command(**args, ties="stable")
     assert not (tmp_path / "run").exists()
 
 

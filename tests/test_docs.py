@@ -15,6 +15,11 @@ MODULES = [
     "pyneuron.units",
     "pyneuron.search",
     "pyneuron.formula",
+    "pyneuron.evaluate",
+    "pyneuron.null",
+    "pyneuron.faithfulness",
+    "pyneuron.netdissect",
+    "pyneuron.compexp_quantiles",
 ]
 
 

@@ -229,8 +229,8 @@ def test_report_layer_summary_shows_the_audit(tmp_path):
 
 def test_too_many_concepts_for_the_pair_table(monkeypatch):
     _, _, _, store, masks = _case(0, (5, 8, 8))
-    monkeypatch.setattr(pyneuron.search, "MAX_OPTIMAL_CONCEPTS", 2)
-    with pytest.raises(PyneuronError, match="at most 2 concepts present"):
+    monkeypatch.setattr(pyneuron.search, "COOCCURRENCE_MAX_CONCEPTS", 2)
+    with pytest.raises(PyneuronError, match="kept for up to 2 concepts"):
         pyneuron.explain(masks, store, search="optimal", progress=False)
 
 

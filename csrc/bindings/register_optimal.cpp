@@ -11,7 +11,7 @@ namespace {
 // beam_search's dict with a beam of one, plus optimal, upper_bound, nodes and seconds.
 py::dict run_optimal_search(const PyMaskSet& units, int64_t begin, int64_t end, const PyMaskSet& concepts,
                             int length, const std::vector<int>& ops, int beam_size, double time_limit,
-                            int64_t max_nodes) {
+                            int64_t max_nodes, const std::optional<CooccurrenceTable>& cooccurrence) {
   if (max_nodes < 0) throw std::invalid_argument("max_nodes must be >= 0");
   OptimalOptions options;
   options.length = length;
@@ -19,10 +19,11 @@ py::dict run_optimal_search(const PyMaskSet& units, int64_t begin, int64_t end, 
   options.time_limit = time_limit;
   options.max_nodes = static_cast<uint64_t>(max_nodes);
   options.ops = to_ops(ops);
+  const uint64_t* table = cooccurrence_data(cooccurrence, concepts);
   std::vector<OptimalResult> results;
   {
     py::gil_scoped_release release;
-    results = optimal_search(units.view, begin, end, concepts.view, options);
+    results = optimal_search(units.view, begin, end, concepts.view, options, table);
   }
   const py::ssize_t n = static_cast<py::ssize_t>(results.size());
   std::vector<UnitResult> best(results.size());
@@ -54,7 +55,7 @@ py::dict run_optimal_search(const PyMaskSet& units, int64_t begin, int64_t end, 
 void register_optimal(py::module_& m) {
   m.def("optimal_search", &run_optimal_search, py::arg("units"), py::arg("begin"), py::arg("end"),
         py::arg("concepts"), py::arg("length"), py::arg("ops"), py::arg("beam_size"), py::arg("time_limit"),
-        py::arg("max_nodes"),
+        py::arg("max_nodes"), py::arg("cooccurrence") = py::none(),
         "Exact branch and bound for units [begin, end); returns beam_search's dict (a beam of one) plus "
         "optimal, upper_bound, nodes and seconds.");
 }

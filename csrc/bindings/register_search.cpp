@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -17,21 +18,37 @@ BinaryOp to_op(int code) {
 }
 
 py::dict run_beam_search(const PyMaskSet& units, int64_t begin, int64_t end, const PyMaskSet& concepts,
-                         int length, int beam_size, const std::vector<int>& ops, double penalty) {
+                         int length, int beam_size, const std::vector<int>& ops, double penalty,
+                         const std::optional<CooccurrenceTable>& cooccurrence,
+                         std::size_t block_bytes) {
+  const uint64_t* table = cooccurrence_data(cooccurrence, concepts);
   SearchOptions options;
   options.length = length;
   options.beam_size = beam_size;
   options.penalty = penalty;
+  options.block_bytes = block_bytes;
   options.ops = to_ops(ops);
   std::vector<UnitResult> results;
+  SearchStats stats;
   {
     py::gil_scoped_release release;
-    results = beam_search(units.view, begin, end, concepts.view, options);
+    results = beam_search(units.view, begin, end, concepts.view, options, table, &stats);
   }
-  return beam_dict(results, beam_size, length);
+  py::dict out = beam_dict(results, beam_size, length);
+  out["count_seconds"] = stats.count_seconds;
+  out["count_words"] = stats.count_words;
+  return out;
 }
 
 }  // namespace
+
+const uint64_t* cooccurrence_data(const std::optional<CooccurrenceTable>& table, const PyMaskSet& concepts) {
+  if (!table) return nullptr;
+  const py::ssize_t n = static_cast<py::ssize_t>(concepts.view.n_masks);
+  if (table->ndim() != 2 || table->shape(0) != n || table->shape(1) != n)
+    throw std::invalid_argument("cooccurrence must be a (concepts, concepts) uint64 table of this store");
+  return table->data();
+}
 
 std::vector<BinaryOp> to_ops(const std::vector<int>& codes) {
   std::vector<BinaryOp> ops;
@@ -49,7 +66,7 @@ py::dict beam_dict(const std::vector<UnitResult>& results, int beam_size, int le
   py::array_t<int64_t> inter({n, b}), size({n, b}), inter_images({n, b}), size_images({n, b});
   py::array_t<int32_t> beam_count(n), primitive(n);
   py::array_t<double> primitive_iou(n);
-  py::array_t<int64_t> unit_size(n), unit_images(n), pruned(n), counted(n);
+  py::array_t<int64_t> unit_size(n), unit_images(n), pruned(n), counted(n), derived(n), words(n);
   std::fill_n(concepts_out.mutable_data(), concepts_out.size(), -1);
   std::fill_n(ops_out.mutable_data(), ops_out.size(), int8_t(-1));
   std::fill_n(formula_length.mutable_data(), formula_length.size(), 0);
@@ -67,6 +84,8 @@ py::dict beam_dict(const std::vector<UnitResult>& results, int beam_size, int le
     unit_images.mutable_at(u) = static_cast<int64_t>(r.unit_images);
     pruned.mutable_at(u) = static_cast<int64_t>(r.pruned);
     counted.mutable_at(u) = static_cast<int64_t>(r.counted);
+    words.mutable_at(u) = static_cast<int64_t>(r.words);
+    derived.mutable_at(u) = static_cast<int64_t>(r.derived);
     for (py::ssize_t k = 0; k < static_cast<py::ssize_t>(r.beam.size()); ++k) {
       const BeamEntry& e = r.beam[k];
       for (std::size_t j = 0; j < e.concepts.size(); ++j) c(u, k, j) = e.concepts[j];
@@ -97,10 +116,21 @@ py::dict beam_dict(const std::vector<UnitResult>& results, int beam_size, int le
   out["unit_images"] = unit_images;
   out["pruned"] = pruned;
   out["counted"] = counted;
+  out["words"] = words;
+  out["derived"] = derived;
   return out;
 }
 
 namespace {
+
+py::array_t<uint64_t> run_concept_cooccurrence(const PyMaskSet& concepts) {
+  const py::ssize_t n = static_cast<py::ssize_t>(concepts.view.n_masks);
+  py::array_t<uint64_t> out({n, n});
+  uint64_t* data = out.mutable_data();
+  py::gil_scoped_release release;
+  concept_cooccurrence(concepts.view, data);
+  return out;
+}
 
 py::array_t<int64_t> run_intersection_counts(const PyMaskSet& units, int64_t begin, int64_t end,
                                              const PyMaskSet& concepts) {
@@ -150,7 +180,10 @@ py::dict run_formula_counts(const std::vector<int32_t>& program, const PyMaskSet
 void register_search(py::module_& m) {
   m.def("beam_search", &run_beam_search, py::arg("units"), py::arg("begin"), py::arg("end"), py::arg("concepts"),
         py::arg("length"), py::arg("beam_size"), py::arg("ops"), py::arg("penalty"),
+        py::arg("cooccurrence") = py::none(), py::arg("block_bytes") = std::size_t(256) << 20,
         "Exact compositional beam search for units [begin, end); returns a dict of arrays.");
+  m.def("concept_cooccurrence", &run_concept_cooccurrence, py::arg("concepts"),
+        "|concept c AND concept d| for every pair: a symmetric (concepts, concepts) uint64 table.");
   m.def("intersection_counts", &run_intersection_counts, py::arg("units"), py::arg("begin"), py::arg("end"),
         py::arg("concepts"), "|unit AND concept| for units [begin, end) and every concept.");
   m.def("evaluate_words", &run_evaluate_words, py::arg("program"), py::arg("concepts"),

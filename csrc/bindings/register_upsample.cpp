@@ -22,7 +22,7 @@ py::array_t<float> run_bilinear_resize(const CArray<float>& maps, int height, in
   const ResizeCoefficients horizontal(w, width), vertical(h, height);
   std::vector<float> temp(std::size_t(h) * width);
   for (py::ssize_t i = 0; i < n; ++i)
-    resize_bilinear(in + std::size_t(i) * h * w, horizontal, vertical, temp.data(),
+    resize_bilinear(in + std::size_t(i) * h * w, horizontal, vertical, temp,
                     dst + std::size_t(i) * height * width);
   return out;
 }

@@ -61,52 +61,43 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-constexpr int32_t kMaxPresentConcepts = 6000;  // the pair table holds n^2 counts (MAX_OPTIMAL_CONCEPTS)
-
-// Concepts present in the data, their pair counts |c∧d| and a per-image index.
+// Concepts present in the data, a per-image index and the pair counts |c∧d|.
 struct StoreTables {
   std::vector<int32_t> ids;     // store ids, ascending
   std::vector<int32_t> index;   // store id -> present index, -1 if absent
   std::vector<uint64_t> size;   // |c|
   std::vector<std::vector<std::pair<int32_t, int64_t>>> by_image;  // image -> (present index, entry)
-  std::vector<uint64_t> pair;   // n x n
+  std::vector<uint64_t> owned;  // the co-occurrence table when the caller has none
+  const uint64_t* pair = nullptr;  // concept_cooccurrence's table, store ids
+  int64_t n_masks = 0;
   int32_t n = 0;
-  uint64_t at(int32_t p, int32_t q) const { return pair[std::size_t(p) * std::size_t(n) + std::size_t(q)]; }
+  uint64_t at(int32_t p, int32_t q) const {
+    return pair[std::size_t(ids[p]) * std::size_t(n_masks) + std::size_t(ids[q])];
+  }
 };
 
-// |x AND y| of two containers on one image (one of them may be full).
-uint64_t overlap(const MaskSetView& set, int64_t e1, int64_t e2, AndPopcountFn and_popcount) {
-  if (set.slots[e1] == kFullSlot) return static_cast<uint64_t>(set.counts[e2]);
-  if (set.slots[e2] == kFullSlot) return static_cast<uint64_t>(set.counts[e1]);
-  return and_popcount(set.bitset(set.slots[e1]), set.bitset(set.slots[e2]), set.grid.words_per_image);
-}
-
-StoreTables build_tables(const MaskSetView& concepts) {
+StoreTables build_tables(const MaskSetView& concepts, const uint64_t* cooccurrence) {
   StoreTables t;
+  t.n_masks = concepts.n_masks;
+  if (cooccurrence == nullptr) {
+    t.owned.resize(std::size_t(concepts.n_masks) * std::size_t(concepts.n_masks));
+    concept_cooccurrence(concepts, t.owned.data());
+    cooccurrence = t.owned.data();
+  }
+  t.pair = cooccurrence;
   t.index.assign(static_cast<std::size_t>(concepts.n_masks), -1);
   for (int64_t m = 0; m < concepts.n_masks; ++m) {
-    uint64_t s = 0;
-    for (int64_t e = concepts.offsets[m]; e < concepts.offsets[m + 1]; ++e) s += concepts.counts[e];
+    const uint64_t s = cooccurrence[std::size_t(m) * std::size_t(concepts.n_masks) + std::size_t(m)];
     if (s == 0) continue;
     t.index[m] = static_cast<int32_t>(t.ids.size());
     t.ids.push_back(static_cast<int32_t>(m));
     t.size.push_back(s);
   }
-  if (t.ids.size() > std::size_t(kMaxPresentConcepts))
-    throw std::invalid_argument("the optimal search supports at most " + std::to_string(kMaxPresentConcepts) +
-                                " concepts present in the data, got " + std::to_string(t.ids.size()));
   t.n = static_cast<int32_t>(t.ids.size());
   t.by_image.resize(concepts.grid.n_images);
   for (int32_t p = 0; p < t.n; ++p)
     for (int64_t e = concepts.offsets[t.ids[p]]; e < concepts.offsets[t.ids[p] + 1]; ++e)
       t.by_image[concepts.images[e]].emplace_back(p, e);
-  t.pair.assign(std::size_t(t.n) * std::size_t(t.n), 0);
-  parallel_for(t.n, [&](int64_t p) {
-    const AndPopcountFn and_popcount = and_popcount_kernel();
-    uint64_t* row = t.pair.data() + std::size_t(p) * std::size_t(t.n);
-    for (int64_t e = concepts.offsets[t.ids[p]]; e < concepts.offsets[t.ids[p] + 1]; ++e)
-      for (const auto& [q, e2] : t.by_image[concepts.images[e]]) row[q] += overlap(concepts, e, e2, and_popcount);
-  });
   return t;
 }
 
@@ -317,7 +308,13 @@ class UnitSearch {
       row.resize(std::size_t(t_.n));
       for (int32_t d = 0; d < t_.n; ++d) row[d] = pair_i(p, d);
     }
-    return {row.data(), t_.pair.data() + std::size_t(p) * std::size_t(t_.n)};
+    if (pair_rows_.empty()) pair_rows_.resize(t_.n);
+    std::vector<uint64_t>& sizes = pair_rows_[p];
+    if (sizes.empty()) {
+      sizes.resize(std::size_t(t_.n));
+      for (int32_t d = 0; d < t_.n; ++d) sizes[d] = t_.at(p, d);
+    }
+    return {row.data(), sizes.data()};
   }
 
   RowRef row_ref(const Node& x) {
@@ -638,7 +635,7 @@ class UnitSearch {
   std::vector<int32_t> aidx_;
   int32_t k_ = 0;
   std::vector<uint64_t> pair_i_;
-  std::vector<std::vector<uint64_t>> concept_rows_;
+  std::vector<std::vector<uint64_t>> concept_rows_, pair_rows_;  // by present index
   uint64_t max_i_ = 0, max_e_ = 0;
   std::vector<uint64_t> top_i_, by_e_, prefix_i_;
   std::vector<double> suffix_ratio_;
@@ -654,7 +651,8 @@ class UnitSearch {
 }  // namespace
 
 std::vector<OptimalResult> optimal_search(const MaskSetView& units, int64_t unit_begin, int64_t unit_end,
-                                          const MaskSetView& concepts, const OptimalOptions& options) {
+                                          const MaskSetView& concepts, const OptimalOptions& options,
+                                          const uint64_t* cooccurrence) {
   if (!(options.time_limit >= 0) || !std::isfinite(options.time_limit))
     throw std::invalid_argument("time_limit must be a finite number >= 0");
   SearchOptions beam_options;
@@ -662,8 +660,9 @@ std::vector<OptimalResult> optimal_search(const MaskSetView& units, int64_t unit
   beam_options.beam_size = options.beam_size;
   beam_options.ops = options.ops;
   // Validates units, ranges, length, operators and beam size.
-  const std::vector<UnitResult> beams = beam_search(units, unit_begin, unit_end, concepts, beam_options);
-  const StoreTables tables = build_tables(concepts);
+  const StoreTables tables = build_tables(concepts, cooccurrence);
+  const std::vector<UnitResult> beams =
+      beam_search(units, unit_begin, unit_end, concepts, beam_options, tables.pair);
   std::vector<OptimalResult> results(beams.size());
   parallel_for(unit_end - unit_begin, [&](int64_t i) {
     UnitSearch search(tables, concepts, units, unit_begin + i, options);

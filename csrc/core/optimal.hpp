@@ -34,8 +34,10 @@ struct OptimalResult {
 // left-deep formula of at most options.length concepts present in the data, with
 // the operators given (concepts may repeat). Ties: the shorter formula, then the
 // smaller concept ids read left to right, then the operator given first.
-// Parallel over units.
+// Parallel over units. `cooccurrence` is concept_cooccurrence's table for `concepts`
+// (computed here when null).
 std::vector<OptimalResult> optimal_search(const MaskSetView& units, int64_t unit_begin, int64_t unit_end,
-                                          const MaskSetView& concepts, const OptimalOptions& options);
+                                          const MaskSetView& concepts, const OptimalOptions& options,
+                                          const uint64_t* cooccurrence = nullptr);
 
 }  // namespace pyneuron

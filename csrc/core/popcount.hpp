@@ -9,12 +9,22 @@ namespace pyneuron {
 
 // Number of set bits in a[i] & b[i] over n words.
 using AndPopcountFn = uint64_t (*)(const uint64_t* a, const uint64_t* b, std::size_t n);
+// out[j] = number of set bits in a[i] & rows[j][i] over n words, for j < n_rows: one
+// operand kept hot in L1 against many.
+using AndPopcountManyFn = void (*)(const uint64_t* a, const uint64_t* const* rows, std::size_t n_rows,
+                                   std::size_t n, uint64_t* out);
 
 namespace kernels {
 uint64_t and_popcount_scalar(const uint64_t* a, const uint64_t* b, std::size_t n);
+void and_popcount_many_scalar(const uint64_t* a, const uint64_t* const* rows, std::size_t n_rows,
+                              std::size_t n, uint64_t* out);
 #ifdef PYNEURON_X86
 uint64_t and_popcount_avx2(const uint64_t* a, const uint64_t* b, std::size_t n);
+void and_popcount_many_avx2(const uint64_t* a, const uint64_t* const* rows, std::size_t n_rows,
+                            std::size_t n, uint64_t* out);
 uint64_t and_popcount_avx512(const uint64_t* a, const uint64_t* b, std::size_t n);
+void and_popcount_many_avx512(const uint64_t* a, const uint64_t* const* rows, std::size_t n_rows,
+                              std::size_t n, uint64_t* out);
 #endif
 }  // namespace kernels
 
@@ -24,8 +34,15 @@ std::vector<std::string> available_simd_levels();
 std::string simd_level();
 // Select a level by name; throws std::invalid_argument if unknown or unsupported.
 void set_simd_level(const std::string& level);
-// The selected kernel.
+// The selected kernels.
 AndPopcountFn and_popcount_kernel();
+AndPopcountManyFn and_popcount_many_kernel();
+
+// In-cache AND+popcount throughput of one core with the selected kernels, in bytes of
+// operands per second (16 bytes per pair of 64-bit words): `words` words against each
+// of 64 rows of `words` words, repeated for about `seconds`. The reference the search
+// benchmark compares its achieved throughput with.
+double and_popcount_throughput(std::size_t words, double seconds);
 
 // Number of set bits in a over n words (with the selected kernel).
 inline uint64_t popcount_words(const uint64_t* a, std::size_t n) { return and_popcount_kernel()(a, a, n); }

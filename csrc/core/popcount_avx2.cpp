@@ -44,4 +44,9 @@ uint64_t and_popcount_avx2(const uint64_t* a, const uint64_t* b, std::size_t n) 
   return total;
 }
 
+void and_popcount_many_avx2(const uint64_t* a, const uint64_t* const* rows, std::size_t n_rows,
+                            std::size_t n, uint64_t* out) {
+  for (std::size_t j = 0; j < n_rows; ++j) out[j] = and_popcount_avx2(a, rows[j], n);
+}
+
 }  // namespace pyneuron::kernels

@@ -1,5 +1,7 @@
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
+#include <random>
 #include <stdexcept>
 
 #include "popcount.hpp"
@@ -11,6 +13,7 @@ namespace {
 struct Level {
   const char* name;
   AndPopcountFn fn;
+  AndPopcountManyFn many;
 };
 
 bool cpu_has(const char* level) {
@@ -26,16 +29,18 @@ bool cpu_has(const char* level) {
 }
 
 std::vector<Level> supported_levels() {
-  std::vector<Level> levels{{"scalar", &kernels::and_popcount_scalar}};
+  std::vector<Level> levels{{"scalar", &kernels::and_popcount_scalar, &kernels::and_popcount_many_scalar}};
 #ifdef PYNEURON_X86
-  if (cpu_has("avx2")) levels.push_back({"avx2", &kernels::and_popcount_avx2});
-  if (cpu_has("avx512")) levels.push_back({"avx512", &kernels::and_popcount_avx512});
+  if (cpu_has("avx2")) levels.push_back({"avx2", &kernels::and_popcount_avx2, &kernels::and_popcount_many_avx2});
+  if (cpu_has("avx512"))
+    levels.push_back({"avx512", &kernels::and_popcount_avx512, &kernels::and_popcount_many_avx512});
 #endif
   return levels;
 }
 
 struct State {
   std::atomic<AndPopcountFn> fn{nullptr};
+  std::atomic<AndPopcountManyFn> many{nullptr};
   std::string name;
 };
 
@@ -55,6 +60,7 @@ State& state() {
     if (const char* env = std::getenv("PYNEURON_SIMD"); env != nullptr && *env != '\0')
       chosen = find_level(env);
     s.fn.store(chosen.fn);
+    s.many.store(chosen.many);
     s.name = chosen.name;
     return true;
   }();
@@ -76,9 +82,39 @@ void set_simd_level(const std::string& level) {
   const Level chosen = find_level(level);
   State& s = state();
   s.fn.store(chosen.fn);
+  s.many.store(chosen.many);
   s.name = chosen.name;
 }
 
 AndPopcountFn and_popcount_kernel() { return state().fn.load(std::memory_order_relaxed); }
+
+AndPopcountManyFn and_popcount_many_kernel() { return state().many.load(std::memory_order_relaxed); }
+
+double and_popcount_throughput(std::size_t words, double seconds) {
+  if (words == 0) throw std::invalid_argument("words must be at least 1");
+  constexpr std::size_t kRows = 64;
+  std::mt19937_64 random(42);
+  std::vector<uint64_t> data((kRows + 1) * words);
+  for (uint64_t& x : data) x = random();
+  std::vector<const uint64_t*> rows;
+  for (std::size_t j = 1; j <= kRows; ++j) rows.push_back(data.data() + j * words);
+  std::vector<uint64_t> out(kRows);
+  const AndPopcountManyFn many = and_popcount_many_kernel();
+  using Clock = std::chrono::steady_clock;
+  uint64_t sink = 0, passes = 0;
+  many(data.data(), rows.data(), kRows, words, out.data());  // warm the caches
+  const Clock::time_point start = Clock::now();
+  double elapsed = 0;
+  do {
+    for (int k = 0; k < 16; ++k, ++passes) {
+      many(data.data() + (passes % 2) * words, rows.data(), kRows, words, out.data());
+      sink += out[passes % kRows];
+    }
+    elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+  } while (elapsed < seconds);
+  static volatile uint64_t observed;  // keeps the kernel calls from being optimized away
+  observed = sink;
+  return 16.0 * double(words) * double(kRows) * double(passes) / elapsed;
+}
 
 }  // namespace pyneuron

@@ -15,4 +15,9 @@ uint64_t and_popcount_scalar(const uint64_t* a, const uint64_t* b, std::size_t n
   return c0 + c1 + c2 + c3;
 }
 
+void and_popcount_many_scalar(const uint64_t* a, const uint64_t* const* rows, std::size_t n_rows,
+                              std::size_t n, uint64_t* out) {
+  for (std::size_t j = 0; j < n_rows; ++j) out[j] = and_popcount_scalar(a, rows[j], n);
+}
+
 }  // namespace pyneuron::kernels

@@ -1,17 +1,21 @@
 #include "search.hpp"
 
 #include <algorithm>
+#include <chrono>
+#include <functional>
 #include <cmath>
+#include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
+#include "batch_count.hpp"
+#include "bounds.hpp"
 #include "thread_pool.hpp"
 
 namespace pyneuron {
 
 namespace {
-
-bool is_negated(BinaryOp op) { return op == BinaryOp::AndNot || op == BinaryOp::OrNot; }
 
 // The best `capacity` items by (score descending, order ascending): exactly the
 // first `capacity` items of a stable descending sort of all offered items.
@@ -46,45 +50,10 @@ class TopK {
 
 struct LiveEntry {
   BeamEntry entry;
-  SparseMask formula;       // F
-  SparseMask intersection;  // F AND A
+  SparseMask formula;              // F
+  SparseMask intersection;         // F AND A
+  std::vector<Interval> overlaps;  // |F AND C| for every concept C (exact once counted)
 };
-
-struct Counts {
-  uint64_t intersection;  // |X∧A|
-  uint64_t size;          // |X|
-};
-
-// Counts of X = F op C from |F|, |F∧A|, |C|, |C∧A|, |F∧C|, |F∧C∧A| (inclusion–exclusion).
-Counts candidate_counts(BinaryOp op, uint64_t f, uint64_t fa, uint64_t c, uint64_t ca, uint64_t fc,
-                        uint64_t fca, uint64_t a, uint64_t total) {
-  switch (op) {
-    case BinaryOp::Or: return {fa + ca - fca, f + c - fc};
-    case BinaryOp::And: return {fca, fc};
-    case BinaryOp::AndNot: return {fa - fca, f - fc};
-    case BinaryOp::OrNot: return {a - ca + fca, total - c + fc};
-  }
-  return {0, 0};
-}
-
-// Upper bound of the IoU of X = F op C before counting F∧C: IoU = I / (|A| + E)
-// with I = |X∧A| <= i_max and E = |X∧¬A| >= e_min. Rounding is monotone, so the
-// bound computed in float64 is >= the candidate's float64 IoU.
-double iou_bound(BinaryOp op, uint64_t f, uint64_t fa, uint64_t c, uint64_t ca, uint64_t a,
-                 uint64_t total) {
-  const uint64_t fe = f - fa, ce = c - ca;
-  uint64_t i_max = 0, e_min = 0;
-  switch (op) {
-    case BinaryOp::Or: i_max = std::min(fa + ca, a); e_min = std::max(fe, ce); break;
-    case BinaryOp::And: i_max = std::min(fa, ca); e_min = 0; break;
-    case BinaryOp::AndNot: i_max = fa; e_min = fe > ce ? fe - ce : 0; break;
-    case BinaryOp::OrNot:
-      i_max = std::min(a, fa + a - ca);
-      e_min = std::max(fe, total - a - ce);
-      break;
-  }
-  return double(i_max) / (double(a + e_min) + 1e-10);
-}
 
 double length_factor(double penalty, int length) { return std::pow(penalty, double(length - 1)); }
 
@@ -95,106 +64,247 @@ void fill_counts(LiveEntry& live) {
   live.entry.intersection_images = live.intersection.nonempty_images();
 }
 
-UnitResult search_unit(const MaskSetView& units, int64_t u, const MaskSetView& concepts,
-                       const std::vector<uint64_t>& concept_size, const SearchOptions& options) {
-  const Grid& grid = concepts.grid;
-  const uint64_t total = grid.total_pixels();
-  const int64_t n_concepts = concepts.n_masks;
-  const std::size_t beam_size = static_cast<std::size_t>(options.beam_size);
-  const SparseMask unit = SparseMask::from_set(units, u);
-  const uint64_t a = unit.total();
+// What the search shares between units.
+struct SearchContext {
+  const MaskSetView& concepts;
+  const ImageMajorIndex& index;
+  const std::vector<uint64_t>& concept_size;
+  const SearchOptions& options;
+  uint64_t total;
+  const uint64_t* cooccurrence;  // |C AND C'|, n_concepts x n_concepts, or null
+  SearchStats* stats;            // or null
 
-  UnitResult result;
-  result.unit_size = a;
-  result.unit_images = unit.nonempty_images();
-
-  // Primitives: concepts present in the data with IoU > 0, by IoU then concept id.
-  std::vector<uint64_t> ca(static_cast<std::size_t>(n_concepts), 0);
-  TopK primitives(beam_size);
-  for (int64_t c = 0; c < n_concepts; ++c) {
-    if (concept_size[c] == 0) continue;
-    ca[c] = unit.intersect_count(concepts, c);
-    const double iou = iou_of(ca[c], concept_size[c], a);
-    if (iou > 0) primitives.offer({iou, uint64_t(c), -1, int32_t(c), BinaryOp::Or});
+  // A batched counting pass, timed into the stats.
+  BatchCounts count(const PairCounter& counter, const PairSet* pairs) const {
+    const auto start = std::chrono::steady_clock::now();
+    BatchCounts counted = counter.count(pairs);
+    if (stats != nullptr) {
+      stats->count_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      for (const uint64_t w : counted.words) stats->count_words += w;
+    }
+    return counted;
   }
-  if (primitives.items().empty()) return result;
 
-  std::vector<LiveEntry> beam;
-  for (const Candidate& p : primitives.items()) {
-    SparseMask formula = SparseMask::from_set(concepts, p.concept);
-    SparseMask inter = formula.combine(unit, BinaryOp::And);
-    LiveEntry live{BeamEntry{}, std::move(formula), std::move(inter)};
-    live.entry.concepts = {p.concept};
-    live.entry.length = 1;
-    live.entry.score = p.score;
-    live.entry.iou = p.score;
+  // |concept c AND concept d|: exact from the table, else what the sizes allow.
+  Interval concept_overlap(std::size_t c, std::size_t d) const {
+    if (cooccurrence != nullptr) {
+      const int64_t y = int64_t(cooccurrence[c * concept_size.size() + d]);
+      return {y, y};
+    }
+    return overlap_interval(int64_t(concept_size[c]), int64_t(concept_size[d]), int64_t(total));
+  }
+};
+
+// Beam entry of a single concept.
+LiveEntry primitive_entry(const SearchContext& ctx, const SparseMask& unit, int32_t concept, double iou) {
+  SparseMask formula = SparseMask::view_of(ctx.concepts, concept);
+  SparseMask inter = formula.combine(unit, BinaryOp::And);
+  const std::size_t n = ctx.options.length > 1 ? ctx.concept_size.size() : 0;  // only steps use them
+  std::vector<Interval> overlaps(n);
+  for (std::size_t c = 0; c < n; ++c) overlaps[c] = ctx.concept_overlap(concept, c);
+  LiveEntry live{BeamEntry{}, std::move(formula), std::move(inter), std::move(overlaps)};
+  live.entry.concepts = {concept};
+  live.entry.length = 1;
+  live.entry.score = iou;
+  live.entry.iou = iou;
+  fill_counts(live);
+  return live;
+}
+
+// Beam entry parent op concept; the parent's overlap with that concept must be exact.
+// A final entry (last step) gets its counts only, without masks or intervals.
+LiveEntry extended_entry(const SearchContext& ctx, const LiveEntry& parent, const SparseMask& unit,
+                         const Candidate& cand, bool final) {
+  LiveEntry live{parent.entry, SparseMask(unit.grid()), SparseMask(unit.grid()), {}};
+  live.entry.concepts.push_back(cand.concept);
+  live.entry.ops.push_back(cand.op);
+  live.entry.length += 1 + is_negated(cand.op);
+  live.entry.score = cand.score;
+  if (final) {
+    const CombinedCounts n = parent.formula.combined_counts(ctx.concepts, cand.concept, cand.op, unit);
+    live.entry.size = n.total;
+    live.entry.size_images = n.images;
+    live.entry.intersection = n.with_total;
+    live.entry.intersection_images = n.with_images;
+  } else {
+    live.formula = parent.formula.combine(ctx.concepts, cand.concept, cand.op);
+    live.intersection = live.formula.combine(unit, BinaryOp::And);
     fill_counts(live);
-    beam.push_back(std::move(live));
+    const std::size_t n = ctx.concept_size.size();
+    const int64_t z = parent.overlaps[cand.concept].lo, f = int64_t(parent.entry.size);
+    const int64_t cp = int64_t(ctx.concept_size[cand.concept]), f_new = int64_t(live.entry.size);
+    live.overlaps.resize(n);
+    for (std::size_t c = 0; c < n; ++c)
+      live.overlaps[c] = derive_overlap(cand.op, parent.overlaps[c], ctx.concept_overlap(cand.concept, c), z, f,
+                                        int64_t(ctx.concept_size[c]), cp, f_new);
   }
-  result.primitive = beam.front().entry.concepts.front();
-  result.primitive_iou = beam.front().entry.iou;
+  live.entry.iou = iou_of(live.entry.intersection, live.entry.size, unit.total());
+  return live;
+}
 
-  const uint64_t n_ops = options.ops.size();
-  for (int step = 1; step < options.length; ++step) {
-    TopK next(beam_size);
-    for (std::size_t p = 0; p < beam.size(); ++p)
-      next.offer({beam[p].entry.score, uint64_t(p), int32_t(p), -1, BinaryOp::Or});
+// One unit during the search.
+struct UnitSearch {
+  SparseMask unit;
+  UnitResult result;
+  std::vector<uint64_t> ca;  // |C AND A| per concept
+  std::vector<LiveEntry> beam;
+};
 
-    for (std::size_t p = 0; p < beam.size(); ++p) {
-      const LiveEntry& parent = beam[p];
-      const uint64_t f = parent.entry.size, fa = parent.entry.intersection;
-      std::vector<double> factor(n_ops);
+// The new beams of a block from its units' top-k candidates (`final`: of the last step).
+void advance_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, const std::vector<TopK>& next,
+                   bool final) {
+  parallel_for(int64_t(block.size()), [&](int64_t b) {
+    UnitSearch& s = *block[b];
+    // Extensions first, while their parents are intact; then the kept entries move over.
+    const std::vector<Candidate>& items = next[b].items();
+    std::vector<std::optional<LiveEntry>> beam(items.size());
+    for (std::size_t j = 0; j < items.size(); ++j)
+      if (items[j].concept >= 0) beam[j] = extended_entry(ctx, s.beam[items[j].parent], s.unit, items[j], final);
+    for (std::size_t j = 0; j < items.size(); ++j)
+      if (items[j].concept < 0) beam[j] = std::move(s.beam[items[j].parent]);
+    s.beam.clear();
+    for (std::optional<LiveEntry>& live : beam) s.beam.push_back(std::move(*live));
+  });
+}
+
+// One expansion step for a block of units. Each (beam entry F, concept C) pair is first
+// screened with what is known without counting (|F∧C| in the entry's intervals, exact for
+// single concepts from the co-occurrence table), then with |F∧C∧A| counted for the pairs
+// left (pass 1: cheap, F∧A lies inside the unit's few pixels), then with |F∧C| counted for
+// the pairs still left (pass 2). Each pass counts the whole block in one batched pass over
+// the concepts. Screening offers a pair's candidates when their counts are known, and
+// drops a pair when the upper ends of its candidates' score ranges are below the
+// beam_size-th best score some candidate surely reaches (exact scores, lower ends): such
+// candidates cannot enter the beam. Offering candidates in any order gives the same top-k
+// (a strict total order on (score, order)), so the result is the brute-force one.
+void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, bool final) {
+  const SearchOptions& options = ctx.options;
+  const std::size_t beam_size = std::size_t(options.beam_size);
+  const std::size_t n_ops = options.ops.size();
+  const int64_t n_concepts = ctx.concepts.n_masks;
+  const int64_t nb = int64_t(block.size());
+  const int64_t total = int64_t(ctx.total);
+
+  // Beam entries of the block, numbered unit by unit.
+  std::vector<int64_t> first_row(static_cast<std::size_t>(nb) + 1, 0);
+  for (int64_t b = 0; b < nb; ++b) first_row[b + 1] = first_row[b] + int64_t(block[b]->beam.size());
+  const int64_t n_entries = first_row[nb];
+
+  std::vector<TopK> next(static_cast<std::size_t>(nb), TopK(beam_size));
+  std::vector<std::vector<std::vector<double>>> factor(static_cast<std::size_t>(nb));
+  for (int64_t b = 0; b < nb; ++b) {
+    const UnitSearch& s = *block[b];
+    for (std::size_t p = 0; p < s.beam.size(); ++p) {
+      next[b].offer({s.beam[p].entry.score, uint64_t(p), int32_t(p), -1, BinaryOp::Or});
+      std::vector<double> f(n_ops);
       for (std::size_t k = 0; k < n_ops; ++k)
-        factor[k] = length_factor(options.penalty, parent.entry.length + 1 + is_negated(options.ops[k]));
-      for (int64_t c = 0; c < n_concepts; ++c) {
-        const uint64_t cs = concept_size[c];
-        if (cs == 0) continue;
-        // Candidates arrive in increasing order, so one can enter only by beating
-        // the current worst score strictly; skip the concept if no operator can.
-        if (next.full()) {
-          bool hopeless = true;
-          for (std::size_t k = 0; k < n_ops && hopeless; ++k)
-            hopeless = iou_bound(options.ops[k], f, fa, cs, ca[c], a, total) * factor[k] <= next.worst().score;
-          if (hopeless) {
-            ++result.pruned;
-            continue;
-          }
-        }
-        ++result.counted;
-        const uint64_t fc = parent.formula.intersect_count(concepts, c);
-        const uint64_t fca = fc == 0 ? 0 : parent.intersection.intersect_count(concepts, c);
-        for (std::size_t k = 0; k < n_ops; ++k) {
-          const Counts x = candidate_counts(options.ops[k], f, fa, cs, ca[c], fc, fca, a, total);
-          const double score = iou_of(x.intersection, x.size, a) * factor[k];
-          const uint64_t order = beam_size + (uint64_t(p) * uint64_t(n_concepts) + uint64_t(c)) * n_ops + k;
-          next.offer({score, order, int32_t(p), int32_t(c), options.ops[k]});
-        }
-      }
+        f[k] = length_factor(options.penalty, s.beam[p].entry.length + 1 + is_negated(options.ops[k]));
+      factor[b].push_back(std::move(f));
     }
-
-    std::vector<LiveEntry> new_beam;
-    for (const Candidate& cand : next.items()) {
-      const LiveEntry& parent = beam[cand.parent];
-      if (cand.concept < 0) {
-        new_beam.push_back(parent);
-        continue;
-      }
-      SparseMask formula = parent.formula.combine(SparseMask::from_set(concepts, cand.concept), cand.op);
-      SparseMask inter = formula.combine(unit, BinaryOp::And);
-      LiveEntry live{parent.entry, std::move(formula), std::move(inter)};
-      live.entry.concepts.push_back(cand.concept);
-      live.entry.ops.push_back(cand.op);
-      live.entry.length += 1 + is_negated(cand.op);
-      live.entry.score = cand.score;
-      fill_counts(live);
-      live.entry.iou = iou_of(live.entry.intersection, live.entry.size, a);
-      new_beam.push_back(std::move(live));
-    }
-    beam = std::move(new_beam);
   }
 
-  for (LiveEntry& live : beam) result.beam.push_back(std::move(live.entry));
-  return result;
+  // A pair still in question and what is known of |F∧C∧A|.
+  struct Pending {
+    int32_t parent;
+    int32_t concept;
+    Interval fca;
+    double upper;  // best upper end of its candidates' scores
+  };
+  using Stage = std::vector<std::vector<Pending>>;
+  // Offers the candidates of the pairs whose counts are known, keeps the others that can
+  // still enter the beam; `counted`: whether |F∧C| was counted for this stage.
+  const auto screen = [&](Stage& stage, bool counted) {
+    parallel_for(nb, [&](int64_t b) {
+      UnitSearch& s = *block[b];
+      const int64_t a = int64_t(s.result.unit_size);
+      std::vector<double> guaranteed;  // scores some candidate surely reaches
+      std::vector<Pending> left;
+      for (Pending& x : stage[b]) {
+        const LiveEntry& parent = s.beam[x.parent];
+        const int64_t f = int64_t(parent.entry.size), fa = int64_t(parent.entry.intersection);
+        const int64_t c = int64_t(ctx.concept_size[x.concept]), ca = int64_t(s.ca[x.concept]);
+        const Interval fc = parent.overlaps[x.concept];
+        x.fca = inside_overlap(f, fa, c, ca, a, x.fca, fc);
+        if (fc.exact() && x.fca.exact()) {
+          for (std::size_t k = 0; k < n_ops; ++k) {
+            const Counts n = candidate_counts(options.ops[k], uint64_t(f), uint64_t(fa), uint64_t(c), uint64_t(ca),
+                                              uint64_t(fc.lo), uint64_t(x.fca.lo), uint64_t(a), ctx.total);
+            const double score = iou_of(n.intersection, n.size, uint64_t(a)) * factor[b][x.parent][k];
+            const uint64_t order =
+                beam_size + (uint64_t(x.parent) * uint64_t(n_concepts) + uint64_t(x.concept)) * n_ops + k;
+            next[b].offer({score, order, x.parent, x.concept, options.ops[k]});
+          }
+          ++(counted ? s.result.counted : s.result.derived);
+          continue;
+        }
+        x.upper = 0;
+        for (std::size_t k = 0; k < n_ops; ++k) {
+          const IouRange range = iou_range(options.ops[k], f, fa, c, ca, a, total, x.fca, fc);
+          x.upper = std::max(x.upper, range.hi * factor[b][x.parent][k]);
+          guaranteed.push_back(range.lo * factor[b][x.parent][k]);
+        }
+        left.push_back(x);
+      }
+      for (const Candidate& kept : next[b].items()) guaranteed.push_back(kept.score);
+      if (guaranteed.size() >= beam_size) {
+        std::nth_element(guaranteed.begin(), guaranteed.begin() + std::ptrdiff_t(beam_size - 1),
+                         guaranteed.end(), std::greater<>());
+        const double threshold = guaranteed[beam_size - 1];
+        const auto dropped =
+            std::remove_if(left.begin(), left.end(), [&](const Pending& x) { return x.upper < threshold; });
+        s.result.pruned += uint64_t(left.end() - dropped);
+        left.erase(dropped, left.end());
+      }
+      stage[b] = std::move(left);
+    });
+  };
+  // Counts F (inside = false) or F AND A (inside = true) of the beam entries with pending
+  // pairs against those pairs' concepts, in one batched pass; hands each pair its count.
+  // Returns false when no pair is pending.
+  const auto count = [&](Stage& stage, bool inside, auto&& take) {
+    std::vector<int64_t> row_of(std::size_t(n_entries), -1);  // entry -> row of this pass
+    std::vector<const SparseMask*> rows;
+    for (int64_t b = 0; b < nb; ++b)
+      for (const Pending& x : stage[b]) {
+        int64_t& row = row_of[std::size_t(first_row[b] + x.parent)];
+        if (row >= 0) continue;
+        row = int64_t(rows.size());
+        const LiveEntry& entry = block[b]->beam[x.parent];
+        rows.push_back(inside ? &entry.intersection : &entry.formula);
+      }
+    if (rows.empty()) return false;
+    PairSet selected(int64_t(rows.size()), n_concepts);
+    for (int64_t b = 0; b < nb; ++b)
+      for (const Pending& x : stage[b]) selected.add(row_of[std::size_t(first_row[b] + x.parent)], x.concept);
+    const BatchCounts counted = ctx.count(PairCounter(rows, ctx.concepts, ctx.index), &selected);
+    for (int64_t b = 0; b < nb; ++b) {
+      for (std::size_t p = 0; p < block[b]->beam.size(); ++p) {
+        const int64_t row = row_of[std::size_t(first_row[b]) + p];
+        if (row >= 0) block[b]->result.words += counted.words[std::size_t(row)];
+      }
+      for (Pending& x : stage[b]) {
+        const int64_t row = row_of[std::size_t(first_row[b] + x.parent)];
+        take(b, x, counted.counts[std::size_t(x.concept) * rows.size() + std::size_t(row)]);
+      }
+    }
+    return true;
+  };
+
+  Stage stage(static_cast<std::size_t>(nb));
+  for (int64_t b = 0; b < nb; ++b)
+    for (int32_t p = 0; p < int32_t(block[b]->beam.size()); ++p)
+      for (int32_t c = 0; c < int32_t(n_concepts); ++c)
+        if (ctx.concept_size[c] != 0) stage[b].push_back({p, c, kUnknown, 0});
+  screen(stage, false);
+  // Pass 1: |F AND C AND A|; pass 2: |F AND C|, from then on exact in the entry's intervals.
+  if (count(stage, true, [](int64_t, Pending& x, uint64_t n) { x.fca = {int64_t(n), int64_t(n)}; })) {
+    screen(stage, false);
+    const auto exact = [&](int64_t b, Pending& x, uint64_t n) {
+      block[b]->beam[x.parent].overlaps[x.concept] = {int64_t(n), int64_t(n)};
+    };
+    if (count(stage, false, exact)) screen(stage, true);
+  }
+  advance_block(ctx, block, next, final);
 }
 
 void check_same_grid(const MaskSetView& units, const MaskSetView& concepts) {
@@ -205,7 +315,8 @@ void check_same_grid(const MaskSetView& units, const MaskSetView& concepts) {
 }  // namespace
 
 std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin, int64_t unit_end,
-                                    const MaskSetView& concepts, const SearchOptions& options) {
+                                    const MaskSetView& concepts, const SearchOptions& options,
+                                    const uint64_t* cooccurrence, SearchStats* stats) {
   check_same_grid(units, concepts);
   if (options.length < 1) throw std::invalid_argument("length must be at least 1");
   if (options.beam_size < 1) throw std::invalid_argument("beam_size must be at least 1");
@@ -214,13 +325,70 @@ std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin
     throw std::invalid_argument("penalty must be a positive finite number");
   if (unit_begin < 0 || unit_end > units.n_masks || unit_begin > unit_end)
     throw std::invalid_argument("unit range out of bounds");
-  std::vector<uint64_t> concept_size(static_cast<std::size_t>(concepts.n_masks), 0);
-  for (int64_t c = 0; c < concepts.n_masks; ++c)
+  const int64_t n = unit_end - unit_begin, n_concepts = concepts.n_masks;
+  std::vector<uint64_t> concept_size(static_cast<std::size_t>(n_concepts), 0);
+  for (int64_t c = 0; c < n_concepts; ++c)
     for (int64_t e = concepts.offsets[c]; e < concepts.offsets[c + 1]; ++e) concept_size[c] += concepts.counts[e];
-  std::vector<UnitResult> results(static_cast<std::size_t>(unit_end - unit_begin));
-  parallel_for(unit_end - unit_begin, [&](int64_t i) {
-    results[i] = search_unit(units, unit_begin + i, concepts, concept_size, options);
+  const ImageMajorIndex index(concepts);
+  const SearchContext ctx{concepts, index, concept_size, options, concepts.grid.total_pixels(), cooccurrence, stats};
+  const std::size_t beam_size = static_cast<std::size_t>(options.beam_size);
+
+  std::vector<UnitSearch> searches;
+  searches.reserve(std::size_t(n));
+  for (int64_t i = 0; i < n; ++i) searches.push_back({SparseMask(concepts.grid), {}, {}, {}});
+  parallel_for(n, [&](int64_t i) { searches[i].unit = SparseMask::view_of(units, unit_begin + i); });
+
+  // Primitives: concepts present in the data with IoU > 0, by IoU then concept id.
+  std::vector<const SparseMask*> unit_rows;
+  for (const UnitSearch& s : searches) unit_rows.push_back(&s.unit);
+  const BatchCounts primitive_counts = ctx.count(PairCounter(unit_rows, concepts, index), nullptr);
+  parallel_for(n, [&](int64_t i) {
+    UnitSearch& s = searches[i];
+    const uint64_t a = s.unit.total();
+    s.result.unit_size = a;
+    s.result.unit_images = s.unit.nonempty_images();
+    s.result.words = primitive_counts.words[i];
+    s.ca.assign(std::size_t(n_concepts), 0);
+    TopK primitives(beam_size);
+    for (int64_t c = 0; c < n_concepts; ++c) {
+      if (concept_size[c] == 0) continue;
+      s.ca[c] = primitive_counts.counts[std::size_t(c) * n + i];
+      const double iou = iou_of(s.ca[c], concept_size[c], a);
+      if (iou > 0) primitives.offer({iou, uint64_t(c), -1, int32_t(c), BinaryOp::Or});
+    }
+    for (const Candidate& p : primitives.items()) s.beam.push_back(primitive_entry(ctx, s.unit, p.concept, p.score));
+    if (!s.beam.empty()) {
+      s.result.primitive = s.beam.front().entry.concepts.front();
+      s.result.primitive_iou = s.beam.front().entry.iou;
+    }
   });
+
+  // Expansion steps, for blocks of units whose beams fit the memory budget together.
+  std::vector<UnitSearch*> block;
+  std::size_t block_bytes = 0;
+  const auto run_block = [&] {
+    for (int step = 1; step < options.length && !block.empty(); ++step)
+      expand_block(ctx, block, step == options.length - 1);
+    for (UnitSearch* s : block) {
+      for (LiveEntry& live : s->beam) s->result.beam.push_back(std::move(live.entry));
+      s->beam.clear();
+    }
+    block.clear();
+    block_bytes = 0;
+  };
+  for (UnitSearch& s : searches) {
+    if (s.beam.empty()) continue;
+    std::size_t bytes = 0;
+    for (const LiveEntry& live : s.beam) bytes += 2 * (live.formula.nbytes() + live.intersection.nbytes());
+    if (!block.empty() && block_bytes + bytes > options.block_bytes) run_block();
+    block.push_back(&s);
+    block_bytes += bytes;
+  }
+  run_block();
+
+  std::vector<UnitResult> results;
+  results.reserve(std::size_t(n));
+  for (UnitSearch& s : searches) results.push_back(std::move(s.result));
   return results;
 }
 
@@ -229,11 +397,38 @@ void intersection_counts(const MaskSetView& units, int64_t unit_begin, int64_t u
   check_same_grid(units, concepts);
   if (unit_begin < 0 || unit_end > units.n_masks || unit_begin > unit_end)
     throw std::invalid_argument("unit range out of bounds");
-  parallel_for(unit_end - unit_begin, [&](int64_t i) {
-    const SparseMask unit = SparseMask::from_set(units, unit_begin + i);
+  const int64_t n = unit_end - unit_begin;
+  std::vector<SparseMask> masks(std::size_t(n), SparseMask(units.grid));
+  parallel_for(n, [&](int64_t i) { masks[i] = SparseMask::from_set(units, unit_begin + i); });
+  std::vector<const SparseMask*> rows;
+  for (const SparseMask& m : masks) rows.push_back(&m);
+  const ImageMajorIndex index(concepts);
+  const BatchCounts counted = PairCounter(rows, concepts, index).count(nullptr);
+  for (int64_t i = 0; i < n; ++i)
     for (int64_t c = 0; c < concepts.n_masks; ++c)
-      out[i * concepts.n_masks + c] = static_cast<int64_t>(unit.intersect_count(concepts, c));
-  });
+      out[i * concepts.n_masks + c] = static_cast<int64_t>(counted.counts[std::size_t(c) * n + i]);
+}
+
+void concept_cooccurrence(const MaskSetView& concepts, uint64_t* out) {
+  const int64_t n = concepts.n_masks;
+  const ImageMajorIndex index(concepts);
+  // Rows in blocks of concepts (copies of a block's bitsets), each against the concepts
+  // from its own id on; the other half by symmetry.
+  constexpr int64_t kBlock = 256;
+  for (int64_t r0 = 0; r0 < n; r0 += kBlock) {
+    const int64_t r1 = std::min(n, r0 + kBlock);
+    std::vector<SparseMask> masks(std::size_t(r1 - r0), SparseMask(concepts.grid));
+    parallel_for(r1 - r0, [&](int64_t i) { masks[i] = SparseMask::from_set(concepts, r0 + i); });
+    std::vector<const SparseMask*> rows;
+    for (const SparseMask& m : masks) rows.push_back(&m);
+    PairSet upper(r1 - r0, n);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = r; c < n; ++c) upper.add(r - r0, c);
+    const BatchCounts counted = PairCounter(rows, concepts, index).count(&upper);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = r; c < n; ++c)
+        out[std::size_t(r) * n + c] = out[std::size_t(c) * n + r] = counted.counts[std::size_t(c) * (r1 - r0) + (r - r0)];
+  }
 }
 
 SparseMask evaluate(const std::vector<int32_t>& program, const MaskSetView& concepts) {

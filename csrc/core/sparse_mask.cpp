@@ -1,6 +1,7 @@
 #include "sparse_mask.hpp"
 
 #include <algorithm>
+#include <climits>
 #include <cstring>
 #include <stdexcept>
 
@@ -37,6 +38,24 @@ SparseMask SparseMask::from_set(const MaskSetView& set, int64_t m) {
       mask.set_full(image);
     else
       mask.set_image(image, set.bitset(set.slots[e]), static_cast<uint32_t>(set.counts[e]));
+  }
+  return mask;
+}
+
+SparseMask SparseMask::view_of(const MaskSetView& set, int64_t m) {
+  if (set.n_slots > int64_t(INT32_MAX)) return from_set(set, m);
+  SparseMask mask(set.grid);
+  mask.viewed_ = set.words;
+  for (int64_t e = set.offsets[m]; e < set.offsets[m + 1]; ++e) {
+    const uint32_t image = static_cast<uint32_t>(set.images[e]);
+    if (set.slots[e] == kFullSlot) {
+      mask.set_full(image);
+    } else {
+      mask.slot_[image] = static_cast<int32_t>(set.slots[e]);
+      mask.count_[image] = static_cast<uint32_t>(set.counts[e]);
+      mask.total_ += mask.count_[image];
+      ++mask.nonempty_images_;
+    }
   }
   return mask;
 }
@@ -84,38 +103,47 @@ uint64_t SparseMask::intersect_count(const SparseMask& other, uint64_t* images) 
   return total;
 }
 
-SparseMask SparseMask::combine(const SparseMask& other, BinaryOp op) const {
-  if (!(grid_ == other.grid_)) throw std::invalid_argument("masks on different grids");
+namespace {
+// Markers of empty and full containers among the bitset pointers combine_with reads.
+const uint64_t* const kEmptyBits = nullptr;
+const uint64_t kFullMarker = 0;
+const uint64_t* const kFullBits = &kFullMarker;
+}  // namespace
+
+template <class Other, class Sink>
+void SparseMask::combine_into(const Other& other, BinaryOp op, Sink& sink) const {
   const std::size_t w = grid_.words_per_image;
   const uint64_t last_mask = grid_.last_word_mask();
   std::vector<uint64_t> ones(w, ~uint64_t(0));
   ones[w - 1] = last_mask;
   const std::vector<uint64_t> zeros(w, 0);
   std::vector<uint64_t> out(w);
-  SparseMask result(grid_);
   for (uint32_t image = 0; image < grid_.n_images; ++image) {
-    const int32_t a = slot_[image], b = other.slot_[image];
+    const int32_t a = slot_[image];
+    const uint64_t* y = other(image);
+    const bool b_empty = y == kEmptyBits, b_full = y == kFullBits;
     // Shortcuts on empty and full containers; bitset work only where both are partial.
     switch (op) {
       case BinaryOp::And:
-        if (a == kEmpty || b == kEmpty) continue;
-        if (a == kFull && b == kFull) { result.set_full(image); continue; }
+        if (a == kEmpty || b_empty) continue;
+        if (a == kFull && b_full) { sink.full(image); continue; }
         break;
       case BinaryOp::Or:
-        if (a == kFull || b == kFull) { result.set_full(image); continue; }
-        if (a == kEmpty && b == kEmpty) continue;
+        if (a == kFull || b_full) { sink.full(image); continue; }
+        if (a == kEmpty && b_empty) continue;
         break;
       case BinaryOp::AndNot:
-        if (a == kEmpty || b == kFull) continue;
-        if (a == kFull && b == kEmpty) { result.set_full(image); continue; }
+        if (a == kEmpty || b_full) continue;
+        if (a == kFull && b_empty) { sink.full(image); continue; }
         break;
       case BinaryOp::OrNot:
-        if (a == kFull || b == kEmpty) { result.set_full(image); continue; }
-        if (a == kEmpty && b == kFull) continue;
+        if (a == kFull || b_empty) { sink.full(image); continue; }
+        if (a == kEmpty && b_full) continue;
         break;
     }
     const uint64_t* x = a == kEmpty ? zeros.data() : a == kFull ? ones.data() : bitset(a);
-    const uint64_t* y = b == kEmpty ? zeros.data() : b == kFull ? ones.data() : other.bitset(b);
+    if (b_empty) y = zeros.data();
+    if (b_full) y = ones.data();
     switch (op) {
       case BinaryOp::And: for (std::size_t i = 0; i < w; ++i) out[i] = x[i] & y[i]; break;
       case BinaryOp::Or: for (std::size_t i = 0; i < w; ++i) out[i] = x[i] | y[i]; break;
@@ -123,9 +151,90 @@ SparseMask SparseMask::combine(const SparseMask& other, BinaryOp op) const {
       case BinaryOp::OrNot: for (std::size_t i = 0; i < w; ++i) out[i] = x[i] | ~y[i]; break;
     }
     out[w - 1] &= last_mask;
-    result.set_image(image, out.data(), static_cast<uint32_t>(popcount_words(out.data(), w)));
+    const uint64_t count = popcount_words(out.data(), w);
+    if (count != 0) sink.partial(image, out.data(), count);
   }
+}
+
+template <class Other>
+SparseMask SparseMask::combine_with(const Other& other, std::size_t other_bitsets, std::size_t other_nonempty,
+                                    BinaryOp op) const {
+  struct Store {
+    SparseMask& result;
+    void full(uint32_t image) { result.set_full(image); }
+    void partial(uint32_t image, const uint64_t* bits, uint64_t count) {
+      result.set_image(image, bits, static_cast<uint32_t>(count));
+    }
+  };
+  SparseMask result(grid_);
+  // A partial image of the result is partial in one of the two at least (and not empty in
+  // either, for AND).
+  const std::size_t w = grid_.words_per_image;
+  std::size_t partial = std::min<std::size_t>(words_.size() / w + other_bitsets, grid_.n_images);
+  if (op == BinaryOp::And) partial = std::min<std::size_t>({partial, nonempty_images_, other_nonempty});
+  result.words_.reserve(partial * w);
+  Store sink{result};
+  combine_into(other, op, sink);
   return result;
+}
+
+SparseMask SparseMask::combine(const SparseMask& other, BinaryOp op) const {
+  if (!(grid_ == other.grid_)) throw std::invalid_argument("masks on different grids");
+  return combine_with(
+      [&](uint32_t image) {
+        const int32_t slot = other.slot_[image];
+        return slot == kEmpty ? kEmptyBits : slot == kFull ? kFullBits : other.bitset(slot);
+      },
+      other.words_.size() / grid_.words_per_image, other.nonempty_images_, op);
+}
+
+namespace {
+// Mask m of a set as combine_into reads it: bitset, empty or full marker per image.
+struct SetMaskImages {
+  std::vector<const uint64_t*> bits;
+  std::size_t bitsets = 0, nonempty = 0;
+  SetMaskImages(const MaskSetView& set, int64_t m) : bits(set.grid.n_images, kEmptyBits) {
+    for (int64_t e = set.offsets[m]; e < set.offsets[m + 1]; ++e) {
+      const bool full = set.slots[e] == kFullSlot;
+      bits[std::size_t(set.images[e])] = full ? kFullBits : set.bitset(set.slots[e]);
+      bitsets += !full;
+      ++nonempty;
+    }
+  }
+  const uint64_t* operator()(uint32_t image) const { return bits[image]; }
+};
+}  // namespace
+
+SparseMask SparseMask::combine(const MaskSetView& set, int64_t m, BinaryOp op) const {
+  if (!(grid_ == set.grid)) throw std::invalid_argument("masks on different grids");
+  const SetMaskImages other(set, m);
+  return combine_with(other, other.bitsets, other.nonempty, op);
+}
+
+CombinedCounts SparseMask::combined_counts(const MaskSetView& set, int64_t m, BinaryOp op,
+                                           const SparseMask& with) const {
+  if (!(grid_ == set.grid) || !(grid_ == with.grid_)) throw std::invalid_argument("masks on different grids");
+  struct Count {
+    const SparseMask& with;
+    std::size_t w;
+    AndPopcountFn and_popcount = and_popcount_kernel();
+    CombinedCounts n{};
+    void add(uint64_t count, uint64_t with_count) {
+      n.total += count;
+      ++n.images;
+      n.with_total += with_count;
+      n.with_images += with_count != 0;
+    }
+    void full(uint32_t image) { add(with.grid_.pixels, with.count_[image]); }
+    void partial(uint32_t image, const uint64_t* bits, uint64_t count) {
+      const int32_t slot = with.slot_[image];
+      add(count, slot == kEmpty ? 0 : slot == kFull ? count : and_popcount(bits, with.bitset(slot), w));
+    }
+  };
+  const SetMaskImages other(set, m);
+  Count sink{with, grid_.words_per_image};
+  combine_into(other, op, sink);
+  return sink.n;
 }
 
 SparseMask SparseMask::complement() const {

@@ -1,6 +1,7 @@
 // One mask over the whole grid with an O(1) per-image index: the working
 // representation of formulas and unit masks during a search.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -9,6 +10,14 @@
 namespace pyneuron {
 
 enum class BinaryOp : int { Or = 0, And = 1, AndNot = 2, OrNot = 3 };
+
+// Counts of a combined mask X and of X AND another mask, without building X.
+struct CombinedCounts {
+  uint64_t total = 0;        // |X|
+  uint64_t images = 0;       // images where X is not empty
+  uint64_t with_total = 0;   // |X AND with|
+  uint64_t with_images = 0;  // images where X AND with is not empty
+};
 
 class SparseMask {
  public:
@@ -25,7 +34,14 @@ class SparseMask {
   uint64_t nonempty_images() const { return nonempty_images_; }
   int32_t slot(uint32_t image) const { return slot_[image]; }
   uint32_t count(uint32_t image) const { return count_[image]; }
-  const uint64_t* bitset(int32_t slot) const { return words_.data() + std::size_t(slot) * grid_.words_per_image; }
+  // Mask m of a set, reading the set's bitsets in place: the set must outlive the view
+  // (a copy of the set's mask where its slots do not fit the view's 32-bit index).
+  static SparseMask view_of(const MaskSetView& set, int64_t m);
+  // Bytes of the bitsets it owns (none for a view).
+  std::size_t nbytes() const { return words_.size() * sizeof(uint64_t); }
+  const uint64_t* bitset(int32_t slot) const {
+    return (viewed_ != nullptr ? viewed_ : words_.data()) + std::size_t(slot) * grid_.words_per_image;
+  }
 
   // |this AND m| for mask m of a set; optionally the number of images where it is not empty.
   uint64_t intersect_count(const MaskSetView& set, int64_t m, uint64_t* images = nullptr) const;
@@ -34,6 +50,10 @@ class SparseMask {
 
   // this OP other, image by image, keeping empty and full containers as such.
   SparseMask combine(const SparseMask& other, BinaryOp op) const;
+  // this OP mask m of a set, read in place.
+  SparseMask combine(const MaskSetView& set, int64_t m, BinaryOp op) const;
+  // Counts of this OP mask m of a set, and of that AND `with`, without building it.
+  CombinedCounts combined_counts(const MaskSetView& set, int64_t m, BinaryOp op, const SparseMask& with) const;
   SparseMask complement() const;
   // Dense words, image-major, words_per_image per image (padding bits zero).
   std::vector<uint64_t> to_words() const;
@@ -41,11 +61,22 @@ class SparseMask {
  private:
   void set_image(uint32_t image, const uint64_t* bits, uint32_t count);
   void set_full(uint32_t image);
+  // this OP other image by image, each non-empty result image to sink.full(image) or
+  // sink.partial(image, bits, count); `other(image)`: the other mask's bitset in that
+  // image, or its empty / full marker.
+  template <class Other, class Sink>
+  void combine_into(const Other& other, BinaryOp op, Sink& sink) const;
+  // `other_bitsets`, `other_nonempty`: the other mask's partial and non-empty images (to
+  // size the result once).
+  template <class Other>
+  SparseMask combine_with(const Other& other, std::size_t other_bitsets, std::size_t other_nonempty,
+                          BinaryOp op) const;
 
   Grid grid_;
   std::vector<int32_t> slot_;
   std::vector<uint32_t> count_;
   std::vector<uint64_t> words_;
+  const uint64_t* viewed_ = nullptr;  // a view's bitsets (then words_ is empty)
   uint64_t total_ = 0;
   uint64_t nonempty_images_ = 0;
 };

@@ -47,38 +47,55 @@ ResizeCoefficients::ResizeCoefficients(int in, int out) : in_size(in), out_size(
   }
 }
 
+namespace {
+// One pass of Pillow's two-pass resize along rows (horizontal) or columns (vertical) of
+// an n_rows x n_cols float map; each output is the double sum of its taps, stored as float.
+void resize_rows(const float* in, int n_rows, int n_cols, const ResizeCoefficients& c, float* out) {
+  for (int y = 0; y < n_rows; ++y) {
+    for (int xx = 0; xx < c.out_size; ++xx) {
+      const int xmin = c.bounds[std::size_t(xx) * 2];
+      const int xmax = c.bounds[std::size_t(xx) * 2 + 1];
+      const double* k = &c.kk[std::size_t(xx) * c.ksize];
+      double ss = 0.0;
+      for (int x = 0; x < xmax; ++x) ss += double(in[std::size_t(y) * n_cols + x + xmin]) * k[x];
+      out[std::size_t(y) * c.out_size + xx] = float(ss);
+    }
+  }
+}
+
+void resize_columns(const float* in, int n_cols, const ResizeCoefficients& c, float* out) {
+  for (int yy = 0; yy < c.out_size; ++yy) {
+    const int ymin = c.bounds[std::size_t(yy) * 2];
+    const int ymax = c.bounds[std::size_t(yy) * 2 + 1];
+    const double* k = &c.kk[std::size_t(yy) * c.ksize];
+    for (int xx = 0; xx < n_cols; ++xx) {
+      double ss = 0.0;
+      for (int y = 0; y < ymax; ++y) ss += double(in[std::size_t(y + ymin) * n_cols + xx]) * k[y];
+      out[std::size_t(yy) * n_cols + xx] = float(ss);
+    }
+  }
+}
+}  // namespace
+
 void resize_bilinear(const float* in, const ResizeCoefficients& horizontal,
-                     const ResizeCoefficients& vertical, float* temp, float* out) {
+                     const ResizeCoefficients& vertical, std::vector<float>& temp, float* out) {
   const int h = vertical.in_size, w = horizontal.in_size;
   const int H = vertical.out_size, W = horizontal.out_size;
   // Pillow skips a pass whose size does not change.
-  const float* rows = in;
-  if (W != w) {
-    for (int y = 0; y < h; ++y) {
-      for (int xx = 0; xx < W; ++xx) {
-        const int xmin = horizontal.bounds[std::size_t(xx) * 2];
-        const int xmax = horizontal.bounds[std::size_t(xx) * 2 + 1];
-        const double* k = &horizontal.kk[std::size_t(xx) * horizontal.ksize];
-        double ss = 0.0;
-        for (int x = 0; x < xmax; ++x) ss += double(in[std::size_t(y) * w + x + xmin]) * k[x];
-        temp[std::size_t(y) * W + xx] = float(ss);
-      }
-    }
-    rows = temp;
-  }
-  if (H == h) {
-    std::memcpy(out, rows, sizeof(float) * std::size_t(h) * W);
-    return;
-  }
-  for (int yy = 0; yy < H; ++yy) {
-    const int ymin = vertical.bounds[std::size_t(yy) * 2];
-    const int ymax = vertical.bounds[std::size_t(yy) * 2 + 1];
-    const double* k = &vertical.kk[std::size_t(yy) * vertical.ksize];
-    for (int xx = 0; xx < W; ++xx) {
-      double ss = 0.0;
-      for (int y = 0; y < ymax; ++y) ss += double(rows[std::size_t(y + ymin) * W + xx]) * k[y];
-      out[std::size_t(yy) * W + xx] = float(ss);
-    }
+  if (W == w && H == h) {
+    std::memcpy(out, in, sizeof(float) * std::size_t(h) * w);
+  } else if (W == w) {
+    resize_columns(in, w, vertical, out);
+  } else if (H == h) {
+    resize_rows(in, h, w, horizontal, out);
+  } else if (H < h && int64_t(h) - H > 2 * (int64_t(w) - W)) {
+    temp.resize(std::max(temp.size(), std::size_t(H) * w));
+    resize_columns(in, w, vertical, temp.data());
+    resize_rows(temp.data(), H, w, horizontal, out);
+  } else {
+    temp.resize(std::max(temp.size(), std::size_t(h) * W));
+    resize_rows(in, h, w, horizontal, temp.data());
+    resize_columns(temp.data(), W, vertical, out);
   }
 }
 
@@ -104,7 +121,7 @@ void upsample_threshold(const float* maps, int64_t n_maps, int64_t n_units, int 
       // leaves [min, max] of the map: skip maps that cannot pass the test.
       const auto [min_it, max_it] = std::minmax_element(map, map + map_size);
       if (!(double(*max_it) > low) || !(double(*min_it) < high)) continue;
-      resize_bilinear(map, horizontal, vertical, temp.data(), out.data());
+      resize_bilinear(map, horizontal, vertical, temp, out.data());
       int32_t count = 0;
       for (std::size_t p = 0; p < pixels; ++p) {
         const double v = out[p];

@@ -16,9 +16,11 @@ struct ResizeCoefficients {
   ResizeCoefficients(int in, int out);
 };
 
-// Resize one h x w float map to H x W; `temp` holds h * W floats.
+// Resize one h x w float map to H x W; `temp` is scratch space (grown as needed).
+// Like Pillow 13 (python-pillow/Pillow#9549), the vertical pass goes first when the
+// height shrinks and h - H > 2 * (w - W); otherwise the horizontal pass does.
 void resize_bilinear(const float* in, const ResizeCoefficients& horizontal,
-                     const ResizeCoefficients& vertical, float* temp, float* out);
+                     const ResizeCoefficients& vertical, std::vector<float>& temp, float* out);
 
 // For maps (n_maps = n_images * n_units, each h x w; unit = map % n_units): upsample to
 // H x W and set bit p of the map's packed words when lo[unit] < value (< hi[unit] if hi).

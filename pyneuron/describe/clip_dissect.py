@@ -70,6 +70,7 @@ def clip_dissect(
     units: Sequence[int] | None = None,
     temperature: float = TEMPERATURE,
     lam: float = LAMBDA,
+    ties: str = "lowest",
     prompt: str = "{}",
     return_matrix: bool = False,
     device: Any = None,
@@ -118,6 +119,13 @@ def clip_dissect(
         Cached (N, C) image-concept cosine similarities (skips CLIP entirely).
     units
         Report only these units (the soft-WPMI prior still averages over all units).
+    ties
+        Order of images with equal activation summaries among a unit's top images (for
+        soft-WPMI's top ``top_k`` and the reported ``top_images``): ``"lowest"`` (the
+        lower image id first; the default, the same on every device) or ``"torch"``
+        (``torch.topk`` on the CPU, as CLIP-Dissect's code does; use it to reproduce
+        published labels of units with tied activations -- dead, constant or quantized
+        units -- since through soft-WPMI's prior they shift every unit's scores).
     return_matrix
         Keep the (units, concepts) score matrix in the result.
 
@@ -167,14 +175,15 @@ def clip_dissect(
             f"{summary.shape[0]}; both must be over the same probing images, in order"
         )
     scores = similarity_matrix(
-        summary, sims, method, top_k=top_k, temperature=temperature, lam=lam, device=device
-    )
+        summary, sims, method, top_k=top_k, temperature=temperature, lam=lam, ties=ties,
+        device=device,
+    )  # fmt: skip
     selected = select_units(units, summary.shape[1])
     ids, values = top_concepts(scores[selected], top_n)
     import torch
 
     shown = min(5, summary.shape[0])
-    tops = _top_images(torch.from_numpy(summary), shown).numpy().T[selected]
+    tops = _top_images(torch.from_numpy(summary), shown, ties).numpy().T[selected]
     table = ranked_labels(layer, selected, METHOD, names, ids, values, tops, similarity=method)
     return DescribeResult(
         table=table,
@@ -182,7 +191,13 @@ def clip_dissect(
         concepts=names,
         scores=scores[selected] if return_matrix else None,
         top_images=tops,
-        details={"similarity": method, "top_k": top_k, "temperature": temperature, "lam": lam},
+        details={
+            "similarity": method,
+            "top_k": top_k,
+            "temperature": temperature,
+            "lam": lam,
+            "ties": ties,
+        },
     )
 
 

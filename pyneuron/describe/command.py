@@ -63,6 +63,7 @@ def describe_command(
     *,
     weights: Path | None = None,
     similarity: str = "soft_wpmi",
+    ties: str = "lowest",
 ) -> Path:
     """Describe every unit of ``layer`` of ``model`` and write a run directory at ``out``.
 
@@ -103,6 +104,9 @@ def describe_command(
     similarity
         clip-dissect's similarity function: ``soft_wpmi`` (default), ``cos``, ``cos3``
         or ``rank_reorder``.
+    ties
+        clip-dissect's order of tied activation summaries: ``lowest`` (lower image id
+        first) or ``torch`` (``torch.topk``'s, as CLIP-Dissect's code).
 
     Returns
     -------
@@ -117,10 +121,11 @@ def describe_command(
     from .dnd import BlipCaptioner, describe_and_dissect
     from .images import ImageList
     from .occlusion import occlusion_describe
-    from .similarity import similarity_name
+    from .similarity import check_ties, similarity_name
 
     name = method_name(method)
     similarity = similarity_name(similarity)
+    check_ties(ties)
     out = Path(out)
     refuse_existing(out, overwrite)
     layers = [layer] if isinstance(layer, str) else list(layer)
@@ -174,7 +179,7 @@ def describe_command(
         if name == "clip-dissect":
             result = clip_dissect(
                 net, layer_name, image_list, names or [], clip=encoder, top_k=k,
-                similarity=similarity, activations=activations[layer_name],
+                similarity=similarity, ties=ties, activations=activations[layer_name],
                 image_features=image_features,
                 text_features=text_features, **common,
             )  # fmt: skip
@@ -211,6 +216,7 @@ def describe_command(
         "captioner": captioner,
         "weights": str(weights) if weights is not None else None,
         "similarity": similarity if name == "clip-dissect" else None,
+        "ties": ties if name == "clip-dissect" else None,
         "top_k": k,
         "batch_size": batch_size,
         "image_size": image_size,

@@ -48,6 +48,10 @@ LAMBDA = 1.0
 P_START, P_END = 0.998, 0.97
 #: Added inside the logarithm of soft-WPMI (CLIP-Dissect's ``min_prob``).
 MIN_PROB = 1e-7
+#: How tied activation summaries are ordered when picking a unit's top images:
+#: ``"lowest"`` (default) puts the lower image id first (deterministic everywhere);
+#: ``"torch"`` takes ``torch.topk``'s order on the CPU, as CLIP-Dissect does.
+TIES = ("lowest", "torch")
 
 
 def _torch() -> Any:
@@ -160,9 +164,24 @@ def _probabilities(similarities: Any, temperature: float, block_rows: int = 256)
     return out
 
 
-def _top_images(summary: Any, k: int) -> Any:
-    """(k, U) image ids of each unit's k highest summaries, best first; ties -> lower id."""
+def check_ties(ties: str) -> str:
+    """The tie rule, checked: one of :data:`TIES`."""
+    if ties not in TIES:
+        raise PyneuronError(f"unknown ties rule {ties!r}; choose 'lowest' or 'torch'")
+    return ties
+
+
+def _top_images(summary: Any, k: int, ties: str = "lowest") -> Any:
+    """(k, U) image ids of each unit's k highest summaries, best first.
+
+    ``ties="lowest"``: equal summaries in image-id order (a stable sort).
+    ``ties="torch"``: ``torch.topk(summary, k, dim=0)`` computed on the CPU, exactly what
+    CLIP-Dissect's ``soft_wpmi`` does (it loads the saved activations with
+    ``map_location='cpu'``); its order among ties is PyTorch's CPU implementation detail.
+    """
     torch = _torch()
+    if check_ties(ties) == "torch":
+        return torch.topk(summary.cpu(), k, dim=0).indices.to(summary.device)
     return torch.sort(summary, dim=0, descending=True, stable=True).indices[:k]
 
 
@@ -191,6 +210,7 @@ def soft_wpmi(
     p_start: float = P_START,
     p_end: float = P_END,
     min_prob: float = MIN_PROB,
+    ties: str = "lowest",
     device: Any = None,
     block_bytes: int = 1 << 23,
 ) -> np.ndarray:
@@ -215,6 +235,12 @@ def soft_wpmi(
         Images per unit (clipped to N; the weights then use the clipped k).
     lam
         Prior weight (CLIP-Dissect: 1).
+    ties
+        Order of tied summaries among the top images (:data:`TIES`): ``"lowest"``
+        (lower image id first, the default) or ``"torch"`` (``torch.topk``'s order, to
+        reproduce CLIP-Dissect's published numbers). Ties are common for dead, constant
+        or quantized units, and through the prior (averaged over all units) a different
+        top-k of one unit shifts every unit's scores.
     block_bytes
         Memory for the gathered (k, units, C) rows; sets how many units go at once.
 
@@ -226,12 +252,12 @@ def soft_wpmi(
     Notes
     -----
     Differences from CLIP-Dissect's code: image ties in the top-k go to the lower image
-    id (``torch.topk`` leaves them unspecified); the term is computed as
-    ``(1 - p_i + min_prob) + p_i P``, logarithms are taken of products of groups of
-    terms and accumulated in float64 (see ``_soft_wpmi``). The result is closer to a
-    float64 evaluation than CLIP-Dissect's float32 code (on random 2,000 x 64 x 3,000
-    data: max abs error 1.7e-5 against 1.8e-4), so units whose two best concepts are
-    within ~1e-4 may get a different label.
+    id unless ``ties="torch"`` (``torch.topk`` leaves their order unspecified); the
+    term is computed as ``(1 - p_i + min_prob) + p_i P``, logarithms are taken of
+    products of groups of terms and accumulated in float64 (see ``_soft_wpmi``). The
+    result is closer to a float64 evaluation than CLIP-Dissect's float32 code (on random
+    2,000 x 64 x 3,000 data: max abs error 1.7e-5 against 1.8e-4), so units whose two
+    best concepts are within ~1e-4 may get a different label.
 
     Examples
     --------
@@ -247,7 +273,7 @@ def soft_wpmi(
         raise PyneuronError("probabilities must lie in [0, 1] (see concept_probabilities)")
     return _soft_wpmi(
         acts, probs, top_k=top_k, lam=lam, p_start=p_start, p_end=p_end, min_prob=min_prob,
-        block_bytes=block_bytes,
+        ties=ties, block_bytes=block_bytes,
     ).cpu().numpy()  # fmt: skip
 
 
@@ -260,6 +286,7 @@ def _soft_wpmi(
     p_start: float = P_START,
     p_end: float = P_END,
     min_prob: float = MIN_PROB,
+    ties: str = "lowest",
     block_bytes: int = 1 << 23,
 ) -> Any:
     """Soft-WPMI on checked tensors; returns a (U, C) float32 tensor.
@@ -280,7 +307,7 @@ def _soft_wpmi(
     n_images, n_units = acts.shape
     n_concepts = probs.shape[1]
     k = min(int(top_k), n_images)
-    order = _top_images(acts, k)
+    order = _top_images(acts, k, ties)
     weights = torch.from_numpy(soft_wpmi_weights(k, p_start, p_end)).to(probs.device)
     offset = 1.0 - weights + min_prob
     smallest = float(offset.min())
@@ -314,8 +341,9 @@ def _soft_wpmi(
 def cos_similarity(summary: Any, clip_similarities: Any, *, device: Any = None) -> np.ndarray:
     """Cosine between each unit's summary column and each concept's similarity column.
 
-    Columns are L2-normalized over images (not centred), as in CLIP-Dissect; a column of
-    zeros (a dead unit) gives 0 instead of NaN.
+    Columns are L2-normalized over images (not centred), as in CLIP-Dissect. A column of
+    zeros (a dead unit) gives 0 here; CLIP-Dissect divides by its zero norm and gets NaN
+    for every concept of that unit (its label is then whatever ``argmax`` makes of NaN).
 
     Examples
     --------
@@ -422,13 +450,15 @@ def similarity_matrix(
     temperature: float = TEMPERATURE,
     lam: float = LAMBDA,
     top_fraction: float = 0.05,
+    ties: str = "lowest",
     device: Any = None,
 ) -> np.ndarray:
     """(U, C) unit-concept scores from cached summaries and CLIP similarities.
 
     ``soft_wpmi`` first turns the cosine similarities into probabilities with
     :func:`concept_probabilities` (``temperature``); ``cos``, ``cos3`` and
-    ``rank_reorder`` use the raw cosines, as CLIP-Dissect does.
+    ``rank_reorder`` use the raw cosines, as CLIP-Dissect does. ``ties`` orders tied
+    summaries in soft-WPMI's top images (see :func:`soft_wpmi`).
 
     Examples
     --------
@@ -440,13 +470,14 @@ def similarity_matrix(
     array([0, 1])
     """
     name = similarity_name(similarity)
+    check_ties(ties)
     if name == "soft_wpmi":
         acts = _as_tensor(summary, "summary", device)
         sims = _as_tensor(clip_similarities, "clip_similarities", device)
         _check_pair(acts, sims, "clip_similarities")
         probabilities = _probabilities(sims, temperature)
         del sims
-        return _soft_wpmi(acts, probabilities, top_k=top_k, lam=lam).cpu().numpy()
+        return _soft_wpmi(acts, probabilities, top_k=top_k, lam=lam, ties=ties).cpu().numpy()
     if name == "cos":
         return cos_similarity(summary, clip_similarities, device=device)
     if name == "cos3":

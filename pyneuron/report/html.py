@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PyneuronError
 from ..formula import Concept, Formula, Not, _Binary
+from ..netdissect import check_mode
 from ..search import AUDIT_VERDICTS
 from ..store import ConceptStore
 from ..units import UnitMasks
@@ -34,7 +35,7 @@ from .images import (
     thumbnail_scale,
 )
 from .names import Slugger
-from .plots import INTERPRETABLE_IOU, iou_histogram
+from .plots import INTERPRETABLE_IOU, heldout_scatter, iou_histogram, iou_vs_null
 
 #: What a report puts at the top of its directory (``index.html`` is written last).
 ENTRIES = ("units", "concepts", "img", "static", "index.html")
@@ -68,7 +69,55 @@ _COLUMNS: dict[str, tuple[str, str]] = {
     "threshold": ("threshold", "activation threshold of the unit mask"),
     "lower": ("lower", "lower end of the activation range"),
     "upper": ("upper", "upper end of the activation range"),
+    "split_iou": (
+        "IoU (split)",
+        "IoU of the formula found on the images not held out, on those images",
+    ),
+    "iou_heldout": ("held-out IoU", "IoU of the formula on images the search did not see"),
+    "iou_drop": ("IoU drop", "in-sample IoU minus held-out IoU"),
+    "p_value": (
+        "p-value",
+        "share of control units (shuffled, rolled masks) explained at least as well",
+    ),
+    "z_score": ("z", "(IoU − mean IoU of the control units) / their standard deviation"),
+    "above_null": ("above null", "p-value below the chosen level: better than control units"),
+    "activation_drop": (
+        "act. drop",
+        "relative drop of the peak activation on top images when the formula's pixels are filled",
+    ),
+    "activation_drop_random": (
+        "act. drop (random)",
+        "the same drop when random regions of the same area are filled",
+    ),
 }
+#: Evaluation columns (``pyneuron evaluate``), shown wherever a table has them.
+_EVALUATION_COLUMNS = (
+    "iou_heldout",
+    "iou_drop",
+    "p_value",
+    "z_score",
+    "above_null",
+    "activation_drop",
+    "activation_drop_random",
+)
+
+_NETDISSECT_IOU = (
+    "NetDissect-Lite's IoU: the unit's pixels count only in images where the concept's "
+    "category meets the unit"
+)
+
+
+def _column_help(iou: str) -> dict[str, tuple[str, str]]:
+    """Column headers and tooltips for results computed with IoU mode ``iou``."""
+    if iou == "dataset":
+        return _COLUMNS
+    return {
+        **_COLUMNS,
+        "iou": ("IoU", _NETDISSECT_IOU),
+        "primitive_iou": ("primitive IoU", _NETDISSECT_IOU),
+    }
+
+
 _INDEX_COLUMNS = (
     "iou",
     "detection_accuracy",
@@ -79,6 +128,7 @@ _INDEX_COLUMNS = (
     "primitive_iou",
     "unit_pixels",
     "threshold",
+    *_EVALUATION_COLUMNS,
 )
 _UNIT_METRICS = (
     "iou",
@@ -94,6 +144,8 @@ _UNIT_METRICS = (
     "threshold",
     "lower",
     "upper",
+    "split_iou",
+    *_EVALUATION_COLUMNS,
 )
 _BEAM_COLUMNS = ("score", "iou", "detection_accuracy", "activation_coverage", "length")
 _NO_EXPLANATION = "no explanation"
@@ -117,6 +169,8 @@ def write_report(
     overwrite: bool = False,
     thumbnail_size: int = THUMBNAIL_SIZE,
     descriptions: pd.DataFrame | None = None,
+    null: pd.DataFrame | None = None,
+    iou: str = "dataset",
 ) -> Path:
     """Write a static HTML report of explained units.
 
@@ -180,6 +234,14 @@ def write_report(
         Optional label-free descriptions (``pyneuron describe`` results: ``layer``,
         ``unit``, ``method``, ``label``, ``score``), shown on unit pages with their
         agreement with the formula (:func:`pyneuron.describe.agreement`).
+    null
+        Optional control-unit explanations (:func:`pyneuron.null_baseline` tables with a
+        ``layer`` column): each layer gets a plot of its units' IoU against the controls'.
+        Held-out columns (``iou_heldout``) add a held-out vs in-sample scatter, and rows
+        with ``above_null`` false are marked.
+    iou
+        How the results' IoU was computed (``explain(..., mode=...)``): ``"dataset"``
+        or ``"netdissect"``; only the column's explanation changes.
 
     Returns
     -------
@@ -222,11 +284,27 @@ def write_report(
     try:
         renderer = _Renderer(plan, staging, images, title, progress, thumbnail_size)
         renderer.descriptions = _group_descriptions(descriptions)
+        renderer.null = _group_null(null)
+        renderer.columns = _column_help(check_mode(iou))
         renderer.render()
         _commit(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out / "index.html"
+
+
+def _group_null(table: pd.DataFrame | None) -> dict[str | None, np.ndarray]:
+    """Control-unit IoUs per layer (key None: a table without a ``layer`` column)."""
+    if table is None:
+        return {}
+    if not isinstance(table, pd.DataFrame) or "iou" not in table.columns:
+        raise PyneuronError("null must be a DataFrame with an 'iou' column (null_baseline)")
+    if "layer" not in table.columns:
+        return {None: table["iou"].to_numpy(dtype=np.float64)}
+    return {
+        str(layer): group["iou"].to_numpy(dtype=np.float64)
+        for layer, group in table.groupby("layer", sort=False)
+    }
 
 
 def _group_descriptions(table: pd.DataFrame | None) -> dict[tuple[str, int], list[dict[str, Any]]]:
@@ -585,6 +663,8 @@ class _Renderer:
         self.root = root
         self.images = images
         self.descriptions: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        self.null: dict[str | None, np.ndarray] = {}
+        self.columns = _COLUMNS
         self.title = str(title)
         self.progress = progress
         grid = plan.store.grid
@@ -679,7 +759,7 @@ class _Renderer:
         root = "../../"
         plan = self.plan
         metrics = [
-            (_COLUMNS[c][0], _COLUMNS[c][1], _format(row.values[c])[0])
+            (self.columns[c][0], self.columns[c][1], _format(row.values[c])[0])
             for c in _UNIT_METRICS
             if c in row.values
         ]
@@ -688,7 +768,7 @@ class _Renderer:
             entries = plan.beam.get((row.layer, row.unit, row.range), [])
             columns = [c for c in _BEAM_COLUMNS if entries and c in entries[0]]
             beam = {
-                "columns": [(_COLUMNS[c][0], _COLUMNS[c][1]) for c in columns],
+                "columns": [(self.columns[c][0], self.columns[c][1]) for c in columns],
                 "rows": [
                     {
                         "rank": entry["rank"],
@@ -804,6 +884,42 @@ class _Renderer:
         )
 
     # -- index ----------------------------------------------------------------------------
+    def _evaluation_plots(
+        self,
+        layer: str,
+        slug: str,
+        rows: list[_Row],
+        ious: np.ndarray,
+        facts: list[tuple[str, str]],
+    ) -> list[tuple[str, str]]:
+        """Plots and facts of ``pyneuron evaluate`` for one layer: (src, alt) pairs."""
+        columns = self.plan.columns
+        plots = []
+        null = self.null.get(layer, self.null.get(None) if len(self.plan.layers) == 1 else None)
+        if null is not None:
+            path = f"img/plots/{slug}-null.png"
+            iou_vs_null(ious, null, self.root / path, title=layer)
+            plots.append((path, f"IoU of the units of layer {layer} against control units"))
+        if "above_null" in columns:
+            above = sum(bool(r.values.get("above_null")) for r in rows)
+            facts.append(("above null", f"{above} of {len(rows)}"))
+        if "iou_heldout" in columns:
+            in_sample = _column(rows, "split_iou" if "split_iou" in columns else "iou")
+            heldout = _column(rows, "iou_heldout")
+            path = f"img/plots/{slug}-heldout.png"
+            heldout_scatter(in_sample, heldout, self.root / path, title=layer)
+            plots.append((path, f"Held-out against in-sample IoU, layer {layer}"))
+            facts.append(("mean held-out IoU", _format(float(np.nanmean(heldout)))[0]))
+        for name, label in (
+            ("activation_drop", "mean act. drop"),
+            ("activation_drop_random", "mean act. drop (random)"),
+        ):
+            if name in columns:
+                values = _column(rows, name)
+                mean = float(np.nanmean(values)) if np.isfinite(values).any() else None
+                facts.append((label, _format(mean)[0]))
+        return plots
+
     def _index(self) -> None:
         plan = self.plan
         layers = []
@@ -831,6 +947,7 @@ class _Renderer:
             facts.extend(_search_facts(rows, plan.columns))
             if plan.has_range:
                 facts.insert(1, ("units", _format(len({r.unit for r in rows}))[0]))
+            plots = self._evaluation_plots(layer, slug, rows, ious, facts)
             pages = sum(r.page is not None for r in rows)
             note = None
             if pages < len(rows):
@@ -843,14 +960,17 @@ class _Renderer:
                     "name": layer,
                     "anchor": f"layer-{slug}",
                     "histogram": histogram,
+                    "plots": plots,
                     "facts": facts,
                     "note": note,
-                    "columns": [(_COLUMNS[c][0], _COLUMNS[c][1]) for c in columns],
+                    "columns": [(self.columns[c][0], self.columns[c][1]) for c in columns],
                     "rows": [
                         dict(
                             self._row_link(r, ""),
                             cells=[_format(r.values[c]) for c in columns],
                             primitive=self._concept_link(r.values.get("primitive"), ""),
+                            below_null=not _missing(r.values.get("above_null"))
+                            and not bool(r.values["above_null"]),
                         )
                         for r in rows
                     ],
@@ -900,6 +1020,13 @@ def _search_facts(rows: list[_Row], columns: list[str]) -> list[tuple[str, str]]
             counts += f" (largest gap {_format(max(gaps))[0]})"
         facts.append(("beam vs optimal", counts or "–"))
     return facts
+
+
+def _column(rows: list[_Row], name: str) -> np.ndarray:
+    """One float column of a layer's rows (NaN where missing)."""
+    return np.array(
+        [float(r.values[name]) if not _missing(r.values.get(name)) else np.nan for r in rows]
+    )
 
 
 def _evaluate(formula: Formula, concept: Callable[[str], np.ndarray]) -> np.ndarray:

@@ -1,0 +1,157 @@
+#include "batch_count.hpp"
+
+#include <algorithm>
+#include <mutex>
+
+#include "popcount.hpp"
+#include "thread_pool.hpp"
+
+namespace pyneuron {
+
+ImageMajorIndex::ImageMajorIndex(const MaskSetView& set) : offsets_(std::size_t(set.grid.n_images) + 1, 0) {
+  for (int64_t e = 0; e < set.n_entries; ++e) ++offsets_[std::size_t(set.images[e]) + 1];
+  for (std::size_t i = 1; i < offsets_.size(); ++i) offsets_[i] += offsets_[i - 1];
+  entries_.resize(std::size_t(set.n_entries));
+  std::vector<int64_t> fill(offsets_.begin(), offsets_.end() - 1);
+  // Masks in increasing order, so each image's entries come out sorted by mask.
+  for (int64_t m = 0; m < set.n_masks; ++m)
+    for (int64_t e = set.offsets[m]; e < set.offsets[m + 1]; ++e)
+      entries_[std::size_t(fill[std::size_t(set.images[e])]++)] = {int32_t(m), set.counts[e], set.slots[e]};
+}
+
+namespace {
+
+// Column ranges of about equal numbers of entries, a few per thread for balance.
+std::vector<int64_t> column_ranges(const MaskSetView& columns) {
+  const int64_t n = columns.n_masks;
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(n, 4 * int64_t(num_threads())));
+  std::vector<int64_t> bounds{0};
+  const int64_t total = columns.offsets[n];
+  for (int64_t t = 1; t < tasks; ++t) {
+    const int64_t target = total * t / tasks;
+    const int64_t c = std::upper_bound(columns.offsets, columns.offsets + n + 1, target) - columns.offsets - 1;
+    if (c > bounds.back() && c < n) bounds.push_back(c);
+  }
+  bounds.push_back(n);
+  return bounds;
+}
+
+}  // namespace
+
+PairCounter::PairCounter(const std::vector<const SparseMask*>& rows, const MaskSetView& columns,
+                         const ImageMajorIndex& index)
+    : rows_(rows),
+      columns_(columns),
+      index_(index),
+      row_words_((int64_t(rows.size()) + 63) / 64),
+      present_(std::size_t(columns.grid.n_images) * std::size_t(row_words_), 0),
+      rank_(present_.size() + 1, 0),
+      ranges_(column_ranges(columns)) {
+  const uint32_t n_images = columns.grid.n_images;
+  const std::size_t w = columns.grid.words_per_image;
+  const int64_t n_rows = int64_t(rows.size());
+  parallel_for((int64_t(n_images) + 255) / 256, [&](int64_t block) {
+    const uint32_t lo = uint32_t(block * 256), hi = std::min<uint32_t>(n_images, lo + 256);
+    for (int64_t r = 0; r < n_rows; ++r)
+      for (uint32_t i = lo; i < hi; ++i)
+        if (rows[r]->slot(i) != SparseMask::kEmpty)
+          present_[std::size_t(i) * row_words_ + r / 64] |= uint64_t(1) << (r % 64);
+  });
+  for (std::size_t k = 0; k < present_.size(); ++k) rank_[k + 1] = rank_[k] + __builtin_popcountll(present_[k]);
+  row_images_.resize(std::size_t(rank_.back()));
+  parallel_for((int64_t(n_images) + 255) / 256, [&](int64_t block) {
+    const uint32_t lo = uint32_t(block * 256), hi = std::min<uint32_t>(n_images, lo + 256);
+    for (uint32_t i = lo; i < hi; ++i)
+      for (int64_t k = 0; k < row_words_; ++k) {
+        int64_t at = rank_[std::size_t(i) * row_words_ + k];
+        for (uint64_t bits = present_[std::size_t(i) * row_words_ + k]; bits != 0; bits &= bits - 1) {
+          const SparseMask& row = *rows[k * 64 + __builtin_ctzll(bits)];
+          const int32_t slot = row.slot(i);
+          RowImage& out = row_images_[std::size_t(at++)];
+          out = {nullptr, row.count(i), 0, 0};
+          if (slot == SparseMask::kFull) continue;
+          const uint64_t* words = row.bitset(slot);
+          std::size_t first = 0, last = w;
+          while (words[first] == 0) ++first;  // a bitset here is never empty
+          while (words[last - 1] == 0) --last;
+          out = {words + first, row.count(i), uint32_t(first), uint32_t(last - first)};
+        }
+      }
+  });
+}
+
+BatchCounts PairCounter::count(const PairSet* pairs) const {
+  const int64_t n_rows = int64_t(rows_.size());
+  const uint32_t n_images = columns_.grid.n_images;
+  const std::size_t w = columns_.grid.words_per_image;
+  const int64_t row_words = row_words_;
+  BatchCounts out;
+  out.counts.assign(std::size_t(n_rows) * std::size_t(columns_.n_masks), 0);
+  out.words.assign(std::size_t(n_rows), 0);
+  if (n_rows == 0 || columns_.n_masks == 0) return out;
+  const AndPopcountManyFn many = and_popcount_many_kernel();
+  const AndPopcountFn single = and_popcount_kernel();
+  // Columns with some selected pair: the others' entries are skipped with one load.
+  std::vector<char> wanted(std::size_t(columns_.n_masks), pairs == nullptr);
+  if (pairs != nullptr)
+    for (int64_t c = 0; c < columns_.n_masks; ++c)
+      for (int64_t k = 0; k < row_words && !wanted[c]; ++k) wanted[c] = pairs->column(c)[k] != 0;
+  std::mutex words_mutex;
+  parallel_for(int64_t(ranges_.size()) - 1, [&](int64_t task) {
+    const int32_t c0 = int32_t(ranges_[task]), c1 = int32_t(ranges_[task + 1]);
+    std::vector<uint64_t> words(std::size_t(n_rows), 0);
+    std::vector<const uint64_t*> operands;
+    std::vector<int64_t> operand_rows;
+    std::vector<uint64_t> results;
+    const auto by_mask = [](const ImageMajorIndex::Entry& e, int32_t m) { return e.mask < m; };
+    for (uint32_t i = 0; i < n_images; ++i) {
+      const std::size_t first = std::size_t(i) * row_words;
+      if (rank_[first] == rank_[first + row_words]) continue;  // no row here
+      const uint64_t* here = present_.data() + first;
+      const ImageMajorIndex::Entry* end = index_.end(i);
+      for (const ImageMajorIndex::Entry* e = std::lower_bound(index_.begin(i), end, c0, by_mask);
+           e != end && e->mask < c1; ++e) {
+        if (!wanted[e->mask]) continue;
+        const uint64_t* selected = pairs != nullptr ? pairs->column(e->mask) : nullptr;
+        uint64_t* counts = out.counts.data() + std::size_t(e->mask) * n_rows;
+        const bool full = e->slot == kFullSlot;
+        operands.clear();
+        operand_rows.clear();
+        for (int64_t k = 0; k < row_words; ++k) {
+          const uint64_t mine = here[k];
+          uint64_t bits = mine & (selected != nullptr ? selected[k] : ~uint64_t(0));
+          while (bits != 0) {
+            const int bit = __builtin_ctzll(bits);
+            bits &= bits - 1;
+            const int64_t r = k * 64 + bit;
+            const RowImage& row = row_images_[std::size_t(rank_[first + k]) +
+                                              std::size_t(__builtin_popcountll(mine & ((uint64_t(1) << bit) - 1)))];
+            if (row.bits == nullptr) {
+              counts[r] += uint64_t(e->count);
+            } else if (full) {
+              counts[r] += row.count;
+            } else if (2 * std::size_t(row.length) <= w) {  // a few words: on their own
+              counts[r] += single(row.bits, columns_.bitset(e->slot) + row.first, row.length);
+              words[r] += row.length;
+            } else {  // most of the image: with the others, against the column's whole bitset
+              operands.push_back(row.bits - row.first);
+              operand_rows.push_back(r);
+            }
+          }
+        }
+        if (operands.empty()) continue;
+        results.resize(operands.size());
+        many(columns_.bitset(e->slot), operands.data(), operands.size(), w, results.data());
+        for (std::size_t j = 0; j < operands.size(); ++j) {
+          counts[operand_rows[j]] += results[j];
+          words[operand_rows[j]] += w;
+        }
+      }
+    }
+    std::lock_guard<std::mutex> lock(words_mutex);
+    for (int64_t r = 0; r < n_rows; ++r) out.words[r] += words[r];
+  });
+  return out;
+}
+
+}  // namespace pyneuron

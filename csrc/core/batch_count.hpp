@@ -1,0 +1,83 @@
+// Batched AND+popcount of many rows (SparseMasks) against every mask of a set: the
+// counting step of the search as a binary AND-popcount "GEMM". The set is walked image by
+// image, so each of its bitsets is read once per call while the rows' bitsets of that
+// image (a few KiB to a few hundred KiB) stay in L1/L2.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "mask_set.hpp"
+#include "sparse_mask.hpp"
+
+namespace pyneuron {
+
+// The entries of a mask set by image: for each image, its (mask, slot, count) entries
+// in increasing mask order.
+class ImageMajorIndex {
+ public:
+  struct Entry {
+    int32_t mask;
+    int32_t count;  // set bits in this image
+    int64_t slot;   // kFullSlot or index of a bitset
+  };
+  explicit ImageMajorIndex(const MaskSetView& set);
+  const Entry* begin(uint32_t image) const { return entries_.data() + offsets_[image]; }
+  const Entry* end(uint32_t image) const { return entries_.data() + offsets_[image + 1]; }
+
+ private:
+  std::vector<int64_t> offsets_;
+  std::vector<Entry> entries_;
+};
+
+// Selected (row, column) pairs: bit r of word c * row_words() + r / 64.
+class PairSet {
+ public:
+  PairSet(int64_t n_rows, int64_t n_columns)
+      : row_words_((n_rows + 63) / 64), bits_(std::size_t(row_words_) * std::size_t(n_columns), 0) {}
+  int64_t row_words() const { return row_words_; }
+  void add(int64_t row, int64_t column) {
+    bits_[std::size_t(column) * row_words_ + std::size_t(row) / 64] |= uint64_t(1) << (row % 64);
+  }
+  void clear() { std::fill(bits_.begin(), bits_.end(), 0); }
+  const uint64_t* column(int64_t c) const { return bits_.data() + std::size_t(c) * row_words_; }
+
+ private:
+  int64_t row_words_;
+  std::vector<uint64_t> bits_;
+};
+
+struct BatchCounts {
+  std::vector<uint64_t> counts;  // counts[c * n_rows + r] = |row r AND column c| (selected pairs)
+  std::vector<uint64_t> words;   // per row: 64-bit word pairs AND-popcounted for it
+};
+
+// Counts of fixed rows against the columns of a mask set, for any number of pair selections.
+class PairCounter {
+ public:
+  // The rows, the columns and the index must outlive the counter.
+  PairCounter(const std::vector<const SparseMask*>& rows, const MaskSetView& columns, const ImageMajorIndex& index);
+  // |rows[r] AND column c| for the selected pairs (all pairs when `pairs` is null), spread
+  // over the thread pool by ranges of columns; unselected pairs are left at 0.
+  BatchCounts count(const PairSet* pairs) const;
+
+ private:
+  const std::vector<const SparseMask*>& rows_;
+  const MaskSetView& columns_;
+  const ImageMajorIndex& index_;
+  // A row not empty in an image: its bitset there trimmed to the words from its first to its
+  // last non-zero one (unit masks and F AND A cover a few words of an image), or null
+  // where it is full.
+  struct RowImage {
+    const uint64_t* bits;  // from word `first`
+    uint64_t count;
+    uint32_t first;
+    uint32_t length;
+  };
+  int64_t row_words_;
+  std::vector<uint64_t> present_;    // bit r of word i * row_words_ + r / 64: row r not empty in image i
+  std::vector<int64_t> rank_;        // [i * row_words_ + k]: index in row_images_ of word k's first row
+  std::vector<RowImage> row_images_;  // by image, then row
+  std::vector<int64_t> ranges_;      // column ranges, one task each
+};
+
+}  // namespace pyneuron

@@ -1,0 +1,282 @@
+"""Intervention faithfulness: does hiding what a formula names silence the unit?
+
+For each explained unit, its top images (highest peak activation among the images where
+its formula's mask is not empty) are shown to the model again with the formula's pixels
+replaced by a neutral fill, and with random regions of the same shape and area (the
+formula's mask rolled by random non-zero offsets, wrapping around) filled the same way.
+A faithful explanation makes the first drop far larger than the second.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .activations import LayerFormat, _open_image, capture, list_images
+from .errors import PyneuronError
+from .evaluate import check_table
+from .formula import Formula
+from .null import roll_masks
+from .search import _positive_int
+from .store import ConceptStore
+
+#: Columns :func:`faithfulness` adds.
+FAITHFULNESS_COLUMNS = ("activation_drop", "activation_drop_random", "faithfulness_images")
+FILLS = ("mean", "blur")
+
+
+def faithfulness(
+    model: Any,
+    layer: str,
+    images: Any,
+    store: ConceptStore,
+    table: pd.DataFrame,
+    *,
+    top_k: int = 8,
+    random_regions: int = 4,
+    fill: str | Sequence[float] = "mean",
+    blur_sigma: float | None = None,
+    seed: int = 0,
+    activations: np.ndarray | None = None,
+    batch_size: int = 32,
+    device: Any = None,
+    dtype: Any = None,
+    transform: Callable[..., Any] | None = None,
+    layer_format: LayerFormat | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Measure how much each unit's activation drops when its formula's pixels are hidden.
+
+    Parameters
+    ----------
+    model, layer
+        The model (in eval mode) and the layer the table explains.
+    images
+        The store's probing images, in its order, as pixels: an array (N, H, W, 3)
+        uint8 or (N, 3, H, W) float, a folder, or a list of files or PIL images.
+        Concept masks are resized to the images (nearest neighbour).
+    store
+        The concepts the formulas are written in.
+    table
+        One layer's explanations (``unit``, ``formula``), e.g. from :func:`pyneuron.dissect`.
+    top_k
+        Images per unit: its highest peak activations among images where the formula holds.
+    random_regions
+        Random regions (the formula's mask rolled by random offsets) per image.
+    fill
+        ``"mean"``: the mean colour of the images used; ``"blur"``: the image blurred
+        (Gaussian, ``blur_sigma`` pixels, default 1/16 of the larger side); or one value
+        per channel.
+    activations
+        The layer's captured activations (N, U, h, w), to rank images without a new pass.
+    batch_size, device, dtype, transform, layer_format
+        As in :func:`pyneuron.capture` (``transform`` applies to PIL images and files).
+
+    Returns
+    -------
+    pandas.DataFrame
+        A copy of ``table`` with ``activation_drop`` (1 − mean peak activation with the
+        formula's pixels filled / mean peak activation, on the unit's top images),
+        ``activation_drop_random`` (the same with random regions of the same area) and
+        ``faithfulness_images`` (top images used). Rows without a formula, or whose
+        formula holds in no image, get NaN and 0; so do units whose mean peak
+        activation on those images is not positive.
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd, torch, pyneuron
+    >>> images = np.full((6, 8, 8, 3), 128, dtype=np.uint8)
+    >>> red = np.zeros((1, 6, 8, 8), dtype=bool); red[0, :, 2:5, 2:5] = True
+    >>> images[red[0]] = (255, 0, 0)
+    >>> store = pyneuron.ConceptStore.from_masks(red, ["red"])
+    >>> conv = torch.nn.Conv2d(3, 1, 1)   # a "red" detector: R - G - B
+    >>> _ = conv.weight.data.copy_(torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1))
+    >>> _ = conv.bias.data.zero_()
+    >>> model = torch.nn.Sequential(conv, torch.nn.ReLU()).eval()
+    >>> table = pd.DataFrame({"unit": [0], "formula": ["red"]})
+    >>> out = pyneuron.faithfulness(model, "1", images, store, table, progress=False)
+    >>> columns = ["activation_drop", "activation_drop_random", "faithfulness_images"]
+    >>> [round(float(out.loc[0, c]), 2) for c in columns]  # the square vs random 3x3 patches
+    [1.0, 0.0, 6.0]
+    """
+    check_table(table, ("unit", "formula"))
+    if "range" in table.columns:
+        raise PyneuronError("faithfulness of activation ranges is not supported; use thresholds")
+    top_k = _positive_int(top_k, "top_k")
+    random_regions = _positive_int(random_regions, "random_regions")
+    pixels = _Pixels(images)
+    if len(pixels) != store.grid.n_images:
+        raise PyneuronError(
+            f"{len(pixels)} images but the concept store covers {store.grid.n_images}; pass "
+            "the store's probing images, in its order"
+        )
+    capture_options = dict(
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        transform=transform,
+        formats=layer_format,
+        progress=False,
+    )
+    if activations is None:
+        activations = capture(model, layer, pixels.source, **capture_options)[layer]
+    if activations.shape[0] != len(pixels):
+        raise PyneuronError(f"activations cover {activations.shape[0]} images, not {len(pixels)}")
+    peaks = activations.reshape(activations.shape[0], activations.shape[1], -1).max(axis=2)
+
+    plans = [_top_images(row, peaks, store, top_k) for row in table.itertuples()]
+    used = sorted({i for plan in plans for i, _ in plan})
+    fill_value = _fill(fill, pixels, used)
+    rng = np.random.default_rng(seed)
+    drops = np.full((len(plans), 2), np.nan)
+    counts = np.zeros(len(plans), dtype=np.int64)
+    rows = tqdm(plans, desc="faithfulness", unit="unit", disable=None if progress else True)
+    for r, (plan, unit) in enumerate(zip(rows, table["unit"].to_numpy())):
+        if not plan:
+            continue
+        variants = []  # per image: original, formula filled, random regions filled
+        for image, grid_mask in plan:
+            original = pixels.get(image)
+            region = _resize_mask(grid_mask, original.shape[:2])
+            h, w = region.shape
+            offsets = rng.integers(1, max(2, h * w), size=random_regions)  # never (0, 0)
+            shifted = roll_masks(
+                np.repeat(region[None], random_regions, axis=0), offsets // w, offsets % w
+            )
+            filler = _blur(original, blur_sigma) if fill_value is None else fill_value
+            variants.append(original)
+            variants.extend(np.where(m[..., None], filler, original) for m in [region, *shifted])
+        maps = capture(model, layer, pixels.build(variants), **capture_options)[layer]
+        measured = maps[:, int(unit)].reshape(len(plan), 2 + random_regions, -1).max(axis=2)
+        base = measured[:, 0].mean()
+        if base > 0:
+            drops[r] = 1.0 - measured[:, 1].mean() / base, 1.0 - measured[:, 2:].mean() / base
+        counts[r] = len(plan)
+    result = table.copy()
+    result["activation_drop"] = drops[:, 0]
+    result["activation_drop_random"] = drops[:, 1]
+    result["faithfulness_images"] = counts
+    return result
+
+
+def _top_images(
+    row: Any, peaks: np.ndarray, store: ConceptStore, top_k: int
+) -> list[tuple[int, np.ndarray]]:
+    """(image, formula mask on the grid) of the unit's top images where the formula holds."""
+    if not isinstance(row.formula, str) or not row.formula.strip():
+        return []
+    unit = int(row.unit)
+    if not 0 <= unit < peaks.shape[1]:
+        raise PyneuronError(f"unit {unit} is not a unit of the layer ({peaks.shape[1]} units)")
+    formula = Formula.parse(row.formula)
+    chosen = []
+    for image in np.argsort(-peaks[:, unit], kind="stable"):
+        mask = formula.image_mask(store, int(image))
+        if mask.any():
+            chosen.append((int(image), mask))
+            if len(chosen) == top_k:
+                break
+    return chosen
+
+
+def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a bool mask (pixel centres)."""
+    rows = ((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0]).astype(np.int64)
+    cols = ((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1]).astype(np.int64)
+    return mask[rows[:, None], cols[None, :]]
+
+
+def _fill(fill: str | Sequence[float], pixels: _Pixels, used: list[int]) -> np.ndarray | None:
+    """The constant fill colour, or None for a blur."""
+    if isinstance(fill, str):
+        if fill not in FILLS:
+            raise PyneuronError(f"fill must be one of {', '.join(FILLS)} or a colour, got {fill!r}")
+        if fill == "blur" or not used:
+            return None if fill == "blur" else np.zeros(pixels.channels, dtype=np.float32)
+        return np.mean([pixels.get(i).mean(axis=(0, 1)) for i in used], axis=0)
+    colour = np.asarray(fill, dtype=np.float32).reshape(-1)
+    if colour.shape[0] != pixels.channels or not np.isfinite(colour).all():
+        raise PyneuronError(f"a fill colour needs {pixels.channels} finite values, got {fill!r}")
+    return colour
+
+
+def _blur(image: np.ndarray, sigma: float | None) -> np.ndarray:
+    """Gaussian blur of an (H, W, C) float image, reflecting at the borders."""
+    if sigma is None:
+        sigma = max(image.shape[:2]) / 16
+    if not (isinstance(sigma, (int, float)) and sigma > 0):
+        raise PyneuronError(f"blur_sigma must be a positive number, got {sigma!r}")
+    radius = max(1, int(3 * sigma))
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel /= kernel.sum()
+    out = image
+    for axis in (0, 1):
+        pad = [(0, 0)] * 3
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="reflect" if out.shape[axis] > radius else "edge")
+        windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * radius + 1, axis=axis)
+        out = windows @ kernel
+    return out.astype(np.float32)
+
+
+class _Pixels:
+    """Probing images as (H, W, C) float32 arrays, and back to what :func:`capture` takes."""
+
+    def __init__(self, images: Any) -> None:
+        self.source = images
+        self.files: list[Any] | None = None
+        self.array: np.ndarray | None = None
+        if isinstance(images, np.ndarray):
+            if images.ndim != 4:
+                raise PyneuronError(
+                    f"an image array must be (N, H, W, 3) or (N, 3, H, W), got {images.shape}"
+                )
+            self.channels_last = images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3)
+            self.array = images
+            self.channels = images.shape[-1] if self.channels_last else images.shape[1]
+        elif isinstance(images, (str, os.PathLike)):
+            self.files = list_images(images)
+            self.channels = 3
+        elif isinstance(images, (list, tuple)):
+            self.files = list(images)
+            self.channels = 3
+        else:
+            raise PyneuronError(
+                f"faithfulness needs the images' pixels: an array, a folder, or a list of files "
+                f"or PIL images, got {type(images).__name__}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.files) if self.files is not None else len(self.array)  # type: ignore[arg-type]
+
+    def get(self, i: int) -> np.ndarray:
+        if self.array is not None:
+            image = self.array[i] if self.channels_last else self.array[i].transpose(1, 2, 0)
+            return np.asarray(image, dtype=np.float32)
+        item = self.files[i]  # type: ignore[index]
+        if isinstance(item, (str, os.PathLike)):
+            item = _open_image(Path(item))
+        return np.asarray(item.convert("RGB"), dtype=np.float32)
+
+    def build(self, images: list[np.ndarray]) -> Any:
+        """Modified images in the source's form (array of its dtype, or PIL images)."""
+        from PIL import Image
+
+        if self.array is None:
+            return [Image.fromarray(_to_uint8(image)) for image in images]
+        stacked = np.stack(images)
+        if self.array.dtype == np.uint8:
+            stacked = _to_uint8(stacked)
+        stacked = stacked.astype(self.array.dtype, copy=False)
+        return stacked if self.channels_last else stacked.transpose(0, 3, 1, 2)
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
