@@ -283,6 +283,15 @@ def _time_pyneuron(built, args, report):
     levels = pyneuron.available_simd_levels() if args.all_simd else [level]
     if level in levels:  # the chosen level first: its results are the reference
         levels = [level] + [x for x in levels if x != level]
+    # The store's co-occurrence table: computed once per store and kept; timed apart.
+    t0 = time.perf_counter()
+    if args.length > 1:
+        built.store.cooccurrence()
+    table_seconds = time.perf_counter() - t0
+    print(
+        f"co-occurrence table (once per store, kept with it): {table_seconds:.3f} s "
+        f"= {1e3 * table_seconds / n:.2f} ms per unit of these {n}"
+    )
     if args.warmup if args.warmup is not None else args.size != "ade":
         _explain(built, args)  # untimed: thread pool start, first touch of the pages
     reference = None
@@ -326,7 +335,11 @@ def _time_pyneuron(built, args, report):
             f"{100 * utilization:.0f} %"
         )
     pyneuron.set_simd_level(level)
-    report["pyneuron"] = {"runs": runs, "peak_rss_mb": _rss_mb()}
+    report["pyneuron"] = {
+        "runs": runs,
+        "peak_rss_mb": _rss_mb(),
+        "cooccurrence_seconds": table_seconds,
+    }
     ious = reference["iou"].to_numpy()
     report["pyneuron"]["iou_mean"] = float(np.mean(ious))
     report["pyneuron"]["length_counts"] = {
@@ -336,39 +349,41 @@ def _time_pyneuron(built, args, report):
 
 
 def _raw_search(built, chunk, n: int, args) -> dict:
-    """The engine's raw beam search of a chunk's first ``n`` units (internal API: its
-    work counters: ``pruned``, ``counted``, and ``words`` where the engine reports them)."""
+    """The engine's raw beam search of a chunk's first ``n`` units, as ``explain`` runs it
+    (with the store's co-occurrence table), for its work counters: per unit ``derived``,
+    ``pruned``, ``counted`` pairs and ``words``; ``count_seconds``, ``count_words``."""
     return pyneuron._native.beam_search(
-        chunk._native, 0, n, built.store._native, args.length, args.beam_size, [0, 1, 2], 1.0
-    )
+        chunk._native, 0, n, built.store._native, args.length, args.beam_size, [0, 1, 2], 1.0,
+        built.store.cooccurrence() if args.length > 1 else None,
+    )  # fmt: skip
 
 
 def _pruning(built, args, report) -> None:
-    """Share of (beam formula, concept) pairs the engine's bounds skipped, on a sample of
-    units from the first chunk (planted units first) and the last chunk (random units)."""
+    """What became of the (beam formula, concept) pairs of the expansion steps, on a sample
+    of units from the first chunk (planted units first) and the last chunk (random units):
+    scored from the co-occurrence intervals without counting |F AND C| ("derived"),
+    dropped by the bounds ("pruned"), or scored after counting |F AND C| ("counted")."""
     k = 16 if args.size == "ade" else 64
     chunks = [built.units[0]] if len(built.units) == 1 else [built.units[0], built.units[-1]]
-    pruned = counted = sampled = 0
-    try:
-        for chunk in chunks:
-            n = min(len(chunk), k)
-            raw = _raw_search(built, chunk, n, args)
-            pruned += int(raw["pruned"].sum())
-            counted += int(raw["counted"].sum())
-            sampled += n
-    except Exception as error:  # internal API: optional
-        report["notes"].append(f"pruning statistics unavailable: {error}")
-        return
+    totals = {"derived": 0, "pruned": 0, "counted": 0}
+    sampled = 0
+    for chunk in chunks:
+        n = min(len(chunk), k)
+        raw = _raw_search(built, chunk, n, args)
+        for key in totals:
+            totals[key] += int(raw[key].sum())
+        sampled += n
+    pairs = max(sum(totals.values()), 1)
     report["pruning"] = {
         "sample_units": sampled,
-        "pairs_pruned": pruned,
-        "pairs_counted": counted,
-        "fraction_pruned": pruned / max(pruned + counted, 1),
+        **{f"pairs_{key}": value for key, value in totals.items()},
+        **{f"fraction_{key}": value / pairs for key, value in totals.items()},
     }
     print(
-        f"pruning ({sampled} sampled units): "
-        f"{100 * report['pruning']['fraction_pruned']:.1f} % of (formula, concept) pairs "
-        f"skipped by the bounds; {counted / max(sampled, 1):,.0f} counted per unit"
+        f"pairs ({sampled} sampled units): {100 * totals['derived'] / pairs:.1f} % scored "
+        f"from the co-occurrence intervals, {100 * totals['pruned'] / pairs:.1f} % pruned by "
+        f"the bounds, {100 * totals['counted'] / pairs:.1f} % counted "
+        f"({totals['counted'] / max(sampled, 1):,.0f} per unit)"
     )
 
 
@@ -378,51 +393,60 @@ PEAK_WORDS, PEAK_SECONDS = 2048, 0.3  # the micro-benchmark: words per operand, 
 def _peak(built, args, report) -> None:
     """The in-cache AND+popcount peak of one core at the current SIMD level (the engine's
     micro-benchmark, 16 bytes per 64-bit word pair) and the share of it the search
-    achieves: 16 bytes x the word pairs the engine reports it AND-popcounted in a raw
-    search of all units, over that search's wall time x threads."""
+    achieves, over a raw search of all units: in its batched counting passes (16 bytes x
+    word pairs counted there / (their wall time x threads)) and over the whole search."""
     native, threads = pyneuron._native, pyneuron.num_threads()
-    info: dict = {"simd": pyneuron.simd_level(), "threads": threads}
-    report["popcount_peak"] = info
-    peak = None
-    if hasattr(native, "and_popcount_throughput"):
-        peak = float(native.and_popcount_throughput(PEAK_WORDS, PEAK_SECONDS))
-        info["peak_bytes_per_second_per_core"] = peak
-        info["peak_words"] = PEAK_WORDS
-        print(
-            f"AND+popcount peak ({info['simd']}, one core, {PEAK_WORDS} words in cache): "
-            f"{peak / 1e9:.1f} GB/s"
-        )
-    else:
-        info["peak_unavailable"] = "the engine has no and_popcount_throughput"
-    words = 0
-    seconds = 0.0
+    peak = float(native.and_popcount_throughput(PEAK_WORDS, PEAK_SECONDS))
+    print(
+        f"AND+popcount peak ({pyneuron.simd_level()}, one core, {PEAK_WORDS} words in "
+        f"cache): {peak / 1e9:.1f} GB/s"
+    )
+    words = count_words = 0
+    seconds = count_seconds = 0.0
     for chunk in built.units:
         t0 = time.perf_counter()
         raw = _raw_search(built, chunk, len(chunk), args)
         seconds += time.perf_counter() - t0
-        if "words" not in raw:
-            info["words_unavailable"] = "the engine's beam_search reports no 'words'"
-            break
         words += int(np.sum(raw["words"]))
-    else:
-        achieved = 16 * words / (seconds * threads)
-        info.update(
-            search_units=built.n_units,
-            search_seconds=seconds,
-            word_pairs=words,
-            achieved_bytes_per_second_per_core=achieved,
-        )
-        line = (
-            f"search streamed {16 * words / 1e9:.2f} GB of word pairs in {seconds:.3f} s on "
-            f"{threads} threads: {achieved / 1e9:.1f} GB/s per core"
-        )
-        if peak:
-            info["fraction_of_peak"] = achieved / peak
-            line += f" = {100 * achieved / peak:.1f} % of the peak"
-        print(line)
-    missing = [info[k] for k in ("peak_unavailable", "words_unavailable") if k in info]
-    if missing:
-        print("AND+popcount share of peak: unavailable (" + "; ".join(missing) + ")")
+        count_words += int(raw["count_words"])
+        count_seconds += float(raw["count_seconds"])
+    # The co-occurrence table's passes: the same batched kernel on whole concept bitsets.
+    _, table_seconds, table_words = native.concept_cooccurrence(
+        built.store._native, with_stats=True
+    )
+    table_rate = 16 * table_words / max(table_seconds * threads, 1e-12)
+    counting = 16 * count_words / max(count_seconds * threads, 1e-12)
+    overall = 16 * words / (seconds * threads)
+    report["popcount_peak"] = {
+        "simd": pyneuron.simd_level(),
+        "threads": threads,
+        "peak_words": PEAK_WORDS,
+        "peak_bytes_per_second_per_core": peak,
+        "search_units": built.n_units,
+        "search_seconds": seconds,
+        "word_pairs": words,
+        "counting_seconds": count_seconds,
+        "counting_word_pairs": count_words,
+        "counting_bytes_per_second_per_core": counting,
+        "counting_fraction_of_peak": counting / peak,
+        "search_bytes_per_second_per_core": overall,
+        "search_fraction_of_peak": overall / peak,
+        "cooccurrence_seconds": table_seconds,
+        "cooccurrence_word_pairs": table_words,
+        "cooccurrence_bytes_per_second_per_core": table_rate,
+        "cooccurrence_fraction_of_peak": table_rate / peak,
+    }
+    print(
+        f"counting passes: {16 * count_words / 1e9:.2f} GB of word pairs in "
+        f"{count_seconds:.3f} s on {threads} threads = {counting / 1e9:.1f} GB/s per core, "
+        f"{100 * counting / peak:.1f} % of the peak; whole search ({seconds:.3f} s): "
+        f"{100 * overall / peak:.1f} % of the peak"
+    )
+    print(
+        f"co-occurrence table passes: {16 * table_words / 1e9:.2f} GB of word pairs in "
+        f"{table_seconds:.3f} s = {table_rate / 1e9:.1f} GB/s per core, "
+        f"{100 * table_rate / peak:.1f} % of the peak"
+    )
 
 
 def _planted(built, results, report) -> None:
@@ -825,6 +849,21 @@ def _table(report) -> None:
                 f"{100 * r['cpu_utilization']:.0f} %",
             )
         )
+    table = report["pyneuron"]["cooccurrence_seconds"]
+    if table > 0:
+        first = runs[0]
+        with_table = (first["seconds"] + table) / first["units"]
+        rows.append(
+            (
+                "  the same, plus the co-occurrence table",
+                str(first["units"]),
+                f"{first['seconds'] + table:.3f}",
+                _dur(with_table),
+                _ratio(nb_unit, with_table),
+                _ratio(np_unit, with_table),
+                "-",
+            )
+        )
     if nb_unit:
         rows.append(
             (
@@ -890,8 +929,11 @@ def _table(report) -> None:
         f"{report['pyneuron']['peak_rss_mb']:.0f} MB)",
     ]
     if "pruning" in report:
+        p = report["pruning"]
         extra.append(
-            f"pruned {100 * report['pruning']['fraction_pruned']:.1f} % of (formula, concept) pairs"
+            f"(formula, concept) pairs: {100 * p['fraction_derived']:.1f} % derived, "
+            f"{100 * p['fraction_pruned']:.1f} % pruned, "
+            f"{100 * p['fraction_counted']:.1f} % counted"
         )
     for name, agreement in (
         ("numba vs pyneuron", nb_info.get("agreement")),
@@ -906,15 +948,15 @@ def _table(report) -> None:
             )
     if "warmup_seconds" in nb_info:
         extra.append(f"numba JIT warm-up {nb_info['warmup_seconds']:.1f} s (not timed)")
-    peak = report.get("popcount_peak", {})
-    if "fraction_of_peak" in peak:
-        extra.append(
-            f"AND+popcount: {peak['achieved_bytes_per_second_per_core'] / 1e9:.1f} GB/s per core"
-            f" = {100 * peak['fraction_of_peak']:.1f} % of the in-cache peak "
-            f"{peak['peak_bytes_per_second_per_core'] / 1e9:.1f} GB/s ({peak['simd']})"
-        )
-    else:
-        extra.append("AND+popcount share of peak: unavailable")
+    peak = report["popcount_peak"]
+    extra.append(
+        f"AND+popcount in the counting passes: "
+        f"{peak['counting_bytes_per_second_per_core'] / 1e9:.1f} GB/s per core = "
+        f"{100 * peak['counting_fraction_of_peak']:.1f} % of the in-cache peak "
+        f"{peak['peak_bytes_per_second_per_core'] / 1e9:.1f} GB/s ({peak['simd']}); whole "
+        f"search {100 * peak['search_fraction_of_peak']:.1f} %; co-occurrence table passes "
+        f"{100 * peak['cooccurrence_fraction_of_peak']:.1f} %"
+    )
     for line in extra:
         print("  " + line)
     print()

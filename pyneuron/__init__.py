@@ -18,9 +18,11 @@ from ._native import (
 )
 from .activations import LayerFormat, capture
 from .dissect import dissect
+from .distributed import RayBackend
 from .errors import (
     EmptyStoreError,
     GridMismatchError,
+    OutOfRangeError,
     PyneuronError,
     StoreError,
     UnknownConceptError,
@@ -30,7 +32,15 @@ from .faithfulness import faithfulness
 from .formula import And, Concept, Formula, Not, Or
 from .grid import Grid
 from .null import control_units, null_baseline, significance
-from .search import OPERATORS, compare_searches, explain, iou_table, score
+from .search import (
+    MAX_BEAM_SIZE,
+    MAX_LENGTH,
+    OPERATORS,
+    compare_searches,
+    explain,
+    iou_table,
+    score,
+)
 from .store import ConceptStore, ConceptStoreWriter
 from .thresholds import activation_ranges, compexp_level, quantile_thresholds, user_thresholds
 from .units import UnitMasks, UnitMasksWriter
@@ -39,6 +49,8 @@ from .upsample import bilinear_resize, unit_masks_from_activations
 __version__ = "0.1.0"
 
 __all__ = [
+    "MAX_BEAM_SIZE",
+    "MAX_LENGTH",
     "OPERATORS",
     "And",
     "Concept",
@@ -51,7 +63,9 @@ __all__ = [
     "LayerFormat",
     "Not",
     "Or",
+    "OutOfRangeError",
     "PyneuronError",
+    "RayBackend",
     "StoreError",
     "UnitMasks",
     "UnitMasksWriter",

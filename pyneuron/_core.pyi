@@ -1,5 +1,7 @@
 """Type stubs for the compiled engine. Use the pyneuron package, not this module."""
 
+from typing import Literal, overload
+
 import numpy as np
 import numpy.typing as npt
 
@@ -29,6 +31,9 @@ class MaskSet:
     def pixels(self) -> int: ...
     def verify_words(self) -> None: ...
 
+max_length: int
+max_beam_size: int
+
 def beam_search(
     units: MaskSet,
     begin: int,
@@ -53,7 +58,14 @@ def optimal_search(
     max_nodes: int,
     cooccurrence: npt.NDArray[np.uint64] | None = None,
 ) -> dict[str, np.ndarray]: ...
-def concept_cooccurrence(concepts: MaskSet) -> npt.NDArray[np.uint64]: ...
+@overload
+def concept_cooccurrence(
+    concepts: MaskSet, with_stats: Literal[False] = False
+) -> npt.NDArray[np.uint64]: ...
+@overload
+def concept_cooccurrence(
+    concepts: MaskSet, with_stats: Literal[True]
+) -> tuple[npt.NDArray[np.uint64], float, int]: ...
 def intersection_counts(
     units: MaskSet, begin: int, end: int, concepts: MaskSet
 ) -> npt.NDArray[np.int64]: ...

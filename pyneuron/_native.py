@@ -24,6 +24,9 @@ category_unit_pixels = _core.category_unit_pixels
 evaluate_words = _core.evaluate_words
 formula_counts = _core.formula_counts
 bilinear_resize = _core.bilinear_resize
+#: Largest ``length`` and ``beam_size`` the beam search accepts.
+MAX_LENGTH: int = _core.max_length
+MAX_BEAM_SIZE: int = _core.max_beam_size
 upsample_threshold = _core.upsample_threshold
 #: In-cache AND+popcount bytes/s of one core at the current SIMD level (benchmarks only).
 and_popcount_throughput = _core.and_popcount_throughput

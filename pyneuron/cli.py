@@ -94,6 +94,16 @@ MaxNodesOption = Annotated[
     int | None, typer.Option(help="Optimal search: expanded nodes per unit (default: none).")
 ]
 
+RayOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        help="Run the search on Ray: 'auto' (the running cluster), 'local' (this machine) "
+        "or the cluster's ADDRESS. Finished shards are kept in OUT.shards/ until the run "
+        "is written, so rerunning an interrupted run computes only the missing ones.",
+    ),
+]
+
 
 def friendly_errors(command: F) -> F:
     """Turn expected errors into one line on stderr and exit status 1 (unless --debug)."""
@@ -116,6 +126,26 @@ def friendly_errors(command: F) -> F:
 
 def _operators(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _backend(ray: str | None, out: Path) -> Any:
+    """The search backend of a command writing ``out``: local, or Ray with shards in
+    ``OUT.shards/``."""
+    if ray is None:
+        return "local"
+    from .distributed import RayBackend, run_shard_dir
+
+    return RayBackend(address=ray, shard_dir=run_shard_dir(out))
+
+
+def _drop_shards(ray: str | None, out: Path) -> None:
+    """Remove the shards of a Ray run once its directory is written."""
+    if ray is not None:
+        import shutil
+
+        from .distributed import run_shard_dir
+
+        shutil.rmtree(run_shard_dir(out), ignore_errors=True)
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -226,6 +256,7 @@ def dissect(
     iou: IouOption = "dataset",
     quantile: Annotated[float, typer.Option(help="Top activation quantile per unit.")] = 0.005,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    ray: RayOption = None,
     overwrite: OverwriteOption = False,
     quiet: QuietOption = False,
     config: ConfigOption = None,
@@ -285,12 +316,15 @@ def dissect(
             "iou": iou,
             "quantile": quantile,
             "batch_size": batch_size,
+            "ray": ray,
             "image_files": [str(f) for f in files],
         },
         save_store=built,
         overwrite=overwrite,
         progress=not quiet,
+        backend=_backend(ray, out),
     )
+    _drop_shards(ray, out)
     _print_best(out)
     typer.echo(f"report: {Path(summary['report']).resolve()}")
 
@@ -314,6 +348,7 @@ def explain(
     time_limit: TimeLimitOption = None,
     max_nodes: MaxNodesOption = None,
     iou: IouOption = "dataset",
+    ray: RayOption = None,
     overwrite: OverwriteOption = False,
     quiet: QuietOption = False,
     config: ConfigOption = None,
@@ -340,6 +375,7 @@ def explain(
         mode=iou,
         full_beam=True,
         progress=not quiet,
+        backend=_backend(ray, out),
     )
     results = best_of_beam(beam_table)
     settings = {
@@ -352,6 +388,7 @@ def explain(
         "time_limit": time_limit,
         "max_nodes": max_nodes,
         "iou": iou,
+        "ray": ray,
     }
     write_run(
         out,
@@ -366,6 +403,7 @@ def explain(
         beam=beam_table,
         overwrite=overwrite,
     )
+    _drop_shards(ray, out)
     typer.echo(f"{len(results)} units explained; results in {out / 'results.parquet'}")
 
 

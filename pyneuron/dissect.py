@@ -65,7 +65,8 @@ def dissect(
         formulas come from the rest, and every metric is scored again on the held-out
         images (:func:`pyneuron.evaluate`: ``iou_heldout``, ..., ``iou_drop``).
     **search_options
-        ``length``, ``beam_size``, ``operators``, ``penalty``, ``full_beam`` of
+        ``length``, ``beam_size``, ``operators``, ``penalty``, ``full_beam`` and
+        ``backend`` (``"ray"`` or a :class:`RayBackend`: the search on a Ray cluster) of
         :func:`explain`.
 
     Returns

@@ -24,3 +24,7 @@ class UnknownConceptError(PyneuronError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class OutOfRangeError(PyneuronError, IndexError):
+    """A mask, unit or image index outside the set (also an ``IndexError``)."""

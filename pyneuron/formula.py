@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,36 +51,47 @@ class Formula:
     @property
     def length(self) -> int:
         """Concept leaves plus NOTs (the length compexp penalizes)."""
-        raise NotImplementedError
+        return _fold(self, lambda leaf: 1, lambda node, n: n + 1, lambda node, a, b: a + b)
 
     def concepts(self) -> list[str]:
         """Concept names in order of first appearance."""
         names: list[str] = []
-        self._collect(names)
+        _fold(self, lambda leaf: names.append(leaf.name), _ignore, _ignore)
         return list(dict.fromkeys(names))
-
-    def _collect(self, names: list[str]) -> None:
-        raise NotImplementedError
 
     def program(self, store: ConceptStore) -> list[int]:
         """Postfix program of concept ids for the engine."""
-        raise NotImplementedError
-
-    def compile(self, store: ConceptStore) -> list[int]:
-        """:meth:`program`, with a clear error for formulas nested too deeply."""
-        try:
-            return self.program(store)
-        except RecursionError:
-            raise PyneuronError("formula is nested too deeply to evaluate; split it") from None
+        # _fold visits the nodes in postfix order.
+        code: list[int] = []
+        _fold(
+            self,
+            lambda leaf: code.append(store.index(leaf.name)),
+            lambda node, _: code.append(_NOT),
+            lambda node, a, b: code.append(node.code),
+        )
+        return code
 
     def mask(self, store: ConceptStore) -> np.ndarray:
         """The formula's dense bool mask (n_images, height, width) on ``store``."""
-        words = _native.evaluate_words(self.compile(store), store._native)
+        words = _native.evaluate_words(self.program(store), store._native)
         return unpack_bits(words, store.grid.pixels).reshape(store.grid.shape)
 
     def image_mask(self, store: ConceptStore, image: int) -> np.ndarray:
         """The formula's bool mask (height, width) in one image (evaluated in numpy)."""
-        raise NotImplementedError
+        return _fold(
+            self,
+            lambda leaf: store.image_mask(leaf.name, image),
+            lambda node, m: ~m,
+            lambda node, a, b: a & b if node.code == _AND else a | b,
+        )
+
+    def __str__(self) -> str:
+        def binary(node: _Binary, left: str, right: str) -> str:
+            # A negated right operand prints as "AND NOT x", not "AND (NOT x)".
+            right = right[1:-1] if isinstance(node.right, Not) else right
+            return f"({left} {node.keyword} {right})"
+
+        return _fold(self, lambda leaf: quote_name(leaf.name), lambda node, s: f"(NOT {s})", binary)
 
     def __and__(self, other: Formula) -> Formula:
         return And(self, _formula(other))
@@ -89,6 +101,41 @@ class Formula:
 
     def __invert__(self) -> Formula:
         return Not(self)
+
+
+def _ignore(*args: object) -> None:
+    return None
+
+
+def _fold(
+    root: Formula,
+    leaf: Callable[[Concept], Any],
+    negate: Callable[[Not, Any], Any],
+    binary: Callable[[_Binary, Any, Any], Any],
+) -> Any:
+    """Evaluate a formula bottom-up without recursion (formulas may be thousands deep):
+    ``leaf(concept)``, ``negate(not_node, value)``, ``binary(node, left, right)``, called
+    in postfix order (left before right)."""
+    values: list[Any] = []
+    stack: list[tuple[Formula, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if isinstance(node, Concept):
+            values.append(leaf(node))
+        elif not expanded:
+            stack.append((node, True))
+            if isinstance(node, Not):
+                stack.append((node.operand, False))
+            elif isinstance(node, _Binary):
+                stack += [(node.right, False), (node.left, False)]
+            else:
+                raise PyneuronError(f"not a formula node: {node!r}")
+        elif isinstance(node, Not):
+            values.append(negate(node, values.pop()))
+        else:
+            right = values.pop()
+            values.append(binary(node, values.pop(), right))  # type: ignore[arg-type]
+    return values[0]
 
 
 def _formula(value: Formula | str) -> Formula:
@@ -107,80 +154,38 @@ def quote_name(name: str) -> str:
     return f'"{escaped}"'
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Concept(Formula):
     """A single concept, by name."""
 
     name: str
 
-    @property
-    def length(self) -> int:
-        return 1
-
-    def _collect(self, names: list[str]) -> None:
-        names.append(self.name)
-
-    def program(self, store: ConceptStore) -> list[int]:
-        return [store.index(self.name)]
-
-    def image_mask(self, store: ConceptStore, image: int) -> np.ndarray:
-        return store.image_mask(self.name, image)
-
-    def __str__(self) -> str:
-        return quote_name(self.name)
+    def __repr__(self) -> str:
+        return f"Concept({self.name!r})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Not(Formula):
     """Negation of a formula."""
 
     operand: Formula
 
-    @property
-    def length(self) -> int:
-        return self.operand.length + 1
-
-    def _collect(self, names: list[str]) -> None:
-        self.operand._collect(names)
-
-    def program(self, store: ConceptStore) -> list[int]:
-        return [*self.operand.program(store), _NOT]
-
-    def image_mask(self, store: ConceptStore, image: int) -> np.ndarray:
-        return ~self.operand.image_mask(store, image)
-
-    def __str__(self) -> str:
-        return f"(NOT {self.operand})"
+    def __repr__(self) -> str:
+        return f"Formula.parse({str(self)!r})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class _Binary(Formula):
     left: Formula
     right: Formula
     keyword = ""
     code = 0
 
-    @property
-    def length(self) -> int:
-        return self.left.length + self.right.length
-
-    def _collect(self, names: list[str]) -> None:
-        self.left._collect(names)
-        self.right._collect(names)
-
-    def program(self, store: ConceptStore) -> list[int]:
-        return [*self.left.program(store), *self.right.program(store), self.code]
-
-    def image_mask(self, store: ConceptStore, image: int) -> np.ndarray:
-        left, right = self.left.image_mask(store, image), self.right.image_mask(store, image)
-        return left & right if self.code == _AND else left | right
-
-    def __str__(self) -> str:
-        right = f"NOT {self.right.operand}" if isinstance(self.right, Not) else str(self.right)
-        return f"({self.left} {self.keyword} {right})"
+    def __repr__(self) -> str:
+        return f"Formula.parse({str(self)!r})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class And(_Binary):
     """Conjunction: both formulas hold."""
 
@@ -188,7 +193,7 @@ class And(_Binary):
     code = _AND
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Or(_Binary):
     """Disjunction: either formula holds."""
 
@@ -233,7 +238,8 @@ class _Parser:
     def error(self, what: str, position: int | None = None) -> PyneuronError:
         if position is None:
             position = self.tokens[self.i][2] if self.i < len(self.tokens) else len(self.text)
-        return PyneuronError(f"cannot parse formula {self.text!r}: {what} at position {position}")
+        text = self.text if len(self.text) <= 80 else self.text[:77] + "..."
+        return PyneuronError(f"cannot parse formula {text!r}: {what} at position {position}")
 
     def peek(self) -> str | None:
         return self.tokens[self.i][0] if self.i < len(self.tokens) else None

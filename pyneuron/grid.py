@@ -13,10 +13,25 @@ import numpy as np
 
 from .errors import GridMismatchError, PyneuronError
 
+#: Largest grid: image ids and per-image pixel counts are int32 on disk and in the engine.
+MAX_IMAGES = 2**31 - 1
+MAX_IMAGE_PIXELS = 2**31 - 1
+
+
+def check_image_size(height: int, width: int) -> None:
+    """Raise :class:`PyneuronError` unless ``height * width`` is within :data:`MAX_IMAGE_PIXELS`."""
+    if height * width > MAX_IMAGE_PIXELS:
+        raise PyneuronError(
+            f"an image of the grid holds at most 2**31 - 1 pixels, got {height}x{width} = "
+            f"{height * width}; use a smaller grid (concept masks are compared at grid "
+            "resolution, 112x112 in compexp)"
+        )
+
 
 @dataclass(frozen=True)
 class Grid:
-    """N images of H x W pixels.
+    """N images of H x W pixels: at most :data:`MAX_IMAGES` images of at most
+    :data:`MAX_IMAGE_PIXELS` pixels each (2**31 - 1 both).
 
     Examples
     --------
@@ -35,8 +50,11 @@ class Grid:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise PyneuronError(f"grid {field} must be a positive integer, got {value!r}")
             object.__setattr__(self, field, int(value))
-        if self.n_images >= 2**31:
-            raise PyneuronError("grids of 2**31 images or more are not supported")
+        if self.n_images > MAX_IMAGES:
+            raise PyneuronError(
+                f"a grid holds at most 2**31 - 1 images, got {self.n_images}; split the probing set"
+            )
+        check_image_size(self.height, self.width)
 
     @classmethod
     def of(cls, grid: Grid | tuple[int, int, int]) -> Grid:

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from . import _native, storage
-from .errors import PyneuronError
+from .errors import OutOfRangeError, PyneuronError
 from .grid import Grid, pack_bits, unpack_bits
+from .storage import pixel_counts
 
 FULL_SLOT = -1
 
@@ -118,7 +119,10 @@ class MaskSet:
 
     def _check_index(self, m: int) -> int:
         if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not 0 <= m < len(self):
-            raise IndexError(f"mask index {m!r} out of range for {len(self)} masks")
+            raise OutOfRangeError(
+                f"index {m!r} out of range: this set holds {len(self)} masks, numbered 0 to "
+                f"{len(self) - 1} (concepts can also be looked up by name)"
+            )
         return int(m)
 
     def _dense(self, m: int) -> np.ndarray:
@@ -140,8 +144,12 @@ class MaskSet:
         """Mask m in one image: dense bool (height, width)."""
         m = self._check_index(m)
         grid = self._grid
+        if isinstance(image, bool) or not isinstance(image, (int, np.integer)):
+            raise OutOfRangeError(f"image id must be an integer, got {image!r}")
         if not 0 <= image < grid.n_images:
-            raise IndexError(f"image {image} out of range for {grid.n_images} images")
+            raise OutOfRangeError(
+                f"image {image} out of range: the grid holds images 0 to {grid.n_images - 1}"
+            )
         begin, end = self._offsets[m], self._offsets[m + 1]
         k = begin + int(np.searchsorted(self._images[begin:end], image))
         if k == end or self._images[k] != image:
@@ -237,13 +245,6 @@ def _ids(values: np.ndarray | Sequence[int], bound: int, what: str) -> np.ndarra
     if ids.size and (ids.min() < 0 or ids.max() >= bound):
         raise PyneuronError(f"{what} ids must lie in [0, {bound}), got {ids.min()}..{ids.max()}")
     return ids
-
-
-def pixel_counts(offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Set pixels per mask from the CSR offsets and per-entry counts."""
-    n_masks = offsets.shape[0] - 1
-    owner = np.repeat(np.arange(n_masks), np.diff(offsets))
-    return np.bincount(owner, weights=counts, minlength=n_masks).astype(np.int64)
 
 
 class MaskSetWriter:

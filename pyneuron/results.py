@@ -13,9 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-from . import storage
+from . import atomic
+from .atomic import commit_directory, temporary_sibling
 from .errors import PyneuronError
-from .storage import commit_directory, temporary_sibling
 
 RESULTS = "results"
 BEAM = "beam"
@@ -120,11 +120,12 @@ def write_run(
 
 def refuse_existing(out: Path, overwrite: bool) -> None:
     """Raise if ``out`` already holds anything and ``overwrite`` (``--overwrite``) is false."""
-    storage.refuse_existing(out, overwrite, "--overwrite")
+    atomic.refuse_existing(out, overwrite, "--overwrite")
 
 
 def read_results(run: str | os.PathLike[str]) -> pd.DataFrame:
     """The results table of a run directory."""
+    atomic.recover(run)
     path = Path(run) / f"{RESULTS}.parquet"
     if not path.is_file():
         raise PyneuronError(f"{run} holds no pyneuron results ({path.name} is missing)")

@@ -71,12 +71,14 @@ def dissect_run(
     save_store: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    backend: Any = "local",
 ) -> dict[str, Any]:
     """Dissect ``layers`` of ``model`` on ``store`` and write a run directory (see module doc).
 
     ``image_source(i)`` returns image ``i`` as uint8 (H, W, 3) for the report; without
     it (or with ``report=False``) no report is written; ``save_store`` copies the concept
-    store into the run (for stores built from a Broden folder or by segmentation). The
+    store into the run (for stores built from a Broden folder or by segmentation);
+    ``backend`` is :func:`pyneuron.explain`'s (``"ray"`` or a ``RayBackend``). The
     directory appears only when everything succeeded; an existing one is kept unless
     ``overwrite``. ``iou="netdissect"`` (with ``length=1``) ranks concepts by
     NetDissect-Lite's category-restricted IoU (``explain(..., mode=...)``); ``search``,
@@ -109,6 +111,7 @@ def dissect_run(
             mode=iou,
             full_beam=True,
             progress=progress,
+            backend=backend,
         )
         timings[f"explain {layer}"] = time.perf_counter() - t0
         best = best_of_beam(beam)
@@ -214,6 +217,20 @@ def open_run_store(run: str | os.PathLike[str], settings: Mapping[str, Any]) -> 
     return ConceptStore.open(settings["concepts"])
 
 
+def run_sources(
+    run: Path, settings: Mapping[str, Any], images: str | os.PathLike[str] | None
+) -> tuple[ConceptStore, Callable[[int], np.ndarray]]:
+    """The concept store and image reader of a run; a demo run's synthetic data (never
+    saved) are regenerated from the seed in its config."""
+    if "demo" in settings and images is None:
+        from .demo import DemoConfig, make_data
+
+        data = make_data(DemoConfig(**settings["demo"]), progress=False)
+        return data.store, lambda i: data.images[i]
+    store = open_run_store(run, settings)
+    return store, image_reader(run_image_files(settings, images), store)
+
+
 def run_image_files(
     settings: Mapping[str, Any], images: str | os.PathLike[str] | None
 ) -> list[Path]:
@@ -236,19 +253,19 @@ def write_run_report(
 ) -> Path:
     """(Re)write ``run/report`` from the run's files (results, unit masks, top images,
     beam, and ``null`` control units when ``pyneuron evaluate`` wrote them); the old
-    report is replaced only once the new one is complete. Returns ``index.html``."""
+    report is replaced in one atomic step once the new one is complete (see
+    :mod:`pyneuron.atomic`). Returns ``index.html``."""
     import shutil
 
+    from .atomic import commit_directory, temporary_sibling
     from .describe import compare
     from .report import write_report
-    from .storage import temporary_sibling
     from .units import UnitMasks
 
     run = Path(run)
     results = read_results(run)
     settings = read_config(run)
-    store = open_run_store(run, settings)
-    files = run_image_files(settings, images)
+    store, image_source = run_sources(run, settings, images)
     tops = load_top_images(run)
     layers = list(dict.fromkeys(results["layer"]))
     masks = {layer: UnitMasks.open(run / "units" / layer_dir_name(layer)) for layer in layers}
@@ -261,7 +278,7 @@ def write_run_report(
             results,
             store,
             unit_masks=masks,
-            images=image_reader(files, store),
+            images=image_source,
             top_images={layer: tops[layer_dir_name(layer)] for layer in layers},
             beam=pd.read_parquet(beam_path) if beam_path.exists() else None,
             descriptions=descriptions,
@@ -271,8 +288,7 @@ def write_run_report(
         )
         if descriptions is not None:
             compare(results, descriptions).to_csv(staging / "comparison.csv", index=False)
-        shutil.rmtree(run / "report", ignore_errors=True)
-        staging.rename(run / "report")
+        commit_directory(staging, run / "report", overwrite=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,13 @@ from .metrics import METRIC_COLUMNS, iou, metrics
 from .netdissect import category_codes, category_unit_pixels, check_mode, netdissect_iou
 from .store import ConceptStore
 from .units import UnitMasks
+
+#: Largest ``length`` and ``beam_size`` of :func:`explain` (the engine's limits).
+MAX_LENGTH = _native.MAX_LENGTH
+MAX_BEAM_SIZE = _native.MAX_BEAM_SIZE
+
+if TYPE_CHECKING:
+    from .distributed import RayBackend
 
 #: Operators in engine code order; ``operators=`` takes any of them, in any order.
 OPERATORS = ("OR", "AND", "AND NOT", "OR NOT")
@@ -47,6 +55,7 @@ def explain(
     search: str = "beam",
     time_limit: float | None = None,
     max_nodes: int | None = None,
+    backend: str | RayBackend = "local",
 ) -> pd.DataFrame:
     """Explain every unit by the best formula over the store's concepts (exact beam search,
     or with ``search="optimal"`` the guaranteed best formula).
@@ -72,14 +81,17 @@ def explain(
     store
         The concepts, on the same grid as the units.
     length
-        Maximum number of concepts in a formula (1 is NetDissect).
+        Maximum number of concepts in a formula (1 is NetDissect), at most
+        :data:`MAX_LENGTH` (32).
     beam_size
-        Formulas kept per step.
+        Formulas kept per step, at most :data:`MAX_BEAM_SIZE` (1024); memory grows
+        with ``beam_size`` x images per unit being searched.
     operators
         Any of ``"OR"``, ``"AND"``, ``"AND NOT"``, ``"OR NOT"``; candidates are
         generated in this order.
     penalty
-        Score multiplier per extra length unit (1.0: none).
+        Score multiplier per extra length unit (1.0: none); ``penalty ** k`` must be a
+        positive finite float for every formula length ``k + 1`` the search can reach.
     full_beam
         Return the whole final beam: one row per (unit, rank) with a ``rank`` and a
         ``score`` column.
@@ -107,6 +119,11 @@ def explain(
         none). A unit that runs out returns the best formula found with ``optimal``
         False and ``upper_bound`` the highest IoU any formula could still have. Length 3
         takes milliseconds per unit; lengths of 4 and more can take hours without one.
+    backend
+        ``"local"`` (this process), ``"ray"`` (shards of units on a Ray cluster,
+        :mod:`pyneuron.distributed`; identical results), or a :class:`RayBackend`
+        with its settings (cluster address, unit block, resumable shard directory).
+        ``mode="netdissect"`` always runs here.
 
     Returns
     -------
@@ -133,14 +150,9 @@ def explain(
     ('(a OR b)', True)
     """
     ops = _operator_codes(operators, length)
-    length = _positive_int(length, "length")
-    beam_size = _positive_int(beam_size, "beam_size")
-    if (
-        isinstance(penalty, bool)
-        or not isinstance(penalty, (int, float))
-        or not (math.isfinite(penalty) and penalty > 0)
-    ):
-        raise PyneuronError(f"penalty must be a positive finite number, got {penalty!r}")
+    length = _positive_int(length, "length", MAX_LENGTH)
+    beam_size = _positive_int(beam_size, "beam_size", MAX_BEAM_SIZE)
+    _check_penalty(penalty, length)
     if search not in SEARCHES:
         raise PyneuronError(f"unknown search {search!r}; choose from {', '.join(SEARCHES)}")
     optimal = search == "optimal"
@@ -167,12 +179,18 @@ def explain(
             f"{COOCCURRENCE_MAX_CONCEPTS:,} concepts; this store has {len(store):,}: build one "
             "with fewer concepts or use search='beam'"
         )
+    from .distributed import explain_on_ray, resolve_backend
+
+    ray_backend = resolve_backend(backend)
+    if ray_backend is not None:
+        if optimal:
+            raise PyneuronError("the optimal search runs in this process; use backend='local'")
+        spec = (length, beam_size, ops, float(penalty))
+        return explain_on_ray(
+            units, store, ray_backend, search=spec, full_beam=full_beam, progress=progress
+        )
     names = store.names
-    cooccurrence = (
-        store.cooccurrence()
-        if optimal or (length > 1 and len(store) <= COOCCURRENCE_MAX_CONCEPTS)
-        else None
-    )
+    cooccurrence = store.cooccurrence() if optimal else search_cooccurrence(store, length)
     frames = []
     for first_unit, chunk, batch in _batches(units, store, batch_size, progress, "explain"):
         args = (chunk._native, batch.start, batch.stop, store._native, length)
@@ -358,7 +376,7 @@ def score(formula: Formula | str, units: UnitSource, store: ConceptStore) -> pd.
     """
     if not isinstance(formula, Formula):
         formula = Formula.parse(formula)
-    program = formula.compile(store)
+    program = formula.program(store)
     frames = []
     for first_unit, chunk in _chunks(units, store):
         raw = _native.formula_counts(program, store._native, chunk._native)
@@ -397,12 +415,38 @@ def _time_limit(value: float | None) -> float:
     return float(value) if math.isfinite(value) else 0.0
 
 
-def _positive_int(value: int, name: str) -> int:
+def search_cooccurrence(store: ConceptStore, length: int) -> np.ndarray | None:
+    """The co-occurrence table the beam search screens with (None: searched without)."""
+    return store.cooccurrence() if length > 1 and len(store) <= COOCCURRENCE_MAX_CONCEPTS else None
+
+
+def _positive_int(value: int, name: str, maximum: int = 2**31 - 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise PyneuronError(f"{name} must be an integer >= 1, got {value!r}")
-    if value > 2**31 - 1:
-        raise PyneuronError(f"{name} must be below 2**31, got {value!r}")
+    if value > maximum:
+        raise PyneuronError(f"{name} must be at most {maximum}, got {value!r}")
     return int(value)
+
+
+def _check_penalty(penalty: float, length: int) -> None:
+    """A penalty whose powers stay positive and finite up to the longest formula
+    (``2 * length - 1``: every added concept may carry a NOT)."""
+    if (
+        isinstance(penalty, bool)
+        or not isinstance(penalty, (int, float, np.floating, np.integer))
+        or not (math.isfinite(penalty) and penalty > 0)
+    ):
+        raise PyneuronError(f"penalty must be a positive finite number, got {penalty!r}")
+    try:
+        extreme = math.pow(float(penalty), 2 * length - 2)
+    except OverflowError:
+        extreme = math.inf
+    if not (0 < extreme < math.inf):
+        raise PyneuronError(
+            f"penalty {penalty!r} to the power {2 * length - 2} (a formula of length "
+            f"{2 * length - 1}) is {'0' if extreme == 0 else 'inf'}: every score would be "
+            "equal; use a penalty closer to 1 (e.g. 0.95)"
+        )
 
 
 def _operator_codes(operators: Sequence[str], length: int) -> list[int]:

@@ -2,7 +2,8 @@
 
 A store is a directory::
 
-    manifest.json   format name, version, kind, grid, sizes, and per file its size and CRC-32
+    manifest.json   format name, version, kind, grid, sizes, per file its size and CRC-32,
+                    and the CRC-32 of the manifest itself ("manifest_crc32")
     offsets.bin     int64 (n_masks + 1)         little-endian raw arrays
     images.bin      int32 (n_entries)
     slots.bin       int64 (n_entries)
@@ -10,8 +11,15 @@ A store is a directory::
     words.bin       uint64 (n_slots x words_per_image), memory-mapped on open
     table.parquet   one row per mask (names, categories, counts, ...)
 
-Writes go to a temporary sibling directory that is renamed into place at the end,
-so an interrupted write never leaves a half-written store under the final name.
+Writes go to a temporary sibling directory that is moved into place at the end (see
+:mod:`pyneuron.atomic`), so an interrupted write never leaves a half-written store under
+the final name, nor removes the store it replaces.
+
+Opening checks every invariant that costs no pass over the bitsets: the manifest's
+fields and checksum, file sizes, the CRC-32 of the index files and the table, the index
+structure (offsets, image order, container kinds against their counts, every bitset
+used once) and the table's per-mask totals. With ``verify`` (default for bitsets up to
+256 MiB) it also checks the bitsets' CRC-32, popcounts and padding bits.
 """
 
 from __future__ import annotations
@@ -19,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -27,11 +34,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import StoreError
+from . import _native
+from .atomic import commit_directory, recover, refuse_existing, temporary_sibling
+from .errors import PyneuronError, StoreError
 from .grid import Grid
 
 FORMAT_NAME = "pyneuron.maskset"
-FORMAT_VERSION = 1
+#: Version 2 checksums the manifest itself; version 1 stores (without) are still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 INDEX_FILES = {"offsets.bin": "<i8", "images.bin": "<i4", "slots.bin": "<i8", "counts.bin": "<i4"}
 WORDS_FILE = "words.bin"
 TABLE_FILE = "table.parquet"
@@ -44,12 +55,6 @@ def fsync_file(path: Path) -> None:
     """Flush a written file to disk."""
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def temporary_sibling(path: Path) -> Path:
-    """A fresh directory next to ``path`` (same filesystem, so a rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
 
 
 def crc32_of_file(path: Path, chunk: int = 16 * 2**20) -> int:
@@ -89,7 +94,7 @@ def write_directory(
         "bytes": (staging / TABLE_FILE).stat().st_size,
         "crc32": crc32_of_file(staging / TABLE_FILE),
     }
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "kind": kind,
@@ -99,41 +104,11 @@ def write_directory(
         "files": files,
         "metadata": metadata or {},
     }
+    manifest["manifest_crc32"] = manifest_crc32(manifest)
     for name in files:
         fsync_file(staging / name)
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     fsync_file(staging / MANIFEST_FILE)
-
-
-def refuse_existing(path: Path, overwrite: bool, option: str = "overwrite=True") -> None:
-    """Raise ``FileExistsError`` if ``path`` holds anything and ``overwrite`` is false
-    (an empty directory counts as free)."""
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} already exists; pass {option} to replace it")
-
-
-def commit_directory(staging: Path, path: Path, overwrite: bool) -> None:
-    """Move a fully written staging directory to ``path`` atomically.
-
-    An existing empty directory is replaced; anything else needs ``overwrite``.
-    """
-    if path.exists():
-        try:
-            refuse_existing(path, overwrite)
-        except FileExistsError:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        old = temporary_sibling(path)
-        os.rename(path, old / "previous")
-        try:
-            os.rename(staging, path)
-        except BaseException:
-            os.rename(old / "previous", path)
-            raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, path)
 
 
 def save(
@@ -176,36 +151,82 @@ def _corrupt(path: Path, what: str) -> StoreError:
     )
 
 
-def load(path: str | os.PathLike[str], *, kind: str, verify: bool | None) -> dict[str, Any]:
-    """Read a store directory; the words are memory-mapped, not read."""
-    path = Path(path)
-    if not path.is_dir():
-        raise StoreError(f"no store at {path}: not a directory")
+def manifest_crc32(manifest: dict[str, Any]) -> int:
+    """CRC-32 of a manifest's canonical JSON without its ``manifest_crc32`` field."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_crc32"}
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _is_int(value: Any, low: int = 0, high: int = 2**63 - 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _read_manifest(path: Path, kind: str) -> dict[str, Any]:
+    """The manifest, every field checked, or a :class:`StoreError` saying what is wrong."""
     manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise StoreError(f"{path} is not a pyneuron store (no {MANIFEST_FILE})")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        version = int(manifest["version"])
-        fmt = manifest["format"]
-        found_kind = manifest["kind"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise _corrupt(path, f"unreadable {MANIFEST_FILE} ({error})") from None
+        manifest = json.loads(manifest_path.read_bytes())
+    except (ValueError, RecursionError, UnicodeDecodeError) as error:
+        raise _corrupt(path, f"unreadable {MANIFEST_FILE} ({type(error).__name__})") from None
+    if not isinstance(manifest, dict):
+        raise _corrupt(path, f"{MANIFEST_FILE} is not a JSON object")
+    fmt, version = manifest.get("format"), manifest.get("version")
     if fmt != FORMAT_NAME:
-        raise StoreError(f"{path} is not a pyneuron store (format {fmt!r})")
-    if version > FORMAT_VERSION:
+        raise StoreError(f"{path} is not a pyneuron store (format {fmt!r:.60})")
+    if _is_int(version) and version > FORMAT_VERSION:
         raise StoreError(
             f"{path} was written by a newer pyneuron (store format version {version}, this "
             f"version reads up to {FORMAT_VERSION}); upgrade pyneuron to open it"
         )
-    if found_kind != kind:
-        raise StoreError(f"{path} holds {found_kind}, not {kind}")
+    if not _is_int(version) or version not in READABLE_VERSIONS:
+        raise _corrupt(path, f"unknown format version {version!r:.60} in {MANIFEST_FILE}")
     try:
-        grid = Grid(**manifest["grid"])
-        files = manifest["files"]
-        n_masks, n_entries = int(manifest["n_masks"]), int(manifest["n_entries"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise _corrupt(path, f"incomplete {MANIFEST_FILE} ({error})") from None
+        intact = version < 2 or manifest.get("manifest_crc32") == manifest_crc32(manifest)
+    except (RecursionError, ValueError):  # nested too deeply to encode again
+        intact = False
+    if not intact:
+        raise _corrupt(path, f"checksum of {MANIFEST_FILE} does not match (edited or damaged)")
+    if manifest.get("kind") != kind:
+        raise StoreError(f"{path} holds {str(manifest.get('kind'))[:60]}, not {kind}")
+    grid = manifest.get("grid")
+    if not isinstance(grid, dict) or sorted(grid) != ["height", "n_images", "width"]:
+        raise _corrupt(path, f"'grid' of {MANIFEST_FILE} must hold n_images, height, width")
+    try:
+        manifest["grid"] = Grid(**grid)
+    except PyneuronError as error:
+        raise _corrupt(path, f"bad grid in {MANIFEST_FILE}: {error}") from None
+    for field in ("n_masks", "n_entries"):
+        if not _is_int(manifest.get(field), high=2**60):
+            raise _corrupt(path, f"{field!r} of {MANIFEST_FILE} must be an integer >= 0")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise _corrupt(path, f"'files' of {MANIFEST_FILE} must be an object")
+    for name in [*INDEX_FILES, WORDS_FILE, TABLE_FILE]:
+        entry = files.get(name)
+        if not (
+            isinstance(entry, dict)
+            and _is_int(entry.get("bytes"))
+            and _is_int(entry.get("crc32"), high=2**32 - 1)
+        ):
+            raise _corrupt(path, f"{MANIFEST_FILE} lacks the size and CRC-32 of {name}")
+    if not isinstance(manifest.setdefault("metadata", {}), dict):
+        raise _corrupt(path, f"'metadata' of {MANIFEST_FILE} must be an object")
+    return manifest
+
+
+def load(path: str | os.PathLike[str], *, kind: str, verify: bool | None) -> dict[str, Any]:
+    """Read a store directory and check it (see the module docstring); the words are
+    memory-mapped, not read, unless ``verify``."""
+    path = Path(path)
+    recover(path)
+    if not path.is_dir():
+        raise StoreError(f"no store at {path}: not a directory")
+    if not (path / MANIFEST_FILE).is_file():
+        raise StoreError(f"{path} is not a pyneuron store (no {MANIFEST_FILE})")
+    manifest = _read_manifest(path, kind)
+    grid: Grid = manifest["grid"]
+    files = manifest["files"]
+    n_masks, n_entries = manifest["n_masks"], manifest["n_entries"]
 
     expected_bytes = {
         "offsets.bin": 8 * (n_masks + 1),
@@ -215,7 +236,7 @@ def load(path: str | os.PathLike[str], *, kind: str, verify: bool | None) -> dic
     }
     for name in [*INDEX_FILES, WORDS_FILE, TABLE_FILE]:
         file = path / name
-        if name not in files or not file.is_file():
+        if not file.is_file():
             raise _corrupt(path, f"{name} is missing")
         size = file.stat().st_size
         if size != files[name]["bytes"] or size != expected_bytes.get(name, size):
@@ -237,17 +258,38 @@ def load(path: str | os.PathLike[str], *, kind: str, verify: bool | None) -> dic
         words = np.memmap(path / WORDS_FILE, dtype="<u8", mode="r")
     else:
         words = np.zeros(0, dtype="<u8")
+    words = words.astype(np.uint64, copy=False).reshape(-1, grid.words_per_image)
+    try:
+        native = _native.NativeMaskSet(grid.n_images, grid.pixels, *index, words.reshape(-1))
+        if verify:
+            native.verify_words()
+    except ValueError as error:
+        raise _corrupt(path, str(error)) from None
     try:
         table = pd.read_parquet(path / TABLE_FILE)
     except Exception as error:  # pyarrow raises several types for damaged files
         raise _corrupt(path, f"unreadable {TABLE_FILE} ({error})") from None
     if len(table) != n_masks:
         raise _corrupt(path, f"{TABLE_FILE} has {len(table)} rows for {n_masks} masks")
+    offsets, counts = index[0], index[3]
+    for column, totals in (
+        ("pixels", pixel_counts(offsets, counts)),
+        ("images", np.diff(offsets)),
+    ):
+        if column not in table or not np.array_equal(table[column].to_numpy(), totals):
+            raise _corrupt(path, f"the {column!r} column of {TABLE_FILE} disagrees with the index")
     return {
         "grid": grid,
         "index": index,
-        "words": words.astype(np.uint64, copy=False).reshape(-1, grid.words_per_image),
+        "words": words,
         "table": table,
-        "metadata": manifest.get("metadata", {}),
+        "metadata": manifest["metadata"],
         "verified": verify,
     }
+
+
+def pixel_counts(offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Set pixels per mask from the CSR offsets and per-entry counts."""
+    n_masks = offsets.shape[0] - 1
+    owner = np.repeat(np.arange(n_masks), np.diff(offsets))
+    return np.bincount(owner, weights=counts, minlength=n_masks).astype(np.int64)

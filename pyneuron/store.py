@@ -52,6 +52,7 @@ class ConceptStore(MaskSet):
         path: Path | None = None,
     ) -> None:
         super().__init__(grid, *index, words)
+        self._lookup = _name_lookup(names)
         self._names = [str(n) for n in names]
         if len(self._names) != len(self):
             raise PyneuronError(f"{len(self._names)} names for {len(self)} concepts")
@@ -60,7 +61,6 @@ class ConceptStore(MaskSet):
         )
         if len(self._categories) != len(self._names):
             raise PyneuronError(f"{len(self._categories)} categories for {len(self._names)} names")
-        self._lookup = _name_lookup(self._names)
         self._metadata.update(metadata or {})
         self.path = path
         self._cooccurrence: np.ndarray | None = None
@@ -327,9 +327,11 @@ class ConceptStore(MaskSet):
 def _name_lookup(names: Sequence[str]) -> dict[str, int]:
     lookup: dict[str, int] = {}
     for i, name in enumerate(names):
+        if not isinstance(name, str) or not name:
+            raise PyneuronError(f"concept names must be non-empty strings, got {name!r}")
         if name in lookup:
             raise PyneuronError(f"duplicate concept name {name!r}; concept names must be unique")
-        lookup[name] = i
+        lookup[str(name)] = i
     return lookup
 
 

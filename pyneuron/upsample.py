@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import _native
 from .errors import PyneuronError
-from .grid import Grid
+from .grid import Grid, check_image_size
 from .units import UnitMasks
 
 
@@ -45,6 +45,14 @@ def _check_finite(batch: np.ndarray, first_image: int) -> None:
             f"{batch[image, unit][~np.isfinite(batch[image, unit])][0]}; NaN/inf activations "
             "cannot be thresholded — check the model's inputs and numerical precision"
         )
+
+
+def _real_array(values: object, name: str) -> np.ndarray:
+    """``values`` as float64, refusing what is not real numbers (complex, objects, text)."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "fiu":
+        raise PyneuronError(f"{name} must be real numbers, got dtype {array.dtype}")
+    return np.ascontiguousarray(array, dtype=np.float64)
 
 
 def unit_masks_from_activations(
@@ -88,12 +96,13 @@ def unit_masks_from_activations(
         height, width = (int(v) for v in size)
     except (TypeError, ValueError):
         raise PyneuronError(f"size must be (height, width), got {size!r}") from None
-    if height < 1 or width < 1 or height * width > 2**31:
-        raise PyneuronError(f"grid size must be positive and at most 2**31 pixels, got {size!r}")
+    if height < 1 or width < 1:
+        raise PyneuronError(f"grid size must be positive, got {size!r}")
+    check_image_size(height, width)
     if isinstance(batch_images, bool) or not isinstance(batch_images, int) or batch_images < 1:
         raise PyneuronError(f"batch_images must be a positive integer, got {batch_images!r}")
-    lo = np.ascontiguousarray(thresholds, dtype=np.float64).reshape(-1)
-    hi = None if upper is None else np.ascontiguousarray(upper, dtype=np.float64).reshape(-1)
+    lo = _real_array(thresholds, "thresholds").reshape(-1)
+    hi = None if upper is None else _real_array(upper, "upper bounds").reshape(-1)
     n_units = lo.shape[0]
     if hi is not None and hi.shape != lo.shape:
         raise PyneuronError(f"{hi.shape[0]} upper bounds for {n_units} thresholds")
@@ -102,6 +111,7 @@ def unit_masks_from_activations(
             unit = int(np.flatnonzero(np.isnan(values))[0])
             raise PyneuronError(f"the {name} of unit {unit} is NaN; give a number for every unit")
     if isinstance(activations, np.ndarray):
+        _real_array(activations[:0], "activations")
         if activations.ndim != 4 or 0 in activations.shape[2:]:
             raise PyneuronError(
                 f"activations must have shape (images, units, h, w) with h, w >= 1, got "

@@ -14,10 +14,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import storage
+from .atomic import commit_directory, refuse_existing, temporary_sibling
 from .errors import PyneuronError
 from .grid import Grid
 from .masks import MaskSet, MaskSetWriter, pixel_counts
-from .storage import temporary_sibling
 
 SetT = TypeVar("SetT", bound=MaskSet)
 
@@ -48,7 +48,7 @@ class StagedWriter(Generic[SetT]):
         self._staging: Path | None = None
         self._words_file = None
         if self.path is not None:
-            storage.refuse_existing(self.path, overwrite)
+            refuse_existing(self.path, overwrite)
             self._staging = temporary_sibling(self.path)
             self._words_file = open(self._staging / storage.WORDS_FILE, "wb")  # noqa: SIM115
         self._writer: MaskSetWriter | None = MaskSetWriter(self.grid, words_file=self._words_file)
@@ -101,7 +101,7 @@ class StagedWriter(Generic[SetT]):
                 table=table,
                 metadata=self.metadata,
             )
-            storage.commit_directory(self._staging, self.path, self.overwrite)
+            commit_directory(self._staging, self.path, self.overwrite)
         except BaseException:
             self.abort()
             raise

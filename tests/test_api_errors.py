@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -30,7 +33,12 @@ def pair():
         (dict(penalty=0.0), "penalty"),
         (dict(penalty=float("nan")), "penalty"),
         (dict(batch_size=0), "batch_size"),
-        (dict(beam_size=10**12), "below 2\\*\\*31"),
+        (dict(beam_size=10**12), "beam_size must be at most 1024"),
+        (dict(beam_size=2**31 - 1), "beam_size must be at most 1024"),
+        (dict(length=2**31 - 1), "length must be at most 32"),
+        (dict(penalty=1e308), "is inf: every score would be equal"),
+        (dict(penalty=1e-200), "is 0: every score would be equal"),
+        (dict(penalty=True), "penalty"),
     ],
 )
 def test_bad_search_options(pair, options, message):
@@ -79,8 +87,28 @@ def test_unknown_concept_in_formula(pair):
     with pytest.raises(pyneuron.UnknownConceptError, match="did you mean 'sky'") as caught:
         pyneuron.score("skye OR dog", units, store)
     assert isinstance(caught.value, KeyError) and isinstance(caught.value, pyneuron.PyneuronError)
-    with pytest.raises(pyneuron.PyneuronError, match="nested too deeply"):
-        pyneuron.score("sky" + " OR dog" * 3000, units, store)
+
+
+def test_deep_formulas_are_scored_and_printed_without_recursion(pair):
+    # 400 and 3000 nested ORs: printing and compiling are iterative, so they work and
+    # give the result of the shallow equivalent.
+    units, store = pair
+    shallow = pyneuron.score("sky OR dog", units, store)
+    for text in [" OR ".join(["sky"] * 400) + " OR dog", "sky" + " OR dog" * 3000]:
+        deep = pyneuron.score(text, units, store)
+        assert deep["formula"][0].startswith("(" * 399)
+        assert deep["iou"].tolist() == shallow["iou"].tolist()
+    formula = pyneuron.Formula.parse("sky" + " AND NOT dog" * 2000)
+    assert formula.length == 4001 and formula.concepts() == ["sky", "dog"]
+    assert repr(formula).startswith("Formula.parse('((((")
+    shorter = pyneuron.Formula.parse("sky" + " AND NOT dog" * 200)
+    assert pyneuron.Formula.parse(str(shorter)) == shorter
+    # Parentheses are parsed recursively: thousands of levels give a short, clear error.
+    with pytest.raises(
+        pyneuron.PyneuronError, match=r"'\(\(\(.*\.\.\.': formula nested too"
+    ) as caught:
+        pyneuron.Formula.parse("(" * 5000 + "sky" + ")" * 5000)
+    assert len(str(caught.value)) < 200
 
 
 def test_threads_and_simd_settings():
@@ -89,3 +117,33 @@ def test_threads_and_simd_settings():
     with pytest.raises(ValueError, match="not available"):
         pyneuron.set_simd_level("avx9000")
     assert pyneuron.simd_level() in pyneuron.available_simd_levels()
+
+
+THREADS_REFUSED = """
+import resource, sys
+import numpy as np, pyneuron
+rng = np.random.default_rng(0)
+concepts = rng.random((5, 4, 4, 4)) < 0.4
+units = rng.random((600, 4, 4, 4)) < 0.4
+store = pyneuron.ConceptStore.from_masks(concepts, list("abcde"))
+masks = pyneuron.UnitMasks.from_masks(units)
+pyneuron.set_num_threads(1)
+expected = pyneuron.iou_table(masks, store, progress=False)
+size = next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]
+# Room for the work but not for 400 thread stacks (8 MiB each).
+limit = int(size) * 1024 + 200 * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+pyneuron.set_num_threads(400)
+table = pyneuron.iou_table(masks, store, progress=False)
+print("same" if np.array_equal(table, expected) else "different")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and RLIMIT_AS")
+def test_engine_runs_on_fewer_threads_when_the_system_refuses_more():
+    # Before: std::thread threw inside parallel_for and the process aborted (SIGABRT).
+    done = subprocess.run(
+        [sys.executable, "-c", THREADS_REFUSED], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "same"

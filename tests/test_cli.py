@@ -72,6 +72,33 @@ def test_demo_explains_units_with_the_planted_concepts(demo_run):
     assert check_report(out / "report") > 3
 
 
+def report_files(report: Path) -> dict[Path, bytes]:
+    return {p.relative_to(report): p.read_bytes() for p in report.rglob("*") if p.is_file()}
+
+
+def test_report_of_a_demo_run_is_rewritten_identically_and_atomically(demo_run, monkeypatch):
+    out, _ = demo_run
+    before = report_files(out / "report")
+    again = invoke("report", out, "--quiet")
+    assert again.exit_code == 0, again.output  # demo data are regenerated from the seed
+    after = report_files(out / "report")
+    assert after.keys() == before.keys()
+    pngs = [p for p in before if p.suffix == ".png"]
+    assert pngs and all(after[p] == before[p] for p in pngs)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+    def broken(staging, *args, **kwargs):
+        (Path(staging) / "index.html").parent.mkdir(parents=True, exist_ok=True)
+        (Path(staging) / "index.html").write_text("half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pyneuron.report, "write_report", broken)
+    failed = invoke("report", out, "--quiet")
+    assert failed.exit_code == 1 and "disk full" in failed.output
+    assert report_files(out / "report") == after
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
 def test_existing_output_is_refused_without_overwrite(demo_run):
     out, _ = demo_run
     before = sorted(p.name for p in out.iterdir())

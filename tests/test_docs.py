@@ -14,6 +14,7 @@ MODULES = [
     "pyneuron.store",
     "pyneuron.units",
     "pyneuron.search",
+    "pyneuron.distributed",
     "pyneuron.formula",
     "pyneuron.evaluate",
     "pyneuron.null",

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 from oracle import random_case
+from store_fuzz import read_manifest, refresh, write_manifest
 
 import pyneuron
 from pyneuron import storage
@@ -229,17 +230,15 @@ def test_consistent_but_invalid_index_is_rejected_not_crashing(saved):
     slots = np.fromfile(saved / "slots.bin", dtype="<i8")
     slots[-1] = 10**9
     slots.tofile(saved / "slots.bin")
-    manifest = json.loads((saved / "manifest.json").read_text())
-    manifest["files"]["slots.bin"]["crc32"] = storage.crc32_of_file(saved / "slots.bin")
-    (saved / "manifest.json").write_text(json.dumps(manifest))
+    refresh(saved, "slots.bin")
     with pytest.raises(pyneuron.StoreError, match="slot out of range"):
         pyneuron.ConceptStore.open(saved)
 
 
 def test_future_version_and_foreign_directories(saved, tmp_path):
-    manifest = json.loads((saved / "manifest.json").read_text())
+    manifest = read_manifest(saved)
     manifest["version"] = storage.FORMAT_VERSION + 1
-    (saved / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(saved, manifest)
     with pytest.raises(pyneuron.StoreError, match="newer pyneuron"):
         pyneuron.ConceptStore.open(saved)
     (saved / "manifest.json").write_text("{not json")
@@ -302,3 +301,150 @@ def test_an_existing_empty_directory_is_replaced(tmp_path):
     (tmp_path / "run").mkdir()
     write_run(tmp_path / "run", pd.DataFrame({"unit": [0]}), summary={}, config={})
     assert (tmp_path / "run" / "results.parquet").is_file()
+
+
+# -- hardening: grid limits, index invariants, manifest edits (issue 16) ------------------
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ((1, 65535, 65537), "at most 2\\*\\*31 - 1 pixels"),  # (p + 63) / 64 wrapped to 0
+        ((1, 65536, 32768), "at most 2\\*\\*31 - 1 pixels"),  # exactly 2**31
+        ((2**31, 1, 1), "at most 2\\*\\*31 - 1 images"),
+        ((1, 2**40, 2**40), "at most 2\\*\\*31 - 1 pixels"),  # beyond 64-bit products
+    ],
+)
+def test_grids_beyond_the_limit_are_refused(grid, message):
+    with pytest.raises(pyneuron.PyneuronError, match=message):
+        pyneuron.ConceptStore.writer(grid, names=["a"]).close()
+
+
+def test_engine_refuses_oversized_grids_itself():
+    empty = [np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)]
+    arrays = [*empty, np.zeros(0, np.int32), np.zeros(0, np.uint64)]
+    with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1 pixels"):
+        pyneuron._native.NativeMaskSet(1, 65535 * 65537, *arrays)
+    with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1 images"):
+        pyneuron._native.NativeMaskSet(2**31, 64, *arrays)
+    largest = pyneuron._native.NativeMaskSet(2**31 - 1, 2**31 - 1, *arrays)
+    assert largest.pixels == 2**31 - 1 and largest.n_images == 2**31 - 1
+
+
+def edit_array(path, name, index, value):
+    array = np.fromfile(path / name, dtype=storage.INDEX_FILES[name])
+    array[index] = value
+    array.tofile(path / name)
+    refresh(path, name)
+
+
+def test_edits_with_recomputed_checksums_are_caught(saved):
+    # counts.bin edited (the issue's IoU 1.0139 case): refused on a default open.
+    counts = np.fromfile(saved / "counts.bin", dtype="<i4")
+    slots = np.fromfile(saved / "slots.bin", dtype="<i8")
+    bitset = int(np.flatnonzero(slots >= 0)[0])
+    edit_array(saved, "counts.bin", bitset, counts[bitset] + 1)
+    with pytest.raises(pyneuron.StoreError, match="count differs|disagrees"):
+        pyneuron.ConceptStore.open(saved)
+    # Even with verify=False the table's totals no longer match the index.
+    with pytest.raises(pyneuron.StoreError, match="'pixels' column .* disagrees"):
+        pyneuron.ConceptStore.open(saved, verify=False)
+
+
+def test_padding_bits_are_caught_on_a_default_open(tmp_path):
+    masks = np.zeros((1, 2, 3, 3), dtype=bool)  # 9 pixels: 55 padding bits per image
+    masks[0, 0, 0, 0] = True
+    path = tmp_path / "s"
+    pyneuron.ConceptStore.from_masks(masks, ["a"]).save(path)
+    words = np.fromfile(path / "words.bin", dtype="<u8")
+    words[0] |= np.uint64(1) << np.uint64(40)
+    words.tofile(path / "words.bin")
+    refresh(path, "words.bin")
+    with pytest.raises(pyneuron.StoreError, match="padding bits"):
+        pyneuron.ConceptStore.open(path)
+    assert pyneuron.ConceptStore.open(path, verify=False).pixel_counts.tolist() == [1]
+
+
+@pytest.mark.parametrize(
+    ("name", "index", "value", "message"),
+    [
+        ("offsets.bin", 1, -3, "not increasing"),
+        ("slots.bin", 0, 0, "used twice|impossible count|not used"),
+        ("counts.bin", 0, 0, "impossible count|count other"),
+        ("images.bin", 0, 99, "image ids must be increasing"),
+    ],
+)
+def test_index_invariants_are_checked_without_reading_words(saved, name, index, value, message):
+    slots = np.fromfile(saved / "slots.bin", dtype="<i8")
+    if name != "offsets.bin":
+        index = int(np.flatnonzero(slots >= 0)[1])
+    edit_array(saved, name, index, value)
+    with pytest.raises(pyneuron.StoreError, match=message):
+        pyneuron.ConceptStore.open(saved, verify=False)
+
+
+BIG = "RAW_BIG"  # written as the JSON number 1e400
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        (("files", "offsets.bin"), 5, "lacks the size and CRC-32 of offsets.bin"),
+        (("files", "words.bin", "crc32"), None, "lacks the size and CRC-32 of words.bin"),
+        (("n_masks",), BIG, "'n_masks' .* must be an integer"),
+        (("n_masks",), 6.0, "'n_masks' .* must be an integer"),
+        (("n_entries",), -1, "'n_entries' .* must be an integer"),
+        (("metadata",), [1, 2], "'metadata' .* must be an object"),
+        (("grid",), [6, 8, 8], "'grid' .* must hold"),
+        (("grid", "height"), 0, "bad grid"),
+        (("grid", "width"), 2**40, "bad grid"),
+        (("version",), 0, "unknown format version 0"),
+        (("version",), -1, "unknown format version -1"),
+        (("version",), "1", "unknown format version '1'"),
+        (("version",), 1.5, "unknown format version 1.5"),
+        (("version",), True, "unknown format version True"),
+        (("kind",), ["concepts"], "holds \\['concepts'\\], not concepts"),
+    ],
+)
+def test_manifest_edits_give_store_errors(saved, field, value, message):
+    manifest = read_manifest(saved)
+    target = manifest
+    for key in field[:-1]:
+        target = target[key]
+    target[field[-1]] = value
+    write_manifest(saved, manifest)  # with a matching manifest checksum
+    with pytest.raises(pyneuron.StoreError, match=message):
+        pyneuron.ConceptStore.open(saved)
+
+
+def test_manifest_checksum_and_deep_metadata(saved):
+    manifest = read_manifest(saved)
+    manifest["metadata"] = {"note": "edited"}
+    write_manifest(saved, manifest, checksum=False)
+    with pytest.raises(pyneuron.StoreError, match="checksum of manifest.json"):
+        pyneuron.ConceptStore.open(saved)
+    text = json.dumps(read_manifest(saved)).replace('"edited"', "[" * 50000 + "]" * 50000)
+    (saved / "manifest.json").write_text(text)
+    with pytest.raises(pyneuron.StoreError, match="unreadable manifest.json"):
+        pyneuron.ConceptStore.open(saved)
+
+
+def test_version_1_stores_without_a_manifest_checksum_still_open(saved):
+    manifest = read_manifest(saved)
+    manifest["version"] = 1
+    del manifest["manifest_crc32"]
+    write_manifest(saved, manifest, checksum=False)
+    assert len(pyneuron.ConceptStore.open(saved)) == 6
+
+
+def test_bad_names_and_indices_are_pyneuron_errors():
+    masks = np.zeros((2, 1, 2, 2), dtype=bool)
+    for names in (["", "b"], [None, "b"], [1, "b"]):
+        with pytest.raises(pyneuron.PyneuronError, match="non-empty strings"):
+            pyneuron.ConceptStore.from_masks(masks, names)
+    store = pyneuron.ConceptStore.from_masks(masks, ["a", "b"])
+    for bad in (99, -1, 2):
+        with pytest.raises(pyneuron.OutOfRangeError, match="holds 2 masks, numbered 0 to 1"):
+            store.mask(bad)
+    with pytest.raises(IndexError):  # also an IndexError, for code that expects one
+        store.image_mask("a", 5)

@@ -142,3 +142,20 @@ def test_bad_activations():
         unit_masks_from_activations(ok, np.zeros(2), (8, 8), batch_images=0)
     with pytest.raises(pyneuron.PyneuronError, match="h, w >= 1"):
         unit_masks_from_activations(ok[:, :, :0], np.zeros(2), (8, 8), progress=False)
+
+
+def test_pixel_counts_cannot_overflow_and_complex_values_are_refused():
+    one = np.ones((1, 1, 1, 1), np.float32)
+    # 65536 x 32768 = 2**31 pixels: the int32 per-image count used to wrap to 0.
+    with pytest.raises(pyneuron.PyneuronError, match="at most 2\\*\\*31 - 1 pixels"):
+        unit_masks_from_activations(one, np.array([0.0]), (65536, 32768), progress=False)
+    with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1 pixels"):  # the engine too
+        pyneuron._native.upsample_threshold(one, np.zeros(1), None, 65536, 32768)
+    with pytest.raises(pyneuron.PyneuronError, match="activations must be real numbers"):
+        unit_masks_from_activations(one + 1j, np.zeros(1), (4, 4), progress=False)
+    with pytest.raises(pyneuron.PyneuronError, match="thresholds must be real numbers"):
+        unit_masks_from_activations(one, np.zeros(1) + 0.5j, (4, 4), progress=False)
+    with pytest.raises(pyneuron.PyneuronError, match="upper bounds must be real numbers"):
+        unit_masks_from_activations(one, np.zeros(1), (4, 4), upper=["x"], progress=False)
+    with pytest.raises(pyneuron.PyneuronError, match="real numbers"):
+        pyneuron.quantile_thresholds(one + 1j)

@@ -7,6 +7,7 @@ import doctest
 import importlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from pyneuron.concepts.user import (
     from_coco,
     from_label_maps,
     from_mask_folder,
+    resize_nearest,
 )
 
 
@@ -390,3 +392,104 @@ def test_from_coco_bad_input(coco, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pycocotools", None)
     with pytest.raises(ImportError, match="pip install pycocotools"):
         from_coco(data, progress=False)
+
+
+def test_from_coco_sampled_decoding_equals_full_decode_and_resize():
+    # Oracle: pycocotools' full decode (annToMask's way), then the nearest resize.
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(5)
+    for trial in range(30):
+        ih, iw = (int(v) for v in rng.integers(1, 40, 2))
+        grid = tuple(int(v) for v in rng.integers(1, 30, 2))
+        polygons = [
+            [float(v) for v in rng.uniform(-3, max(ih, iw) + 3, 2 * int(rng.integers(3, 8)))]
+            for _ in range(int(rng.integers(1, 3)))
+        ]
+        with warnings.catch_warnings():  # pycocotools vs numpy 2's __array__(copy=...)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            rles = mask_utils.frPyObjects(polygons, ih, iw)
+            truth = np.asarray(mask_utils.decode(rles), bool)
+        blob = rng.random((ih, iw)) < 0.4
+        data = {
+            "images": [{"id": 1, "height": ih, "width": iw}],
+            "categories": [{"id": 1, "name": "poly"}, {"id": 2, "name": "rle"}],
+            "annotations": [
+                {"id": 1, "image_id": 1, "category_id": 1, "segmentation": polygons},
+                {
+                    "id": 2,
+                    "image_id": 1,
+                    "category_id": 2,
+                    "segmentation": {"size": [ih, iw], "counts": column_major_counts(blob)},
+                },
+            ],
+        }
+        store = from_coco(data, grid=grid, progress=False)
+        expected_poly = resize_nearest(truth.any(axis=2), grid)
+        np.testing.assert_array_equal(store.mask("poly")[0], expected_poly, err_msg=str(trial))
+        np.testing.assert_array_equal(store.mask("rle")[0], resize_nearest(blob, grid))
+
+
+@pytest.mark.parametrize(
+    ("image", "segmentation", "message"),
+    [
+        ({"height": 100000, "width": 100000}, [[0, 0, 9, 0, 9, 9]], "100000x100000"),
+        ({"height": 0, "width": 0}, [[0, 0, 1, 0, 1, 1]], "at least 1"),
+        ({"height": 10, "width": 10}, [[0, 0, 1e9, 0, 1e9, 1e9]], "far outside the 10x10"),
+        ({"height": 10, "width": 10}, [[0, 0, float("nan"), 0, 1, 1]], "far outside"),
+        ({"height": 10, "width": 10}, [[0, 0, "x", 0, 1, 1]], "must be numbers"),
+        ({"height": 4, "width": 4}, {"size": [4, 4], "counts": [0, 17]}, "cover 17 pixels"),
+        ({"height": 4, "width": 4}, {"size": [4, 4], "counts": [5, -1, 12]}, "negative"),
+        ({"height": 4, "width": 4}, {"size": [4, 4], "counts": "zz"}, "character 'z'"),
+        ({"height": 4, "width": 4}, {"size": [4, 4], "counts": "1P"}, "ends in the middle"),
+        ({"height": 4, "width": 4}, {"size": [4, 4], "counts": None}, "'counts' must be"),
+    ],
+)
+def test_from_coco_refuses_what_would_crash_pycocotools(image, segmentation, message):
+    data = {
+        "images": [{"id": 1, **image}],
+        "categories": [{"id": 1, "name": "a"}],
+        "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "segmentation": segmentation}],
+    }
+    with pytest.raises(ConceptSourceError, match=message):
+        from_coco(data, grid=8, progress=False)
+
+
+def test_from_coco_huge_image_costs_only_its_grid():
+    # A 30000x30000 image (900 M pixels) is never decoded at full size.
+    data = {
+        "images": [{"id": 1, "height": 30000, "width": 30000}],
+        "categories": [{"id": 1, "name": "a"}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "segmentation": [[0, 0, 15000, 0, 15000, 30000, 0, 30000]],
+            }
+        ],
+    }
+    store = from_coco(data, grid=8, progress=False)
+    np.testing.assert_array_equal(store.mask("a")[0], np.repeat([[True] * 4 + [False] * 4], 8, 0))
+
+
+def test_from_mask_folder_symlinks_outside_the_root_need_a_flag(mask_folder, tmp_path):
+    root, truth = mask_folder
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    save(outside / "img_b.png", np.full((8, 8), 255, np.uint8))
+    (root / "grass" / "img_b.png").symlink_to(outside / "img_b.png")
+    with pytest.raises(ConceptSourceError, match="leads outside the mask folder.*allow_outside"):
+        from_mask_folder(root, grid=8, progress=False)
+    store = from_mask_folder(root, grid=8, allow_outside_links=True, progress=False)
+    assert store.images_with("grass").tolist() == [1]
+    # A link that stays inside the root is followed without the flag.
+    (root / "grass" / "img_b.png").unlink()
+    (root / "grass" / "img_b.png").symlink_to(root / "dog" / "img_b.png")
+    store = from_mask_folder(root, grid=8, progress=False)
+    np.testing.assert_array_equal(store.mask("grass")[1], truth["dog"][1])
+    # So is a concept folder linked from outside, only with the flag.
+    (root / "tree").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ConceptSourceError, match="leads outside"):
+        from_mask_folder(root, grid=8, progress=False)
+    assert "tree" in from_mask_folder(root, grid=8, allow_outside_links=True, progress=False).names

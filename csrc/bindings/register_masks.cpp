@@ -11,7 +11,7 @@ void require_1d(const py::array& a, const char* name) {
   if (a.ndim() != 1) throw std::invalid_argument(std::string(name) + " must be one-dimensional");
 }
 
-PyMaskSet make_mask_set(uint32_t n_images, uint32_t pixels, CArray<int64_t> offsets, CArray<int32_t> images,
+PyMaskSet make_mask_set(uint64_t n_images, uint64_t pixels, CArray<int64_t> offsets, CArray<int32_t> images,
                         CArray<int64_t> slots, CArray<int32_t> counts, CArray<uint64_t> words) {
   require_1d(offsets, "offsets");
   require_1d(images, "images");
@@ -23,9 +23,9 @@ PyMaskSet make_mask_set(uint32_t n_images, uint32_t pixels, CArray<int64_t> offs
     throw std::invalid_argument("images, slots and counts must have the same length");
   PyMaskSet set{offsets, images, slots, counts, words, MaskSetView{}};
   MaskSetView& v = set.view;
-  v.grid = Grid(n_images, pixels);
   if (pixels == 0) throw std::invalid_argument("an image must have at least one pixel");
-  if (words.size() % v.grid.words_per_image != 0)
+  v.grid = Grid(n_images, pixels);
+  if (uint64_t(words.size()) % v.grid.words_per_image != 0)
     throw std::invalid_argument("words length is not a multiple of the words per image");
   v.n_masks = offsets.size() - 1;
   v.offsets = set.offsets.data();
@@ -34,7 +34,7 @@ PyMaskSet make_mask_set(uint32_t n_images, uint32_t pixels, CArray<int64_t> offs
   v.counts = set.counts.data();
   v.words = set.words.data();
   v.n_entries = images.size();
-  v.n_slots = words.size() / v.grid.words_per_image;
+  v.n_slots = int64_t(uint64_t(words.size()) / v.grid.words_per_image);
   v.validate();
   return set;
 }

@@ -123,13 +123,17 @@ py::dict beam_dict(const std::vector<UnitResult>& results, int beam_size, int le
 
 namespace {
 
-py::array_t<uint64_t> run_concept_cooccurrence(const PyMaskSet& concepts) {
+py::object run_concept_cooccurrence(const PyMaskSet& concepts, bool with_stats) {
   const py::ssize_t n = static_cast<py::ssize_t>(concepts.view.n_masks);
   py::array_t<uint64_t> out({n, n});
   uint64_t* data = out.mutable_data();
-  py::gil_scoped_release release;
-  concept_cooccurrence(concepts.view, data);
-  return out;
+  SearchStats stats;
+  {
+    py::gil_scoped_release release;
+    concept_cooccurrence(concepts.view, data, &stats);
+  }
+  if (!with_stats) return std::move(out);
+  return py::make_tuple(out, stats.count_seconds, stats.count_words);
 }
 
 py::array_t<int64_t> run_intersection_counts(const PyMaskSet& units, int64_t begin, int64_t end,
@@ -178,12 +182,15 @@ py::dict run_formula_counts(const std::vector<int32_t>& program, const PyMaskSet
 }  // namespace
 
 void register_search(py::module_& m) {
+  m.attr("max_length") = kMaxLength;
+  m.attr("max_beam_size") = kMaxBeamSize;
   m.def("beam_search", &run_beam_search, py::arg("units"), py::arg("begin"), py::arg("end"), py::arg("concepts"),
         py::arg("length"), py::arg("beam_size"), py::arg("ops"), py::arg("penalty"),
         py::arg("cooccurrence") = py::none(), py::arg("block_bytes") = std::size_t(256) << 20,
         "Exact compositional beam search for units [begin, end); returns a dict of arrays.");
-  m.def("concept_cooccurrence", &run_concept_cooccurrence, py::arg("concepts"),
-        "|concept c AND concept d| for every pair: a symmetric (concepts, concepts) uint64 table.");
+  m.def("concept_cooccurrence", &run_concept_cooccurrence, py::arg("concepts"), py::arg("with_stats") = false,
+        "|concept c AND concept d| for every pair: a symmetric (concepts, concepts) uint64 table "
+        "(with_stats: also the seconds and word pairs of its counting passes).");
   m.def("intersection_counts", &run_intersection_counts, py::arg("units"), py::arg("begin"), py::arg("end"),
         py::arg("concepts"), "|unit AND concept| for units [begin, end) and every concept.");
   m.def("evaluate_words", &run_evaluate_words, py::arg("program"), py::arg("concepts"),

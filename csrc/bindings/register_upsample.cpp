@@ -1,4 +1,5 @@
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <stdexcept>
 #include <vector>
@@ -10,10 +11,16 @@ namespace pyneuron::bindings {
 
 namespace {
 
+// A map side as int (the resize code's type), refusing sides that do not fit.
+int side(py::ssize_t n) {
+  if (n < 1 || n > std::numeric_limits<int>::max()) throw std::invalid_argument("sizes must be positive and below 2**31");
+  return static_cast<int>(n);
+}
+
 py::array_t<float> run_bilinear_resize(const CArray<float>& maps, int height, int width) {
   if (maps.ndim() != 3) throw std::invalid_argument("maps must have shape (n, h, w)");
   const py::ssize_t n = maps.shape(0);
-  const int h = static_cast<int>(maps.shape(1)), w = static_cast<int>(maps.shape(2));
+  const int h = side(maps.shape(1)), w = side(maps.shape(2));
   if (h < 1 || w < 1 || height < 1 || width < 1) throw std::invalid_argument("sizes must be positive");
   py::array_t<float> out({n, static_cast<py::ssize_t>(height), static_cast<py::ssize_t>(width)});
   const float* in = maps.data();
@@ -31,7 +38,7 @@ py::tuple run_upsample_threshold(const CArray<float>& maps, const CArray<double>
                                  const std::optional<CArray<double>>& hi, int height, int width) {
   if (maps.ndim() != 4) throw std::invalid_argument("maps must have shape (images, units, h, w)");
   const py::ssize_t n_images = maps.shape(0), n_units = maps.shape(1);
-  const int h = static_cast<int>(maps.shape(2)), w = static_cast<int>(maps.shape(3));
+  const int h = side(maps.shape(2)), w = side(maps.shape(3));
   if (h < 1 || w < 1 || height < 1 || width < 1) throw std::invalid_argument("sizes must be positive");
   if (lo.ndim() != 1 || lo.shape(0) != n_units) throw std::invalid_argument("one lower threshold per unit");
   if (hi && (hi->ndim() != 1 || hi->shape(0) != n_units))

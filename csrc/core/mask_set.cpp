@@ -2,6 +2,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "popcount.hpp"
 
@@ -11,11 +12,20 @@ namespace {
 [[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("inconsistent mask set: " + what); }
 }  // namespace
 
+Grid::Grid(uint64_t n, uint64_t p) : n_images(n), pixels(p), words_per_image((p + 63) / 64) {
+  if (n > kMaxGridImages)
+    throw std::invalid_argument("a grid holds at most 2**31 - 1 images, got " + std::to_string(n));
+  if (p > kMaxImagePixels)
+    throw std::invalid_argument("an image holds at most 2**31 - 1 pixels (height * width), got " +
+                                std::to_string(p));
+}
+
 void MaskSetView::validate() const {
   if (grid.pixels == 0) fail("grid has zero pixels per image");
   if (n_masks < 0 || n_entries < 0 || n_slots < 0) fail("negative sizes");
   if (offsets[0] != 0) fail("offsets must start at 0");
   if (offsets[n_masks] != n_entries) fail("last offset does not equal the number of entries");
+  std::vector<char> slot_used(std::size_t(n_slots), 0);
   for (int64_t m = 0; m < n_masks; ++m) {
     const int64_t begin = offsets[m], end = offsets[m + 1];
     if (end < begin || end > n_entries) fail("offsets of mask " + std::to_string(m) + " are not increasing");
@@ -32,10 +42,16 @@ void MaskSetView::validate() const {
         if (count != int64_t(grid.pixels)) fail("full container with a count other than the image size");
       } else {
         if (slot < 0 || slot >= n_slots) fail("bitset slot out of range");
-        if (count <= 0 || count > int64_t(grid.pixels)) fail("bitset container with an impossible count");
+        if (slot_used[std::size_t(slot)]) fail("bitset slot " + std::to_string(slot) + " used twice");
+        slot_used[std::size_t(slot)] = 1;
+        // A bitset holds 1 .. pixels - 1 set pixels: empty images have no entry and
+        // full ones are full containers.
+        if (count <= 0 || count >= int64_t(grid.pixels)) fail("bitset container with an impossible count");
       }
     }
   }
+  for (int64_t slot = 0; slot < n_slots; ++slot)
+    if (!slot_used[std::size_t(slot)]) fail("bitset slot " + std::to_string(slot) + " is not used by any entry");
 }
 
 void MaskSetView::verify_words() const {

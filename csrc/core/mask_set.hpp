@@ -9,18 +9,24 @@ namespace pyneuron {
 
 constexpr int64_t kFullSlot = -1;  // entry slot value of a full-image container
 
+// Largest grid: per-entry pixel counts and image ids are int32 on disk and in the
+// arrays, so an image holds at most 2^31 - 1 pixels and a grid at most 2^31 - 1 images.
+constexpr uint64_t kMaxGridImages = (uint64_t(1) << 31) - 1;
+constexpr uint64_t kMaxImagePixels = (uint64_t(1) << 31) - 1;
+
 struct Grid {
-  uint32_t n_images = 0;
-  uint32_t pixels = 0;           // pixels per image (H * W)
-  uint32_t words_per_image = 0;  // ceil(pixels / 64)
+  uint64_t n_images = 0;
+  uint64_t pixels = 0;           // pixels per image (H * W)
+  uint64_t words_per_image = 0;  // ceil(pixels / 64)
 
   Grid() = default;
-  Grid(uint32_t n, uint32_t p) : n_images(n), pixels(p), words_per_image((p + 63) / 64) {}
-  uint64_t total_pixels() const { return uint64_t(n_images) * pixels; }
+  // Throws std::invalid_argument beyond kMaxGridImages / kMaxImagePixels.
+  Grid(uint64_t n, uint64_t p);
+  uint64_t total_pixels() const { return n_images * pixels; }
   bool operator==(const Grid& o) const { return n_images == o.n_images && pixels == o.pixels; }
   // Mask of the valid bits in an image's last word.
   uint64_t last_word_mask() const {
-    const uint32_t r = pixels % 64;
+    const uint64_t r = pixels % 64;
     return r == 0 ? ~uint64_t(0) : ((uint64_t(1) << r) - 1);
   }
 };
@@ -40,8 +46,9 @@ struct MaskSetView {
 
   const uint64_t* bitset(int64_t slot) const { return words + slot * grid.words_per_image; }
 
-  // Throws std::invalid_argument describing the first inconsistency (structure
-  // only: ranges, order and container kinds, not the popcounts of the bitsets).
+  // Throws std::invalid_argument describing the first inconsistency of the index
+  // (ranges, order, container kinds vs counts, every bitset slot used exactly once);
+  // reads no bitset word.
   void validate() const;
   // Throws std::invalid_argument if a stored count differs from its bitset's
   // popcount or padding bits are set (reads every word).

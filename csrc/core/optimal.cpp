@@ -480,11 +480,11 @@ class UnitSearch {
   void materialize(Node& w, Node* parent) {
     if (w.mask) return;
     if (w.depth == 1) {
-      w.mask = SparseMask::from_set(concepts_, t_.ids[w.key.c[0]]);
+      w.mask = SparseMask::view_of(concepts_, t_.ids[w.key.c[0]]);
     } else {
       materialize(*parent, nullptr);  // a parent at depth >= 2 is already materialized
       const BinaryOp op = opt_.ops[w.key.op.back()];
-      w.mask = parent->mask->combine(SparseMask::from_set(concepts_, t_.ids[w.key.c.back()]), op);
+      w.mask = parent->mask->combine(concepts_, t_.ids[w.key.c.back()], op);
     }
     w.mask_a = w.mask->combine(unit_, BinaryOp::And);
   }
@@ -606,12 +606,12 @@ class UnitSearch {
 
   BeamEntry materialize_best() const {
     BeamEntry entry;
-    SparseMask mask = SparseMask::from_set(concepts_, t_.ids[best_.c[0]]);
+    SparseMask mask = SparseMask::view_of(concepts_, t_.ids[best_.c[0]]);
     entry.concepts.push_back(t_.ids[best_.c[0]]);
     int negations = 0;
     for (std::size_t j = 0; j < best_.op.size(); ++j) {
       const BinaryOp op = opt_.ops[best_.op[j]];
-      mask = mask.combine(SparseMask::from_set(concepts_, t_.ids[best_.c[j + 1]]), op);
+      mask = mask.combine(concepts_, t_.ids[best_.c[j + 1]], op);
       entry.ops.push_back(op);
       entry.concepts.push_back(t_.ids[best_.c[j + 1]]);
       negations += op == BinaryOp::AndNot || op == BinaryOp::OrNot;
@@ -619,7 +619,9 @@ class UnitSearch {
     entry.length = int(best_.c.size()) + negations;
     entry.size = mask.total();
     entry.size_images = mask.nonempty_images();
-    entry.intersection = mask.intersect_count(unit_, &entry.intersection_images);
+    const SparseMask hit = mask.combine(unit_, BinaryOp::And);
+    entry.intersection = hit.total();
+    entry.intersection_images = hit.nonempty_images();
     entry.iou = iou_of(entry.intersection, entry.size, a_);
     entry.score = entry.iou;
     return entry;

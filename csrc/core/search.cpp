@@ -2,15 +2,17 @@
 
 #include <algorithm>
 #include <chrono>
-#include <functional>
 #include <cmath>
+#include <functional>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
 
 #include "batch_count.hpp"
 #include "bounds.hpp"
+#include "popcount.hpp"
 #include "thread_pool.hpp"
 
 namespace pyneuron {
@@ -115,7 +117,7 @@ LiveEntry primitive_entry(const SearchContext& ctx, const SparseMask& unit, int3
 // A final entry (last step) gets its counts only, without masks or intervals.
 LiveEntry extended_entry(const SearchContext& ctx, const LiveEntry& parent, const SparseMask& unit,
                          const Candidate& cand, bool final) {
-  LiveEntry live{parent.entry, SparseMask(unit.grid()), SparseMask(unit.grid()), {}};
+  LiveEntry live{parent.entry, SparseMask(), SparseMask(), {}};
   live.entry.concepts.push_back(cand.concept);
   live.entry.ops.push_back(cand.op);
   live.entry.length += 1 + is_negated(cand.op);
@@ -318,8 +320,10 @@ std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin
                                     const MaskSetView& concepts, const SearchOptions& options,
                                     const uint64_t* cooccurrence, SearchStats* stats) {
   check_same_grid(units, concepts);
-  if (options.length < 1) throw std::invalid_argument("length must be at least 1");
-  if (options.beam_size < 1) throw std::invalid_argument("beam_size must be at least 1");
+  if (options.length < 1 || options.length > kMaxLength)
+    throw std::invalid_argument("length must be between 1 and " + std::to_string(kMaxLength));
+  if (options.beam_size < 1 || options.beam_size > kMaxBeamSize)
+    throw std::invalid_argument("beam_size must be between 1 and " + std::to_string(kMaxBeamSize));
   if (options.ops.empty() && options.length > 1) throw std::invalid_argument("no operators given");
   if (!(options.penalty > 0) || !std::isfinite(options.penalty))
     throw std::invalid_argument("penalty must be a positive finite number");
@@ -379,7 +383,9 @@ std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin
   for (UnitSearch& s : searches) {
     if (s.beam.empty()) continue;
     std::size_t bytes = 0;
-    for (const LiveEntry& live : s.beam) bytes += 2 * (live.formula.nbytes() + live.intersection.nbytes());
+    // The next beam's formulas take about as much as these (single concepts are read in
+    // place, their extensions are built), both sit in memory during a step.
+    for (const LiveEntry& live : s.beam) bytes += 2 * (live.formula.bitset_bytes() + live.intersection.bitset_bytes());
     if (!block.empty() && block_bytes + bytes > options.block_bytes) run_block();
     block.push_back(&s);
     block_bytes += bytes;
@@ -409,26 +415,57 @@ void intersection_counts(const MaskSetView& units, int64_t unit_begin, int64_t u
       out[i * concepts.n_masks + c] = static_cast<int64_t>(counted.counts[std::size_t(c) * n + i]);
 }
 
-void concept_cooccurrence(const MaskSetView& concepts, uint64_t* out) {
+void concept_cooccurrence(const MaskSetView& concepts, uint64_t* out, SearchStats* stats) {
   const int64_t n = concepts.n_masks;
+  const std::size_t w = concepts.grid.words_per_image;
   const ImageMajorIndex index(concepts);
-  // Rows in blocks of concepts (copies of a block's bitsets), each against the concepts
-  // from its own id on; the other half by symmetry.
-  constexpr int64_t kBlock = 256;
-  for (int64_t r0 = 0; r0 < n; r0 += kBlock) {
-    const int64_t r1 = std::min(n, r0 + kBlock);
-    std::vector<SparseMask> masks(std::size_t(r1 - r0), SparseMask(concepts.grid));
-    parallel_for(r1 - r0, [&](int64_t i) { masks[i] = SparseMask::from_set(concepts, r0 + i); });
-    std::vector<const SparseMask*> rows;
-    for (const SparseMask& m : masks) rows.push_back(&m);
-    PairSet upper(r1 - r0, n);
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t c = r; c < n; ++c) upper.add(r - r0, c);
-    const BatchCounts counted = PairCounter(rows, concepts, index).count(&upper);
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t c = r; c < n; ++c)
-        out[std::size_t(r) * n + c] = out[std::size_t(c) * n + r] = counted.counts[std::size_t(c) * (r1 - r0) + (r - r0)];
-  }
+  std::fill(out, out + std::size_t(n) * std::size_t(n), uint64_t(0));
+  // Image by image, each concept k against the concepts j <= k present there: one
+  // one-against-many kernel call per (image, k) over the image's bitsets, which stay in
+  // L1/L2. Tasks own ranges of k (rows k of `out`); the upper triangle is mirrored last.
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(n, 4 * int64_t(num_threads())));
+  const AndPopcountManyFn many = and_popcount_many_kernel();
+  std::mutex stats_mutex;
+  const auto start = std::chrono::steady_clock::now();
+  parallel_for(tasks, [&](int64_t task) {
+    const int32_t k0 = int32_t(n * task / tasks), k1 = int32_t(n * (task + 1) / tasks);
+    std::vector<const uint64_t*> bits;  // the image's bitsets, by concept
+    std::vector<int32_t> ids;           // their concepts
+    std::vector<uint64_t> results;
+    uint64_t words = 0;
+    for (uint32_t i = 0; i < concepts.grid.n_images; ++i) {
+      const ImageMajorIndex::Entry* first = index.begin(i);
+      const ImageMajorIndex::Entry* last = index.end(i);
+      if (first == last || first->mask >= k1 || (last - 1)->mask < k0) continue;
+      bits.clear();
+      ids.clear();
+      for (const ImageMajorIndex::Entry* e = first; e != last && e->mask < k1; ++e) {
+        uint64_t* row = out + std::size_t(e->mask) * std::size_t(n);
+        const bool mine = e->mask >= k0;
+        if (e->slot == kFullSlot) {  // full: |k AND j| = |j| for every j <= k
+          if (mine)
+            for (const ImageMajorIndex::Entry* j = first; j <= e; ++j) row[j->mask] += uint64_t(j->count);
+          continue;
+        }
+        const uint64_t* mask = concepts.bitset(e->slot);
+        bits.push_back(mask);
+        ids.push_back(e->mask);
+        if (!mine) continue;
+        for (const ImageMajorIndex::Entry* j = first; j < e; ++j)  // full j: |k|
+          if (j->slot == kFullSlot) row[j->mask] += uint64_t(e->count);
+        results.resize(bits.size());
+        many(mask, bits.data(), bits.size(), w, results.data());
+        for (std::size_t j = 0; j < bits.size(); ++j) row[ids[j]] += results[j];
+        words += bits.size() * w;
+      }
+    }
+    std::lock_guard<std::mutex> lock(stats_mutex);
+    if (stats != nullptr) stats->count_words += words;
+  });
+  if (stats != nullptr)
+    stats->count_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  for (int64_t k = 0; k < n; ++k)
+    for (int64_t j = 0; j < k; ++j) out[std::size_t(j) * n + k] = out[std::size_t(k) * n + j];
 }
 
 SparseMask evaluate(const std::vector<int32_t>& program, const MaskSetView& concepts) {

@@ -10,6 +10,10 @@
 
 namespace pyneuron {
 
+// Largest accepted length and beam_size (memory and time grow with both).
+constexpr int kMaxLength = 32;
+constexpr int kMaxBeamSize = 1024;
+
 struct SearchOptions {
   int length = 3;
   int beam_size = 5;
@@ -69,7 +73,7 @@ std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin
 
 // out[c * n_concepts + d] = |concept c AND concept d| (n_concepts x n_concepts, symmetric).
 // The search derives bounds of |F AND C| for every beam formula F from it.
-void concept_cooccurrence(const MaskSetView& concepts, uint64_t* out);
+void concept_cooccurrence(const MaskSetView& concepts, uint64_t* out, SearchStats* stats = nullptr);
 
 // out[u * n_concepts + c] = |unit u AND concept c| for units [unit_begin, unit_end).
 void intersection_counts(const MaskSetView& units, int64_t unit_begin, int64_t unit_end,

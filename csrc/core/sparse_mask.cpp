@@ -28,6 +28,7 @@ void SparseMask::set_image(uint32_t image, const uint64_t* bits, uint32_t count)
   count_[image] = count;
   total_ += count;
   ++nonempty_images_;
+  ++bitsets_;
 }
 
 SparseMask SparseMask::from_set(const MaskSetView& set, int64_t m) {
@@ -55,6 +56,7 @@ SparseMask SparseMask::view_of(const MaskSetView& set, int64_t m) {
       mask.count_[image] = static_cast<uint32_t>(set.counts[e]);
       mask.total_ += mask.count_[image];
       ++mask.nonempty_images_;
+      ++mask.bitsets_;
     }
   }
   return mask;
@@ -75,27 +77,6 @@ uint64_t SparseMask::intersect_count(const MaskSetView& set, int64_t m, uint64_t
       c = count_[image];
     else
       c = and_popcount(bitset(mine), set.bitset(set.slots[e]), w);
-    total += c;
-    hit_images += c != 0;
-  }
-  if (images != nullptr) *images = hit_images;
-  return total;
-}
-
-uint64_t SparseMask::intersect_count(const SparseMask& other, uint64_t* images) const {
-  const AndPopcountFn and_popcount = and_popcount_kernel();
-  const std::size_t w = grid_.words_per_image;
-  uint64_t total = 0, hit_images = 0;
-  for (uint32_t image = 0; image < grid_.n_images; ++image) {
-    const int32_t a = slot_[image], b = other.slot_[image];
-    if (a == kEmpty || b == kEmpty) continue;
-    uint64_t c;
-    if (a == kFull)
-      c = other.count_[image];
-    else if (b == kFull)
-      c = count_[image];
-    else
-      c = and_popcount(bitset(a), other.bitset(b), w);
     total += c;
     hit_images += c != 0;
   }

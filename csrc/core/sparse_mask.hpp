@@ -25,6 +25,8 @@ class SparseMask {
   static constexpr int32_t kFull = -2;
 
   explicit SparseMask(const Grid& grid);
+  // A placeholder that holds no mask (no grid): only assignable.
+  SparseMask() = default;
   // Mask m of a mask set.
   static SparseMask from_set(const MaskSetView& set, int64_t m);
 
@@ -37,16 +39,14 @@ class SparseMask {
   // Mask m of a set, reading the set's bitsets in place: the set must outlive the view
   // (a copy of the set's mask where its slots do not fit the view's 32-bit index).
   static SparseMask view_of(const MaskSetView& set, int64_t m);
-  // Bytes of the bitsets it owns (none for a view).
-  std::size_t nbytes() const { return words_.size() * sizeof(uint64_t); }
+  // Bytes of its bitsets (owned, or read in place by a view).
+  std::size_t bitset_bytes() const { return bitsets_ * grid_.words_per_image * sizeof(uint64_t); }
   const uint64_t* bitset(int32_t slot) const {
     return (viewed_ != nullptr ? viewed_ : words_.data()) + std::size_t(slot) * grid_.words_per_image;
   }
 
   // |this AND m| for mask m of a set; optionally the number of images where it is not empty.
   uint64_t intersect_count(const MaskSetView& set, int64_t m, uint64_t* images = nullptr) const;
-  // |this AND other| and the number of images where it is not empty.
-  uint64_t intersect_count(const SparseMask& other, uint64_t* images = nullptr) const;
 
   // this OP other, image by image, keeping empty and full containers as such.
   SparseMask combine(const SparseMask& other, BinaryOp op) const;
@@ -77,6 +77,7 @@ class SparseMask {
   std::vector<uint32_t> count_;
   std::vector<uint64_t> words_;
   const uint64_t* viewed_ = nullptr;  // a view's bitsets (then words_ is empty)
+  std::size_t bitsets_ = 0;           // partial images
   uint64_t total_ = 0;
   uint64_t nonempty_images_ = 0;
 };

@@ -53,7 +53,14 @@ void parallel_for(int64_t n, const std::function<void(int64_t)>& body) {
     }
   };
   std::vector<std::thread> threads;
-  for (int64_t t = 1; t < workers; ++t) threads.emplace_back(work);
+  try {
+    threads.reserve(std::size_t(workers - 1));
+    for (int64_t t = 1; t < workers; ++t) threads.emplace_back(work);
+  } catch (const std::exception&) {
+    // No thread could be started (std::system_error: no memory for a stack, a
+    // process limit) or no room for its handle: the shared counter lets the
+    // threads already running, and this one, do all the work.
+  }
   work();
   for (std::thread& t : threads) t.join();
   if (error) std::rethrow_exception(error);

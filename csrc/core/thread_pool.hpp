@@ -10,7 +10,8 @@ namespace pyneuron {
 int num_threads();
 void set_num_threads(int n);
 
-// Calls body(i) for every i in [0, n), spread over num_threads() threads.
+// Calls body(i) for every i in [0, n), spread over num_threads() threads (fewer when
+// the system refuses to start more: the calling thread alone if need be).
 // The first exception thrown by a body is rethrown after all threads stop.
 void parallel_for(int64_t n, const std::function<void(int64_t)>& body);
 

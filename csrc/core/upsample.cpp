@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 
 #include "thread_pool.hpp"
@@ -104,6 +105,9 @@ void upsample_threshold(const float* maps, int64_t n_maps, int64_t n_units, int 
                         uint64_t* words, int32_t* counts) {
   const ResizeCoefficients horizontal(w, width), vertical(h, height);
   const std::size_t pixels = std::size_t(height) * width;
+  // counts are int32: at most 2^31 - 1 pixels per image (as Grid allows).
+  if (pixels > std::size_t(std::numeric_limits<int32_t>::max()))
+    throw std::invalid_argument("an image holds at most 2**31 - 1 pixels (height * width)");
   const std::size_t words_per_map = (pixels + 63) / 64;
   const std::size_t map_size = std::size_t(h) * w;
   constexpr int64_t kBlock = 64;  // maps per task: amortizes the scratch buffers

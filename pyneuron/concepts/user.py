@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -271,6 +270,7 @@ def from_mask_folder(
     concepts: Sequence[str] | None = None,
     categories: str | Sequence[str] | Mapping[str, str] | None = None,
     suffix: str = ".png",
+    allow_outside_links: bool = False,
     out: PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -298,6 +298,10 @@ def from_mask_folder(
         One category for all, one per concept, or a dict ``concept -> category``.
     suffix
         Extension of the mask files (case-insensitive), ``.png`` by default.
+    allow_outside_links
+        Symbolic links (concept folders or mask files) are followed when they stay inside
+        ``root``; one that leads outside is refused unless this is true, so a folder from
+        elsewhere cannot make pyneuron read arbitrary files.
     out, overwrite, progress
         As in :func:`from_arrays` (progress shown by default).
 
@@ -307,7 +311,7 @@ def from_mask_folder(
         If ``root`` or a listed concept folder does not exist.
     ConceptSourceError
         If no mask file matches any image, a file cannot be decoded (the message names
-        it), or names repeat.
+        it), names repeat, or a symbolic link leads outside ``root``.
 
     Examples
     --------
@@ -337,13 +341,24 @@ def from_mask_folder(
             raise ConceptSourceError("no concepts given (an empty list)")
     check_unique(concepts)
     suffix = suffix.lower()
+    inside = root.resolve()
+
+    def checked(path: Path) -> Path:
+        if not allow_outside_links and not path.resolve().is_relative_to(inside):
+            raise ConceptSourceError(
+                f"{path} leads outside the mask folder {root} (to {path.resolve()}); pass "
+                "allow_outside_links=True to follow such symbolic links"
+            )
+        return path
+
     files: dict[str, dict[str, Path]] = {}
     for concept in concepts:
         folder = root / concept
         if not folder.is_dir():
             raise MissingFileError(f"concept folder {folder} does not exist")
+        checked(folder)
         files[concept] = {
-            p.name[: -len(suffix)]: p
+            p.name[: -len(suffix)]: checked(p)
             for p in folder.iterdir()
             if p.name.lower().endswith(suffix) and p.is_file()
         }
@@ -523,26 +538,104 @@ def from_label_maps(
 # -- COCO annotations ---------------------------------------------------------------------------
 
 
-def _coco_mask(mask_utils: Any, ann: Mapping[str, Any], h: int, w: int) -> np.ndarray | None:
-    """Decode one annotation's segmentation (polygons, RLE or compressed RLE) at h x w,
-    the way ``pycocotools.coco.COCO.annToMask`` does."""
+#: Largest COCO image pycocotools handles safely (it sizes masks in 32-bit integers).
+COCO_MAX_PIXELS = 2**31 - 1
+
+
+def _rle_counts_from_string(text: str | bytes) -> np.ndarray:
+    """Run lengths of COCO's compressed RLE string (``rleFrString`` of pycocotools'
+    maskApi.c), checked for malformed input instead of trusted."""
+    data = text.encode() if isinstance(text, str) else bytes(text)
+    counts: list[int] = []
+    p = 0
+    while p < len(data):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(data):
+                raise ValueError("its compressed RLE string ends in the middle of a number")
+            c = data[p] - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"its compressed RLE string holds the character {chr(data[p])!r}")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return np.asarray(counts, dtype=np.int64)
+
+
+def _sample_rle(
+    counts: np.ndarray, h: int, w: int, rows: np.ndarray, cols: np.ndarray
+) -> np.ndarray:
+    """Pixels (rows x cols) of an h x w mask given as column-major run lengths (the first
+    run is zeros), without decoding the whole mask."""
+    if counts.size and counts.min() < 0:
+        raise ValueError("its RLE holds a negative run length")
+    if int(counts.sum()) != h * w:
+        raise ValueError(f"its RLE runs cover {int(counts.sum())} pixels, not {h}x{w}")
+    ends = np.cumsum(counts)
+    index = cols[None, :].astype(np.int64) * h + rows[:, None]
+    return np.searchsorted(ends, index, side="right") % 2 == 1
+
+
+def _check_polygons(segm: list[Any], h: int, w: int) -> None:
+    """Refuse polygons pycocotools would crash on (or spend unbounded memory on)."""
+    limit = 4 * max(h, w)
+    for polygon in segm:
+        if not isinstance(polygon, (list, tuple)) or len(polygon) < 6 or len(polygon) % 2:
+            raise ValueError("a polygon must be a list of at least 3 (x, y) pairs")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon):
+            raise ValueError("polygon coordinates must be numbers")
+        values = np.asarray(polygon, dtype=np.float64)
+        if not np.isfinite(values).all() or np.abs(values).max() > limit:
+            raise ValueError(
+                f"a polygon coordinate lies far outside the {h}x{w} image (|x|, |y| must be at "
+                f"most {limit}; coordinates are pixels, not normalized or scaled)"
+            )
+
+
+def _coco_mask(
+    mask_utils: Any, ann: Mapping[str, Any], h: int, w: int, size: tuple[int, int]
+) -> np.ndarray | None:
+    """One annotation's segmentation (polygons, RLE or compressed RLE) of an h x w image,
+    as ``pycocotools.coco.COCO.annToMask`` decodes it, resized to ``size`` by nearest
+    neighbour. Only the sampled pixels are computed, from the run lengths, so the cost
+    does not grow with the image."""
+    rows, cols = _positions(h, size[0]), _positions(w, size[1])
     segm = ann["segmentation"]
     if isinstance(segm, list):
         if not segm:
             return None
-        rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
-    elif isinstance(segm, Mapping):
-        size = list(segm.get("size", ()))
-        if size != [h, w]:
-            raise ValueError(f"its RLE size {size} is not the image's [height, width] {[h, w]}")
-        if isinstance(segm["counts"], list):
-            rle = mask_utils.frPyObjects(dict(segm), h, w)
-        else:
-            counts = segm["counts"]
-            rle = {"size": size, "counts": counts.encode() if isinstance(counts, str) else counts}
-    else:
-        raise ValueError(f"segmentation must be polygons or RLE, got {type(segm).__name__}")
-    return np.asarray(mask_utils.decode(rle), dtype=bool)
+        _check_polygons(segm, h, w)
+        rles = mask_utils.frPyObjects([list(map(float, p)) for p in segm], h, w)
+        out = np.zeros(size, dtype=bool)
+        for rle in rles:
+            out |= _sample_rle(_rle_counts_from_string(rle["counts"]), h, w, rows, cols)
+        return out
+    if isinstance(segm, Mapping):
+        rle_size = list(segm.get("size", ()))
+        if rle_size != [h, w]:
+            raise ValueError(f"its RLE size {rle_size} is not the image's [height, width] {[h, w]}")
+        counts = segm.get("counts")
+        if isinstance(counts, (str, bytes)):
+            return _sample_rle(_rle_counts_from_string(counts), h, w, rows, cols)
+        if isinstance(counts, list) and all(
+            isinstance(c, int) and not isinstance(c, bool) for c in counts
+        ):
+            return _sample_rle(np.asarray(counts, dtype=np.int64), h, w, rows, cols)
+        raise ValueError("its RLE 'counts' must be a list of integers or a compressed string")
+    raise ValueError(f"segmentation must be polygons or RLE, got {type(segm).__name__}")
+
+
+def _positions(size_in: int, size_out: int) -> np.ndarray:
+    """Input positions a nearest-neighbour resize to ``size_out`` reads (see
+    :func:`resize_nearest`)."""
+    if size_in == size_out:
+        return np.arange(size_in, dtype=np.int64)
+    return _nearest_positions(size_in, size_out)
 
 
 def from_coco(
@@ -560,8 +653,12 @@ def from_coco(
     """A store from COCO-style instance annotations (polygons, RLE, compressed RLE).
 
     Each COCO category is a concept (in category-id order, even when absent); in each
-    image the instances of a category are merged (union), decoded with ``pycocotools``
-    at the image's ``height x width`` and resized to the grid by nearest neighbour.
+    image the instances of a category are merged (union), decoded as ``pycocotools``
+    does at the image's ``height x width`` and resized to the grid by nearest neighbour
+    (only the pixels the resize reads are computed, from the run lengths, so large images
+    cost no more than small ones). Sizes and coordinates are checked before
+    ``pycocotools`` sees them: images of at most 2**31 - 1 pixels, polygon coordinates
+    within 4 x max(height, width) of the origin, RLE runs covering the image exactly.
     Needs ``pycocotools`` (``pip install pycocotools``).
 
     Parameters
@@ -585,8 +682,9 @@ def from_coco(
     ImportError
         If ``pycocotools`` is not installed.
     ConceptSourceError
-        For unknown image or category ids, duplicate category names, an empty file, or a
-        segmentation ``pycocotools`` cannot decode (naming the annotation id).
+        For unknown image or category ids, duplicate category names, an empty file, an
+        image size out of range, or a segmentation that cannot be decoded (naming the
+        annotation id).
 
     Examples
     --------
@@ -679,21 +777,24 @@ def from_coco(
         "resize": "PIL NEAREST",
     }
     writer = open_writer((len(ids), h, w), names, cats, out, overwrite, progress, metadata)
-    with writer, warnings.catch_warnings():
-        # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; not ours.
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="pycocotools")
+    with writer:
         for i, image_id in enumerate(ids):
             image = coco_images[image_id]
             try:
                 ih, iw = int(image["height"]), int(image["width"])
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):
                 raise ConceptSourceError(
                     f"COCO image {image_id} needs integer 'height' and 'width'"
                 ) from None
+            if ih < 1 or iw < 1 or ih * iw > COCO_MAX_PIXELS:
+                raise ConceptSourceError(
+                    f"COCO image {image_id} is {ih}x{iw}: height and width must be at least 1 "
+                    "and their product at most 2**31 - 1 (pycocotools' limit)"
+                )
             merged: dict[int, np.ndarray] = {}
             for ann in by_image[image_id]:
                 try:
-                    mask = _coco_mask(mask_utils, ann, ih, iw)
+                    mask = _coco_mask(mask_utils, ann, ih, iw, (h, w))
                 except Exception as error:  # pycocotools raises bare Exceptions
                     raise ConceptSourceError(
                         f"cannot decode the segmentation of annotation {ann.get('id')} "
@@ -703,10 +804,6 @@ def from_coco(
                     continue
                 k = concept_of[int(ann["category_id"])]
                 merged[k] = merged[k] | mask if k in merged else mask
-            masks = {}
-            for k, mask in merged.items():
-                small = resize_nearest(mask, (h, w))
-                if small.any():
-                    masks[names[k]] = small
+            masks = {names[k]: mask for k, mask in merged.items() if mask.any()}
             writer.add_image(i, masks=masks)
     return writer.store

@@ -1,0 +1,337 @@
+"""The Ray backend on a real local cluster: identical tables, killed workers, resume.
+
+The cluster (a head node without CPUs and two worker nodes with one CPU each, all on
+127.0.0.1) is started once for the module; the tests are skipped only when Ray is not
+installed (``pip install 'pyneuron[ray]'``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pandas.testing import assert_frame_equal
+
+import pyneuron
+from pyneuron import distributed
+from pyneuron.distributed import RayBackend, resolve_backend, run_shard_dir
+
+SHARD_TASK = b"ray::_run_shard"
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+# -- without a cluster ---------------------------------------------------------------------
+
+
+def test_backend_values_are_checked():
+    assert resolve_backend("local") is None
+    assert resolve_backend("ray") == RayBackend()
+    with pytest.raises(pyneuron.PyneuronError, match="unknown backend 'dask'"):
+        resolve_backend("dask")
+    with pytest.raises(pyneuron.PyneuronError, match="unit_block must be an integer >= 1"):
+        RayBackend(unit_block=0)
+    with pytest.raises(pyneuron.PyneuronError, match="share_store must be one of"):
+        RayBackend(share_store="nfs")
+    with pytest.raises(pyneuron.PyneuronError, match="max_retries"):
+        RayBackend(max_retries=-1)
+    assert run_shard_dir(Path("runs") / "a") == Path("runs") / "a.shards"
+
+
+def test_missing_ray_is_a_clear_error(monkeypatch, tmp_path):
+    store, units = _data(seed=1, n_units=3)
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail
+    with pytest.raises(pyneuron.PyneuronError, match=r"pip install 'pyneuron\[ray\]'"):
+        pyneuron.explain(units, store, backend="ray", progress=False)
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+def _data(seed: int, n_units: int, n_images: int = 60, size: int = 12, n_concepts: int = 12):
+    """Random concepts (with an empty and a full-image one) and units built from them
+    (planted formulas with noise, a silent unit, a unit that fires everywhere)."""
+    rng = np.random.default_rng(seed)
+    concepts = rng.random((n_concepts, n_images, size, size)) < rng.uniform(0.05, 0.4)
+    concepts[0] = False
+    concepts[1, : n_images // 3] = True
+    concepts[1, n_images // 3 :] = False
+    units = np.empty((n_units, n_images, size, size), dtype=bool)
+    for u in range(n_units):
+        a, b, c = rng.choice(n_concepts, 3, replace=False)
+        planted = (concepts[a] | concepts[b]) & ~concepts[c]
+        units[u] = planted ^ (rng.random(planted.shape) < 0.03)
+    units[0] = False
+    units[-1] = True
+    names = [f"c{i}" for i in range(n_concepts)]
+    return pyneuron.ConceptStore.from_masks(concepts, names), pyneuron.UnitMasks.from_masks(units)
+
+
+def _heavy(seed: int = 7):
+    """A case whose shards take a noticeable time (so a run can be interrupted)."""
+    return _data(seed, n_units=24, n_images=300, size=24, n_concepts=60)
+
+
+HEAVY_SEARCH = {"length": 5, "beam_size": 25, "progress": False}
+
+
+# -- the cluster ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Single-machine mode: Ray then resolves 127.0.0.1 to itself, not to this host's
+    # network address (which the loopback-bound nodes do not listen on). Read when Ray is
+    # imported, and inherited by the nodes and by drivers started from the tests.
+    previous = os.environ.get(LOOPBACK_ONLY)
+    os.environ[LOOPBACK_ONLY] = "0"
+    ray = pytest.importorskip(
+        "ray", reason="the Ray backend needs Ray: pip install 'pyneuron[ray]'"
+    )
+    from ray.cluster_utils import Cluster
+
+    nodes = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+    )
+    try:
+        for _ in range(2):
+            nodes.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        ray.init(address=nodes.address, logging_level=logging.WARNING, log_to_driver=False)
+        nodes.wait_for_nodes()
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+        if previous is None:
+            os.environ.pop(LOOPBACK_ONLY)
+        else:
+            os.environ[LOOPBACK_ONLY] = previous
+
+
+def _same_as_local(units, store, backend, **options):
+    local = pyneuron.explain(units, store, progress=False, **options)
+    distributed = pyneuron.explain(units, store, backend=backend, progress=False, **options)
+    assert_frame_equal(distributed, local, check_exact=True)
+    return distributed
+
+
+# -- identical results ---------------------------------------------------------------------
+
+
+# Blocks of 5: the last one of 3; blocks of 1: a silent unit and a unit firing everywhere
+# (empty and full-image containers only) travel alone.
+@pytest.mark.parametrize(("full_beam", "unit_block"), [(False, 5), (True, 1)])
+def test_same_table_as_local(cluster, full_beam, unit_block):
+    store, units = _data(seed=0, n_units=23)
+    backend = RayBackend(unit_block=unit_block)
+    table = _same_as_local(units, store, backend, full_beam=full_beam)
+    assert table["unit"].drop_duplicates().tolist() == list(range(23))
+    assert table["formula"].notna().sum() > 0
+
+
+def test_same_table_with_store_on_disk_and_unit_chunks(cluster, tmp_path):
+    store, units = _data(seed=2, n_units=9)
+    store.save(tmp_path / "store")
+    on_disk = pyneuron.ConceptStore.open(tmp_path / "store")
+    masks = [units.mask(u) for u in range(len(units))]
+    chunks = [
+        pyneuron.UnitMasks.from_masks(np.stack(masks[:4])),
+        units.__class__.from_masks(np.stack(masks[4:])),
+    ]
+    options = {"length": 2, "beam_size": 3, "operators": ("AND", "OR NOT"), "penalty": 0.9}
+    local = pyneuron.explain(units, store, progress=False, **options)
+    for share in ("path", "object"):
+        backend = RayBackend(unit_block=3, share_store=share)
+        table = pyneuron.explain(chunks, on_disk, backend=backend, progress=False, **options)
+        assert_frame_equal(table, local, check_exact=True)
+
+
+def test_dissect_on_ray(cluster):
+    rng = np.random.default_rng(3)
+    store, _ = _data(seed=3, n_units=1, n_images=40, size=8)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU()).eval()
+    images = rng.random((40, 3, 8, 8), dtype=np.float32)
+    for options in ({"quantile": 0.05}, {"ranges": 2}):
+        local = pyneuron.dissect(model, "1", images, store, progress=False, **options)
+        table = pyneuron.dissect(
+            model, "1", images, store, progress=False, backend=RayBackend(unit_block=4), **options
+        )
+        assert_frame_equal(table, local, check_exact=True)
+
+
+def test_cli_explain_with_ray(cluster, tmp_path):
+    from typer.testing import CliRunner
+
+    from pyneuron.cli import app
+    from pyneuron.results import read_results
+
+    store, units = _data(seed=4, n_units=7)
+    store.save(tmp_path / "store")
+    units.save(tmp_path / "units")
+    runner = CliRunner()
+    common = ["explain", "--units", str(tmp_path / "units"), "--concepts", str(tmp_path / "store")]
+    for out, extra in (("local", []), ("ray", ["--ray", cluster.address])):
+        result = runner.invoke(app, [*common, "--out", str(tmp_path / out), "-q", *extra])
+        assert result.exit_code == 0, result.output
+    assert_frame_equal(
+        read_results(tmp_path / "ray"), read_results(tmp_path / "local"), check_exact=True
+    )
+    assert not run_shard_dir(tmp_path / "ray").exists()
+
+
+def test_cli_dissect_with_ray(cluster, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from pyneuron.cli import app
+    from pyneuron.results import read_results
+
+    rng = np.random.default_rng(6)
+    (tmp_path / "images").mkdir()
+    for i in range(12):
+        pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i:02d}.png")
+    store, _ = _data(seed=6, n_units=1, n_images=12, size=8)
+    store.save(tmp_path / "store")
+    (tmp_path / "net.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.ReLU())\n"
+    )
+    args = ["dissect", "--model", f"{tmp_path / 'net.py'}:build", "--layer", "1"]
+    args += ["--images", str(tmp_path / "images"), "--concepts", str(tmp_path / "store")]
+    args += ["--image-size", "16", "--quantile", "0.1", "-q"]
+    runner = CliRunner()
+    for out, extra in (("local", []), ("ray", ["--ray", "auto"])):
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / out), *extra])
+        assert result.exit_code == 0, result.output
+    assert_frame_equal(
+        read_results(tmp_path / "ray"), read_results(tmp_path / "local"), check_exact=True
+    )
+    assert not run_shard_dir(tmp_path / "ray").exists()
+
+
+# -- faults --------------------------------------------------------------------------------
+
+
+def _running_shard_pids() -> list[int]:
+    """Worker processes executing a shard right now (Ray titles them ray::<task>)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(SHARD_TASK):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_worker_killed_mid_run_gives_identical_result(cluster):
+    store, units = _heavy()
+    local = pyneuron.explain(units, store, **HEAVY_SEARCH)
+    killed: list[int] = []
+    finished = threading.Event()
+
+    def kill_one() -> None:
+        while not finished.is_set() and not killed:
+            for pid in _running_shard_pids():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                break
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_one)
+    killer.start()
+    try:
+        table = pyneuron.explain(units, store, backend=RayBackend(unit_block=2), **HEAVY_SEARCH)
+    finally:
+        finished.set()
+        killer.join()
+    assert killed, "no worker was running a shard to kill; make the shards slower"
+    assert_frame_equal(table, local, check_exact=True)
+
+
+def test_bad_input_on_a_worker_fails_with_its_message(cluster, tmp_path):
+    store, units = _data(seed=5, n_units=4)
+    store.save(tmp_path / "store")
+    on_disk = pyneuron.ConceptStore.open(tmp_path / "store", verify=True)
+    words = tmp_path / "store" / "words.bin"
+    data = bytearray(words.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    with open(words, "r+b") as handle:  # in place: the driver's memory map sees it too
+        handle.write(bytes(data))
+    with pytest.raises(pyneuron.StoreError, match="worker on node .*checksum of words.bin"):
+        pyneuron.explain(units, on_disk, backend=RayBackend(share_store="path"), progress=False)
+
+
+def test_resume_after_interruption_computes_only_missing_shards(
+    cluster, tmp_path, caplog, monkeypatch
+):
+    store, units = _heavy(seed=8)
+    store.save(tmp_path / "store")
+    units.save(tmp_path / "units")
+    shards = tmp_path / "shards"
+    backend = {"unit_block": 2, "shard_dir": str(shards)}
+    driver = textwrap.dedent(
+        f"""
+        import ray, pyneuron
+        ray.init(address={cluster.address!r}, log_to_driver=False)
+        pyneuron.explain(
+            pyneuron.UnitMasks.open({str(tmp_path / "units")!r}),
+            pyneuron.ConceptStore.open({str(tmp_path / "store")!r}),
+            backend=pyneuron.RayBackend(**{backend!r}), **{HEAVY_SEARCH!r})
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", driver])
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(shards.glob("*/units-*.npz"))) < 2:
+            assert process.poll() is None, "the interrupted driver stopped on its own"
+            assert time.monotonic() < deadline, "no shard was written within 60 s"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards.glob("*/units-*.npz")}
+    total = -(-len(units) // 2)
+    assert 2 <= len(kept) < total, "the run was not interrupted before its end"
+
+    with caplog.at_level(logging.INFO, logger="pyneuron.distributed"):
+        table = pyneuron.explain(units, store, backend=RayBackend(**backend), **HEAVY_SEARCH)
+    assert f"{len(kept)} of {total} shards already done" in caplog.text
+    assert f"computing {total - len(kept)}" in caplog.text
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards.glob("*/units-*.npz")}
+    assert len(after) == total and all(after[name] == kept[name] for name in kept)
+    assert_frame_equal(table, pyneuron.explain(units, store, **HEAVY_SEARCH), check_exact=True)
+
+    # All shards done: nothing to compute, so Ray is not even contacted.
+    def no_ray(address):
+        raise AssertionError("Ray contacted although every shard was done")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(distributed, "_connect", no_ray)
+        done = pyneuron.explain(units, store, backend=RayBackend(**backend), **HEAVY_SEARCH)
+    assert_frame_equal(done, table, check_exact=True)
+
+    # A damaged shard file is recomputed, not trusted.
+    damaged = sorted(shards.glob("*/units-*.npz"))[0]
+    damaged.write_bytes(b"not a shard")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pyneuron.distributed"):
+        again = pyneuron.explain(units, store, backend=RayBackend(**backend), **HEAVY_SEARCH)
+    assert f"{total - 1} of {total} shards already done" in caplog.text
+    assert_frame_equal(again, table, check_exact=True)
+    pd.testing.assert_index_equal(again.columns, table.columns)
