@@ -3,9 +3,9 @@ over concepts, exactly and fast.
 
 Main entry points: :func:`dissect` (model layer -> explanations), :func:`capture`,
 :class:`ConceptStore`, :class:`UnitMasks`, :func:`explain`, :func:`iou_table`,
-:func:`score` and :class:`Formula`; checks of explanations: :func:`evaluate`
-(held-out images), :func:`null_baseline` and :func:`significance` (control units),
-:func:`faithfulness` (masking concepts).
+:func:`compare_searches`, :func:`score` and :class:`Formula`; checks of explanations:
+:func:`evaluate` (held-out images), :func:`null_baseline` and :func:`significance` (control
+units), :func:`faithfulness` (masking concepts).
 """
 
 from . import concepts, describe
@@ -32,7 +32,15 @@ from .faithfulness import faithfulness
 from .formula import And, Concept, Formula, Not, Or
 from .grid import Grid
 from .null import control_units, null_baseline, significance
-from .search import MAX_BEAM_SIZE, MAX_LENGTH, OPERATORS, explain, iou_table, score
+from .search import (
+    MAX_BEAM_SIZE,
+    MAX_LENGTH,
+    OPERATORS,
+    compare_searches,
+    explain,
+    iou_table,
+    score,
+)
 from .store import ConceptStore, ConceptStoreWriter
 from .thresholds import activation_ranges, compexp_level, quantile_thresholds, user_thresholds
 from .units import UnitMasks, UnitMasksWriter
@@ -69,6 +77,7 @@ __all__ = [
     "available_simd_levels",
     "bilinear_resize",
     "capture",
+    "compare_searches",
     "compexp_level",
     "control_units",
     "dissect",

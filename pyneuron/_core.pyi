@@ -46,6 +46,18 @@ def beam_search(
     cooccurrence: npt.NDArray[np.uint64] | None = None,
     block_bytes: int = ...,
 ) -> dict[str, np.ndarray | float | int]: ...
+def optimal_search(
+    units: MaskSet,
+    begin: int,
+    end: int,
+    concepts: MaskSet,
+    length: int,
+    ops: list[int],
+    beam_size: int,
+    time_limit: float,
+    max_nodes: int,
+    cooccurrence: npt.NDArray[np.uint64] | None = None,
+) -> dict[str, np.ndarray]: ...
 @overload
 def concept_cooccurrence(
     concepts: MaskSet, with_stats: Literal[False] = False

@@ -17,6 +17,7 @@ except ImportError as error:  # pragma: no cover - only when the build is missin
 
 NativeMaskSet = _core.MaskSet
 beam_search = _core.beam_search
+optimal_search = _core.optimal_search
 concept_cooccurrence = _core.concept_cooccurrence
 intersection_counts = _core.intersection_counts
 category_unit_pixels = _core.category_unit_pixels

@@ -83,6 +83,16 @@ BeamOption = Annotated[int, typer.Option("--beam", help="Beam size.")]
 OperatorsOption = Annotated[
     str, typer.Option(help="Comma-separated operators: OR, AND, AND NOT, OR NOT.")
 ]
+SearchOption = Annotated[
+    str,
+    typer.Option(help="beam (compexp's beam search) or optimal (guaranteed best formula)."),
+]
+TimeLimitOption = Annotated[
+    float | None, typer.Option(help="Optimal search: seconds per unit (default: none).")
+]
+MaxNodesOption = Annotated[
+    int | None, typer.Option(help="Optimal search: expanded nodes per unit (default: none).")
+]
 
 RayOption = Annotated[
     str | None,
@@ -240,6 +250,9 @@ def dissect(
     length: LengthOption = 3,
     beam: BeamOption = 5,
     operators: OperatorsOption = "OR,AND,AND NOT",
+    search: SearchOption = "beam",
+    time_limit: TimeLimitOption = None,
+    max_nodes: MaxNodesOption = None,
     iou: IouOption = "dataset",
     quantile: Annotated[float, typer.Option(help="Top activation quantile per unit.")] = 0.005,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
@@ -277,6 +290,9 @@ def dissect(
         length=length,
         beam_size=beam,
         operators=_operators(operators),
+        search=search,
+        time_limit=time_limit,
+        max_nodes=max_nodes,
         iou=iou,
         batch_size=batch_size,
         transform=processor or image_transform(image_size),
@@ -294,6 +310,9 @@ def dissect(
             "length": length,
             "beam": beam,
             "operators": operators,
+            "search": search,
+            "time_limit": time_limit,
+            "max_nodes": max_nodes,
             "iou": iou,
             "quantile": quantile,
             "batch_size": batch_size,
@@ -325,6 +344,9 @@ def explain(
     length: LengthOption = 3,
     beam: BeamOption = 5,
     operators: OperatorsOption = "OR,AND,AND NOT",
+    search: SearchOption = "beam",
+    time_limit: TimeLimitOption = None,
+    max_nodes: MaxNodesOption = None,
     iou: IouOption = "dataset",
     ray: RayOption = None,
     overwrite: OverwriteOption = False,
@@ -347,6 +369,9 @@ def explain(
         length=length,
         beam_size=beam,
         operators=_operators(operators),
+        search=search,
+        time_limit=time_limit,
+        max_nodes=max_nodes,
         mode=iou,
         full_beam=True,
         progress=not quiet,
@@ -359,6 +384,9 @@ def explain(
         "length": length,
         "beam": beam,
         "operators": operators,
+        "search": search,
+        "time_limit": time_limit,
+        "max_nodes": max_nodes,
         "iou": iou,
         "ray": ray,
     }

@@ -58,6 +58,9 @@ def dissect_run(
     length: int = 3,
     beam_size: int = 5,
     operators: Sequence[str] = ("OR", "AND", "AND NOT"),
+    search: str = "beam",
+    time_limit: float | None = None,
+    max_nodes: int | None = None,
     iou: str = "dataset",
     batch_size: int = 32,
     transform: Callable[..., Any] | None = None,
@@ -78,7 +81,8 @@ def dissect_run(
     ``backend`` is :func:`pyneuron.explain`'s (``"ray"`` or a ``RayBackend``). The
     directory appears only when everything succeeded; an existing one is kept unless
     ``overwrite``. ``iou="netdissect"`` (with ``length=1``) ranks concepts by
-    NetDissect-Lite's category-restricted IoU (``explain(..., mode=...)``).
+    NetDissect-Lite's category-restricted IoU (``explain(..., mode=...)``); ``search``,
+    ``time_limit`` and ``max_nodes`` are those of :func:`pyneuron.explain`.
     Returns the summary.
     """
     out = Path(out)
@@ -101,6 +105,9 @@ def dissect_run(
             length=length,
             beam_size=beam_size,
             operators=operators,
+            search=search,
+            time_limit=time_limit,
+            max_nodes=max_nodes,
             mode=iou,
             full_beam=True,
             progress=progress,
@@ -130,6 +137,9 @@ def dissect_run(
             "length": length,
             "beam_size": beam_size,
             "operators": list(operators),
+            "search": search,
+            "time_limit": time_limit,
+            "max_nodes": max_nodes,
             "quantile": quantile,
             "iou": iou,
         },

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 #: Operators in engine code order; ``operators=`` takes any of them, in any order.
 OPERATORS = ("OR", "AND", "AND NOT", "OR NOT")
 DEFAULT_OPERATORS = ("OR", "AND", "AND NOT")
+SEARCHES = ("beam", "optimal")
+#: Columns the optimal search adds to the result table.
+OPTIMAL_COLUMNS = ("optimal", "upper_bound", "nodes", "seconds")
 
 UnitSource = UnitMasks | Iterable[UnitMasks]
 
@@ -49,9 +52,13 @@ def explain(
     batch_size: int | None = None,
     mode: str = "dataset",
     progress: bool = True,
+    search: str = "beam",
+    time_limit: float | None = None,
+    max_nodes: int | None = None,
     backend: str | RayBackend = "local",
 ) -> pd.DataFrame:
-    """Explain every unit by the best formula over the store's concepts (exact beam search).
+    """Explain every unit by the best formula over the store's concepts (exact beam search,
+    or with ``search="optimal"`` the guaranteed best formula).
 
     Semantics are compexp's: primitives are the concepts with IoU > 0 (ties to the
     smaller concept id); each of ``length - 1`` steps combines every beam formula
@@ -99,6 +106,19 @@ def explain(
         metrics stay dataset-wide.
     progress
         Show a progress bar (on a terminal).
+    search
+        ``"beam"`` (compexp's beam search) or ``"optimal"``: for each unit the formula of
+        maximum IoU over *every* left-deep formula of at most ``length`` concepts present
+        in the data with the given operators (concepts may repeat), found by exact branch
+        and bound (the beam's answer is its starting point, so its IoU is never lower).
+        Ties go to the shorter formula, then to the smaller concept ids read left to
+        right, then to the operator listed first in ``operators``. ``penalty`` must be
+        1.0; ``full_beam=True`` gives the one optimum per unit with ``rank`` 0.
+    time_limit, max_nodes
+        Optimal search only: a per-unit budget in seconds and in expanded nodes (None:
+        none). A unit that runs out returns the best formula found with ``optimal``
+        False and ``upper_bound`` the highest IoU any formula could still have. Length 3
+        takes milliseconds per unit; lengths of 4 and more can take hours without one.
     backend
         ``"local"`` (this process), ``"ray"`` (shards of units on a Ray cluster,
         :mod:`pyneuron.distributed`; identical results), or a :class:`RayBackend`
@@ -112,6 +132,8 @@ def explain(
         ``detection_accuracy``, ``activation_coverage``, ``samples_coverage``,
         ``explanation_coverage``, ``primitive``, ``primitive_iou``, ``unit_pixels``,
         ``unit_images``. A unit no concept overlaps has a missing ``formula`` (NA) and IoU 0.
+        The optimal search adds ``optimal`` (bool: proven), ``upper_bound`` (equal to
+        ``iou`` when proven), ``nodes`` and ``seconds`` (per unit).
 
     Examples
     --------
@@ -123,45 +145,130 @@ def explain(
     >>> row = pyneuron.explain(units, store, progress=False).loc[0]
     >>> row["formula"], round(float(row["iou"]), 6)   # "b" overlaps more, so it leads
     ('(b OR a)', 1.0)
+    >>> best = pyneuron.explain(units, store, search="optimal", progress=False).loc[0]
+    >>> best["formula"], bool(best["optimal"])    # the tie rule puts "a" first
+    ('(a OR b)', True)
     """
     ops = _operator_codes(operators, length)
     length = _positive_int(length, "length", MAX_LENGTH)
     beam_size = _positive_int(beam_size, "beam_size", MAX_BEAM_SIZE)
     _check_penalty(penalty, length)
+    if search not in SEARCHES:
+        raise PyneuronError(f"unknown search {search!r}; choose from {', '.join(SEARCHES)}")
+    optimal = search == "optimal"
+    if optimal and penalty != 1:
+        raise PyneuronError(
+            "the optimal search maximizes IoU; use penalty=1.0 with search='optimal'"
+        )
+    if not optimal and (time_limit is not None or max_nodes is not None):
+        raise PyneuronError("time_limit and max_nodes apply to search='optimal' only")
+    seconds = _time_limit(time_limit)
+    nodes = 0 if max_nodes is None else _positive_int(max_nodes, "max_nodes")
     _check_store(store)
     if check_mode(mode) == "netdissect":
-        if length != 1:
+        if length != 1 or optimal:
             raise PyneuronError(
                 f"mode='netdissect' is NetDissect-Lite's IoU of single concepts; use it with "
-                f"length=1 (got length={length}), or mode='dataset' for formulas"
+                f"length=1 and search='beam' (got length={length}, search={search!r}), or "
+                "mode='dataset' for formulas"
             )
         return _explain_netdissect(units, store, beam_size, full_beam, batch_size, progress)
+    if optimal and len(store) > COOCCURRENCE_MAX_CONCEPTS:
+        raise PyneuronError(
+            f"the optimal search needs the store's co-occurrence table, kept for up to "
+            f"{COOCCURRENCE_MAX_CONCEPTS:,} concepts; this store has {len(store):,}: build one "
+            "with fewer concepts or use search='beam'"
+        )
     from .distributed import explain_on_ray, resolve_backend
 
     ray_backend = resolve_backend(backend)
     if ray_backend is not None:
-        search = (length, beam_size, ops, float(penalty))
+        if optimal:
+            raise PyneuronError("the optimal search runs in this process; use backend='local'")
+        spec = (length, beam_size, ops, float(penalty))
         return explain_on_ray(
-            units, store, ray_backend, search=search, full_beam=full_beam, progress=progress
+            units, store, ray_backend, search=spec, full_beam=full_beam, progress=progress
         )
     names = store.names
-    cooccurrence = search_cooccurrence(store, length)
+    cooccurrence = store.cooccurrence() if optimal else search_cooccurrence(store, length)
     frames = []
     for first_unit, chunk, batch in _batches(units, store, batch_size, progress, "explain"):
-        raw = _native.beam_search(
-            chunk._native,
-            batch.start,
-            batch.stop,
-            store._native,
-            length,
-            beam_size,
-            ops,
-            float(penalty),
-            cooccurrence,
-        )
-        frames.append(_result_frame(raw, first_unit + batch.start, names, full_beam))
-    return (
-        pd.concat(frames, ignore_index=True) if frames else _result_frame(None, 0, names, full_beam)
+        args = (chunk._native, batch.start, batch.stop, store._native, length)
+        if optimal:
+            raw = _native.optimal_search(*args, ops, beam_size, seconds, nodes, cooccurrence)
+        else:
+            raw = _native.beam_search(*args, beam_size, ops, float(penalty), cooccurrence)
+        frames.append(_result_frame(raw, first_unit + batch.start, names, full_beam, optimal))
+    if frames:
+        return pd.concat(frames, ignore_index=True)
+    return _result_frame(None, 0, names, full_beam, optimal)
+
+
+#: Verdicts of :func:`compare_searches`, per unit.
+AUDIT_VERDICTS = ("same formula", "same IoU", "beam worse", "no formula")
+
+
+def compare_searches(
+    units: UnitSource,
+    store: ConceptStore,
+    *,
+    length: int = 3,
+    beam_size: int = 5,
+    operators: Sequence[str] = DEFAULT_OPERATORS,
+    time_limit: float | None = None,
+    max_nodes: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Optimality audit of the beam: beam and optimal search on the same units, side by side.
+
+    Parameters
+    ----------
+    units, store, length, beam_size, operators, time_limit, max_nodes, progress
+        As for :func:`explain` (the budget applies to the optimal search).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per unit: ``unit``, ``beam_formula``, ``beam_iou``, ``optimal_formula``,
+        ``optimal_iou``, ``optimal`` (the optimum is proven), ``upper_bound``, ``gap``
+        (optimal IoU minus beam IoU, never negative) and ``audit``: ``"same formula"``,
+        ``"same IoU"`` (a different formula, equally good), ``"beam worse"`` or
+        ``"no formula"`` (no formula overlaps the unit). Where ``optimal`` is False the
+        verdict compares the beam with the best formula found within the budget.
+
+    Examples
+    --------
+    >>> import numpy as np, pyneuron
+    >>> rng = np.random.default_rng(0)
+    >>> concepts = rng.random((4, 20, 8, 8)) < 0.3
+    >>> store = pyneuron.ConceptStore.from_masks(concepts, ["a", "b", "c", "d"])
+    >>> units = pyneuron.UnitMasks.from_masks((concepts[0] | concepts[1])[None])
+    >>> pyneuron.compare_searches(units, store, progress=False)["audit"].tolist()
+    ['same IoU']
+    """
+    options = dict(length=length, beam_size=beam_size, operators=operators, progress=progress)
+    beam = explain(units, store, **options)
+    best = explain(
+        units, store, search="optimal", time_limit=time_limit, max_nodes=max_nodes, **options
+    )
+    gap = (best["iou"] - beam["iou"]).clip(lower=0.0)
+    audit = np.select(
+        [best["formula"].isna(), best["formula"] == beam["formula"], gap == 0],
+        ["no formula", "same formula", "same IoU"],
+        "beam worse",
+    )
+    return pd.DataFrame(
+        {
+            "unit": beam["unit"],
+            "beam_formula": beam["formula"],
+            "beam_iou": beam["iou"],
+            "optimal_formula": best["formula"],
+            "optimal_iou": best["iou"],
+            "optimal": best["optimal"],
+            "upper_bound": best["upper_bound"],
+            "gap": gap,
+            "audit": audit,
+        }
     )
 
 
@@ -299,6 +406,15 @@ def best_of_beam(beam: pd.DataFrame) -> pd.DataFrame:
 # -- helpers ---------------------------------------------------------------------------
 
 
+def _time_limit(value: float | None) -> float:
+    """Seconds as the engine takes them (0.0: no limit)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise PyneuronError(f"time_limit must be a positive number of seconds, got {value!r}")
+    return float(value) if math.isfinite(value) else 0.0
+
+
 def search_cooccurrence(store: ConceptStore, length: int) -> np.ndarray | None:
     """The co-occurrence table the beam search screens with (None: searched without)."""
     return store.cooccurrence() if length > 1 and len(store) <= COOCCURRENCE_MAX_CONCEPTS else None
@@ -411,7 +527,7 @@ def _render(concept_ids: np.ndarray, op_codes: np.ndarray, names: Sequence[str])
 
 
 def _result_frame(
-    raw: dict | None, first_unit: int, names: Sequence[str], full_beam: bool
+    raw: dict | None, first_unit: int, names: Sequence[str], full_beam: bool, optimal: bool = False
 ) -> pd.DataFrame:
     columns = [
         "unit",
@@ -424,6 +540,7 @@ def _result_frame(
         "primitive_iou",
         "unit_pixels",
         "unit_images",
+        *(OPTIMAL_COLUMNS if optimal else []),
     ]
     if raw is None:
         return pd.DataFrame({c: [] for c in columns})
@@ -460,4 +577,6 @@ def _result_frame(
     frame["primitive_iou"] = raw["primitive_iou"][unit_idx]
     frame["unit_pixels"] = raw["unit_size"][unit_idx]
     frame["unit_images"] = raw["unit_images"][unit_idx]
+    for column in OPTIMAL_COLUMNS if optimal else []:
+        frame[column] = raw[column][unit_idx]
     return frame[columns]

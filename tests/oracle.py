@@ -113,3 +113,37 @@ def random_case(
         else:
             units[u] = rng.random(shape) < rng.uniform(0.01, 0.5)
     return concepts, units
+
+
+def brute_force_optimal(
+    unit: np.ndarray,
+    concepts: np.ndarray,
+    names: list[str],
+    *,
+    length: int = 3,
+    operators: tuple[str, ...] = ("OR", "AND", "AND NOT"),
+) -> tuple[str | None, float]:
+    """Every left-deep formula of at most ``length`` concepts present in the data (concepts
+    may repeat): the best (formula, IoU) by IoU, then fewer concepts, then the sequence
+    (c1, op1, c2, op2, ...) smallest, operators ranked as listed. (None, 0.0) if no
+    formula has IoU > 0."""
+    unit = unit.reshape(-1)
+    flat = concepts.reshape(concepts.shape[0], -1)
+    present = [c for c in range(flat.shape[0]) if flat[c].any()]
+    best: tuple[float, int, tuple[int, ...], str] = (0.0, 0, (), "")
+
+    def visit(mask: np.ndarray, text: str, sequence: tuple[int, ...]) -> None:
+        nonlocal best
+        value = iou(mask, unit)
+        n = (len(sequence) + 1) // 2
+        if value > 0 and (-value, n, sequence) < (-best[0], best[1] or 10**9, best[2]):
+            best = (value, n, sequence, text)
+        if n == length:
+            return
+        for k, op in enumerate(operators):
+            for c in present:
+                visit(combine(mask, flat[c], op), f"({text} {op} {names[c]})", (*sequence, k, c))
+
+    for c in present:
+        visit(flat[c], names[c], (c,))
+    return (best[3], best[0]) if best[1] else (None, 0.0)

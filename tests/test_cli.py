@@ -169,23 +169,21 @@ def test_dissect_explain_report_and_store_info(tiny_project, tmp_path):
     assert check_report(out / "report") > 1
 
     explained = tmp_path / "explained"
-    result = invoke(
-        "explain",
-        "--units",
-        out / "units" / "1",
-        "--concepts",
-        root / "store",
-        "--out",
-        explained,
-        "--length",
-        2,
-        "--beam",
-        3,
-        "--quiet",
-    )
+    sources = ("--units", out / "units" / "1", "--concepts", root / "store", "--length", 2)
+    result = invoke("explain", *sources, "--out", explained, "--beam", 3, "--quiet")
     assert result.exit_code == 0, result.output
     again = pd.read_parquet(explained / "results.parquet")
     assert again["formula"].fillna("").tolist() == results["formula"].fillna("").tolist()
+
+    optimal = tmp_path / "optimal"
+    result = invoke(
+        "explain", *sources, "--out", optimal, "--search", "optimal", "--time-limit", 30, "--quiet"
+    )
+    assert result.exit_code == 0, result.output
+    best = pd.read_parquet(optimal / "results.parquet")
+    assert best["optimal"].all() and (best["iou"] >= again["iou"]).all()
+    bad = invoke("explain", *sources, "--out", tmp_path / "bad", "--search", "greedy", "--quiet")
+    assert bad.exit_code != 0 and "unknown search 'greedy'" in bad.output
 
     info = invoke("store", "info", root / "store")
     assert info.exit_code == 0 and "3 concepts" in info.output

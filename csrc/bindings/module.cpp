@@ -22,6 +22,7 @@ PYBIND11_MODULE(_core, m) {
   register_masks(m);
   register_netdissect(m);
   register_search(m);
+  register_optimal(m);
   register_upsample(m);
 }
 

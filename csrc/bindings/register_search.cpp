@@ -17,18 +17,9 @@ BinaryOp to_op(int code) {
   return static_cast<BinaryOp>(code);
 }
 
-const uint64_t* cooccurrence_data(const std::optional<py::array_t<uint64_t, py::array::c_style>>& table,
-                                   const PyMaskSet& concepts) {
-  if (!table) return nullptr;
-  const py::ssize_t n = static_cast<py::ssize_t>(concepts.view.n_masks);
-  if (table->ndim() != 2 || table->shape(0) != n || table->shape(1) != n)
-    throw std::invalid_argument("cooccurrence must be a (concepts, concepts) uint64 table of this store");
-  return table->data();
-}
-
 py::dict run_beam_search(const PyMaskSet& units, int64_t begin, int64_t end, const PyMaskSet& concepts,
                          int length, int beam_size, const std::vector<int>& ops, double penalty,
-                         const std::optional<py::array_t<uint64_t, py::array::c_style>>& cooccurrence,
+                         const std::optional<CooccurrenceTable>& cooccurrence,
                          std::size_t block_bytes) {
   const uint64_t* table = cooccurrence_data(cooccurrence, concepts);
   SearchOptions options;
@@ -36,14 +27,36 @@ py::dict run_beam_search(const PyMaskSet& units, int64_t begin, int64_t end, con
   options.beam_size = beam_size;
   options.penalty = penalty;
   options.block_bytes = block_bytes;
-  options.ops.clear();
-  for (int code : ops) options.ops.push_back(to_op(code));
+  options.ops = to_ops(ops);
   std::vector<UnitResult> results;
   SearchStats stats;
   {
     py::gil_scoped_release release;
     results = beam_search(units.view, begin, end, concepts.view, options, table, &stats);
   }
+  py::dict out = beam_dict(results, beam_size, length);
+  out["count_seconds"] = stats.count_seconds;
+  out["count_words"] = stats.count_words;
+  return out;
+}
+
+}  // namespace
+
+const uint64_t* cooccurrence_data(const std::optional<CooccurrenceTable>& table, const PyMaskSet& concepts) {
+  if (!table) return nullptr;
+  const py::ssize_t n = static_cast<py::ssize_t>(concepts.view.n_masks);
+  if (table->ndim() != 2 || table->shape(0) != n || table->shape(1) != n)
+    throw std::invalid_argument("cooccurrence must be a (concepts, concepts) uint64 table of this store");
+  return table->data();
+}
+
+std::vector<BinaryOp> to_ops(const std::vector<int>& codes) {
+  std::vector<BinaryOp> ops;
+  for (int code : codes) ops.push_back(to_op(code));
+  return ops;
+}
+
+py::dict beam_dict(const std::vector<UnitResult>& results, int beam_size, int length) {
   const py::ssize_t n = static_cast<py::ssize_t>(results.size());
   const py::ssize_t b = beam_size, len = length;
   py::array_t<int32_t> concepts_out({n, b, len});
@@ -105,10 +118,10 @@ py::dict run_beam_search(const PyMaskSet& units, int64_t begin, int64_t end, con
   out["counted"] = counted;
   out["words"] = words;
   out["derived"] = derived;
-  out["count_seconds"] = stats.count_seconds;
-  out["count_words"] = stats.count_words;
   return out;
 }
+
+namespace {
 
 py::object run_concept_cooccurrence(const PyMaskSet& concepts, bool with_stats) {
   const py::ssize_t n = static_cast<py::ssize_t>(concepts.view.n_masks);

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import PyneuronError
 from ..formula import Concept, Formula, Not, _Binary
 from ..netdissect import check_mode
+from ..search import AUDIT_VERDICTS
 from ..store import ConceptStore
 from ..units import UnitMasks
 from .images import (
@@ -943,6 +944,7 @@ class _Renderer:
                     _format(int((finite >= INTERPRETABLE_IOU).sum()))[0],
                 ),
             ]
+            facts.extend(_search_facts(rows, plan.columns))
             if plan.has_range:
                 facts.insert(1, ("units", _format(len({r.unit for r in rows}))[0]))
             plots = self._evaluation_plots(layer, slug, rows, ious, facts)
@@ -1001,6 +1003,23 @@ class _Renderer:
                 "grid": f"{grid.n_images} images × {grid.height} × {grid.width}",
             },
         )
+
+
+def _search_facts(rows: list[_Row], columns: list[str]) -> list[tuple[str, str]]:
+    """Layer facts of the optimal search (``optimal``) and of its audit of the beam
+    (``audit`` and ``gap``, as :func:`pyneuron.compare_searches` writes them)."""
+    facts = []
+    if "optimal" in columns:
+        proven = sum(bool(r.values["optimal"]) for r in rows if not _missing(r.values["optimal"]))
+        facts.append(("proven optimal", f"{proven} of {len(rows)}"))
+    if "audit" in columns:
+        verdicts = [str(r.values["audit"]) for r in rows if not _missing(r.values["audit"])]
+        counts = ", ".join(f"{verdicts.count(v)} {v}" for v in AUDIT_VERDICTS if v in verdicts)
+        gaps = [float(r.values["gap"]) for r in rows if not _missing(r.values.get("gap"))]
+        if gaps:
+            counts += f" (largest gap {_format(max(gaps))[0]})"
+        facts.append(("beam vs optimal", counts or "–"))
+    return facts
 
 
 def _column(rows: list[_Row], name: str) -> np.ndarray:
