@@ -186,7 +186,7 @@ void register_search(py::module_& m) {
   m.attr("max_beam_size") = kMaxBeamSize;
   m.def("beam_search", &run_beam_search, py::arg("units"), py::arg("begin"), py::arg("end"), py::arg("concepts"),
         py::arg("length"), py::arg("beam_size"), py::arg("ops"), py::arg("penalty"),
-        py::arg("cooccurrence") = py::none(), py::arg("block_bytes") = std::size_t(256) << 20,
+        py::arg("cooccurrence") = py::none(), py::arg("block_bytes") = std::size_t(128) << 20,
         "Exact compositional beam search for units [begin, end); returns a dict of arrays.");
   m.def("concept_cooccurrence", &run_concept_cooccurrence, py::arg("concepts"), py::arg("with_stats") = false,
         "|concept c AND concept d| for every pair: a symmetric (concepts, concepts) uint64 table "

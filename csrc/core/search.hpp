@@ -20,7 +20,7 @@ struct SearchOptions {
   std::vector<BinaryOp> ops{BinaryOp::Or, BinaryOp::And, BinaryOp::AndNot};
   double penalty = 1.0;
   // Units are searched together in blocks whose beams take about this many bytes.
-  std::size_t block_bytes = std::size_t(256) << 20;
+  std::size_t block_bytes = std::size_t(128) << 20;
 };
 
 // A left-deep formula concepts[0] ops[0] concepts[1] ops[1] ... with its counts
