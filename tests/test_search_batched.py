@@ -231,3 +231,20 @@ def test_throughput_probe_reports_a_positive_rate():
     assert pyneuron._native.and_popcount_throughput(64, 0.01) > 0
     with pytest.raises(ValueError, match="words"):
         pyneuron._native.and_popcount_throughput(0, 0.01)
+
+
+def test_long_searches_stop_at_a_fixed_point_with_the_same_beam(simd):
+    # Units equal to a concept or to a short formula settle after a few steps (no candidate
+    # beats the beam any more); the remaining steps are skipped and the final beam must be
+    # the brute-force one of the full length.
+    rng = np.random.default_rng(13)
+    concepts, _ = random_case(rng, 4, 5, 7, n_concepts=6, n_units=1)
+    units = np.stack([concepts[1], concepts[2] | concepts[4], _units_from(rng, concepts, 3)[2]])
+    raws = _check(concepts, units, length=8, beam_size=3, operators=("OR", "AND", "AND NOT"))
+    raw = raws["table, one block"]
+    screened = raw["derived"] + raw["pruned"] + raw["counted"]
+    present = int(concepts.reshape(len(concepts), -1).any(1).sum())
+    # The unit equal to a concept settles after its second step (its beam then holds only
+    # formulas of IoU 1, which every later candidate ties and loses to by order): two
+    # steps' (entry, concept) pairs were screened, not seven steps' worth.
+    assert 0 < screened[0] <= 2 * 3 * present

@@ -150,6 +150,9 @@ struct UnitSearch {
   UnitResult result;
   std::vector<uint64_t> ca;  // |C AND A| per concept
   std::vector<LiveEntry> beam;
+  // The last step kept the beam as it was: every later step would too (same beam, same
+  // candidates, same order), so the unit is done.
+  bool settled = false;
 };
 
 // The new beams of a block from its units' top-k candidates (`final`: of the last step).
@@ -166,6 +169,7 @@ void advance_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, co
       if (items[j].concept < 0) beam[j] = std::move(s.beam[items[j].parent]);
     s.beam.clear();
     for (std::optional<LiveEntry>& live : beam) s.beam.push_back(std::move(*live));
+    s.settled = std::all_of(items.begin(), items.end(), [](const Candidate& c) { return c.concept < 0; });
   });
 }
 
@@ -375,8 +379,13 @@ std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin
   std::vector<UnitSearch*> block;
   std::size_t block_bytes = 0;
   const auto run_block = [&] {
-    for (int step = 1; step < options.length && !block.empty(); ++step)
-      expand_block(ctx, block, step == options.length - 1);
+    for (int step = 1; step < options.length; ++step) {
+      std::vector<UnitSearch*> moving;
+      for (UnitSearch* s : block)
+        if (!s->settled) moving.push_back(s);
+      if (moving.empty()) break;
+      expand_block(ctx, moving, step == options.length - 1);
+    }
     for (UnitSearch* s : block) {
       for (LiveEntry& live : s->beam) s->result.beam.push_back(std::move(live.entry));
       s->beam.clear();
