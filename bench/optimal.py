@@ -12,7 +12,9 @@ is compared only when it is installed (it is no dependency of pyneuron).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -27,7 +29,7 @@ import pyneuron
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import synthetic  # noqa: E402
-from search import _json_default, _machine  # noqa: E402
+from search import _ce_formula, _json_default, _machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["setup_seconds_per_call"] = time.perf_counter() - t0
     for length in args.lengths:
         report["runs"].append(_run(units, store, length, args))
-    report["compositional_explanations"] = _compexp()
+    report["compositional_explanations"] = _compexp(built, args)
     _table(report)
     out = Path(args.output) if args.output else RESULTS / f"optimal-{args.size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +86,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--beam-size", type=int, default=5)
     p.add_argument(
         "--repeat", type=int, default=3, help="runs per length, fastest kept (runs under 60 s)"
+    )
+    p.add_argument(
+        "--compexp-units",
+        type=int,
+        default=3,
+        help="units for compositional-explanations' optimal search, if installed (length 3)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", help="directory to keep generated probing sets in")
@@ -170,16 +178,77 @@ def _quantiles(values: np.ndarray) -> dict:
     }
 
 
-def _compexp() -> dict:
+def _compexp(built: synthetic.Built, args) -> dict:
+    """``compositional_explanations.optimal.compute_optimal_explanations`` (pure torch, dense
+    bool masks, one unit per call) on the first units of the set at length 3, next to
+    pyneuron's proven optimum of the same units."""
     try:
-        import compositional_explanations  # noqa: F401
+        import torch
+        from compositional_explanations import metrics as ce_metrics
+        from compositional_explanations import optimal as ce_optimal
     except ImportError as error:
         print("compositional-explanations: skipped, not installed (no dependency of pyneuron)")
         return {"skipped": f"not installed ({error})"}
-    return {
-        "skipped": "installed, but its optimal-search entry point is not wired into this "
-        "benchmark (its API could not be checked offline)"
-    }
+    if args.compexp_units <= 0:
+        return {"skipped": "--compexp-units 0"}
+    store, chunk = built.store, built.units[0]
+    n = min(args.compexp_units, len(chunk))
+    n_images = store.grid.n_images
+    # Its optimal search wants per-image rows of pixels: (images, pixels) masks.
+    masks = [torch.from_numpy(store.mask(c).reshape(n_images, -1)) for c in range(len(store))]
+    as_units = pyneuron.UnitMasks.from_masks(np.stack([store.mask(c) for c in range(len(store))]))
+    disjoint = torch.from_numpy(pyneuron.iou_table(as_units, store, progress=False) == 0)
+    ours = pyneuron.explain(
+        chunk, store, length=3, search="optimal", time_limit=args.time_limit, progress=False
+    )
+    info: dict = {"length": 3, "units": []}
+    with tempfile.TemporaryDirectory(prefix="compexp-cache-") as cache_dir:
+        for u in range(n):
+            bitmap = torch.from_numpy(chunk.mask(u).reshape(n_images, -1))
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+                formula = ce_optimal.compute_optimal_explanations(
+                    masks=masks,
+                    bitmaps=bitmap,
+                    disjoint_info=disjoint,
+                    length=3,
+                    device="cpu",
+                    cache_dir=cache_dir,
+                )
+            seconds = time.perf_counter() - t0
+            value = float(
+                ce_metrics.compute_iou_from_masks(bitmaps=bitmap, masks=masks, formula=formula)
+            )
+            row = {
+                "unit": u,
+                "seconds": seconds,
+                "formula": _ce_formula(formula, store.names),
+                "iou": value,
+                "pyneuron_formula": ours["formula"][u],
+                "pyneuron_iou": float(ours["iou"][u]),
+                "pyneuron_seconds": float(ours["seconds"][u]),
+                "pyneuron_proven": bool(ours["optimal"][u]),
+            }
+            info["units"].append(row)
+            print(
+                f"compositional-explanations optimal, unit {u}: {seconds:.2f} s -> "
+                f"{row['formula']} (IoU {value:.4f}); pyneuron: {row['pyneuron_formula']} "
+                f"(IoU {row['pyneuron_iou']:.4f}, {1e3 * row['pyneuron_seconds']:.1f} ms, "
+                f"proven {row['pyneuron_proven']})"
+            )
+    rows = info["units"]
+    info["per_unit_seconds"] = float(np.mean([r["seconds"] for r in rows]))
+    info["pyneuron_per_unit_seconds"] = float(np.mean([r["pyneuron_seconds"] for r in rows]))
+    info["speedup"] = info["per_unit_seconds"] / max(info["pyneuron_per_unit_seconds"], 1e-12)
+    # pyneuron's IoU below the package's would contradict its proof (float64 both).
+    info["pyneuron_iou_never_lower"] = all(r["pyneuron_iou"] >= r["iou"] - 1e-12 for r in rows)
+    print(
+        f"compositional-explanations optimal: {info['per_unit_seconds']:.2f} s / unit vs "
+        f"pyneuron {1e3 * info['pyneuron_per_unit_seconds']:.1f} ms / unit "
+        f"({info['speedup']:,.0f}x); pyneuron's IoU never lower: "
+        f"{info['pyneuron_iou_never_lower']}"
+    )
+    return info
 
 
 def _table(report: dict) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -23,3 +24,14 @@ def threads(request: pytest.FixtureRequest) -> Iterator[int]:
     pyneuron.set_num_threads(request.param)
     yield request.param
     pyneuron.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _outside_the_source_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Run from a scratch directory, so that child processes (`python -c`, Ray workers,
+    which put the working directory on sys.path) import the installed pyneuron, not the
+    source tree's, which has no compiled engine."""
+    previous = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(previous)
