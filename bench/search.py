@@ -354,7 +354,7 @@ def _raw_search(built, chunk, n: int, args) -> dict:
     ``pruned``, ``counted`` pairs and ``words``; ``count_seconds``, ``count_words``."""
     return pyneuron._native.beam_search(
         chunk._native, 0, n, built.store._native, args.length, args.beam_size, [0, 1, 2], 1.0,
-        built.store.cooccurrence() if args.length > 1 else None,
+        pyneuron.search.search_cooccurrence(built.store, args.length),
     )  # fmt: skip
 
 

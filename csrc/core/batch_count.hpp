@@ -38,7 +38,6 @@ class PairSet {
   void add(int64_t row, int64_t column) {
     bits_[std::size_t(column) * row_words_ + std::size_t(row) / 64] |= uint64_t(1) << (row % 64);
   }
-  void clear() { std::fill(bits_.begin(), bits_.end(), 0); }
   const uint64_t* column(int64_t c) const { return bits_.data() + std::size_t(c) * row_words_; }
 
  private:

@@ -417,8 +417,8 @@ void intersection_counts(const MaskSetView& units, int64_t unit_begin, int64_t u
   if (unit_begin < 0 || unit_end > units.n_masks || unit_begin > unit_end)
     throw std::invalid_argument("unit range out of bounds");
   const int64_t n = unit_end - unit_begin;
-  std::vector<SparseMask> masks(std::size_t(n), SparseMask(units.grid));
-  parallel_for(n, [&](int64_t i) { masks[i] = SparseMask::from_set(units, unit_begin + i); });
+  std::vector<SparseMask> masks(static_cast<std::size_t>(n));
+  parallel_for(n, [&](int64_t i) { masks[i] = SparseMask::view_of(units, unit_begin + i); });
   std::vector<const SparseMask*> rows;
   for (const SparseMask& m : masks) rows.push_back(&m);
   const ImageMajorIndex index(concepts);
