@@ -48,6 +48,7 @@ class MaskSet:
         self._counts = counts
         self._words = words
         self._metadata: dict[str, Any] = {}
+        self._pixel_counts: np.ndarray | None = None
         # The C++ view validates the structure and keeps the arrays alive.
         self._native = _native.NativeMaskSet(
             grid.n_images, grid.pixels, offsets, images, slots, counts, words.reshape(-1)
@@ -103,8 +104,12 @@ class MaskSet:
 
     @property
     def pixel_counts(self) -> np.ndarray:
-        """Set pixels per mask, int64 (n_masks,)."""
-        return pixel_counts(self._offsets, self._counts)
+        """Set pixels per mask, int64 (n_masks,), read-only (computed once)."""
+        if self._pixel_counts is None:
+            counts = pixel_counts(self._offsets, self._counts)
+            counts.setflags(write=False)
+            self._pixel_counts = counts
+        return self._pixel_counts
 
     @property
     def image_counts(self) -> np.ndarray:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from . import _native
 from .errors import EmptyStoreError, PyneuronError
-from .formula import And, Concept, Formula, Not, Or
+from .formula import Formula, quote_name
 from .metrics import METRIC_COLUMNS, iou, metrics
 from .netdissect import category_codes, category_unit_pixels, check_mode, netdissect_iou
 from .store import ConceptStore
@@ -512,18 +512,23 @@ def _batches(
                 bar.update(batch.stop - batch.start)
 
 
-_OP_NODES = {0: (Or, False), 1: (And, False), 2: (And, True), 3: (Or, True)}
+def _formula_text(
+    concept_ids: np.ndarray, op_codes: np.ndarray, quoted: dict[int, str], names: Sequence[str]
+) -> str:
+    """``str()`` of the left-deep formula concepts[0] ops[0] concepts[1] ..., written
+    directly (``quoted``: concept id -> name as written, filled on first use)."""
 
+    def name(concept: int) -> str:
+        if concept not in quoted:
+            quoted[concept] = quote_name(names[concept])
+        return quoted[concept]
 
-def _render(concept_ids: np.ndarray, op_codes: np.ndarray, names: Sequence[str]) -> Formula:
-    formula: Formula = Concept(names[concept_ids[0]])
-    for op, concept in zip(op_codes, concept_ids[1:]):
+    text = name(int(concept_ids[0]))
+    for op, concept in zip(op_codes.tolist(), concept_ids[1:].tolist()):
         if concept < 0:
             break
-        node, negate = _OP_NODES[int(op)]
-        right: Formula = Concept(names[concept])
-        formula = node(formula, Not(right) if negate else right)
-    return formula
+        text = f"({text} {OPERATORS[op]} {name(concept)})"
+    return text
 
 
 def _result_frame(
@@ -559,24 +564,24 @@ def _result_frame(
         raw["size_images"][unit_idx, rank_idx],
         raw["unit_images"][unit_idx],
     )
+    quoted: dict[int, str] = {}
     formulas = [
-        str(_render(raw["concepts"][u, r], raw["ops"][u, r], names)) if h else None
+        _formula_text(raw["concepts"][u, r], raw["ops"][u, r], quoted, names) if h else None
         for u, r, h in zip(unit_idx, rank_idx, has)
     ]
     primitive = raw["primitive"][unit_idx]
-    frame = pd.DataFrame({"unit": first_unit + unit_idx})
-    if full_beam:
-        frame["rank"] = rank_idx
-    frame["formula"] = formulas
-    frame["length"] = raw["length"][unit_idx, rank_idx]
-    frame["score"] = np.where(has, raw["score"][unit_idx, rank_idx], 0.0)
-    for column in METRIC_COLUMNS:
-        frame[column] = values[column]
-    frame.loc[~has, "iou"] = 0.0
-    frame["primitive"] = [names[p] if p >= 0 else None for p in primitive]
-    frame["primitive_iou"] = raw["primitive_iou"][unit_idx]
-    frame["unit_pixels"] = raw["unit_size"][unit_idx]
-    frame["unit_images"] = raw["unit_images"][unit_idx]
-    for column in OPTIMAL_COLUMNS if optimal else []:
-        frame[column] = raw[column][unit_idx]
-    return frame[columns]
+    data = {
+        "unit": first_unit + unit_idx,
+        "rank": rank_idx,
+        "formula": formulas,
+        "length": raw["length"][unit_idx, rank_idx],
+        "score": np.where(has, raw["score"][unit_idx, rank_idx], 0.0),
+        **{column: values[column] for column in METRIC_COLUMNS},
+        "primitive": [names[p] if p >= 0 else None for p in primitive],
+        "primitive_iou": raw["primitive_iou"][unit_idx],
+        "unit_pixels": raw["unit_size"][unit_idx],
+        "unit_images": raw["unit_images"][unit_idx],
+        **{column: raw[column][unit_idx] for column in (OPTIMAL_COLUMNS if optimal else ())},
+    }
+    data["iou"] = np.where(has, data["iou"], 0.0)
+    return pd.DataFrame({column: data[column] for column in columns})

@@ -53,3 +53,28 @@ def test_precedence_and_structure():
 def test_parse_errors_point_at_the_problem(text, message):
     with pytest.raises(PyneuronError, match=message):
         Formula.parse(text)
+
+
+def test_result_tables_write_formulas_as_str_does():
+    """explain() writes its left-deep formulas directly; the text must be str(Formula)."""
+    import numpy as np
+
+    from pyneuron.search import _formula_text
+
+    names = ["water", "AND", "wall (brick)", 'say "hi"', "traffic light", "or"]
+    nodes = {0: (Or, False), 1: (And, False), 2: (And, True), 3: (Or, True)}
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 6))
+        concepts = rng.integers(0, len(names), n)
+        ops = rng.integers(0, 4, max(n - 1, 0))
+        padded_concepts = np.concatenate([concepts, np.full(2, -1)])  # beams pad with -1
+        padded_ops = np.concatenate([ops, np.full(2, -1)])
+        expected: Formula = Concept(names[concepts[0]])
+        for op, concept in zip(ops, concepts[1:]):
+            node, negate = nodes[int(op)]
+            right: Formula = Concept(names[concept])
+            expected = node(expected, Not(right) if negate else right)
+        text = _formula_text(padded_concepts, padded_ops, {}, names)
+        assert text == str(expected)
+        assert Formula.parse(text) == expected

@@ -46,41 +46,58 @@ PairCounter::PairCounter(const std::vector<const SparseMask*>& rows, const MaskS
       row_words_((int64_t(rows.size()) + 63) / 64),
       present_(std::size_t(columns.grid.n_images) * std::size_t(row_words_), 0),
       rank_(present_.size() + 1, 0),
+      spans_(columns.grid.n_images),
       ranges_(column_ranges(columns)) {
   const uint32_t n_images = columns.grid.n_images;
   const std::size_t w = columns.grid.words_per_image;
   const int64_t n_rows = int64_t(rows.size());
-  parallel_for((int64_t(n_images) + 255) / 256, [&](int64_t block) {
-    const uint32_t lo = uint32_t(block * 256), hi = std::min<uint32_t>(n_images, lo + 256);
-    for (int64_t r = 0; r < n_rows; ++r)
-      for (uint32_t i = lo; i < hi; ++i)
-        if (rows[r]->slot(i) != SparseMask::kEmpty)
-          present_[std::size_t(i) * row_words_ + r / 64] |= uint64_t(1) << (r % 64);
+  // Tasks own groups of 64 rows: word k of every image.
+  parallel_for(row_words_, [&](int64_t k) {
+    for (int64_t r = k * 64; r < std::min(n_rows, k * 64 + 64); ++r)
+      for (const uint32_t i : rows[r]->images())
+        present_[std::size_t(i) * row_words_ + k] |= uint64_t(1) << (r % 64);
   });
-  for (std::size_t k = 0; k < present_.size(); ++k) rank_[k + 1] = rank_[k] + __builtin_popcountll(present_[k]);
+  for (std::size_t k = 0; k < present_.size(); ++k) rank_[k + 1] = rank_[k] + bit_count(present_[k]);
   row_images_.resize(std::size_t(rank_.back()));
+  // Row by row (each row's arrays read in order), into the image-major records.
+  parallel_for(row_words_, [&](int64_t k) {
+    for (int64_t r = k * 64; r < std::min(n_rows, k * 64 + 64); ++r) {
+      const SparseMask& row = *rows[r];
+      const uint64_t below = (uint64_t(1) << (r % 64)) - 1;
+      for (const uint32_t i : row.images()) {
+        const std::size_t word = std::size_t(i) * row_words_ + std::size_t(k);
+        RowImage& out = row_images_[std::size_t(rank_[word] + bit_count(present_[word] & below))];
+        const int32_t slot = row.slot(i);
+        if (slot == SparseMask::kFull) {
+          out = {nullptr, row.count(i), 0, uint32_t(w)};
+          continue;
+        }
+        const uint64_t* words = row.bitset(slot);
+        std::size_t first = 0, last = w;
+        while (words[first] == 0) ++first;  // a bitset here is never empty
+        while (words[last - 1] == 0) --last;
+        out = {words + first, row.count(i), uint32_t(first), uint32_t(last - first)};
+      }
+    }
+  });
+  // Per image, the span of words any row reads there.
   parallel_for((int64_t(n_images) + 255) / 256, [&](int64_t block) {
     const uint32_t lo = uint32_t(block * 256), hi = std::min<uint32_t>(n_images, lo + 256);
-    for (uint32_t i = lo; i < hi; ++i)
-      for (int64_t k = 0; k < row_words_; ++k) {
-        int64_t at = rank_[std::size_t(i) * row_words_ + k];
-        for (uint64_t bits = present_[std::size_t(i) * row_words_ + k]; bits != 0; bits &= bits - 1) {
-          const SparseMask& row = *rows[k * 64 + __builtin_ctzll(bits)];
-          const int32_t slot = row.slot(i);
-          RowImage& out = row_images_[std::size_t(at++)];
-          out = {nullptr, row.count(i), 0, 0};
-          if (slot == SparseMask::kFull) continue;
-          const uint64_t* words = row.bitset(slot);
-          std::size_t first = 0, last = w;
-          while (words[first] == 0) ++first;  // a bitset here is never empty
-          while (words[last - 1] == 0) --last;
-          out = {words + first, row.count(i), uint32_t(first), uint32_t(last - first)};
-        }
+    for (uint32_t i = lo; i < hi; ++i) {
+      const int64_t begin = rank_[std::size_t(i) * row_words_], end = rank_[std::size_t(i + 1) * row_words_];
+      if (begin == end) continue;
+      Span span{uint32_t(w), 0};
+      for (int64_t at = begin; at < end; ++at) {
+        const RowImage& row = row_images_[std::size_t(at)];
+        span = {std::min(span.first, row.first), std::max(span.last, row.first + row.length)};
       }
+      spans_[i] = span;
+    }
   });
 }
 
 BatchCounts PairCounter::count(const PairSet* pairs) const {
+  constexpr std::ptrdiff_t kAhead = 4;  // prefetch distance, in entries
   const int64_t n_rows = int64_t(rows_.size());
   const uint32_t n_images = columns_.grid.n_images;
   const std::size_t w = columns_.grid.words_per_image;
@@ -111,6 +128,11 @@ BatchCounts PairCounter::count(const PairSet* pairs) const {
       const ImageMajorIndex::Entry* end = index_.end(i);
       for (const ImageMajorIndex::Entry* e = std::lower_bound(index_.begin(i), end, c0, by_mask);
            e != end && e->mask < c1; ++e) {
+        // The column's bitset a few entries on: fetched from memory while these are counted.
+        if (e + kAhead < end && e[kAhead].slot != kFullSlot && wanted[e[kAhead].mask]) {
+          const uint64_t* ahead = columns_.bitset(e[kAhead].slot);
+          for (uint32_t word = spans_[i].first; word < spans_[i].last; word += 8) __builtin_prefetch(ahead + word);
+        }
         if (!wanted[e->mask]) continue;
         const uint64_t* selected = pairs != nullptr ? pairs->column(e->mask) : nullptr;
         uint64_t* counts = out.counts.data() + std::size_t(e->mask) * n_rows;
@@ -125,7 +147,7 @@ BatchCounts PairCounter::count(const PairSet* pairs) const {
             bits &= bits - 1;
             const int64_t r = k * 64 + bit;
             const RowImage& row = row_images_[std::size_t(rank_[first + k]) +
-                                              std::size_t(__builtin_popcountll(mine & ((uint64_t(1) << bit) - 1)))];
+                                              std::size_t(bit_count(mine & ((uint64_t(1) << bit) - 1)))];
             if (row.bits == nullptr) {
               counts[r] += uint64_t(e->count);
             } else if (full) {

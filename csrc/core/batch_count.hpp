@@ -65,7 +65,7 @@ class PairCounter {
   const ImageMajorIndex& index_;
   // A row not empty in an image: its bitset there trimmed to the words from its first to its
   // last non-zero one (unit masks and F AND A cover a few words of an image), or null
-  // where it is full.
+  // where it is full (then all the image's words).
   struct RowImage {
     const uint64_t* bits;  // from word `first`
     uint64_t count;
@@ -76,6 +76,10 @@ class PairCounter {
   std::vector<uint64_t> present_;    // bit r of word i * row_words_ + r / 64: row r not empty in image i
   std::vector<int64_t> rank_;        // [i * row_words_ + k]: index in row_images_ of word k's first row
   std::vector<RowImage> row_images_;  // by image, then row
+  struct Span {
+    uint32_t first = 0, last = 0;  // words [first, last)
+  };
+  std::vector<Span> spans_;  // per image: the words the rows read there
   std::vector<int64_t> ranges_;      // column ranges, one task each
 };
 

@@ -65,38 +65,53 @@ inline Interval inside_overlap(int64_t f, int64_t fa, int64_t c, int64_t ca, int
   return {std::max({fca.lo, fa + ca - a, fc.lo - std::min(f - fa, c - ca)}), std::min({fca.hi, fa, ca, fc.hi})};
 }
 
-// Range of the IoU of X = F op C from what is known of fca = |F∧C∧A| and of |F∧C| in
-// `fc` (each an interval, exact once counted). fca and fce = |F∧C| - fca are also limited
-// by the parts of F and C inside and outside A; I = |X∧A| follows fca and E = |X∧¬A|
-// follows fce. Both ends are float64 IoUs I / (|A| + E) of integer counts, so
-// lo <= the candidate's float64 IoU <= hi (rounding is monotone); lo == hi when both
-// counts are exact.
-struct IouRange {
-  double lo;
-  double hi;
+// What is known of I = |X∧A| and E = |X∧¬A| for X = F op C from what is known of
+// fca = |F∧C∧A| and of |F∧C| in `fc` (each an interval, exact once counted). fca and
+// fce = |F∧C| - fca are also limited by the parts of F and C inside and outside A; I
+// follows fca and E follows fce. The candidate's IoU is I / (|A| + E).
+struct CountRange {
+  int64_t i_lo, i_hi;  // |X AND A|
+  int64_t e_lo, e_hi;  // |X AND NOT A|
 };
-inline IouRange iou_range(BinaryOp op, int64_t f, int64_t fa, int64_t c, int64_t ca, int64_t a, int64_t total,
-                          Interval fca, Interval fc) {
+inline CountRange count_range(BinaryOp op, int64_t f, int64_t fa, int64_t c, int64_t ca, int64_t a, int64_t total,
+                              Interval fca, Interval fc) {
   const int64_t fe = f - fa, ce = c - ca;
   fca = inside_overlap(f, fa, c, ca, a, fca, fc);
   const int64_t fce_lo = std::max({int64_t(0), fe + ce - (total - a), fc.lo - fca.hi});
   const int64_t fce_hi = std::max(fce_lo, std::min({fe, ce, fc.hi - fca.lo}));
-  int64_t i_lo = 0, i_hi = 0, e_lo = 0, e_hi = 0;
+  CountRange r{0, 0, 0, 0};
   switch (op) {
-    case BinaryOp::Or:
-      i_lo = fa + ca - fca.hi, i_hi = fa + ca - fca.lo, e_lo = fe + ce - fce_hi, e_hi = fe + ce - fce_lo;
-      break;
-    case BinaryOp::And: i_lo = fca.lo, i_hi = fca.hi, e_lo = fce_lo, e_hi = fce_hi; break;
-    case BinaryOp::AndNot: i_lo = fa - fca.hi, i_hi = fa - fca.lo, e_lo = fe - fce_hi, e_hi = fe - fce_lo; break;
+    case BinaryOp::Or: r = {fa + ca - fca.hi, fa + ca - fca.lo, fe + ce - fce_hi, fe + ce - fce_lo}; break;
+    case BinaryOp::And: r = {fca.lo, fca.hi, fce_lo, fce_hi}; break;
+    case BinaryOp::AndNot: r = {fa - fca.hi, fa - fca.lo, fe - fce_hi, fe - fce_lo}; break;
     case BinaryOp::OrNot:
-      i_lo = a - ca + fca.lo, i_hi = a - ca + fca.hi;
-      e_lo = total - a - ce + fce_lo, e_hi = total - a - ce + fce_hi;
+      r = {a - ca + fca.lo, a - ca + fca.hi, total - a - ce + fce_lo, total - a - ce + fce_hi};
       break;
   }
-  const auto iou = [a](int64_t i, int64_t e) {
-    return double(uint64_t(std::max<int64_t>(i, 0))) / (double(uint64_t(a + std::max<int64_t>(e, 0))) + 1e-10);
-  };
-  return {iou(i_lo, e_hi), iou(i_hi, e_lo)};
+  return {std::max<int64_t>(r.i_lo, 0), std::max<int64_t>(r.i_hi, 0), std::max<int64_t>(r.e_lo, 0),
+          std::max<int64_t>(r.e_hi, 0)};
+}
+
+// Float64 IoU of integer counts, as iou_of computes it from |X∧A| = i and |X∧¬A| = e.
+inline double iou_of_parts(int64_t i, int64_t e, int64_t a) {
+  return double(uint64_t(i)) / (double(uint64_t(a + e)) + 1e-10);
+}
+
+// Range of the candidate's float64 IoU: lo <= its IoU <= hi (rounding is monotone);
+// lo == hi when both counts are exact.
+struct IouRange {
+  double lo;
+  double hi;
+};
+inline IouRange iou_range(const CountRange& r, int64_t a) {
+  return {iou_of_parts(r.i_lo, r.e_hi, a), iou_of_parts(r.i_hi, r.e_lo, a)};
+}
+
+// Whether the float64 score (i / (d + 1e-10)) * factor of integer counts i, d is surely
+// below `threshold`, decided without dividing: a margin of 1e-12 covers every rounding
+// of both sides (a few ulp), so "true" is exact and "false" may only be inconclusive.
+inline bool surely_below(uint64_t i, uint64_t d, double factor, double threshold) {
+  return double(i) * factor < threshold * double(d) * (1 - 1e-12);
 }
 
 // fca before counting: no more than what the other bounds allow.

@@ -44,6 +44,15 @@ AndPopcountManyFn and_popcount_many_kernel();
 // benchmark compares its achieved throughput with.
 double and_popcount_throughput(std::size_t words, double seconds);
 
+// Set bits of one word, inline on the baseline ISA (where __builtin_popcountll is a
+// library call): for bookkeeping in hot loops, not for counting masks.
+inline int bit_count(uint64_t x) {
+  x -= (x >> 1) & 0x5555555555555555ULL;
+  x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);
+  x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+  return int((x * 0x0101010101010101ULL) >> 56);
+}
+
 // Number of set bits in a over n words (with the selected kernel).
 inline uint64_t popcount_words(const uint64_t* a, std::size_t n) { return and_popcount_kernel()(a, a, n); }
 

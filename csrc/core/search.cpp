@@ -226,39 +226,75 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
       const int64_t a = int64_t(s.result.unit_size);
       std::vector<double> guaranteed;  // scores some candidate surely reaches
       std::vector<Pending> left;
+      uint64_t scored = 0;  // pairs whose candidates were offered
+      // Scores below the top-k's worst can never enter it (it only gets better).
+      double worst = next[b].full() ? next[b].worst().score : -1.0;
+      // Offers the candidates of a pair whose counts are all known.
+      const auto offer = [&](int32_t p, int32_t concept, uint64_t f, uint64_t fa, uint64_t c, uint64_t ca,
+                             uint64_t fc, uint64_t fca) {
+        const double* fac = factor[b][p].data();
+        for (std::size_t k = 0; k < n_ops; ++k) {
+          const Counts n = candidate_counts(options.ops[k], f, fa, c, ca, fc, fca, uint64_t(a), ctx.total);
+          if (surely_below(n.intersection, n.size + uint64_t(a) - n.intersection, fac[k], worst)) continue;
+          const double score = iou_of(n.intersection, n.size, uint64_t(a)) * fac[k];
+          const uint64_t order = beam_size + (uint64_t(p) * uint64_t(n_concepts) + uint64_t(concept)) * n_ops + k;
+          next[b].offer({score, order, p, concept, options.ops[k]});
+          if (next[b].full()) worst = next[b].worst().score;
+        }
+        ++scored;
+      };
+      // A pair with some count unknown: dropped, or kept with its score range.
       const auto consider = [&](Pending x) {
         const LiveEntry& parent = s.beam[x.parent];
+        const double* fac = factor[b][x.parent].data();
         const int64_t f = int64_t(parent.entry.size), fa = int64_t(parent.entry.intersection);
         const int64_t c = int64_t(ctx.concept_size[x.concept]), ca = int64_t(s.ca[x.concept]);
         const Interval fc = parent.overlaps[x.concept];
         x.fca = inside_overlap(f, fa, c, ca, a, x.fca, fc);
         if (fc.exact() && x.fca.exact()) {
-          for (std::size_t k = 0; k < n_ops; ++k) {
-            const Counts n = candidate_counts(options.ops[k], uint64_t(f), uint64_t(fa), uint64_t(c), uint64_t(ca),
-                                              uint64_t(fc.lo), uint64_t(x.fca.lo), uint64_t(a), ctx.total);
-            const double score = iou_of(n.intersection, n.size, uint64_t(a)) * factor[b][x.parent][k];
-            const uint64_t order =
-                beam_size + (uint64_t(x.parent) * uint64_t(n_concepts) + uint64_t(x.concept)) * n_ops + k;
-            next[b].offer({score, order, x.parent, x.concept, options.ops[k]});
-          }
-          ++(counted ? s.result.counted : s.result.derived);
+          offer(x.parent, x.concept, uint64_t(f), uint64_t(fa), uint64_t(c), uint64_t(ca), uint64_t(fc.lo),
+                uint64_t(x.fca.lo));
+          return;
+        }
+        CountRange ranges[4];
+        bool open = false;  // some candidate may still reach the top-k
+        for (std::size_t k = 0; k < n_ops; ++k) {
+          ranges[k] = count_range(options.ops[k], f, fa, c, ca, a, total, x.fca, fc);
+          open = open || !surely_below(uint64_t(ranges[k].i_hi), uint64_t(a + ranges[k].e_lo), fac[k], worst);
+        }
+        if (!open) {
+          ++s.result.pruned;
           return;
         }
         x.upper = 0;
         for (std::size_t k = 0; k < n_ops; ++k) {
-          const IouRange range = iou_range(options.ops[k], f, fa, c, ca, a, total, x.fca, fc);
-          x.upper = std::max(x.upper, range.hi * factor[b][x.parent][k]);
-          guaranteed.push_back(range.lo * factor[b][x.parent][k]);
+          const IouRange range = iou_range(ranges[k], a);
+          x.upper = std::max(x.upper, range.hi * fac[k]);
+          if (range.lo * fac[k] >= worst) guaranteed.push_back(range.lo * fac[k]);
         }
         left.push_back(x);
       };
-      if (first) {
-        for (int32_t p = 0; p < int32_t(s.beam.size()); ++p)
-          for (int32_t c = 0; c < int32_t(n_concepts); ++c)
-            if (ctx.concept_size[c] != 0) consider({p, c, kUnknown, 0});
+      if (first) {  // every pair: most are known exactly (single concepts, sparse units)
+        for (int32_t p = 0; p < int32_t(s.beam.size()); ++p) {
+          const LiveEntry& parent = s.beam[p];
+          const Interval* overlaps = parent.overlaps.data();
+          const int64_t f = int64_t(parent.entry.size), fa = int64_t(parent.entry.intersection);
+          for (int32_t concept = 0; concept < int32_t(n_concepts); ++concept) {
+            const int64_t c = int64_t(ctx.concept_size[concept]);
+            if (c == 0) continue;
+            const int64_t ca = int64_t(s.ca[concept]);
+            const Interval fc = overlaps[concept];
+            const Interval fca = inside_overlap(f, fa, c, ca, a, kUnknown, fc);
+            if (fc.exact() && fca.exact())
+              offer(p, concept, uint64_t(f), uint64_t(fa), uint64_t(c), uint64_t(ca), uint64_t(fc.lo), uint64_t(fca.lo));
+            else
+              consider({p, concept, fca, 0});
+          }
+        }
       } else {
         for (const Pending& x : stage[b]) consider(x);
       }
+      (counted ? s.result.counted : s.result.derived) += scored;
       for (const Candidate& kept : next[b].items()) guaranteed.push_back(kept.score);
       if (guaranteed.size() >= beam_size) {
         std::nth_element(guaranteed.begin(), guaranteed.begin() + std::ptrdiff_t(beam_size - 1),
@@ -333,6 +369,9 @@ std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin
   if (options.beam_size < 1 || options.beam_size > kMaxBeamSize)
     throw std::invalid_argument("beam_size must be between 1 and " + std::to_string(kMaxBeamSize));
   if (options.ops.empty() && options.length > 1) throw std::invalid_argument("no operators given");
+  for (std::size_t k = 0; k < options.ops.size(); ++k)
+    if (std::count(options.ops.begin(), options.ops.begin() + std::ptrdiff_t(k), options.ops[k]) != 0)
+      throw std::invalid_argument("operator given twice");
   if (!(options.penalty > 0) || !std::isfinite(options.penalty))
     throw std::invalid_argument("penalty must be a positive finite number");
   if (unit_begin < 0 || unit_end > units.n_masks || unit_begin > unit_end)

@@ -16,7 +16,7 @@ void SparseMask::set_full(uint32_t image) {
   slot_[image] = kFull;
   count_[image] = grid_.pixels;
   total_ += grid_.pixels;
-  ++nonempty_images_;
+  images_.push_back(image);
 }
 
 void SparseMask::set_image(uint32_t image, const uint64_t* bits, uint32_t count) {
@@ -27,12 +27,13 @@ void SparseMask::set_image(uint32_t image, const uint64_t* bits, uint32_t count)
   words_.insert(words_.end(), bits, bits + w);
   count_[image] = count;
   total_ += count;
-  ++nonempty_images_;
+  images_.push_back(image);
   ++bitsets_;
 }
 
 SparseMask SparseMask::from_set(const MaskSetView& set, int64_t m) {
   SparseMask mask(set.grid);
+  mask.images_.reserve(std::size_t(set.offsets[m + 1] - set.offsets[m]));
   for (int64_t e = set.offsets[m]; e < set.offsets[m + 1]; ++e) {
     const uint32_t image = static_cast<uint32_t>(set.images[e]);
     if (set.slots[e] == kFullSlot)
@@ -47,6 +48,7 @@ SparseMask SparseMask::view_of(const MaskSetView& set, int64_t m) {
   if (set.n_slots > int64_t(INT32_MAX)) return from_set(set, m);
   SparseMask mask(set.grid);
   mask.viewed_ = set.words;
+  mask.images_.reserve(std::size_t(set.offsets[m + 1] - set.offsets[m]));
   for (int64_t e = set.offsets[m]; e < set.offsets[m + 1]; ++e) {
     const uint32_t image = static_cast<uint32_t>(set.images[e]);
     if (set.slots[e] == kFullSlot) {
@@ -55,7 +57,7 @@ SparseMask SparseMask::view_of(const MaskSetView& set, int64_t m) {
       mask.slot_[image] = static_cast<int32_t>(set.slots[e]);
       mask.count_[image] = static_cast<uint32_t>(set.counts[e]);
       mask.total_ += mask.count_[image];
-      ++mask.nonempty_images_;
+      mask.images_.push_back(image);
       ++mask.bitsets_;
     }
   }
@@ -99,23 +101,41 @@ void SparseMask::combine_into(const Other& other, BinaryOp op, Sink& sink) const
   ones[w - 1] = last_mask;
   const std::vector<uint64_t> zeros(w, 0);
   std::vector<uint64_t> out(w);
-  for (uint32_t image = 0; image < grid_.n_images; ++image) {
-    const int32_t a = slot_[image];
-    const uint64_t* y = other(image);
+  // Images in increasing order: every image for OR NOT (a result image is full where
+  // `other` is empty), else those where one of the two is not empty.
+  const bool every_image = op == BinaryOp::OrNot;
+  const uint32_t n_images = uint32_t(grid_.n_images);
+  const std::size_t n_mine = images_.size(), n_other = other.size();
+  std::size_t i = 0, j = 0;  // cursors into images_ and other's images
+  for (uint32_t image = 0;; ++image) {
+    const uint32_t next_mine = i < n_mine ? images_[i] : n_images;
+    const uint32_t next_other = j < n_other ? other.image(j) : n_images;
+    if (!every_image) image = std::min(next_mine, next_other);
+    if (image >= n_images) break;
+    const int32_t a = next_mine == image ? slot_[image] : kEmpty;
+    const uint64_t* y = next_other == image ? other.bits(j) : kEmptyBits;
+    const uint64_t y_count = next_other == image ? other.count(j) : 0;
+    i += next_mine == image;
+    j += next_other == image;
     const bool b_empty = y == kEmptyBits, b_full = y == kFullBits;
     // Shortcuts on empty and full containers; bitset work only where both are partial.
     switch (op) {
       case BinaryOp::And:
         if (a == kEmpty || b_empty) continue;
         if (a == kFull && b_full) { sink.full(image); continue; }
+        if (a == kFull) { sink.partial(image, y, y_count); continue; }
+        if (b_full) { sink.partial(image, bitset(a), count_[image]); continue; }
         break;
       case BinaryOp::Or:
         if (a == kFull || b_full) { sink.full(image); continue; }
         if (a == kEmpty && b_empty) continue;
+        if (a == kEmpty) { sink.partial(image, y, y_count); continue; }
+        if (b_empty) { sink.partial(image, bitset(a), count_[image]); continue; }
         break;
       case BinaryOp::AndNot:
         if (a == kEmpty || b_full) continue;
         if (a == kFull && b_empty) { sink.full(image); continue; }
+        if (b_empty) { sink.partial(image, bitset(a), count_[image]); continue; }
         break;
       case BinaryOp::OrNot:
         if (a == kFull || b_empty) { sink.full(image); continue; }
@@ -126,10 +146,10 @@ void SparseMask::combine_into(const Other& other, BinaryOp op, Sink& sink) const
     if (b_empty) y = zeros.data();
     if (b_full) y = ones.data();
     switch (op) {
-      case BinaryOp::And: for (std::size_t i = 0; i < w; ++i) out[i] = x[i] & y[i]; break;
-      case BinaryOp::Or: for (std::size_t i = 0; i < w; ++i) out[i] = x[i] | y[i]; break;
-      case BinaryOp::AndNot: for (std::size_t i = 0; i < w; ++i) out[i] = x[i] & ~y[i]; break;
-      case BinaryOp::OrNot: for (std::size_t i = 0; i < w; ++i) out[i] = x[i] | ~y[i]; break;
+      case BinaryOp::And: for (std::size_t k = 0; k < w; ++k) out[k] = x[k] & y[k]; break;
+      case BinaryOp::Or: for (std::size_t k = 0; k < w; ++k) out[k] = x[k] | y[k]; break;
+      case BinaryOp::AndNot: for (std::size_t k = 0; k < w; ++k) out[k] = x[k] & ~y[k]; break;
+      case BinaryOp::OrNot: for (std::size_t k = 0; k < w; ++k) out[k] = x[k] | ~y[k]; break;
     }
     out[w - 1] &= last_mask;
     const uint64_t count = popcount_words(out.data(), w);
@@ -151,8 +171,8 @@ SparseMask SparseMask::combine_with(const Other& other, std::size_t other_bitset
   // A partial image of the result is partial in one of the two at least (and not empty in
   // either, for AND).
   const std::size_t w = grid_.words_per_image;
-  std::size_t partial = std::min<std::size_t>(words_.size() / w + other_bitsets, grid_.n_images);
-  if (op == BinaryOp::And) partial = std::min<std::size_t>({partial, nonempty_images_, other_nonempty});
+  std::size_t partial = std::min<std::size_t>(bitsets_ + other_bitsets, grid_.n_images);
+  if (op == BinaryOp::And) partial = std::min<std::size_t>({partial, images_.size(), other_nonempty});
   result.words_.reserve(partial * w);
   Store sink{result};
   combine_into(other, op, sink);
@@ -161,35 +181,42 @@ SparseMask SparseMask::combine_with(const Other& other, std::size_t other_bitset
 
 SparseMask SparseMask::combine(const SparseMask& other, BinaryOp op) const {
   if (!(grid_ == other.grid_)) throw std::invalid_argument("masks on different grids");
-  return combine_with(
-      [&](uint32_t image) {
-        const int32_t slot = other.slot_[image];
-        return slot == kEmpty ? kEmptyBits : slot == kFull ? kFullBits : other.bitset(slot);
-      },
-      other.words_.size() / grid_.words_per_image, other.nonempty_images_, op);
+  struct Images {
+    const SparseMask& mask;
+    std::size_t size() const { return mask.images_.size(); }
+    uint32_t image(std::size_t k) const { return mask.images_[k]; }
+    const uint64_t* bits(std::size_t k) const {
+      const int32_t slot = mask.slot_[mask.images_[k]];
+      return slot == kFull ? kFullBits : mask.bitset(slot);
+    }
+    uint64_t count(std::size_t k) const { return mask.count_[mask.images_[k]]; }
+  };
+  return combine_with(Images{other}, other.bitsets_, other.images_.size(), op);
 }
 
 namespace {
-// Mask m of a set as combine_into reads it: bitset, empty or full marker per image.
+// Mask m of a set as combine_into reads it: its entries.
 struct SetMaskImages {
-  std::vector<const uint64_t*> bits;
-  std::size_t bitsets = 0, nonempty = 0;
-  SetMaskImages(const MaskSetView& set, int64_t m) : bits(set.grid.n_images, kEmptyBits) {
-    for (int64_t e = set.offsets[m]; e < set.offsets[m + 1]; ++e) {
-      const bool full = set.slots[e] == kFullSlot;
-      bits[std::size_t(set.images[e])] = full ? kFullBits : set.bitset(set.slots[e]);
-      bitsets += !full;
-      ++nonempty;
-    }
+  const MaskSetView& set;
+  int64_t first, last;  // its entries
+  std::size_t bitsets = 0;
+  SetMaskImages(const MaskSetView& s, int64_t m) : set(s), first(s.offsets[m]), last(s.offsets[m + 1]) {
+    for (int64_t e = first; e < last; ++e) bitsets += set.slots[e] != kFullSlot;
   }
-  const uint64_t* operator()(uint32_t image) const { return bits[image]; }
+  std::size_t size() const { return std::size_t(last - first); }
+  uint32_t image(std::size_t k) const { return uint32_t(set.images[first + int64_t(k)]); }
+  const uint64_t* bits(std::size_t k) const {
+    const int64_t slot = set.slots[first + int64_t(k)];
+    return slot == kFullSlot ? kFullBits : set.bitset(slot);
+  }
+  uint64_t count(std::size_t k) const { return uint64_t(set.counts[first + int64_t(k)]); }
 };
 }  // namespace
 
 SparseMask SparseMask::combine(const MaskSetView& set, int64_t m, BinaryOp op) const {
   if (!(grid_ == set.grid)) throw std::invalid_argument("masks on different grids");
   const SetMaskImages other(set, m);
-  return combine_with(other, other.bitsets, other.nonempty, op);
+  return combine_with(other, other.bitsets, other.size(), op);
 }
 
 CombinedCounts SparseMask::combined_counts(const MaskSetView& set, int64_t m, BinaryOp op,

@@ -33,7 +33,9 @@ class SparseMask {
   const Grid& grid() const { return grid_; }
   uint64_t total() const { return total_; }
   // Number of images where the mask is not empty.
-  uint64_t nonempty_images() const { return nonempty_images_; }
+  uint64_t nonempty_images() const { return images_.size(); }
+  // The images where the mask is not empty, in increasing order.
+  const std::vector<uint32_t>& images() const { return images_; }
   int32_t slot(uint32_t image) const { return slot_[image]; }
   uint32_t count(uint32_t image) const { return count_[image]; }
   // Mask m of a set, reading the set's bitsets in place: the set must outlive the view
@@ -62,8 +64,10 @@ class SparseMask {
   void set_image(uint32_t image, const uint64_t* bits, uint32_t count);
   void set_full(uint32_t image);
   // this OP other image by image, each non-empty result image to sink.full(image) or
-  // sink.partial(image, bits, count); `other(image)`: the other mask's bitset in that
-  // image, or its empty / full marker.
+  // sink.partial(image, bits, count), visiting only the images where the result can be
+  // non-empty. `other`: the other mask's non-empty images in increasing order,
+  // other.image(k), other.bits(k) (its bitset there, or the full marker) and
+  // other.count(k) (its set bits there) for k < other.size().
   template <class Other, class Sink>
   void combine_into(const Other& other, BinaryOp op, Sink& sink) const;
   // `other_bitsets`, `other_nonempty`: the other mask's partial and non-empty images (to
@@ -79,7 +83,7 @@ class SparseMask {
   const uint64_t* viewed_ = nullptr;  // a view's bitsets (then words_ is empty)
   std::size_t bitsets_ = 0;           // partial images
   uint64_t total_ = 0;
-  uint64_t nonempty_images_ = 0;
+  std::vector<uint32_t> images_;      // non-empty images, increasing
 };
 
 }  // namespace pyneuron
