@@ -103,7 +103,7 @@ BatchCounts PairCounter::count(const PairSet* pairs) const {
   const std::size_t w = columns_.grid.words_per_image;
   const int64_t row_words = row_words_;
   BatchCounts out;
-  out.counts.assign(std::size_t(n_rows) * std::size_t(columns_.n_masks), 0);
+  out.counts.assign(pairs != nullptr ? std::size_t(pairs->size()) : std::size_t(n_rows) * std::size_t(columns_.n_masks), 0);
   out.words.assign(std::size_t(n_rows), 0);
   if (n_rows == 0 || columns_.n_masks == 0) return out;
   const AndPopcountManyFn many = and_popcount_many_kernel();
@@ -117,8 +117,8 @@ BatchCounts PairCounter::count(const PairSet* pairs) const {
   parallel_for(int64_t(ranges_.size()) - 1, [&](int64_t task) {
     const int32_t c0 = int32_t(ranges_[task]), c1 = int32_t(ranges_[task + 1]);
     std::vector<uint64_t> words(std::size_t(n_rows), 0);
+    std::vector<std::pair<int64_t, const RowImage*>> partial;
     std::vector<const uint64_t*> operands;
-    std::vector<int64_t> operand_rows;
     std::vector<uint64_t> results;
     const auto by_mask = [](const ImageMajorIndex::Entry& e, int32_t m) { return e.mask < m; };
     for (uint32_t i = 0; i < n_images; ++i) {
@@ -135,10 +135,14 @@ BatchCounts PairCounter::count(const PairSet* pairs) const {
         }
         if (!wanted[e->mask]) continue;
         const uint64_t* selected = pairs != nullptr ? pairs->column(e->mask) : nullptr;
-        uint64_t* counts = out.counts.data() + std::size_t(e->mask) * n_rows;
+        // Where the count of (row r, this column) goes.
+        const auto at = [&](int64_t r) {
+          return std::size_t(selected != nullptr ? pairs->index(r, e->mask) : int64_t(e->mask) * n_rows + r);
+        };
         const bool full = e->slot == kFullSlot;
-        operands.clear();
-        operand_rows.clear();
+        // The selected rows here: full ones counted at once, partial ones gathered.
+        partial.clear();
+        std::size_t trimmed_words = 0;
         for (int64_t k = 0; k < row_words; ++k) {
           const uint64_t mine = here[k];
           uint64_t bits = mine & (selected != nullptr ? selected[k] : ~uint64_t(0));
@@ -149,24 +153,35 @@ BatchCounts PairCounter::count(const PairSet* pairs) const {
             const RowImage& row = row_images_[std::size_t(rank_[first + k]) +
                                               std::size_t(bit_count(mine & ((uint64_t(1) << bit) - 1)))];
             if (row.bits == nullptr) {
-              counts[r] += uint64_t(e->count);
+              out.counts[at(r)] += uint64_t(e->count);
             } else if (full) {
-              counts[r] += row.count;
-            } else if (2 * std::size_t(row.length) <= w) {  // a few words: on their own
-              counts[r] += single(row.bits, columns_.bitset(e->slot) + row.first, row.length);
-              words[r] += row.length;
-            } else {  // most of the image: with the others, against the column's whole bitset
-              operands.push_back(row.bits - row.first);
-              operand_rows.push_back(r);
+              out.counts[at(r)] += row.count;
+            } else {
+              partial.push_back({r, &row});
+              trimmed_words += row.length;
             }
           }
         }
-        if (operands.empty()) continue;
+        if (partial.empty()) continue;
+        const uint64_t* column = columns_.bitset(e->slot);
+        const Span span = spans_[i];
+        const std::size_t span_words = span.last - span.first;
+        if (partial.size() == 1 || span_words * partial.size() > 2 * trimmed_words) {
+          // Each row on its own words (rows far apart, or one).
+          for (const auto& [r, row] : partial) {
+            out.counts[at(r)] += single(row->bits, column + row->first, row->length);
+            words[r] += row->length;
+          }
+          continue;
+        }
+        // All of them over the image's span in one call: the column's words loaded once.
+        operands.clear();
+        for (const auto& [r, row] : partial) operands.push_back(row->bits - row->first + span.first);
         results.resize(operands.size());
-        many(columns_.bitset(e->slot), operands.data(), operands.size(), w, results.data());
-        for (std::size_t j = 0; j < operands.size(); ++j) {
-          counts[operand_rows[j]] += results[j];
-          words[operand_rows[j]] += w;
+        many(column + span.first, operands.data(), operands.size(), span_words, results.data());
+        for (std::size_t j = 0; j < partial.size(); ++j) {
+          out.counts[at(partial[j].first)] += results[j];
+          words[partial[j].first] += span_words;
         }
       }
     }

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "mask_set.hpp"
+#include "popcount.hpp"
 #include "sparse_mask.hpp"
 
 namespace pyneuron {
@@ -29,7 +30,9 @@ class ImageMajorIndex {
   std::vector<Entry> entries_;
 };
 
-// Selected (row, column) pairs: bit r of word c * row_words() + r / 64.
+// Selected (row, column) pairs: bit r of word c * row_words() + r / 64. Once all are
+// added, number() numbers them column by column (rows in increasing order), the order
+// of their counts.
 class PairSet {
  public:
   PairSet(int64_t n_rows, int64_t n_columns)
@@ -39,15 +42,28 @@ class PairSet {
     bits_[std::size_t(column) * row_words_ + std::size_t(row) / 64] |= uint64_t(1) << (row % 64);
   }
   const uint64_t* column(int64_t c) const { return bits_.data() + std::size_t(c) * row_words_; }
+  void number() {
+    first_.assign(bits_.size() + 1, 0);
+    for (std::size_t k = 0; k < bits_.size(); ++k) first_[k + 1] = first_[k] + bit_count(bits_[k]);
+  }
+  int64_t size() const { return first_.back(); }
+  // Number of the selected pair (row, column); numbered ones only.
+  int64_t index(int64_t row, int64_t column) const {
+    const std::size_t k = std::size_t(column) * row_words_ + std::size_t(row) / 64;
+    return first_[k] + bit_count(bits_[k] & ((uint64_t(1) << (row % 64)) - 1));
+  }
 
  private:
   int64_t row_words_;
   std::vector<uint64_t> bits_;
+  std::vector<int64_t> first_;  // [k]: number of the first pair of word k
 };
 
 struct BatchCounts {
-  std::vector<uint64_t> counts;  // counts[c * n_rows + r] = |row r AND column c| (selected pairs)
-  std::vector<uint64_t> words;   // per row: 64-bit word pairs AND-popcounted for it
+  // Selected pairs: counts[pairs.index(r, c)] = |row r AND column c|; all pairs (no
+  // selection): counts[c * n_rows + r].
+  std::vector<uint64_t> counts;
+  std::vector<uint64_t> words;  // per row: 64-bit word pairs AND-popcounted for it
 };
 
 // Counts of fixed rows against the columns of a mask set, for any number of pair selections.
@@ -55,8 +71,8 @@ class PairCounter {
  public:
   // The rows, the columns and the index must outlive the counter.
   PairCounter(const std::vector<const SparseMask*>& rows, const MaskSetView& columns, const ImageMajorIndex& index);
-  // |rows[r] AND column c| for the selected pairs (all pairs when `pairs` is null), spread
-  // over the thread pool by ranges of columns; unselected pairs are left at 0.
+  // |rows[r] AND column c| for the selected pairs (numbered; all pairs when `pairs` is
+  // null), spread over the thread pool by ranges of columns.
   BatchCounts count(const PairSet* pairs) const;
 
  private:

@@ -326,17 +326,16 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
     PairSet selected(int64_t(rows.size()), n_concepts);
     for (int64_t b = 0; b < nb; ++b)
       for (const Pending& x : stage[b]) selected.add(row_of[std::size_t(first_row[b] + x.parent)], x.concept);
+    selected.number();
     const BatchCounts counted = ctx.count(PairCounter(rows, ctx.concepts, ctx.index), &selected);
-    for (int64_t b = 0; b < nb; ++b) {
+    parallel_for(nb, [&](int64_t b) {
       for (std::size_t p = 0; p < block[b]->beam.size(); ++p) {
         const int64_t row = row_of[std::size_t(first_row[b]) + p];
         if (row >= 0) block[b]->result.words += counted.words[std::size_t(row)];
       }
-      for (Pending& x : stage[b]) {
-        const int64_t row = row_of[std::size_t(first_row[b] + x.parent)];
-        take(b, x, counted.counts[std::size_t(x.concept) * rows.size() + std::size_t(row)]);
-      }
-    }
+      for (Pending& x : stage[b])
+        take(b, x, counted.counts[std::size_t(selected.index(row_of[std::size_t(first_row[b] + x.parent)], x.concept))]);
+    });
     return true;
   };
 

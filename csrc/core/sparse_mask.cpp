@@ -101,22 +101,47 @@ void SparseMask::combine_into(const Other& other, BinaryOp op, Sink& sink) const
   ones[w - 1] = last_mask;
   const std::vector<uint64_t> zeros(w, 0);
   std::vector<uint64_t> out(w);
-  // Images in increasing order: every image for OR NOT (a result image is full where
-  // `other` is empty), else those where one of the two is not empty.
-  const bool every_image = op == BinaryOp::OrNot;
+  // The images to visit, in increasing order: every image for OR NOT (a result image is
+  // full where `other` is empty), those of both for AND, else those of either. Listed
+  // first, so that their bitsets can be fetched from memory a few images ahead.
+  struct Visit {
+    uint32_t image;
+    int32_t a;            // this mask's slot there (or kEmpty / kFull)
+    const uint64_t* y;    // the other's bitset there (or its empty / full marker)
+    uint64_t y_count;
+  };
+  std::vector<Visit> visits;
   const uint32_t n_images = uint32_t(grid_.n_images);
   const std::size_t n_mine = images_.size(), n_other = other.size();
+  visits.reserve(op == BinaryOp::OrNot ? n_images : op == BinaryOp::And ? std::min(n_mine, n_other) : n_mine + n_other);
   std::size_t i = 0, j = 0;  // cursors into images_ and other's images
   for (uint32_t image = 0;; ++image) {
     const uint32_t next_mine = i < n_mine ? images_[i] : n_images;
     const uint32_t next_other = j < n_other ? other.image(j) : n_images;
-    if (!every_image) image = std::min(next_mine, next_other);
+    if (op != BinaryOp::OrNot) image = std::min(next_mine, next_other);
     if (image >= n_images) break;
-    const int32_t a = next_mine == image ? slot_[image] : kEmpty;
-    const uint64_t* y = next_other == image ? other.bits(j) : kEmptyBits;
-    const uint64_t y_count = next_other == image ? other.count(j) : 0;
+    if (op != BinaryOp::And || next_mine == next_other)
+      visits.push_back({image, next_mine == image ? slot_[image] : kEmpty,
+                        next_other == image ? other.bits(j) : kEmptyBits, next_other == image ? other.count(j) : 0});
     i += next_mine == image;
     j += next_other == image;
+  }
+  constexpr std::size_t kAhead = 4;
+  const auto prefetch = [&](const uint64_t* bits) {
+    const char* p = reinterpret_cast<const char*>(bits);
+    for (std::size_t line = 0; line < w * sizeof(uint64_t); line += 64) __builtin_prefetch(p + line);
+  };
+  for (std::size_t v = 0; v < visits.size(); ++v) {
+    if (v + kAhead < visits.size()) {
+      const Visit& ahead = visits[v + kAhead];
+      if (ahead.a >= 0) prefetch(bitset(ahead.a));
+      if (ahead.y != kEmptyBits && ahead.y != kFullBits) prefetch(ahead.y);
+      sink.prefetch(ahead.image);
+    }
+    const uint32_t image = visits[v].image;
+    const int32_t a = visits[v].a;
+    const uint64_t* y = visits[v].y;
+    const uint64_t y_count = visits[v].y_count;
     const bool b_empty = y == kEmptyBits, b_full = y == kFullBits;
     // Shortcuts on empty and full containers; bitset work only where both are partial.
     switch (op) {
@@ -166,6 +191,7 @@ SparseMask SparseMask::combine_with(const Other& other, std::size_t other_bitset
     void partial(uint32_t image, const uint64_t* bits, uint64_t count) {
       result.set_image(image, bits, static_cast<uint32_t>(count));
     }
+    void prefetch(uint32_t) const {}
   };
   SparseMask result(grid_);
   // A partial image of the result is partial in one of the two at least (and not empty in
@@ -234,6 +260,12 @@ CombinedCounts SparseMask::combined_counts(const MaskSetView& set, int64_t m, Bi
       n.with_images += with_count != 0;
     }
     void full(uint32_t image) { add(with.grid_.pixels, with.count_[image]); }
+    void prefetch(uint32_t image) const {
+      const int32_t slot = with.slot_[image];
+      if (slot < 0) return;
+      const char* p = reinterpret_cast<const char*>(with.bitset(slot));
+      for (std::size_t line = 0; line < w * sizeof(uint64_t); line += 64) __builtin_prefetch(p + line);
+    }
     void partial(uint32_t image, const uint64_t* bits, uint64_t count) {
       const int32_t slot = with.slot_[image];
       add(count, slot == kEmpty ? 0 : slot == kFull ? count : and_popcount(bits, with.bitset(slot), w));
