@@ -147,3 +147,59 @@ def test_engine_runs_on_fewer_threads_when_the_system_refuses_more():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "same"
+
+
+def _pool_case():
+    rng = np.random.default_rng(1)
+    concepts = rng.random((6, 12, 8, 8)) < 0.3
+    units = rng.random((40, 12, 8, 8)) < 0.2
+    store = pyneuron.ConceptStore.from_masks(concepts, list("abcdef"))
+    return pyneuron.UnitMasks.from_masks(units), store
+
+
+def _explain_in_child(queue):
+    units, store = _pool_case()
+    queue.put(pyneuron.explain(units, store, progress=False)["formula"].tolist())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork start method")
+def test_engine_threads_work_in_a_forked_child():
+    """The worker threads are kept between calls; a fork child inherits the pool but not
+    its threads, and must start its own instead of waiting for the parent's."""
+    import multiprocessing
+
+    units, store = _pool_case()
+    previous = pyneuron.num_threads()
+    pyneuron.set_num_threads(2)
+    try:
+        expected = pyneuron.explain(units, store, progress=False)["formula"].tolist()
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_explain_in_child, args=(queue,))
+        child.start()
+        got = queue.get(timeout=120)
+        child.join(timeout=120)
+    finally:
+        pyneuron.set_num_threads(previous)
+    assert child.exitcode == 0
+    assert got == expected
+
+
+def test_concurrent_callers_share_the_engine_threads():
+    """Python threads calling the engine at once (it releases the GIL): each gets the
+    results it would get alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    units, store = _pool_case()
+    previous = pyneuron.num_threads()
+    pyneuron.set_num_threads(3)
+    try:
+        expected = pyneuron.iou_table(units, store, progress=False)
+        with ThreadPoolExecutor(4) as pool:
+            tables = list(
+                pool.map(lambda _: pyneuron.iou_table(units, store, progress=False), range(16))
+            )
+    finally:
+        pyneuron.set_num_threads(previous)
+    for table in tables:
+        np.testing.assert_array_equal(table, expected)

@@ -60,24 +60,23 @@ PairCounter::PairCounter(const std::vector<const SparseMask*>& rows, const MaskS
   for (std::size_t k = 0; k < present_.size(); ++k) rank_[k + 1] = rank_[k] + bit_count(present_[k]);
   row_images_.resize(std::size_t(rank_.back()));
   // Row by row (each row's arrays read in order), into the image-major records.
-  parallel_for(row_words_, [&](int64_t k) {
-    for (int64_t r = k * 64; r < std::min(n_rows, k * 64 + 64); ++r) {
-      const SparseMask& row = *rows[r];
-      const uint64_t below = (uint64_t(1) << (r % 64)) - 1;
-      for (const uint32_t i : row.images()) {
-        const std::size_t word = std::size_t(i) * row_words_ + std::size_t(k);
-        RowImage& out = row_images_[std::size_t(rank_[word] + bit_count(present_[word] & below))];
-        const int32_t slot = row.slot(i);
-        if (slot == SparseMask::kFull) {
-          out = {nullptr, row.count(i), 0, uint32_t(w)};
-          continue;
-        }
-        const uint64_t* words = row.bitset(slot);
-        std::size_t first = 0, last = w;
-        while (words[first] == 0) ++first;  // a bitset here is never empty
-        while (words[last - 1] == 0) --last;
-        out = {words + first, row.count(i), uint32_t(first), uint32_t(last - first)};
+  parallel_for(n_rows, [&](int64_t r) {
+    const std::size_t k = std::size_t(r) / 64;
+    const SparseMask& row = *rows[r];
+    const uint64_t below = (uint64_t(1) << (r % 64)) - 1;
+    for (const uint32_t i : row.images()) {
+      const std::size_t word = std::size_t(i) * row_words_ + k;
+      RowImage& out = row_images_[std::size_t(rank_[word] + bit_count(present_[word] & below))];
+      const int32_t slot = row.slot(i);
+      if (slot == SparseMask::kFull) {
+        out = {nullptr, row.count(i), 0, uint32_t(w)};
+        continue;
       }
+      const uint64_t* words = row.bitset(slot);
+      std::size_t first = 0, last = w;
+      while (words[first] == 0) ++first;  // a bitset here is never empty
+      while (words[last - 1] == 0) --last;
+      out = {words + first, row.count(i), uint32_t(first), uint32_t(last - first)};
     }
   });
   // Per image, the span of words any row reads there.

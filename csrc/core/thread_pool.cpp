@@ -2,12 +2,23 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
 #include <vector>
+
+#if defined(_WIN32)
+#include <process.h>
+#define PYNEURON_GETPID _getpid
+#else
+#include <unistd.h>
+#define PYNEURON_GETPID getpid
+#endif
 
 namespace pyneuron {
 
@@ -23,6 +34,131 @@ std::atomic<int>& thread_setting() {
   static std::atomic<int> n{default_threads()};
   return n;
 }
+
+// Set while this thread runs a parallel_for body: a nested parallel_for runs in line.
+thread_local bool in_parallel_body = false;
+
+void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Waits for `ready()`: spinning for a few tens of microseconds (a search runs dozens of
+// parallel_for calls back to back), then blocking on `cv` under `mutex`.
+template <class Ready>
+void wait_for(Ready ready, std::mutex& mutex, std::condition_variable& cv) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+  for (int spin = 1; !ready(); ++spin) {
+    cpu_relax();
+    if (spin % 64 == 0 && std::chrono::steady_clock::now() > until) {
+      std::unique_lock<std::mutex> lock(mutex);
+      cv.wait(lock, ready);
+      return;
+    }
+  }
+}
+
+// Worker threads kept between calls. Each parallel_for is one job: every worker joins it
+// once and claims items from a shared counter, the calling thread too.
+class Pool {
+ public:
+  explicit Pool(int threads) : pid_(PYNEURON_GETPID()) {
+    try {
+      for (int t = 1; t < threads; ++t) threads_.emplace_back([this] { loop(); });
+    } catch (const std::exception&) {
+      // No thread could be started (std::system_error: no memory for a stack, a process
+      // limit): the pool works with those it has, or the calling thread alone.
+    }
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+      generation_.fetch_add(1);
+    }
+    wake_.notify_all();
+    for (std::thread& t : threads_) t.join();
+  }
+  int size() const { return int(threads_.size()) + 1; }
+  bool forked() const { return pid_ != long(PYNEURON_GETPID()); }
+  // Runs a job, or returns false at once when another thread's job holds the pool.
+  bool try_run(int64_t n, const std::function<void(int64_t)>& body) {
+    std::unique_lock<std::mutex> running(run_mutex_, std::try_to_lock);
+    if (!running.owns_lock()) return false;
+    body_ = &body;
+    n_ = n;
+    next_.store(0);
+    finished_.store(0);
+    error_ = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    work();
+    const int workers = int(threads_.size());
+    wait_for([&] { return finished_.load(std::memory_order_acquire) == workers; }, mutex_, done_);
+    body_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+    return true;
+  }
+
+ private:
+  void work() {
+    in_parallel_body = true;
+    for (int64_t i = next_.fetch_add(1); i < n_; i = next_.fetch_add(1)) {
+      try {
+        (*body_)(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex_);
+        if (!error_) error_ = std::current_exception();
+        next_.store(n_);
+      }
+    }
+    in_parallel_body = false;
+  }
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      wait_for([&] { return generation_.load(std::memory_order_acquire) != seen; }, mutex_, wake_);
+      seen = generation_.load(std::memory_order_acquire);
+      if (stop_) return;
+      work();
+      if (finished_.fetch_add(1, std::memory_order_acq_rel) + 1 == int(threads_.size())) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        done_.notify_one();
+      }
+    }
+  }
+
+  const long pid_;  // the process that started the threads (a fork child has none)
+  std::vector<std::thread> threads_;
+  std::mutex run_mutex_;  // one job at a time
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  std::atomic<uint64_t> generation_{0};  // bumped per job (and to stop)
+  bool stop_ = false;
+  const std::function<void(int64_t)>* body_ = nullptr;
+  int64_t n_ = 0;
+  std::atomic<int64_t> next_{0};
+  std::atomic<int> finished_{0};  // workers done with the current job
+  std::mutex error_mutex_;
+  std::exception_ptr error_;
+};
+
+// The process's pool, rebuilt when the thread setting changes or after a fork (whose
+// child inherits the pool but not its threads: that one is left alone, never joined).
+// A pool being replaced finishes the job it runs: its callers hold it. The current one
+// is never destroyed (its workers stay parked until the process exits).
+std::shared_ptr<Pool> pool_for(int threads) {
+  static std::mutex* mutex = new std::mutex;
+  static std::shared_ptr<Pool>* pool = new std::shared_ptr<Pool>;
+  std::lock_guard<std::mutex> lock(*mutex);
+  if (*pool != nullptr && (*pool)->forked()) pool = new std::shared_ptr<Pool>;  // the old one leaks
+  if (*pool == nullptr || (*pool)->size() != threads) *pool = std::make_shared<Pool>(threads);
+  return *pool;
+}
 }  // namespace
 
 int num_threads() { return thread_setting().load(); }
@@ -33,37 +169,9 @@ void set_num_threads(int n) {
 }
 
 void parallel_for(int64_t n, const std::function<void(int64_t)>& body) {
-  const int64_t workers = std::min<int64_t>(num_threads(), n);
-  if (workers <= 1) {
+  const int threads = num_threads();
+  if (n <= 1 || threads <= 1 || in_parallel_body || !pool_for(threads)->try_run(n, body))
     for (int64_t i = 0; i < n; ++i) body(i);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  auto work = [&] {
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
-      try {
-        body(i);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(error_mutex);
-        if (!error) error = std::current_exception();
-        next.store(n);
-      }
-    }
-  };
-  std::vector<std::thread> threads;
-  try {
-    threads.reserve(std::size_t(workers - 1));
-    for (int64_t t = 1; t < workers; ++t) threads.emplace_back(work);
-  } catch (const std::exception&) {
-    // No thread could be started (std::system_error: no memory for a stack, a
-    // process limit) or no room for its handle: the shared counter lets the
-    // threads already running, and this one, do all the work.
-  }
-  work();
-  for (std::thread& t : threads) t.join();
-  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace pyneuron
