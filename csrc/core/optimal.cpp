@@ -419,6 +419,11 @@ class UnitSearch {
     }
   }
 
+  // Whether a listed candidate W op d (last step) can no longer beat the incumbent.
+  bool bound_cut(const Child& cand, const Node& w) const {
+    return cand.bound < best_iou_ || (cand.bound == best_iou_ && !beats(cand.bound, extend(w.key, cand.op, cand.d)));
+  }
+
   void seed(const BeamEntry& entry) {
     Key key;
     for (int32_t c : entry.concepts) key.c.push_back(t_.index[c]);
@@ -531,8 +536,8 @@ class UnitSearch {
       // b covers Y = W op d and its extensions; on a tie only a key below the
       // incumbent's can win, and Y's extensions are longer than Y.
       const double b = reach(im, em, remaining - 1);
-      if (b < best_iou_ || (b == best_iou_ && !beats(b, extend(w.key, j, d)))) return;
-      cands.push_back({b, j, d, 0, 0});
+      const Child cand{b, j, d, 0, 0};
+      if (!bound_cut(cand, w)) cands.push_back(cand);
     };
     if (remaining > 1 || best_iou_ <= 0) {
       for (int32_t d = 0; d < n; ++d)
@@ -560,9 +565,12 @@ class UnitSearch {
           consider(d, j);
         }
       }
-      // Count each concept once, whatever the operators that need it.
-      std::sort(cands.begin(), cands.end(),
-                [](const Child& x, const Child& y) { return x.d != y.d ? x.d < y.d : x.op < y.op; });
+      // Best bound first: counting stops short of the candidates that the incumbent, as it
+      // improves, cuts.
+      std::sort(cands.begin(), cands.end(), [](const Child& x, const Child& y) {
+        if (x.bound != y.bound) return x.bound > y.bound;
+        return x.d != y.d ? x.d < y.d : x.op < y.op;
+      });
     }
     if (cands.empty()) return;
     if (!own) {
@@ -581,17 +589,23 @@ class UnitSearch {
     const bool rows = own || remaining > 1;
     const RowRef full = rows ? row_ref(w) : RowRef{nullptr, nullptr};
     std::vector<Child> children;
-    int32_t counted = -1;
-    uint64_t wdi = 0, wde = 0;
+    // A concept's counts with W, counted once whatever the operators that need it.
+    if (counted_at_.size() != std::size_t(n)) counted_at_.assign(std::size_t(n), {0, 0, 0});
+    const uint64_t stamp = nodes_;
     for (const Child& cand : cands) {
-      if (cand.d != counted) {
-        if (rows) {
-          wdi = full.i[cand.d];
-          wde = full.size[cand.d] - wdi;
-        } else {
+      uint64_t wdi = 0, wde = 0;
+      if (rows) {
+        wdi = full.i[cand.d];
+        wde = full.size[cand.d] - wdi;
+      } else {
+        if (bound_cut(cand, w)) continue;  // the incumbent improved since it was listed
+        Counted& known = counted_at_[std::size_t(cand.d)];
+        if (known.stamp != stamp) {
           count_with(w, cand.d, wdi, wde);
+          known = {stamp, wdi, wde};
         }
-        counted = cand.d;
+        wdi = known.wdi;
+        wde = known.wde;
       }
       const BinaryOp op = opt_.ops[cand.op];
       uint64_t i, e;
@@ -646,6 +660,11 @@ class UnitSearch {
   double best_iou_ = 0.0;
   Key best_;
   uint64_t nodes_ = 0;
+  struct Counted {
+    uint64_t stamp;  // the node (nodes_ when it was expanded) these counts are of
+    uint64_t wdi, wde;
+  };
+  std::vector<Counted> counted_at_;  // by present index, last step
   bool aborted_ = false;
   double open_bound_ = 0.0;
 };
