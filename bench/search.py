@@ -148,7 +148,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--all-simd", action="store_true", help="also time pyneuron at every available SIMD level"
     )
     p.add_argument(
-        "--repeat", type=int, help="time pyneuron this many times, keep the best (default 3; ade 1)"
+        "--repeat",
+        type=int,
+        help="time pyneuron this many times, keep the best (default 10, as timeit: a shared "
+        "machine's noise only adds time; ade 1)",
     )
     p.add_argument(
         "--warmup",
@@ -295,7 +298,7 @@ def _time_pyneuron(built, args, report):
     if args.warmup if args.warmup is not None else args.size != "ade":
         _explain(built, args)  # untimed: thread pool start, first touch of the pages
     reference = None
-    repeat = args.repeat if args.repeat is not None else (1 if args.size == "ade" else 3)
+    repeat = args.repeat if args.repeat is not None else (1 if args.size == "ade" else 10)
     for lev in levels:
         pyneuron.set_simd_level(lev)
         times, cpu = [], []
@@ -317,6 +320,7 @@ def _time_pyneuron(built, args, report):
             "seconds": seconds,
             "per_unit_seconds": seconds / n,
             "repeats": times,
+            "median_seconds": float(np.median(times)),
             "cpu_seconds": cpu[best],
             "cpu_utilization": utilization,
         }
@@ -328,7 +332,7 @@ def _time_pyneuron(built, args, report):
             if not same:
                 report["notes"].append(f"pyneuron results at SIMD {lev} differ from {levels[0]}")
         runs.append(run)
-        of = " (best of " + ", ".join(f"{t:.3f}" for t in times) + ")" if repeat > 1 else ""
+        of = f" (best of {repeat}, median {np.median(times):.3f})" if repeat > 1 else ""
         print(
             f"pyneuron explain ({lev}, {run['threads']} threads): {seconds:.3f} s for {n} units"
             f"{of}, {1e3 * run['per_unit_seconds']:.2f} ms/unit, CPU utilization "
