@@ -157,7 +157,6 @@ struct Node {
   Key key;
   uint64_t i = 0, e = 0;                    // I(W), E(W)
   std::optional<SparseMask> mask, mask_a;  // W and W∧A once materialized
-  std::optional<SparseMask> meet, meet_a;  // Z∧c and Z∧c∧A for W = Z op c (last-step nodes)
   std::vector<uint64_t> row_size, row_i;   // |W∧d|, |W∧A∧d| (depth >= 2, once expanded)
 };
 
@@ -501,30 +500,6 @@ class UnitSearch {
     wde = size - wdi;
   }
 
-  // A last-step node W = Z op c (its parent Z, concept c) is not built: Z∧c is (small
-  // where Z and c overlap little), and W's counts with a concept d follow from those of
-  // Z∧c by inclusion–exclusion (count_last).
-  void meet(Node& w, Node& parent, int32_t c) {
-    materialize(parent, nullptr);  // a parent at depth >= 2 is already materialized
-    w.meet = parent.mask->combine(concepts_, t_.ids[c], BinaryOp::And);
-    w.meet_a = parent.mask_a->combine(concepts_, t_.ids[c], BinaryOp::And);
-  }
-
-  // |W∧d∧A| and |W∧d∖A| for W = Z op c from t = |Z∧c∧d| (and on A), |Z∧d| and |c∧d|
-  // (the rows of Z and c) and |d|.
-  void count_last(const Node& w, BinaryOp op, RowRef zr, RowRef cr, int32_t d, uint64_t& wdi, uint64_t& wde) const {
-    const uint64_t t = w.meet->intersect_count(concepts_, t_.ids[d]);
-    const uint64_t ta = ci_[d] == 0 || w.meet_a->total() == 0 ? 0 : w.meet_a->intersect_count(concepts_, t_.ids[d]);
-    uint64_t wd = 0;
-    switch (op) {
-      case BinaryOp::Or: wd = zr.size[d] + cr.size[d] - t, wdi = zr.i[d] + cr.i[d] - ta; break;
-      case BinaryOp::And: wd = t, wdi = ta; break;
-      case BinaryOp::AndNot: wd = zr.size[d] - t, wdi = zr.i[d] - ta; break;
-      case BinaryOp::OrNot: wd = t_.size[d] - cr.size[d] + t, wdi = ci_[d] - cr.i[d] + ta; break;
-    }
-    wde = wd - wdi;
-  }
-
   // Node w (counts known, `remaining` >= 1 steps left): bound its extensions by the
   // pairwise spans, then count them exactly.
   //
@@ -599,10 +574,8 @@ class UnitSearch {
     }
     if (cands.empty()) return;
     if (!own) {
-      if (remaining == 1) {
-        meet(w, *parent, c);
-      } else {
-        materialize(w, parent);
+      materialize(w, parent);
+      if (remaining > 1) {
         w.row_size.resize(n);
         w.row_i.resize(n);
         for (int32_t d = 0; d < n; ++d) {
@@ -628,7 +601,7 @@ class UnitSearch {
         if (bound_cut(cand, w)) continue;  // the incumbent improved since it was listed
         Counted& known = counted_at_[std::size_t(cand.d)];
         if (known.stamp != stamp) {
-          count_last(w, last_op, zr, cr, cand.d, wdi, wde);
+          count_with(w, cand.d, wdi, wde);
           known = {stamp, wdi, wde};
         }
         wdi = known.wdi;
