@@ -79,6 +79,8 @@ PairCounter::PairCounter(const std::vector<const SparseMask*>& rows, const MaskS
       out = {words + first, row.count(i), uint32_t(first), uint32_t(last - first)};
     }
   });
+  for (uint32_t i = 0; i < n_images; ++i)
+    if (rank_[std::size_t(i) * row_words_] != rank_[std::size_t(i + 1) * row_words_]) row_image_list_.push_back(i);
   // Per image, the span of words any row reads there.
   parallel_for((int64_t(n_images) + 255) / 256, [&](int64_t block) {
     const uint32_t lo = uint32_t(block * 256), hi = std::min<uint32_t>(n_images, lo + 256);
@@ -96,7 +98,6 @@ PairCounter::PairCounter(const std::vector<const SparseMask*>& rows, const MaskS
 }
 
 BatchCounts PairCounter::count(const PairSet* pairs) const {
-  constexpr std::ptrdiff_t kAhead = 4;  // prefetch distance, in entries
   const int64_t n_rows = int64_t(rows_.size());
   const uint32_t n_images = columns_.grid.n_images;
   const std::size_t w = columns_.grid.words_per_image;
@@ -120,18 +121,26 @@ BatchCounts PairCounter::count(const PairSet* pairs) const {
     std::vector<const uint64_t*> operands;
     std::vector<uint64_t> results;
     const auto by_mask = [](const ImageMajorIndex::Entry& e, int32_t m) { return e.mask < m; };
-    for (uint32_t i = 0; i < n_images; ++i) {
+    const auto first_entry = [&](uint32_t i) { return std::lower_bound(index_.begin(i), index_.end(i), c0, by_mask); };
+    // The bitsets of an image's columns (the words its rows read), fetched from memory
+    // while the image before is counted.
+    const auto prefetch = [&](std::size_t at) {
+      if (at >= row_image_list_.size()) return;
+      const uint32_t i = row_image_list_[at];
+      for (const ImageMajorIndex::Entry* e = first_entry(i); e != index_.end(i) && e->mask < c1; ++e) {
+        if (e->slot == kFullSlot || !wanted[e->mask]) continue;
+        const uint64_t* bits = columns_.bitset(e->slot);
+        for (uint32_t word = spans_[i].first; word < spans_[i].last; word += 8) __builtin_prefetch(bits + word);
+      }
+    };
+    prefetch(0);
+    for (std::size_t at = 0; at < row_image_list_.size(); ++at) {
+      prefetch(at + 1);
+      const uint32_t i = row_image_list_[at];
       const std::size_t first = std::size_t(i) * row_words;
-      if (rank_[first] == rank_[first + row_words]) continue;  // no row here
       const uint64_t* here = present_.data() + first;
       const ImageMajorIndex::Entry* end = index_.end(i);
-      for (const ImageMajorIndex::Entry* e = std::lower_bound(index_.begin(i), end, c0, by_mask);
-           e != end && e->mask < c1; ++e) {
-        // The column's bitset a few entries on: fetched from memory while these are counted.
-        if (e + kAhead < end && e[kAhead].slot != kFullSlot && wanted[e[kAhead].mask]) {
-          const uint64_t* ahead = columns_.bitset(e[kAhead].slot);
-          for (uint32_t word = spans_[i].first; word < spans_[i].last; word += 8) __builtin_prefetch(ahead + word);
-        }
+      for (const ImageMajorIndex::Entry* e = first_entry(i); e != end && e->mask < c1; ++e) {
         if (!wanted[e->mask]) continue;
         const uint64_t* selected = pairs != nullptr ? pairs->column(e->mask) : nullptr;
         // Where the count of (row r, this column) goes.

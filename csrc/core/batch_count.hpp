@@ -96,6 +96,7 @@ class PairCounter {
     uint32_t first = 0, last = 0;  // words [first, last)
   };
   std::vector<Span> spans_;  // per image: the words the rows read there
+  std::vector<uint32_t> row_image_list_;  // the images where some row is not empty
   std::vector<int64_t> ranges_;      // column ranges, one task each
 };
 
