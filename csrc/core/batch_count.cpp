@@ -64,19 +64,19 @@ PairCounter::PairCounter(const std::vector<const SparseMask*>& rows, const MaskS
     const std::size_t k = std::size_t(r) / 64;
     const SparseMask& row = *rows[r];
     const uint64_t below = (uint64_t(1) << (r % 64)) - 1;
-    for (const uint32_t i : row.images()) {
-      const std::size_t word = std::size_t(i) * row_words_ + k;
+    for (std::size_t at = 0; at < row.images().size(); ++at) {
+      const std::size_t word = std::size_t(row.images()[at]) * row_words_ + k;
       RowImage& out = row_images_[std::size_t(rank_[word] + bit_count(present_[word] & below))];
-      const int32_t slot = row.slot(i);
+      const int32_t slot = row.slot_at(at);
       if (slot == SparseMask::kFull) {
-        out = {nullptr, row.count(i), 0, uint32_t(w)};
+        out = {nullptr, row.count_at(at), 0, uint32_t(w)};
         continue;
       }
       const uint64_t* words = row.bitset(slot);
       std::size_t first = 0, last = w;
       while (words[first] == 0) ++first;  // a bitset here is never empty
       while (words[last - 1] == 0) --last;
-      out = {words + first, row.count(i), uint32_t(first), uint32_t(last - first)};
+      out = {words + first, row.count_at(at), uint32_t(first), uint32_t(last - first)};
     }
   });
   for (uint32_t i = 0; i < n_images; ++i)

@@ -222,9 +222,9 @@ class UnitSearch {
     std::vector<std::vector<Piece>> pieces(concepts_.grid.n_images);
     std::vector<uint64_t> bits;
     std::vector<uint64_t> unit_bits(w);
-    for (uint32_t image = 0; image < concepts_.grid.n_images; ++image) {
-      const int32_t slot = unit_.slot(image);
-      if (slot == SparseMask::kEmpty) continue;
+    for (std::size_t at = 0; at < unit_.images().size(); ++at) {
+      const uint32_t image = unit_.images()[at];
+      const int32_t slot = unit_.slot_at(at);
       if (slot == SparseMask::kFull) {
         std::fill(unit_bits.begin(), unit_bits.end(), ~uint64_t(0));
         unit_bits[w - 1] = last;

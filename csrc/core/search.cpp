@@ -55,7 +55,9 @@ struct LiveEntry {
   BeamEntry entry;
   SparseMask formula;              // F
   SparseMask intersection;         // F AND A
-  std::vector<Interval> overlaps;  // |F AND C| for every concept C (exact once counted)
+  // |F AND C| for every concept C (exact once counted); empty for a single concept with
+  // the co-occurrence table: read from the table's row (SearchContext::overlap).
+  std::vector<Interval> overlaps;
 };
 
 double length_factor(double penalty, int length) { return std::pow(penalty, double(length - 1)); }
@@ -88,6 +90,18 @@ struct SearchContext {
     return counted;
   }
 
+  // |F AND concept c| as known for a beam entry.
+  Interval overlap(const LiveEntry& live, std::size_t c) const {
+    return live.overlaps.empty() ? concept_overlap(std::size_t(live.entry.concepts[0]), c) : live.overlaps[c];
+  }
+  // The entry's overlaps, stored (to be made exact by counting).
+  void store_overlaps(LiveEntry& live) const {
+    if (!live.overlaps.empty()) return;
+    std::vector<Interval> stored(concept_size.size());
+    for (std::size_t c = 0; c < stored.size(); ++c) stored[c] = overlap(live, c);
+    live.overlaps = std::move(stored);
+  }
+
   // |concept c AND concept d|: exact from the table, else what the sizes allow.
   Interval concept_overlap(std::size_t c, std::size_t d) const {
     if (cooccurrence != nullptr) {
@@ -102,9 +116,9 @@ struct SearchContext {
 LiveEntry primitive_entry(const SearchContext& ctx, const SparseMask& unit, int32_t concept, double iou) {
   SparseMask formula = SparseMask::view_of(ctx.concepts, concept);
   SparseMask inter = formula.combine(unit, BinaryOp::And);
-  const std::size_t n = ctx.options.length > 1 ? ctx.concept_size.size() : 0;  // only steps use them
-  std::vector<Interval> overlaps(n);
-  for (std::size_t c = 0; c < n; ++c) overlaps[c] = ctx.concept_overlap(concept, c);
+  // Overlaps with the other concepts: the table's row, else stored (steps only).
+  std::vector<Interval> overlaps(ctx.options.length > 1 && ctx.cooccurrence == nullptr ? ctx.concept_size.size() : 0);
+  for (std::size_t c = 0; c < overlaps.size(); ++c) overlaps[c] = ctx.concept_overlap(concept, c);
   LiveEntry live{BeamEntry{}, std::move(formula), std::move(inter), std::move(overlaps)};
   live.entry.concepts = {concept};
   live.entry.length = 1;
@@ -134,11 +148,11 @@ LiveEntry extended_entry(const SearchContext& ctx, const LiveEntry& parent, cons
     live.intersection = live.formula.combine(unit, BinaryOp::And);
     fill_counts(live);
     const std::size_t n = ctx.concept_size.size();
-    const int64_t z = parent.overlaps[cand.concept].lo, f = int64_t(parent.entry.size);
+    const int64_t z = ctx.overlap(parent, cand.concept).lo, f = int64_t(parent.entry.size);
     const int64_t cp = int64_t(ctx.concept_size[cand.concept]), f_new = int64_t(live.entry.size);
     live.overlaps.resize(n);
     for (std::size_t c = 0; c < n; ++c)
-      live.overlaps[c] = derive_overlap(cand.op, parent.overlaps[c], ctx.concept_overlap(cand.concept, c), z, f,
+      live.overlaps[c] = derive_overlap(cand.op, ctx.overlap(parent, c), ctx.concept_overlap(cand.concept, c), z, f,
                                         int64_t(ctx.concept_size[c]), cp, f_new);
   }
   live.entry.iou = iou_of(live.entry.intersection, live.entry.size, unit.total());
@@ -250,7 +264,7 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
         const double* fac = factor[b][x.parent].data();
         const int64_t f = int64_t(parent.entry.size), fa = int64_t(parent.entry.intersection);
         const int64_t c = int64_t(ctx.concept_size[x.concept]), ca = int64_t(s.ca[x.concept]);
-        const Interval fc = parent.overlaps[x.concept];
+        const Interval fc = ctx.overlap(parent, std::size_t(x.concept));
         x.fca = inside_overlap(f, fa, c, ca, a, x.fca, fc);
         if (fc.exact() && x.fca.exact()) {
           offer(x.parent, x.concept, uint64_t(f), uint64_t(fa), uint64_t(c), uint64_t(ca), uint64_t(fc.lo),
@@ -278,7 +292,11 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
       if (first) {  // every pair: most are known exactly (single concepts, sparse units)
         for (int32_t p = 0; p < int32_t(s.beam.size()); ++p) {
           const LiveEntry& parent = s.beam[p];
+          // Its overlaps: stored, or the co-occurrence table's row (exact).
           const Interval* overlaps = parent.overlaps.data();
+          const uint64_t* table_row =
+              parent.overlaps.empty() ? ctx.cooccurrence + std::size_t(parent.entry.concepts[0]) * std::size_t(n_concepts)
+                                      : nullptr;
           const int64_t f = int64_t(parent.entry.size), fa = int64_t(parent.entry.intersection);
           // One operator at a time, its arithmetic fixed at compile time; the pairs not
           // known exactly go to consider() with the first.
@@ -291,7 +309,8 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
                 const int64_t c = int64_t(ctx.concept_size[concept]);
                 if (c == 0) continue;
                 const int64_t ca = int64_t(s.ca[concept]);
-                const Interval fc = overlaps[concept];
+                const Interval fc =
+                    table_row != nullptr ? Interval{int64_t(table_row[concept]), int64_t(table_row[concept])} : overlaps[concept];
                 const Interval fca = inside_overlap(f, fa, c, ca, a, kUnknown, fc);
                 if (!fc.exact() || !fca.exact()) {
                   if (k == 0) consider({p, concept, fca, 0});
@@ -368,7 +387,9 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
   if (count(stage, true, [](int64_t, Pending& x, uint64_t n) { x.fca = {int64_t(n), int64_t(n)}; })) {
     screen(stage, false, false);
     const auto exact = [&](int64_t b, Pending& x, uint64_t n) {
-      block[b]->beam[x.parent].overlaps[x.concept] = {int64_t(n), int64_t(n)};
+      LiveEntry& parent = block[b]->beam[x.parent];
+      ctx.store_overlaps(parent);
+      parent.overlaps[x.concept] = {int64_t(n), int64_t(n)};
     };
     if (count(stage, false, exact)) screen(stage, false, true);
   }

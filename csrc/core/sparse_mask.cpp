@@ -9,31 +9,30 @@
 
 namespace pyneuron {
 
-SparseMask::SparseMask(const Grid& grid)
-    : grid_(grid), slot_(grid.n_images, kEmpty), count_(grid.n_images, 0) {}
+SparseMask::SparseMask(const Grid& grid) : grid_(grid) {}
 
 void SparseMask::set_full(uint32_t image) {
-  slot_[image] = kFull;
-  count_[image] = grid_.pixels;
-  total_ += grid_.pixels;
   images_.push_back(image);
+  slots_.push_back(kFull);
+  counts_.push_back(uint32_t(grid_.pixels));
+  total_ += grid_.pixels;
 }
 
 void SparseMask::set_image(uint32_t image, const uint64_t* bits, uint32_t count) {
   if (count == 0) return;
   if (count == grid_.pixels) return set_full(image);
   const std::size_t w = grid_.words_per_image;
-  slot_[image] = static_cast<int32_t>(words_.size() / w);
-  words_.insert(words_.end(), bits, bits + w);
-  count_[image] = count;
-  total_ += count;
   images_.push_back(image);
+  slots_.push_back(static_cast<int32_t>(words_.size() / w));
+  counts_.push_back(count);
+  words_.insert(words_.end(), bits, bits + w);
+  total_ += count;
   ++bitsets_;
 }
 
 SparseMask SparseMask::from_set(const MaskSetView& set, int64_t m) {
   SparseMask mask(set.grid);
-  mask.images_.reserve(std::size_t(set.offsets[m + 1] - set.offsets[m]));
+  mask.reserve(std::size_t(set.offsets[m + 1] - set.offsets[m]));
   for (int64_t e = set.offsets[m]; e < set.offsets[m + 1]; ++e) {
     const uint32_t image = static_cast<uint32_t>(set.images[e]);
     if (set.slots[e] == kFullSlot)
@@ -48,16 +47,16 @@ SparseMask SparseMask::view_of(const MaskSetView& set, int64_t m) {
   if (set.n_slots > int64_t(INT32_MAX)) return from_set(set, m);
   SparseMask mask(set.grid);
   mask.viewed_ = set.words;
-  mask.images_.reserve(std::size_t(set.offsets[m + 1] - set.offsets[m]));
+  mask.reserve(std::size_t(set.offsets[m + 1] - set.offsets[m]));
   for (int64_t e = set.offsets[m]; e < set.offsets[m + 1]; ++e) {
     const uint32_t image = static_cast<uint32_t>(set.images[e]);
     if (set.slots[e] == kFullSlot) {
       mask.set_full(image);
     } else {
-      mask.slot_[image] = static_cast<int32_t>(set.slots[e]);
-      mask.count_[image] = static_cast<uint32_t>(set.counts[e]);
-      mask.total_ += mask.count_[image];
       mask.images_.push_back(image);
+      mask.slots_.push_back(static_cast<int32_t>(set.slots[e]));
+      mask.counts_.push_back(static_cast<uint32_t>(set.counts[e]));
+      mask.total_ += uint64_t(set.counts[e]);
       ++mask.bitsets_;
     }
   }
@@ -68,19 +67,33 @@ uint64_t SparseMask::intersect_count(const MaskSetView& set, int64_t m, uint64_t
   const AndPopcountFn and_popcount = and_popcount_kernel();
   const std::size_t w = grid_.words_per_image;
   uint64_t total = 0, hit_images = 0;
-  for (int64_t e = set.offsets[m]; e < set.offsets[m + 1]; ++e) {
-    const uint32_t image = static_cast<uint32_t>(set.images[e]);
-    const int32_t mine = slot_[image];
-    if (mine == kEmpty) continue;
+  // The images of both, walking the two increasing lists (jumping over a gap in either).
+  const int32_t* theirs = set.images;
+  std::size_t k = 0;
+  int64_t e = set.offsets[m];
+  const int64_t last = set.offsets[m + 1];
+  while (k < images_.size() && e < last) {
+    const uint32_t mine_image = images_[k], their_image = uint32_t(theirs[e]);
+    if (mine_image < their_image) {
+      k = std::size_t(std::lower_bound(images_.begin() + std::ptrdiff_t(k), images_.end(), their_image) - images_.begin());
+      continue;
+    }
+    if (their_image < mine_image) {
+      e = std::lower_bound(theirs + e, theirs + last, int32_t(mine_image)) - theirs;
+      continue;
+    }
+    const int32_t mine = slots_[k];
     uint64_t c;
     if (mine == kFull)
       c = static_cast<uint64_t>(set.counts[e]);
     else if (set.slots[e] == kFullSlot)
-      c = count_[image];
+      c = counts_[k];
     else
       c = and_popcount(bitset(mine), set.bitset(set.slots[e]), w);
     total += c;
     hit_images += c != 0;
+    ++k;
+    ++e;
   }
   if (images != nullptr) *images = hit_images;
   return total;
@@ -107,6 +120,7 @@ void SparseMask::combine_into(const Other& other, BinaryOp op, Sink& sink) const
   struct Visit {
     uint32_t image;
     int32_t a;            // this mask's slot there (or kEmpty / kFull)
+    uint32_t a_count;
     const uint64_t* y;    // the other's bitset there (or its empty / full marker)
     uint64_t y_count;
   };
@@ -121,7 +135,7 @@ void SparseMask::combine_into(const Other& other, BinaryOp op, Sink& sink) const
     if (op != BinaryOp::OrNot) image = std::min(next_mine, next_other);
     if (image >= n_images) break;
     if (op != BinaryOp::And || next_mine == next_other)
-      visits.push_back({image, next_mine == image ? slot_[image] : kEmpty,
+      visits.push_back({image, next_mine == image ? slots_[i] : kEmpty, next_mine == image ? counts_[i] : 0,
                         next_other == image ? other.bits(j) : kEmptyBits, next_other == image ? other.count(j) : 0});
     i += next_mine == image;
     j += next_other == image;
@@ -140,6 +154,7 @@ void SparseMask::combine_into(const Other& other, BinaryOp op, Sink& sink) const
     }
     const uint32_t image = visits[v].image;
     const int32_t a = visits[v].a;
+    const uint32_t a_count = visits[v].a_count;
     const uint64_t* y = visits[v].y;
     const uint64_t y_count = visits[v].y_count;
     const bool b_empty = y == kEmptyBits, b_full = y == kFullBits;
@@ -149,18 +164,18 @@ void SparseMask::combine_into(const Other& other, BinaryOp op, Sink& sink) const
         if (a == kEmpty || b_empty) continue;
         if (a == kFull && b_full) { sink.full(image); continue; }
         if (a == kFull) { sink.partial(image, y, y_count); continue; }
-        if (b_full) { sink.partial(image, bitset(a), count_[image]); continue; }
+        if (b_full) { sink.partial(image, bitset(a), a_count); continue; }
         break;
       case BinaryOp::Or:
         if (a == kFull || b_full) { sink.full(image); continue; }
         if (a == kEmpty && b_empty) continue;
         if (a == kEmpty) { sink.partial(image, y, y_count); continue; }
-        if (b_empty) { sink.partial(image, bitset(a), count_[image]); continue; }
+        if (b_empty) { sink.partial(image, bitset(a), a_count); continue; }
         break;
       case BinaryOp::AndNot:
         if (a == kEmpty || b_full) continue;
         if (a == kFull && b_empty) { sink.full(image); continue; }
-        if (b_empty) { sink.partial(image, bitset(a), count_[image]); continue; }
+        if (b_empty) { sink.partial(image, bitset(a), a_count); continue; }
         break;
       case BinaryOp::OrNot:
         if (a == kFull || b_empty) { sink.full(image); continue; }
@@ -212,10 +227,10 @@ SparseMask SparseMask::combine(const SparseMask& other, BinaryOp op) const {
     std::size_t size() const { return mask.images_.size(); }
     uint32_t image(std::size_t k) const { return mask.images_[k]; }
     const uint64_t* bits(std::size_t k) const {
-      const int32_t slot = mask.slot_[mask.images_[k]];
+      const int32_t slot = mask.slots_[k];
       return slot == kFull ? kFullBits : mask.bitset(slot);
     }
-    uint64_t count(std::size_t k) const { return mask.count_[mask.images_[k]]; }
+    uint64_t count(std::size_t k) const { return mask.counts_[k]; }
   };
   return combine_with(Images{other}, other.bitsets_, other.images_.size(), op);
 }
@@ -259,15 +274,22 @@ CombinedCounts SparseMask::combined_counts(const MaskSetView& set, int64_t m, Bi
       n.with_total += with_count;
       n.with_images += with_count != 0;
     }
-    void full(uint32_t image) { add(with.grid_.pixels, with.count_[image]); }
-    void prefetch(uint32_t image) const {
-      const int32_t slot = with.slot_[image];
-      if (slot < 0) return;
-      const char* p = reinterpret_cast<const char*>(with.bitset(slot));
+    // Cursors into with's images: images come in increasing order (and the prefetched
+    // ones too).
+    std::size_t at = 0, ahead = 0;
+    void full(uint32_t image) {
+      const std::ptrdiff_t k = with.seek(at, image);
+      add(with.grid_.pixels, k < 0 ? 0 : with.counts_[std::size_t(k)]);
+    }
+    void prefetch(uint32_t image) {
+      const std::ptrdiff_t k = with.seek(ahead, image);
+      if (k < 0 || with.slots_[std::size_t(k)] < 0) return;
+      const char* p = reinterpret_cast<const char*>(with.bitset(with.slots_[std::size_t(k)]));
       for (std::size_t line = 0; line < w * sizeof(uint64_t); line += 64) __builtin_prefetch(p + line);
     }
     void partial(uint32_t image, const uint64_t* bits, uint64_t count) {
-      const int32_t slot = with.slot_[image];
+      const std::ptrdiff_t k = with.seek(at, image);
+      const int32_t slot = k < 0 ? kEmpty : with.slots_[std::size_t(k)];
       add(count, slot == kEmpty ? 0 : slot == kFull ? count : and_popcount(bits, with.bitset(slot), w));
     }
   };
@@ -277,8 +299,21 @@ CombinedCounts SparseMask::combined_counts(const MaskSetView& set, int64_t m, Bi
   return sink.n;
 }
 
+std::ptrdiff_t SparseMask::seek(std::size_t& cursor, uint32_t image) const {
+  if (cursor < images_.size() && images_[cursor] < image)
+    cursor = std::size_t(std::lower_bound(images_.begin() + std::ptrdiff_t(cursor), images_.end(), image) - images_.begin());
+  return cursor < images_.size() && images_[cursor] == image ? std::ptrdiff_t(cursor) : -1;
+}
+
+void SparseMask::reserve(std::size_t n) {
+  images_.reserve(n);
+  slots_.reserve(n);
+  counts_.reserve(n);
+}
+
 SparseMask SparseMask::complement() const {
   SparseMask everything(grid_);
+  everything.reserve(grid_.n_images);
   for (uint32_t image = 0; image < grid_.n_images; ++image) everything.set_full(image);
   return everything.combine(*this, BinaryOp::AndNot);
 }
@@ -286,13 +321,13 @@ SparseMask SparseMask::complement() const {
 std::vector<uint64_t> SparseMask::to_words() const {
   const std::size_t w = grid_.words_per_image;
   std::vector<uint64_t> dense(std::size_t(grid_.n_images) * w, 0);
-  for (uint32_t image = 0; image < grid_.n_images; ++image) {
-    uint64_t* dst = dense.data() + std::size_t(image) * w;
-    if (slot_[image] == kFull) {
+  for (std::size_t k = 0; k < images_.size(); ++k) {
+    uint64_t* dst = dense.data() + std::size_t(images_[k]) * w;
+    if (slots_[k] == kFull) {
       std::fill(dst, dst + w, ~uint64_t(0));
       dst[w - 1] = grid_.last_word_mask();
-    } else if (slot_[image] != kEmpty) {
-      std::memcpy(dst, bitset(slot_[image]), w * sizeof(uint64_t));
+    } else {
+      std::memcpy(dst, bitset(slots_[k]), w * sizeof(uint64_t));
     }
   }
   return dense;

@@ -1,5 +1,6 @@
-// One mask over the whole grid with an O(1) per-image index: the working
-// representation of formulas and unit masks during a search.
+// One mask over the whole grid, as the list of its non-empty images with their
+// containers: the working representation of formulas and unit masks during a search
+// (memory and work in proportion to the images where the mask is, not to the grid).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -36,8 +37,9 @@ class SparseMask {
   uint64_t nonempty_images() const { return images_.size(); }
   // The images where the mask is not empty, in increasing order.
   const std::vector<uint32_t>& images() const { return images_; }
-  int32_t slot(uint32_t image) const { return slot_[image]; }
-  uint32_t count(uint32_t image) const { return count_[image]; }
+  // Container and set bits of the k-th non-empty image (k < images().size()).
+  int32_t slot_at(std::size_t k) const { return slots_[k]; }
+  uint32_t count_at(std::size_t k) const { return counts_[k]; }
   // Mask m of a set, reading the set's bitsets in place: the set must outlive the view
   // (a copy of the set's mask where its slots do not fit the view's 32-bit index).
   static SparseMask view_of(const MaskSetView& set, int64_t m);
@@ -62,6 +64,10 @@ class SparseMask {
 
  private:
   void set_image(uint32_t image, const uint64_t* bits, uint32_t count);
+  void reserve(std::size_t images);
+  // The position of `image` among the non-empty images, or -1; `cursor` (a position)
+  // only moves forward, so increasing images cost a walk of the list in all.
+  std::ptrdiff_t seek(std::size_t& cursor, uint32_t image) const;
   void set_full(uint32_t image);
   // this OP other image by image, each non-empty result image to sink.full(image) or
   // sink.partial(image, bits, count), visiting only the images where the result can be
@@ -77,13 +83,13 @@ class SparseMask {
                           BinaryOp op) const;
 
   Grid grid_;
-  std::vector<int32_t> slot_;
-  std::vector<uint32_t> count_;
   std::vector<uint64_t> words_;
   const uint64_t* viewed_ = nullptr;  // a view's bitsets (then words_ is empty)
   std::size_t bitsets_ = 0;           // partial images
   uint64_t total_ = 0;
   std::vector<uint32_t> images_;      // non-empty images, increasing
+  std::vector<int32_t> slots_;        // per non-empty image: kFull or index of a bitset
+  std::vector<uint32_t> counts_;      // per non-empty image: set bits
 };
 
 }  // namespace pyneuron
