@@ -129,8 +129,7 @@ BatchCounts PairCounter::count(const PairSet* pairs) const {
       const uint32_t i = row_image_list_[at];
       for (const ImageMajorIndex::Entry* e = first_entry(i); e != index_.end(i) && e->mask < c1; ++e) {
         if (e->slot == kFullSlot || !wanted[e->mask]) continue;
-        const uint64_t* bits = columns_.bitset(e->slot);
-        for (uint32_t word = spans_[i].first; word < spans_[i].last; word += 8) __builtin_prefetch(bits + word);
+        prefetch_words(columns_.bitset(e->slot) + spans_[i].first, spans_[i].last - spans_[i].first);
       }
     };
     prefetch(0);

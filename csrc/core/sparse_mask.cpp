@@ -141,15 +141,11 @@ void SparseMask::combine_into(const Other& other, BinaryOp op, Sink& sink) const
     j += next_other == image;
   }
   constexpr std::size_t kAhead = 4;
-  const auto prefetch = [&](const uint64_t* bits) {
-    const char* p = reinterpret_cast<const char*>(bits);
-    for (std::size_t line = 0; line < w * sizeof(uint64_t); line += 64) __builtin_prefetch(p + line);
-  };
   for (std::size_t v = 0; v < visits.size(); ++v) {
     if (v + kAhead < visits.size()) {
       const Visit& ahead = visits[v + kAhead];
-      if (ahead.a >= 0) prefetch(bitset(ahead.a));
-      if (ahead.y != kEmptyBits && ahead.y != kFullBits) prefetch(ahead.y);
+      if (ahead.a >= 0) prefetch_words(bitset(ahead.a), w);
+      if (ahead.y != kEmptyBits && ahead.y != kFullBits) prefetch_words(ahead.y, w);
       sink.prefetch(ahead.image);
     }
     const uint32_t image = visits[v].image;
@@ -283,9 +279,7 @@ CombinedCounts SparseMask::combined_counts(const MaskSetView& set, int64_t m, Bi
     }
     void prefetch(uint32_t image) {
       const std::ptrdiff_t k = with.seek(ahead, image);
-      if (k < 0 || with.slots_[std::size_t(k)] < 0) return;
-      const char* p = reinterpret_cast<const char*>(with.bitset(with.slots_[std::size_t(k)]));
-      for (std::size_t line = 0; line < w * sizeof(uint64_t); line += 64) __builtin_prefetch(p + line);
+      if (k >= 0 && with.slots_[std::size_t(k)] >= 0) prefetch_words(with.bitset(with.slots_[std::size_t(k)]), w);
     }
     void partial(uint32_t image, const uint64_t* bits, uint64_t count) {
       const std::ptrdiff_t k = with.seek(at, image);
