@@ -9,7 +9,6 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
 #include "batch_count.hpp"
 #include "bounds.hpp"
@@ -292,45 +291,17 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
       if (first) {  // every pair: most are known exactly (single concepts, sparse units)
         for (int32_t p = 0; p < int32_t(s.beam.size()); ++p) {
           const LiveEntry& parent = s.beam[p];
-          // Its overlaps: stored, or the co-occurrence table's row (exact).
-          const Interval* overlaps = parent.overlaps.data();
-          const uint64_t* table_row =
-              parent.overlaps.empty() ? ctx.cooccurrence + std::size_t(parent.entry.concepts[0]) * std::size_t(n_concepts)
-                                      : nullptr;
           const int64_t f = int64_t(parent.entry.size), fa = int64_t(parent.entry.intersection);
-          // One operator at a time, its arithmetic fixed at compile time; the pairs not
-          // known exactly go to consider() with the first.
-          for (std::size_t k = 0; k < n_ops; ++k) {
-            const double fac = factor[b][p][k];
-            const uint64_t order = beam_size + uint64_t(p) * uint64_t(n_concepts) * n_ops + k;
-            const auto scan = [&](auto op_constant) {
-              constexpr BinaryOp op = decltype(op_constant)::value;
-              for (int32_t concept = 0; concept < int32_t(n_concepts); ++concept) {
-                const int64_t c = int64_t(ctx.concept_size[concept]);
-                if (c == 0) continue;
-                const int64_t ca = int64_t(s.ca[concept]);
-                const Interval fc =
-                    table_row != nullptr ? Interval{int64_t(table_row[concept]), int64_t(table_row[concept])} : overlaps[concept];
-                const Interval fca = inside_overlap(f, fa, c, ca, a, kUnknown, fc);
-                if (!fc.exact() || !fca.exact()) {
-                  if (k == 0) consider({p, concept, fca, 0});
-                  continue;
-                }
-                scored += k == 0;
-                const Counts n = candidate_counts(op, uint64_t(f), uint64_t(fa), uint64_t(c), uint64_t(ca),
-                                                  uint64_t(fc.lo), uint64_t(fca.lo), uint64_t(a), ctx.total);
-                if (surely_below(n.intersection, n.size + uint64_t(a) - n.intersection, fac, worst)) continue;
-                const double score = iou_of(n.intersection, n.size, uint64_t(a)) * fac;
-                next[b].offer({score, order + uint64_t(concept) * n_ops, p, concept, op});
-                if (next[b].full()) worst = next[b].worst().score;
-              }
-            };
-            switch (options.ops[k]) {
-              case BinaryOp::Or: scan(std::integral_constant<BinaryOp, BinaryOp::Or>{}); break;
-              case BinaryOp::And: scan(std::integral_constant<BinaryOp, BinaryOp::And>{}); break;
-              case BinaryOp::AndNot: scan(std::integral_constant<BinaryOp, BinaryOp::AndNot>{}); break;
-              case BinaryOp::OrNot: scan(std::integral_constant<BinaryOp, BinaryOp::OrNot>{}); break;
-            }
+          for (int32_t concept = 0; concept < int32_t(n_concepts); ++concept) {
+            const int64_t c = int64_t(ctx.concept_size[concept]);
+            if (c == 0) continue;
+            const int64_t ca = int64_t(s.ca[concept]);
+            const Interval fc = ctx.overlap(parent, std::size_t(concept));
+            const Interval fca = inside_overlap(f, fa, c, ca, a, kUnknown, fc);
+            if (fc.exact() && fca.exact())
+              offer(p, concept, uint64_t(f), uint64_t(fa), uint64_t(c), uint64_t(ca), uint64_t(fc.lo), uint64_t(fca.lo));
+            else
+              consider({p, concept, fca, 0});
           }
         }
       } else {
