@@ -547,22 +547,46 @@ class UnitSearch {
       // of Y = W op d. OR: IoU <= (I(W) + I(d)) / (a + E(W)); AND: <= I(d) / a; AND NOT:
       // <= I(W) / (a + E(W) - E(d)). Thresholds are loosened by a relative 1e-9 and one
       // pixel, so rounding never drops a candidate; the exact bound follows.
+      // When many concepts pass, they are marked first (reading only their own counts)
+      // and bounded in concept order, so the pair rows are read front to back instead
+      // of at random; when few pass, they are bounded as listed.
       const double t = best_iou_ * (1.0 - 1e-9);
-      for (int32_t j = 0; j < n_ops; ++j) {
-        const BinaryOp op = opt_.ops[j];
-        if (op == BinaryOp::OrNot) {
-          for (int32_t d = 0; d < n; ++d) consider(d, j);
-          continue;
+      auto each_passing = [&](auto&& fn) {
+        for (int32_t j = 0; j < n_ops; ++j) {
+          const BinaryOp op = opt_.ops[j];
+          if (op == BinaryOp::OrNot) {
+            for (int32_t d = 0; d < n; ++d) fn(d, j);
+            continue;
+          }
+          const bool by_i = op != BinaryOp::AndNot;
+          const std::vector<int32_t>& order = by_i ? by_i_desc_ : by_e_desc_;
+          const double need = op == BinaryOp::Or    ? t * double(a_ + w.e) - double(w.i)
+                              : op == BinaryOp::And ? t * double(a_)
+                                                    : double(a_ + w.e) - double(w.i) / t;
+          for (const int32_t d : order) {
+            const double value = double(by_i ? ci_[d] : ce_[d]);
+            if (value <= 0 || value < need - 1.0) break;
+            fn(d, j);
+          }
         }
-        const bool by_i = op != BinaryOp::AndNot;
-        const std::vector<int32_t>& order = by_i ? by_i_desc_ : by_e_desc_;
-        const double need = op == BinaryOp::Or    ? t * double(a_ + w.e) - double(w.i)
-                            : op == BinaryOp::And ? t * double(a_)
-                                                  : double(a_ + w.e) - double(w.i) / t;
-        for (const int32_t d : order) {
-          const double value = double(by_i ? ci_[d] : ce_[d]);
-          if (value <= 0 || value < need - 1.0) break;
+      };
+      if (listed_.size() != std::size_t(n)) listed_.assign(std::size_t(n), 0);
+      std::size_t passing = 0;
+      each_passing([&](int32_t d, int32_t j) {
+        listed_[d] |= uint8_t(1u << j);
+        ++passing;
+      });
+      if (passing * 8 < std::size_t(n)) {
+        each_passing([&](int32_t d, int32_t j) {
+          listed_[d] = 0;
           consider(d, j);
+        });
+      } else {
+        for (int32_t d = 0; d < n; ++d) {
+          if (listed_[d] == 0) continue;
+          for (int32_t j = 0; j < n_ops; ++j)
+            if (listed_[d] >> j & 1u) consider(d, j);
+          listed_[d] = 0;
         }
       }
       // Best bound first: counting stops short of the candidates that the incumbent, as it
@@ -656,6 +680,9 @@ class UnitSearch {
   std::vector<uint64_t> top_i_, by_e_, prefix_i_;
   std::vector<double> suffix_ratio_;
   std::vector<int32_t> by_i_desc_, by_e_desc_;  // present concepts by I(d), by E(d), descending
+  // Last step: per concept, the operators the whole-set thresholds let through (bit j:
+  // operator j; all zero between nodes).
+  std::vector<uint8_t> listed_;
   Clock::time_point deadline_;
   double best_iou_ = 0.0;
   Key best_;
