@@ -123,7 +123,7 @@ BatchCounts PairCounter::count(const PairSet* pairs) const {
     const auto by_mask = [](const ImageMajorIndex::Entry& e, int32_t m) { return e.mask < m; };
     const auto first_entry = [&](uint32_t i) { return std::lower_bound(index_.begin(i), index_.end(i), c0, by_mask); };
     // The bitsets of an image's columns (the words its rows read), fetched from memory
-    // while the image before is counted.
+    // while the images before it are counted.
     const auto prefetch = [&](std::size_t at) {
       if (at >= row_image_list_.size()) return;
       const uint32_t i = row_image_list_[at];
@@ -132,9 +132,10 @@ BatchCounts PairCounter::count(const PairSet* pairs) const {
         prefetch_words(columns_.bitset(e->slot) + spans_[i].first, spans_[i].last - spans_[i].first);
       }
     };
-    prefetch(0);
+    const std::size_t ahead = 2;  // images: one was too close to hide the memory's latency
+    for (std::size_t k = 0; k < ahead; ++k) prefetch(k);
     for (std::size_t at = 0; at < row_image_list_.size(); ++at) {
-      prefetch(at + 1);
+      prefetch(at + ahead);
       const uint32_t i = row_image_list_[at];
       const std::size_t first = std::size_t(i) * row_words;
       const uint64_t* here = present_.data() + first;

@@ -77,6 +77,10 @@ struct SearchContext {
   uint64_t total;
   const uint64_t* cooccurrence;  // |C AND C'|, n_concepts x n_concepts, or null
   SearchStats* stats;            // or null
+  // Concepts present in the data by size, then id; whether the operators are among OR,
+  // AND and AND NOT (the first screen then sets quiet concepts aside).
+  const std::vector<int32_t>& by_size;
+  bool quiet_ops;
 
   // A batched counting pass, timed into the stats.
   BatchCounts count(const PairCounter& counter, const PairSet* pairs) const {
@@ -239,22 +243,25 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
       UnitSearch& s = *block[b];
       const int64_t a = int64_t(s.result.unit_size);
       std::vector<double> guaranteed;  // scores some candidate surely reaches
+      std::vector<int32_t> quiet;      // first screen: quiet concepts of one beam entry
       std::vector<Pending> left;
       uint64_t scored = 0;  // pairs whose candidates were offered
       // Scores below the top-k's worst can never enter it (it only gets better).
       double worst = next[b].full() ? next[b].worst().score : -1.0;
+      // Offers candidate k (operator options.ops[k]) of pair (p, concept) with counts n.
+      const auto offer_op = [&](int32_t p, int32_t concept, std::size_t k, Counts n) {
+        const double fac = factor[b][p][k];
+        if (surely_below(n.intersection, n.size + uint64_t(a) - n.intersection, fac, worst)) return;
+        const double score = iou_of(n.intersection, n.size, uint64_t(a)) * fac;
+        const uint64_t order = beam_size + (uint64_t(p) * uint64_t(n_concepts) + uint64_t(concept)) * n_ops + k;
+        next[b].offer({score, order, p, concept, options.ops[k]});
+        if (next[b].full()) worst = next[b].worst().score;
+      };
       // Offers the candidates of a pair whose counts are all known.
       const auto offer = [&](int32_t p, int32_t concept, uint64_t f, uint64_t fa, uint64_t c, uint64_t ca,
                              uint64_t fc, uint64_t fca) {
-        const double* fac = factor[b][p].data();
-        for (std::size_t k = 0; k < n_ops; ++k) {
-          const Counts n = candidate_counts(options.ops[k], f, fa, c, ca, fc, fca, uint64_t(a), ctx.total);
-          if (surely_below(n.intersection, n.size + uint64_t(a) - n.intersection, fac[k], worst)) continue;
-          const double score = iou_of(n.intersection, n.size, uint64_t(a)) * fac[k];
-          const uint64_t order = beam_size + (uint64_t(p) * uint64_t(n_concepts) + uint64_t(concept)) * n_ops + k;
-          next[b].offer({score, order, p, concept, options.ops[k]});
-          if (next[b].full()) worst = next[b].worst().score;
-        }
+        for (std::size_t k = 0; k < n_ops; ++k)
+          offer_op(p, concept, k, candidate_counts(options.ops[k], f, fa, c, ca, fc, fca, uint64_t(a), ctx.total));
         ++scored;
       };
       // A pair with some count unknown: dropped, or kept with its score range.
@@ -292,16 +299,50 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
         for (int32_t p = 0; p < int32_t(s.beam.size()); ++p) {
           const LiveEntry& parent = s.beam[p];
           const int64_t f = int64_t(parent.entry.size), fa = int64_t(parent.entry.intersection);
+          // Quiet concepts (disjoint from F and from A; see quiet_candidates) are set
+          // aside: the first beam_size of them in concept order.
+          quiet.clear();
+          uint64_t n_quiet = 0;
           for (int32_t concept = 0; concept < int32_t(n_concepts); ++concept) {
             const int64_t c = int64_t(ctx.concept_size[concept]);
             if (c == 0) continue;
             const int64_t ca = int64_t(s.ca[concept]);
             const Interval fc = ctx.overlap(parent, std::size_t(concept));
+            if (ctx.quiet_ops && ca == 0 && fc.lo == 0 && fc.hi == 0) {
+              if (quiet.size() < beam_size) quiet.push_back(concept);
+              ++n_quiet;
+              continue;
+            }
             const Interval fca = inside_overlap(f, fa, c, ca, a, kUnknown, fc);
             if (fc.exact() && fca.exact())
               offer(p, concept, uint64_t(f), uint64_t(fa), uint64_t(c), uint64_t(ca), uint64_t(fc.lo), uint64_t(fca.lo));
             else
               consider({p, concept, fca, 0});
+          }
+          if (n_quiet == 0) continue;
+          scored += n_quiet;
+          // A quiet concept C gives F OR C: I = |F∧A|, size |F| + |C| (its score falls
+          // as |C| grows); F AND C: nothing (score 0); F AND NOT C: F itself. Among quiet
+          // concepts of equal score the smaller concept id comes first, so beyond the
+          // first beam_size in (score, id) order none can enter the top-k.
+          for (std::size_t k = 0; k < n_ops; ++k) {
+            const BinaryOp op = options.ops[k];
+            if (op != BinaryOp::Or) {
+              for (const int32_t concept : quiet)
+                offer_op(p, concept, k, candidate_counts(op, f, fa, ctx.concept_size[concept], 0, 0, 0, a, ctx.total));
+              continue;
+            }
+            std::size_t offered = 0;
+            double last = 0;
+            for (const int32_t concept : ctx.by_size) {
+              if (s.ca[concept] != 0 || ctx.overlap(parent, std::size_t(concept)).hi != 0) continue;
+              const Counts n = candidate_counts(op, f, fa, ctx.concept_size[concept], 0, 0, 0, a, ctx.total);
+              const double score = iou_of(n.intersection, n.size, uint64_t(a));
+              if (offered >= beam_size && score < last) break;
+              offer_op(p, concept, k, n);
+              last = score;
+              ++offered;
+            }
           }
         }
       } else {
@@ -395,7 +436,15 @@ std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin
   for (int64_t c = 0; c < n_concepts; ++c)
     for (int64_t e = concepts.offsets[c]; e < concepts.offsets[c + 1]; ++e) concept_size[c] += concepts.counts[e];
   const ImageMajorIndex index(concepts);
-  const SearchContext ctx{concepts, index, concept_size, options, concepts.grid.total_pixels(), cooccurrence, stats};
+  std::vector<int32_t> by_size;
+  for (int32_t c = 0; c < int32_t(n_concepts); ++c)
+    if (concept_size[c] > 0) by_size.push_back(c);
+  std::stable_sort(by_size.begin(), by_size.end(),
+                   [&](int32_t x, int32_t y) { return concept_size[x] < concept_size[y]; });
+  const bool quiet_ops = std::none_of(options.ops.begin(), options.ops.end(),
+                                      [](BinaryOp op) { return op == BinaryOp::OrNot; });
+  const SearchContext ctx{concepts, index, concept_size, options, concepts.grid.total_pixels(), cooccurrence, stats,
+                          by_size, quiet_ops};
   const std::size_t beam_size = static_cast<std::size_t>(options.beam_size);
 
   std::vector<UnitSearch> searches;
