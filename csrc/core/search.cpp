@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <functional>
+#include <iterator>
 #include <limits>
 #include <mutex>
 #include <optional>
@@ -77,10 +78,36 @@ struct SearchContext {
   uint64_t total;
   const uint64_t* cooccurrence;  // |C AND C'|, n_concepts x n_concepts, or null
   SearchStats* stats;            // or null
-  // Concepts present in the data by size, then id; whether the operators are among OR,
-  // AND and AND NOT (the first screen then sets quiet concepts aside).
+  // Concepts present in the data by id, and by size then id; whether the operators are
+  // among OR, AND and AND NOT (the first screen then sets quiet concepts aside).
+  const std::vector<int32_t>& by_id;
   const std::vector<int32_t>& by_size;
   bool quiet_ops;
+
+  // Whether |F AND concept c| is known to be 0.
+  bool disjoint(const LiveEntry& live, std::size_t c) const {
+    const Interval x = overlap(live, c);
+    return x.lo == 0 && x.hi == 0;
+  }
+  // Appends the concepts not known to be disjoint from F, ascending.
+  void overlapping(const LiveEntry& live, std::vector<int32_t>& out) const {
+    const std::size_t n = concept_size.size();
+    out.resize(n);
+    std::size_t k = 0;
+    if (live.overlaps.empty() && cooccurrence != nullptr) {
+      const uint64_t* row = cooccurrence + std::size_t(live.entry.concepts[0]) * n;
+      for (std::size_t c = 0; c < n; ++c) {
+        out[k] = int32_t(c);
+        k += row[c] != 0;
+      }
+    } else {
+      for (std::size_t c = 0; c < n; ++c) {
+        out[k] = int32_t(c);
+        k += !disjoint(live, c);
+      }
+    }
+    out.resize(k);
+  }
 
   // A batched counting pass, timed into the stats.
   BatchCounts count(const PairCounter& counter, const PairSet* pairs) const {
@@ -166,7 +193,8 @@ LiveEntry extended_entry(const SearchContext& ctx, const LiveEntry& parent, cons
 struct UnitSearch {
   SparseMask unit;
   UnitResult result;
-  std::vector<uint64_t> ca;  // |C AND A| per concept
+  std::vector<uint64_t> ca;          // |C AND A| per concept
+  std::vector<int32_t> touching;     // the concepts with |C AND A| > 0, ascending
   std::vector<LiveEntry> beam;
   // The last step kept the beam as it was: every later step would too (same beam, same
   // candidates, same order), so the unit is done.
@@ -243,7 +271,9 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
       UnitSearch& s = *block[b];
       const int64_t a = int64_t(s.result.unit_size);
       std::vector<double> guaranteed;  // scores some candidate surely reaches
-      std::vector<int32_t> quiet;      // first screen: quiet concepts of one beam entry
+      // First screen, per beam entry: concepts that may overlap it or the unit, and the
+      // first quiet ones.
+      std::vector<int32_t> overlapping, touching, quiet;
       std::vector<Pending> left;
       uint64_t scored = 0;  // pairs whose candidates were offered
       // Scores below the top-k's worst can never enter it (it only gets better).
@@ -299,25 +329,33 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
         for (int32_t p = 0; p < int32_t(s.beam.size()); ++p) {
           const LiveEntry& parent = s.beam[p];
           const int64_t f = int64_t(parent.entry.size), fa = int64_t(parent.entry.intersection);
-          // Quiet concepts (disjoint from F and from A; see quiet_candidates) are set
-          // aside: the first beam_size of them in concept order.
-          quiet.clear();
-          uint64_t n_quiet = 0;
-          for (int32_t concept = 0; concept < int32_t(n_concepts); ++concept) {
+          // Concepts that may overlap F or A, in concept order; the others present (quiet:
+          // disjoint from both) are set aside, the first beam_size of them kept.
+          touching.clear();
+          if (ctx.quiet_ops) {
+            overlapping.clear();
+            ctx.overlapping(parent, overlapping);
+            std::set_union(overlapping.begin(), overlapping.end(), s.touching.begin(), s.touching.end(),
+                           std::back_inserter(touching));
+          } else {
+            touching = ctx.by_id;
+          }
+          for (const int32_t concept : touching) {
             const int64_t c = int64_t(ctx.concept_size[concept]);
-            if (c == 0) continue;
             const int64_t ca = int64_t(s.ca[concept]);
             const Interval fc = ctx.overlap(parent, std::size_t(concept));
-            if (ctx.quiet_ops && ca == 0 && fc.lo == 0 && fc.hi == 0) {
-              if (quiet.size() < beam_size) quiet.push_back(concept);
-              ++n_quiet;
-              continue;
-            }
             const Interval fca = inside_overlap(f, fa, c, ca, a, kUnknown, fc);
             if (fc.exact() && fca.exact())
               offer(p, concept, uint64_t(f), uint64_t(fa), uint64_t(c), uint64_t(ca), uint64_t(fc.lo), uint64_t(fca.lo));
             else
               consider({p, concept, fca, 0});
+          }
+          const uint64_t n_quiet = ctx.by_id.size() - touching.size();
+          quiet.clear();
+          for (std::size_t at = 0, next_touching = 0; at < ctx.by_id.size() && quiet.size() < beam_size; ++at) {
+            const int32_t concept = ctx.by_id[at];
+            while (next_touching < touching.size() && touching[next_touching] < concept) ++next_touching;
+            if (next_touching == touching.size() || touching[next_touching] != concept) quiet.push_back(concept);
           }
           if (n_quiet == 0) continue;
           scored += n_quiet;
@@ -335,7 +373,7 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
             std::size_t offered = 0;
             double last = 0;
             for (const int32_t concept : ctx.by_size) {
-              if (s.ca[concept] != 0 || ctx.overlap(parent, std::size_t(concept)).hi != 0) continue;
+              if (s.ca[concept] != 0 || !ctx.disjoint(parent, std::size_t(concept))) continue;
               const Counts n = candidate_counts(op, f, fa, ctx.concept_size[concept], 0, 0, 0, a, ctx.total);
               const double score = iou_of(n.intersection, n.size, uint64_t(a));
               if (offered >= beam_size && score < last) break;
@@ -436,20 +474,21 @@ std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin
   for (int64_t c = 0; c < n_concepts; ++c)
     for (int64_t e = concepts.offsets[c]; e < concepts.offsets[c + 1]; ++e) concept_size[c] += concepts.counts[e];
   const ImageMajorIndex index(concepts);
-  std::vector<int32_t> by_size;
+  std::vector<int32_t> by_id;
   for (int32_t c = 0; c < int32_t(n_concepts); ++c)
-    if (concept_size[c] > 0) by_size.push_back(c);
+    if (concept_size[c] > 0) by_id.push_back(c);
+  std::vector<int32_t> by_size = by_id;
   std::stable_sort(by_size.begin(), by_size.end(),
                    [&](int32_t x, int32_t y) { return concept_size[x] < concept_size[y]; });
   const bool quiet_ops = std::none_of(options.ops.begin(), options.ops.end(),
                                       [](BinaryOp op) { return op == BinaryOp::OrNot; });
   const SearchContext ctx{concepts, index, concept_size, options, concepts.grid.total_pixels(), cooccurrence, stats,
-                          by_size, quiet_ops};
+                          by_id, by_size, quiet_ops};
   const std::size_t beam_size = static_cast<std::size_t>(options.beam_size);
 
   std::vector<UnitSearch> searches;
   searches.reserve(std::size_t(n));
-  for (int64_t i = 0; i < n; ++i) searches.push_back({SparseMask(concepts.grid), {}, {}, {}});
+  for (int64_t i = 0; i < n; ++i) searches.push_back({SparseMask(concepts.grid), {}, {}, {}, {}});
   parallel_for(n, [&](int64_t i) { searches[i].unit = SparseMask::view_of(units, unit_begin + i); });
 
   // Primitives: concepts present in the data with IoU > 0, by IoU then concept id.
@@ -467,6 +506,7 @@ std::vector<UnitResult> beam_search(const MaskSetView& units, int64_t unit_begin
     for (int64_t c = 0; c < n_concepts; ++c) {
       if (concept_size[c] == 0) continue;
       s.ca[c] = primitive_counts.counts[std::size_t(c) * n + i];
+      if (s.ca[c] > 0) s.touching.push_back(int32_t(c));
       const double iou = iou_of(s.ca[c], concept_size[c], a);
       if (iou > 0) primitives.offer({iou, uint64_t(c), -1, int32_t(c), BinaryOp::Or});
     }
