@@ -199,9 +199,9 @@ def explain(
         else:
             raw = _native.beam_search(*args, beam_size, ops, float(penalty), cooccurrence)
         frames.append(_result_frame(raw, first_unit + batch.start, names, full_beam, optimal))
-    if frames:
+    if len(frames) > 1:
         return pd.concat(frames, ignore_index=True)
-    return _result_frame(None, 0, names, full_beam, optimal)
+    return frames[0] if frames else _result_frame(None, 0, names, full_beam, optimal)
 
 
 #: Verdicts of :func:`compare_searches`, per unit.
