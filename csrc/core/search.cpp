@@ -89,7 +89,8 @@ struct SearchContext {
     const Interval x = overlap(live, c);
     return x.lo == 0 && x.hi == 0;
   }
-  // Appends the concepts not known to be disjoint from F, ascending.
+  // The concepts present in the data and not known to be disjoint from F, ascending (out
+  // is overwritten).
   void overlapping(const LiveEntry& live, std::vector<int32_t>& out) const {
     const std::size_t n = concept_size.size();
     out.resize(n);
@@ -103,7 +104,7 @@ struct SearchContext {
     } else {
       for (std::size_t c = 0; c < n; ++c) {
         out[k] = int32_t(c);
-        k += !disjoint(live, c);
+        k += concept_size[c] != 0 && !disjoint(live, c);
       }
     }
     out.resize(k);
@@ -333,7 +334,6 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
           // disjoint from both) are set aside, the first beam_size of them kept.
           touching.clear();
           if (ctx.quiet_ops) {
-            overlapping.clear();
             ctx.overlapping(parent, overlapping);
             std::set_union(overlapping.begin(), overlapping.end(), s.touching.begin(), s.touching.end(),
                            std::back_inserter(touching));
@@ -370,7 +370,7 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
                 offer_op(p, concept, k, candidate_counts(op, f, fa, ctx.concept_size[concept], 0, 0, 0, a, ctx.total));
               continue;
             }
-            std::size_t offered = 0;
+            uint64_t offered = 0;
             double last = 0;
             for (const int32_t concept : ctx.by_size) {
               if (s.ca[concept] != 0 || !ctx.disjoint(parent, std::size_t(concept))) continue;
@@ -379,7 +379,7 @@ void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, boo
               if (offered >= beam_size && score < last) break;
               offer_op(p, concept, k, n);
               last = score;
-              ++offered;
+              if (++offered == n_quiet) break;
             }
           }
         }
