@@ -106,6 +106,27 @@ def test_pruning_is_active_and_exact():
     assert raw["pruned"][0] > raw["counted"][0]
 
 
+@pytest.mark.parametrize("penalty", [1.0, 0.8])
+@pytest.mark.parametrize("length", [2, 3])
+def test_quiet_concepts_fill_the_beam(length, penalty):
+    # Most concepts are disjoint from the unit and from the few concepts it overlaps
+    # ("quiet"): their candidates (F OR C ranked by |C|, with ties of equal size; F AND C
+    # empty; F AND NOT C equal to F) are offered only for the first beam_size of them, and
+    # a beam of 6 needs them to fill up.
+    rng = np.random.default_rng(5)
+    n_images, side = 12, 6
+    concepts = np.zeros((20, n_images, side, side), dtype=bool)
+    unit = np.zeros((n_images, side, side), dtype=bool)
+    unit[0, :2, :3] = True
+    concepts[2, 0, :2, :2] = True  # overlaps the unit
+    concepts[9, 0, 1:3, 2:4] = True  # overlaps the unit and concept 2's neighbourhood
+    for c in [0, 1, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]:
+        image = int(rng.integers(1, n_images))
+        size = int(rng.choice([1, 2, 2, 3]))  # repeated sizes: ties among quiet ORs
+        concepts[c, image, 0, :size] = True
+    _check_against_oracle(concepts, unit[None], length=length, beam_size=6, penalty=penalty)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**32 - 1),
