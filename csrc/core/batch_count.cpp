@@ -122,8 +122,8 @@ BatchCounts PairCounter::count(const PairSet* pairs) const {
     std::vector<uint64_t> results;
     const auto by_mask = [](const ImageMajorIndex::Entry& e, int32_t m) { return e.mask < m; };
     const auto first_entry = [&](uint32_t i) { return std::lower_bound(index_.begin(i), index_.end(i), c0, by_mask); };
-    // The bitsets of an image's columns (the words its rows read), fetched from memory
-    // while the images before it are counted.
+    // The bitsets of an image's columns (the words its rows read) and of its rows, fetched
+    // from memory while the images before it are counted.
     const auto prefetch = [&](std::size_t at) {
       if (at >= row_image_list_.size()) return;
       const uint32_t i = row_image_list_[at];
@@ -131,6 +131,10 @@ BatchCounts PairCounter::count(const PairSet* pairs) const {
         if (e->slot == kFullSlot || !wanted[e->mask]) continue;
         prefetch_words(columns_.bitset(e->slot) + spans_[i].first, spans_[i].last - spans_[i].first);
       }
+      const int64_t end = rank_[std::size_t(i + 1) * std::size_t(row_words)];
+      for (int64_t r = rank_[std::size_t(i) * std::size_t(row_words)]; r < end; ++r)
+        if (row_images_[std::size_t(r)].bits != nullptr)
+          prefetch_words(row_images_[std::size_t(r)].bits, row_images_[std::size_t(r)].length);
     };
     const std::size_t ahead = 2;  // images: one was too close to hide the memory's latency
     for (std::size_t k = 0; k < ahead; ++k) prefetch(k);
