@@ -13,12 +13,13 @@ Layout of a run directory::
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,6 +30,9 @@ from .errors import PyneuronError
 from .results import BEAM, CONFIG, NULL, read_results, refuse_existing, versions, write_run
 from .search import best_of_beam
 from .store import ConceptStore
+
+if TYPE_CHECKING:
+    from .demo import DemoConfig, DemoData
 
 TOP_IMAGES = "top_images.npz"
 
@@ -208,10 +212,13 @@ def read_config(run: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def open_run_store(run: str | os.PathLike[str], settings: Mapping[str, Any]) -> ConceptStore:
-    """The concept store of a run: its own copy, or the store its config names."""
+    """The concept store of a run: its own copy, the store its config names, or for a
+    demo run its synthetic store (never saved), regenerated from the seed in its config."""
     run = Path(run)
     if (run / "concepts").is_dir():
         return ConceptStore.open(run / "concepts")
+    if "demo" in settings:
+        return _demo_data(settings).store
     if "concepts" not in settings:
         raise PyneuronError(f"{run} has no concept store and its config names none")
     return ConceptStore.open(settings["concepts"])
@@ -223,12 +230,25 @@ def run_sources(
     """The concept store and image reader of a run; a demo run's synthetic data (never
     saved) are regenerated from the seed in its config."""
     if "demo" in settings and images is None:
-        from .demo import DemoConfig, make_data
-
-        data = make_data(DemoConfig(**settings["demo"]), progress=False)
+        data = _demo_data(settings)
         return data.store, lambda i: data.images[i]
     store = open_run_store(run, settings)
     return store, image_reader(run_image_files(settings, images), store)
+
+
+def _demo_data(settings: Mapping[str, Any]) -> DemoData:
+    """A demo run's synthetic data, regenerated from its config (the last one is kept,
+    so a command that needs the store and then the images builds them once)."""
+    from .demo import DemoConfig
+
+    return _make_demo_data(DemoConfig(**settings["demo"]))
+
+
+@functools.lru_cache(maxsize=1)
+def _make_demo_data(config: DemoConfig) -> DemoData:
+    from .demo import make_data
+
+    return make_data(config, progress=False)
 
 
 def run_image_files(

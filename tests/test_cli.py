@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from html.parser import HTMLParser
 from pathlib import Path
@@ -97,6 +98,22 @@ def test_report_of_a_demo_run_is_rewritten_identically_and_atomically(demo_run, 
     assert failed.exit_code == 1 and "disk full" in failed.output
     assert report_files(out / "report") == after
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_demo_run_can_be_evaluated(demo_run, tmp_path):
+    # A demo run saves no concept store: `evaluate` regenerates it from the run's seed,
+    # like `report` does.
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run[0], run)
+    result = invoke("evaluate", run, "--controls", 20, "--holdout", 0.25, "--quiet")
+    assert result.exit_code == 0, result.output
+    results = pd.read_parquet(run / "results.parquet")
+    assert {"iou_heldout", "above_null"} <= set(results.columns)
+    assert len(results) == 32 + 64
+    notes = json.loads((run / "summary.json").read_text())["evaluation"]["notes"]
+    assert any("faithfulness skipped" in note for note in notes)  # the demo saves no model
 
 
 def test_existing_output_is_refused_without_overwrite(demo_run):
