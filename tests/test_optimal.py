@@ -95,6 +95,26 @@ def test_ties_go_to_the_shorter_then_smaller_formula():
     assert got.loc[0, "formula"] == "c1"
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_many_concepts_few_last_step_candidates(seed):
+    # 26 sparse concepts and planted units: at the last step few concepts pass the
+    # whole-set thresholds, so the search bounds them as listed (not by a scan of all).
+    rng = np.random.default_rng(seed)
+    n_concepts, shape = 26, (5, 7, 9)
+    concepts = rng.random((n_concepts, *shape)) < rng.uniform(0.03, 0.3, (n_concepts, 1, 1, 1))
+    concepts[-1] = False  # a concept absent from the data
+    units = np.stack(
+        [
+            (concepts[1] & concepts[4]) | concepts[9],
+            (concepts[2] | concepts[20]) & ~concepts[7],
+            concepts[13] ^ (rng.random(shape) < 0.02),
+        ]
+    )
+    names = _names(n_concepts)
+    store = pyneuron.ConceptStore.from_masks(concepts, names)
+    _check(concepts, units, names, store, pyneuron.UnitMasks.from_masks(units), length=3)
+
+
 def test_planted_and_or_beats_the_best_single_concept():
     # Unit = (a AND b) OR c with 5 % of its pixels flipped off and a few false positives.
     rng = np.random.default_rng(0)
