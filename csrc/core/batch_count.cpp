@@ -63,10 +63,8 @@ PairCounter::PairCounter(const std::vector<const SparseMask*>& rows, const MaskS
   parallel_for(n_rows, [&](int64_t r) {
     const std::size_t k = std::size_t(r) / 64;
     const SparseMask& row = *rows[r];
-    const uint64_t below = (uint64_t(1) << (r % 64)) - 1;
     for (std::size_t at = 0; at < row.images().size(); ++at) {
-      const std::size_t word = std::size_t(row.images()[at]) * row_words_ + k;
-      RowImage& out = row_images_[std::size_t(rank_[word] + bit_count(present_[word] & below))];
+      RowImage& out = row_images_[record_at(std::size_t(row.images()[at]) * row_words_ + k, int(r % 64))];
       const int32_t slot = row.slot_at(at);
       if (slot == SparseMask::kFull) {
         out = {nullptr, row.count_at(at), 0, uint32_t(w)};
@@ -79,13 +77,15 @@ PairCounter::PairCounter(const std::vector<const SparseMask*>& rows, const MaskS
       out = {words + first, row.count_at(at), uint32_t(first), uint32_t(last - first)};
     }
   });
-  for (uint32_t i = 0; i < n_images; ++i)
-    if (rank_[std::size_t(i) * row_words_] != rank_[std::size_t(i + 1) * row_words_]) row_image_list_.push_back(i);
+  for (uint32_t i = 0; i < n_images; ++i) {
+    const auto [begin, end] = records_of(i);
+    if (begin != end) row_image_list_.push_back(i);
+  }
   // Per image, the span of words any row reads there.
   parallel_for((int64_t(n_images) + 255) / 256, [&](int64_t block) {
     const uint32_t lo = uint32_t(block * 256), hi = std::min<uint32_t>(n_images, lo + 256);
     for (uint32_t i = lo; i < hi; ++i) {
-      const int64_t begin = rank_[std::size_t(i) * row_words_], end = rank_[std::size_t(i + 1) * row_words_];
+      const auto [begin, end] = records_of(i);
       if (begin == end) continue;
       Span span{uint32_t(w), 0};
       for (int64_t at = begin; at < end; ++at) {
@@ -131,8 +131,8 @@ BatchCounts PairCounter::count(const PairSet* pairs) const {
         if (e->slot == kFullSlot || !wanted[e->mask]) continue;
         prefetch_words(columns_.bitset(e->slot) + spans_[i].first, spans_[i].last - spans_[i].first);
       }
-      const int64_t end = rank_[std::size_t(i + 1) * std::size_t(row_words)];
-      for (int64_t r = rank_[std::size_t(i) * std::size_t(row_words)]; r < end; ++r)
+      const auto [begin, end] = records_of(i);
+      for (int64_t r = begin; r < end; ++r)
         if (row_images_[std::size_t(r)].bits != nullptr)
           prefetch_words(row_images_[std::size_t(r)].bits, row_images_[std::size_t(r)].length);
     };
@@ -162,8 +162,7 @@ BatchCounts PairCounter::count(const PairSet* pairs) const {
             const int bit = __builtin_ctzll(bits);
             bits &= bits - 1;
             const int64_t r = k * 64 + bit;
-            const RowImage& row = row_images_[std::size_t(rank_[first + k]) +
-                                              std::size_t(bit_count(mine & ((uint64_t(1) << bit) - 1)))];
+            const RowImage& row = row_images_[record_at(first + k, bit)];
             if (row.bits == nullptr) {
               out.counts[at(r)] += uint64_t(e->count);
             } else if (full) {

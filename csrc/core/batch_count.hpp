@@ -4,6 +4,7 @@
 // image (a few KiB to a few hundred KiB) stay in L1/L2.
 #pragma once
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "mask_set.hpp"
@@ -92,6 +93,15 @@ class PairCounter {
   std::vector<uint64_t> present_;    // bit r of word i * row_words_ + r / 64: row r not empty in image i
   std::vector<int64_t> rank_;        // [i * row_words_ + k]: index in row_images_ of word k's first row
   std::vector<RowImage> row_images_;  // by image, then row
+  // Position in row_images_ of the record of row 64 * (word % row_words_) + bit in image
+  // word / row_words_ (that row must be present there).
+  std::size_t record_at(std::size_t word, int bit) const {
+    return std::size_t(rank_[word]) + std::size_t(bit_count(present_[word] & ((uint64_t(1) << bit) - 1)));
+  }
+  // Positions in row_images_ of image i's records: [first, second).
+  std::pair<int64_t, int64_t> records_of(uint32_t i) const {
+    return {rank_[std::size_t(i) * std::size_t(row_words_)], rank_[std::size_t(i + 1) * std::size_t(row_words_)]};
+  }
   struct Span {
     uint32_t first = 0, last = 0;  // words [first, last)
   };
