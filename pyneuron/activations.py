@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .errors import PyneuronError
+from .progress import progress_bar
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 ImageSource = Any  # DataLoader | Dataset | folder | list of PIL images | array
@@ -432,12 +432,12 @@ def capture(
     try:
         with (
             torch.inference_mode(),
-            tqdm(
+            progress_bar(
                 total=total,
                 initial=start,
                 desc="capture",
                 unit="img",
-                disable=None if progress else True,
+                enabled=progress,
             ) as bar,
         ):
             for batch in batches:

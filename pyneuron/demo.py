@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from .progress import progress_bar
 from .store import ConceptStore
 
 SHAPES = ("circle", "square", "triangle", "star")
@@ -136,7 +136,7 @@ def make_data(config: DemoConfig = DemoConfig(), *, progress: bool = True) -> De
         categories,
         metadata={"source": "pyneuron demo", "seed": config.seed},
     ) as writer:
-        for i in tqdm(range(config.n_images), desc="demo data", disable=None if progress else True):
+        for i in progress_bar(range(config.n_images), desc="demo data", enabled=progress):
             scene = SCENES[rng.integers(len(SCENES))]
             texture = TEXTURES[rng.integers(len(TEXTURES))] if rng.random() < 0.4 else None
             canvas = _background(scene, texture, size, rng)
@@ -196,7 +196,7 @@ def train(data: DemoData, config: DemoConfig = DemoConfig(), *, progress: bool =
     generator = torch.Generator().manual_seed(config.seed)
     model.train()
     steps = range(config.epochs)
-    for _ in tqdm(steps, desc="train CNN", unit="epoch", disable=None if progress else True):
+    for _ in progress_bar(steps, desc="train CNN", unit="epoch", enabled=progress):
         for batch in torch.randperm(len(x), generator=generator).split(64):
             optimizer.zero_grad()
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x[batch]), y[batch])

@@ -40,11 +40,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from . import _native, storage
 from .errors import PyneuronError, StoreError
 from .masks import FULL_SLOT, MaskSet
+from .progress import progress_bar
 from .store import ConceptStore
 from .units import UnitMasks
 
@@ -442,12 +442,12 @@ def _compute(
             pending[task.remote(store_shared, block, search_args, backend.cpus_per_task)] = i
 
     done_units = sum(s.stop - s.start for s, raw in zip(shards, raws) if raw is not None)
-    with tqdm(
+    with progress_bar(
         total=sum(len(chunk) for chunk in chunks),
         initial=done_units,
         desc="explain (ray)",
         unit="unit",
-        disable=None if progress else True,
+        enabled=progress,
     ) as bar:
         try:
             submit()

@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from .activations import LayerFormat, _open_image, capture, list_images
 from .errors import PyneuronError
 from .evaluate import check_table
 from .formula import Formula
 from .null import roll_masks
+from .progress import progress_bar
 from .search import _positive_int
 from .store import ConceptStore
 
@@ -136,7 +136,7 @@ def faithfulness(
     rng = np.random.default_rng(seed)
     drops = np.full((len(plans), 2), np.nan)
     counts = np.zeros(len(plans), dtype=np.int64)
-    rows = tqdm(plans, desc="faithfulness", unit="unit", disable=None if progress else True)
+    rows = progress_bar(plans, desc="faithfulness", unit="unit", enabled=progress)
     for r, (plan, unit) in enumerate(zip(rows, table["unit"].to_numpy())):
         if not plan:
             continue

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from . import _native
 from .errors import EmptyStoreError, PyneuronError
 from .formula import Formula, quote_name
 from .metrics import METRIC_COLUMNS, iou, metrics
 from .netdissect import category_codes, category_unit_pixels, check_mode, netdissect_iou
+from .progress import progress_bar
 from .store import ConceptStore
 from .units import UnitMasks
 
@@ -504,7 +504,7 @@ def _batches(
         batch_size = max(64, 8 * _native.num_threads())
     batch_size = _positive_int(batch_size, "batch_size")
     total = len(units) if isinstance(units, UnitMasks) else None
-    with tqdm(total=total, desc=desc, unit="unit", disable=None if progress else True) as bar:
+    with progress_bar(total=total, desc=desc, unit="unit", enabled=progress) as bar:
         for first, chunk in _chunks(units, store):
             for start in range(0, len(chunk), batch_size):
                 batch = slice(start, min(start + batch_size, len(chunk)))

@@ -12,11 +12,11 @@ import os
 from collections.abc import Iterable
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from . import _native
 from .errors import PyneuronError
 from .grid import Grid, check_image_size
+from .progress import progress_bar
 from .units import UnitMasks
 
 
@@ -136,9 +136,7 @@ def unit_masks_from_activations(
     writer = UnitMasks.writer(grid, n_units, path, overwrite=overwrite)
     with (
         writer,
-        tqdm(
-            total=n_images, desc="unit masks", unit="img", disable=None if progress else True
-        ) as bar,
+        progress_bar(total=n_images, desc="unit masks", unit="img", enabled=progress) as bar,
     ):
         first = 0
         for batch in batches:

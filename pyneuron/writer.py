@@ -11,13 +11,13 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from . import storage
 from .atomic import commit_directory, refuse_existing, temporary_sibling
 from .errors import PyneuronError
 from .grid import Grid
 from .masks import MaskSet, MaskSetWriter, pixel_counts
+from .progress import progress_bar
 
 SetT = TypeVar("SetT", bound=MaskSet)
 
@@ -52,7 +52,7 @@ class StagedWriter(Generic[SetT]):
             self._staging = temporary_sibling(self.path)
             self._words_file = open(self._staging / storage.WORDS_FILE, "wb")  # noqa: SIM115
         self._writer: MaskSetWriter | None = MaskSetWriter(self.grid, words_file=self._words_file)
-        self._progress = tqdm(total=progress_total, desc=progress_desc, disable=not progress)
+        self._progress = progress_bar(total=progress_total, desc=progress_desc, enabled=progress)
         self.result: SetT | None = None
 
     # -- subclass hooks --------------------------------------------------------------

@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..activations import IMAGE_SUFFIXES, _open_image, list_images
 from ..errors import PyneuronError
 from ..grid import Grid
+from ..progress import progress_bar
 from ..store import ConceptStore, ConceptStoreWriter
 from ..upsample import bilinear_resize
 from .segmenters import CallableSegmenter, as_segmenter
@@ -576,7 +576,7 @@ def segment(
                     todo.append((i, key, image))
             yield index, todo, done
 
-    bar = tqdm(total=len(source), desc="segment", unit="img", disable=not progress)
+    bar = progress_bar(total=len(source), desc="segment", unit="img", enabled=progress)
     writer = ConceptStoreWriter(
         store_grid, names, categories, out, overwrite=overwrite, metadata=metadata
     )

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..errors import PyneuronError
+from ..progress import progress_bar
 from .result import place_model
 
 #: The CLIP model CLIP-Dissect uses by default (ViT-B/16), as a transformers model id.
@@ -131,10 +131,10 @@ class ClipEncoder:
         image_processor = getattr(self.processor, "image_processor", self.processor)
         chunks = []
         with torch.inference_mode():
-            for start in tqdm(
+            for start in progress_bar(
                 range(0, len(images), self.batch_size),
                 desc="CLIP images",
-                disable=None if progress else True,
+                enabled=progress,
             ):
                 batch = [images[i] for i in range(start, min(len(images), start + self.batch_size))]
                 pixels = image_processor(images=batch, return_tensors="pt")["pixel_values"]
@@ -154,10 +154,10 @@ class ClipEncoder:
         max_length = self._max_text_length()
         chunks = []
         with torch.inference_mode():
-            for start in tqdm(
+            for start in progress_bar(
                 range(0, len(texts), self.batch_size),
                 desc="CLIP texts",
-                disable=None if progress else True,
+                enabled=progress,
             ):
                 batch = [self.prompt.format(t) for t in texts[start : start + self.batch_size]]
                 tokens = tokenizer(

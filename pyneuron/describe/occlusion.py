@@ -7,10 +7,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..activations import capture
 from ..errors import PyneuronError
+from ..progress import progress_bar
 from .clip import DEFAULT_CLIP, ClipEncoder
 from .images import ImageList, crop_box, expand_box, grey_box, occlusion_boxes
 from .result import (
@@ -80,9 +80,7 @@ def driving_patches(
     for row in range(tops.shape[0]):
         for col in range(tops.shape[1]):
             where.setdefault(int(tops[row, col]), []).append((row, col))
-    for image_id in tqdm(
-        sorted(where), desc="occlusion", unit="img", disable=None if progress else True
-    ):
+    for image_id in progress_bar(sorted(where), desc="occlusion", unit="img", enabled=progress):
         image = images[image_id]
         variants = [image] + [grey_box(image, box) for box in grid]
         maps = capture(

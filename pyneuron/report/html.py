@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from ..errors import PyneuronError
 from ..formula import Concept, Formula, Not, _Binary
 from ..netdissect import check_mode
+from ..progress import progress_bar
 from ..search import AUDIT_VERDICTS
 from ..store import ConceptStore
 from ..units import UnitMasks
@@ -710,9 +710,7 @@ class _Renderer:
         (self.root / "concepts").mkdir()
         pages = [row for rows in plan.layers.values() for row in rows if row.page]
         total = len(pages) + len(plan.concepts) + 1
-        with tqdm(
-            total=total, desc="report", unit="page", disable=None if self.progress else True
-        ) as bar:
+        with progress_bar(total=total, desc="report", unit="page", enabled=self.progress) as bar:
             for rows in plan.layers.values():
                 ordered = sorted((r for r in rows if r.page), key=lambda r: (r.unit, r.range or 0))
                 for i, row in enumerate(ordered):
