@@ -4,11 +4,12 @@ Everything pyneuron writes to a directory ``out`` is first written to a hidden s
 ``.<out>.tmp-<host>-<pid>-<random>`` and then moved into place:
 
 - ``out`` absent: one ``rename`` (atomic).
-- ``out`` present (``overwrite``): on Linux the two directories are swapped with
-  ``renameat2(RENAME_EXCHANGE)``, one atomic step, so ``out`` is never missing; the
-  old contents, now in the sibling, are deleted afterwards. Where the exchange is not
-  available, ``out`` is first renamed to ``.<out>.old-<host>-<pid>-<random>/previous``
-  and the new directory renamed in; a process killed between the two renames leaves no
+- ``out`` present (``overwrite``, and only when ``out`` is empty or recognisably an
+  earlier output of the same kind, see :class:`OutputKind`): on Linux the two
+  directories are swapped with ``renameat2(RENAME_EXCHANGE)``, one atomic step, so
+  ``out`` is never missing; the old contents, now in the sibling, are deleted
+  afterwards. Where the exchange is not available, ``out`` is first renamed to
+  ``.<out>.old-<host>-<pid>-<random>/previous`` and the new directory renamed in; a process killed between the two renames leaves no
   ``out``, and the next open, write or :func:`recover` of ``out`` moves the previous
   contents back.
 
@@ -26,7 +27,11 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import OutputExistsError
 
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 _AT_FDCWD = -100
@@ -93,12 +98,66 @@ def recover(path: str | os.PathLike[str]) -> None:
         _remove(sibling)
 
 
-def refuse_existing(path: Path, overwrite: bool, option: str = "overwrite=True") -> None:
-    """Raise ``FileExistsError`` if ``path`` holds anything and ``overwrite`` is false
-    (an empty directory counts as free)."""
+@dataclass(frozen=True)
+class OutputKind:
+    """What pyneuron writes to a directory, and how to recognise one already on disk.
+
+    ``--overwrite`` / ``overwrite=True`` only ever replaces an empty directory or a
+    directory that ``recognise`` accepts as an earlier output of the same kind, never
+    someone's other files.
+    """
+
+    name: str
+    recognise: Callable[[Path], bool]
+
+    def holds(self, path: Path) -> bool:
+        """Whether ``path`` is a directory this kind recognises (False on any read error)."""
+        try:
+            return path.is_dir() and bool(self.recognise(path))
+        except (OSError, ValueError):
+            return False
+
+
+def _is_working_directory(path: Path) -> bool:
+    """Whether ``path`` is the current directory or one of its parents (it cannot be
+    renamed while a process works inside it)."""
+    try:
+        here = Path.cwd().resolve()
+        target = path.resolve()
+    except OSError:
+        return False
+    return target == here or target in here.parents
+
+
+def refuse_existing(
+    path: Path, overwrite: bool, kind: OutputKind, option: str = "overwrite=True"
+) -> None:
+    """Raise unless ``path`` can take a new output of ``kind``.
+
+    Free are: nothing at ``path``, an empty directory, and with ``overwrite`` a
+    directory that holds an earlier output of the same ``kind``. Anything else (a file,
+    a directory of other files, the current directory) is refused with
+    :class:`~pyneuron.errors.OutputExistsError`, and nothing is deleted.
+    """
     recover(path)
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} already exists; pass {option} to replace it")
+    if os.path.lexists(path) and _is_working_directory(path):
+        raise OutputExistsError(
+            f"cannot write the {kind.name} to {path}: it is the current directory (or holds "
+            "it); give a new directory name, e.g. ./run1"
+        )
+    if not os.path.lexists(path) or (
+        path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    ):
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{path} already exists; pass {option} to replace it")
+    if not kind.holds(path):
+        what = "a file" if not path.is_dir() else "a directory of other files"
+        raise OutputExistsError(
+            f"{path} is {what}, not a {kind.name}; {option} only replaces an earlier "
+            f"{kind.name} or an empty directory, so nothing was changed. Choose another "
+            "output path (or remove it yourself)"
+        )
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -137,14 +196,15 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def commit_directory(staging: Path, path: Path, overwrite: bool) -> None:
+def commit_directory(staging: Path, path: Path, overwrite: bool, kind: OutputKind) -> None:
     """Move a fully written staging directory to ``path`` atomically (see the module
     docstring); ``path`` is never left missing or half-written.
 
-    An existing empty directory is replaced; anything else needs ``overwrite``.
+    An existing empty directory is replaced; an earlier output of the same ``kind``
+    needs ``overwrite``; anything else is refused (:func:`refuse_existing`).
     """
     try:
-        refuse_existing(path, overwrite)
+        refuse_existing(path, overwrite, kind)
     except FileExistsError:
         shutil.rmtree(staging, ignore_errors=True)
         raise

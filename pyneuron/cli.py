@@ -568,10 +568,12 @@ def store_build(
     debug: DebugOption = False,
 ) -> None:
     """Build a concept store from a Broden folder or a concept list (segmented)."""
-    from .results import refuse_existing
+    from . import storage
+    from .atomic import refuse_existing
     from .sources import open_concepts
+    from .store import KIND
 
-    refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite, storage.output_kind(KIND), "--overwrite")
     store, _, built = open_concepts(
         source,
         images=images,

@@ -28,3 +28,7 @@ class UnknownConceptError(PyneuronError, KeyError):
 
 class OutOfRangeError(PyneuronError, IndexError):
     """A mask, unit or image index outside the set (also an ``IndexError``)."""
+
+
+class OutputExistsError(PyneuronError, FileExistsError):
+    """An output path holds something pyneuron will not replace (also a ``FileExistsError``)."""

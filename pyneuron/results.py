@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from . import atomic
-from .atomic import commit_directory, temporary_sibling
+from .atomic import OutputKind, commit_directory, temporary_sibling
 from .errors import PyneuronError
 
 RESULTS = "results"
@@ -22,6 +22,15 @@ BEAM = "beam"
 NULL = "null"
 SUMMARY = "summary.json"
 CONFIG = "config.toml"
+
+
+def _is_run(path: Path) -> bool:
+    return (path / SUMMARY).is_file() and (path / CONFIG).is_file()
+
+
+#: A run directory (``dissect``, ``explain``, ``describe``, the demo): what ``--overwrite``
+#: may replace.
+RUN_KIND = OutputKind("pyneuron run directory", _is_run)
 
 
 def versions() -> dict[str, str]:
@@ -95,8 +104,9 @@ def write_run(
 
     Raises
     ------
-    FileExistsError
-        If ``out`` exists and ``overwrite`` is false (checked before anything is written).
+    OutputExistsError
+        If ``out`` exists and ``overwrite`` is false, or ``out`` holds anything but an
+        earlier run directory (checked before anything is written).
     """
     out = Path(out)
     refuse_existing(out, overwrite)
@@ -111,7 +121,7 @@ def write_run(
             extra(staging)  # may still complete the summary
         (staging / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
         (staging / CONFIG).write_text(to_toml(config))
-        commit_directory(staging, out, overwrite)
+        commit_directory(staging, out, overwrite, RUN_KIND)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -119,8 +129,9 @@ def write_run(
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:
-    """Raise if ``out`` already holds anything and ``overwrite`` (``--overwrite``) is false."""
-    atomic.refuse_existing(out, overwrite, "--overwrite")
+    """Raise if ``out`` cannot take a run: it holds anything and ``overwrite``
+    (``--overwrite``) is false, or it holds something other than a run directory."""
+    atomic.refuse_existing(out, overwrite, RUN_KIND, "--overwrite")
 
 
 def read_results(run: str | os.PathLike[str]) -> pd.DataFrame:

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .activations import capture
+from .atomic import OutputKind
 from .dissect import explain_activations
 from .errors import PyneuronError
 from .results import BEAM, CONFIG, NULL, read_results, refuse_existing, versions, write_run
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from .demo import DemoConfig, DemoData
 
 TOP_IMAGES = "top_images.npz"
+#: A run's report directory (rewritten by ``pyneuron report`` and ``evaluate``).
+REPORT_KIND = OutputKind("pyneuron report", lambda path: (path / "index.html").is_file())
 
 
 def layer_dir_name(layer: str) -> str:
@@ -308,7 +311,7 @@ def write_run_report(
         )
         if descriptions is not None:
             compare(results, descriptions).to_csv(staging / "comparison.csv", index=False)
-        commit_directory(staging, run / "report", overwrite=True)
+        commit_directory(staging, run / "report", True, REPORT_KIND)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

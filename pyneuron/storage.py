@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from . import _native
-from .atomic import commit_directory, recover, refuse_existing, temporary_sibling
+from .atomic import OutputKind, commit_directory, recover, refuse_existing, temporary_sibling
 from .errors import PyneuronError, StoreError
 from .grid import Grid
 
@@ -111,6 +111,25 @@ def write_directory(
     fsync_file(staging / MANIFEST_FILE)
 
 
+#: How outputs are named in messages, by store kind.
+KIND_NAMES = {"concepts": "pyneuron concept store", "units": "pyneuron unit-mask store"}
+
+
+def output_kind(kind: str) -> OutputKind:
+    """The :class:`~pyneuron.atomic.OutputKind` of stores of ``kind``: a directory whose
+    manifest names this format and kind (``overwrite`` replaces nothing else)."""
+
+    def recognise(path: Path) -> bool:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        return (
+            isinstance(manifest, dict)
+            and manifest.get("format") == FORMAT_NAME
+            and manifest.get("kind") == kind
+        )
+
+    return OutputKind(KIND_NAMES.get(kind, f"pyneuron {kind} store"), recognise)
+
+
 def save(
     path: str | os.PathLike[str],
     *,
@@ -124,7 +143,7 @@ def save(
 ) -> Path:
     """Write a mask set held in memory to a new directory, atomically."""
     path = Path(path)
-    refuse_existing(path, overwrite)
+    refuse_existing(path, overwrite, output_kind(kind))
     staging = temporary_sibling(path)
     try:
         write_directory(
@@ -137,7 +156,7 @@ def save(
             table=table,
             metadata=metadata,
         )
-        commit_directory(staging, path, overwrite)
+        commit_directory(staging, path, overwrite, output_kind(kind))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

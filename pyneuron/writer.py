@@ -48,7 +48,7 @@ class StagedWriter(Generic[SetT]):
         self._staging: Path | None = None
         self._words_file = None
         if self.path is not None:
-            refuse_existing(self.path, overwrite)
+            refuse_existing(self.path, overwrite, storage.output_kind(self.kind))
             self._staging = temporary_sibling(self.path)
             self._words_file = open(self._staging / storage.WORDS_FILE, "wb")  # noqa: SIM115
         self._writer: MaskSetWriter | None = MaskSetWriter(self.grid, words_file=self._words_file)
@@ -101,7 +101,9 @@ class StagedWriter(Generic[SetT]):
                 table=table,
                 metadata=self.metadata,
             )
-            commit_directory(self._staging, self.path, self.overwrite)
+            commit_directory(
+                self._staging, self.path, self.overwrite, storage.output_kind(self.kind)
+            )
         except BaseException:
             self.abort()
             raise

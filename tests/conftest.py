@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 import pyneuron
@@ -35,3 +36,31 @@ def _outside_the_source_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterat
     os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
     os.chdir(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory):
+    """A folder of images, a concept store over them and a model file."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("project")
+    rng = np.random.default_rng(0)
+    images = root / "images"
+    images.mkdir()
+    n = 12
+    pixels = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+    for i in range(n):
+        Image.fromarray(pixels[i]).save(images / f"{i:02d}.png")
+    masks = np.zeros((3, n, 8, 8), dtype=bool)
+    masks[0, :, :4] = True
+    masks[1, ::2] = True
+    masks[2, :, :, ::3] = True
+    pyneuron.ConceptStore.from_masks(masks, ["top", "even", "stripes"]).save(root / "store")
+    (root / "net.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2, padding=1),"
+        " torch.nn.ReLU())\n"
+    )
+    return root
