@@ -150,6 +150,20 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
+def image_file_key(path: str | os.PathLike[str]) -> str:
+    """Content key of an image file: the BLAKE2b-160 hex digest of its bytes (stores
+    built by :func:`pyneuron.concepts.segment` record one per image)."""
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(b"file")
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except OSError as error:
+        raise PyneuronError(f"cannot read image {path}: {error}") from None
+    return digest.hexdigest()
+
+
 def _default_transform(image: Any) -> Any:
     torch = _torch()
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0

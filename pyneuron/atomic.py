@@ -9,9 +9,9 @@ Everything pyneuron writes to a directory ``out`` is first written to a hidden s
   directories are swapped with ``renameat2(RENAME_EXCHANGE)``, one atomic step, so
   ``out`` is never missing; the old contents, now in the sibling, are deleted
   afterwards. Where the exchange is not available, ``out`` is first renamed to
-  ``.<out>.old-<host>-<pid>-<random>/previous`` and the new directory renamed in; a process killed between the two renames leaves no
-  ``out``, and the next open, write or :func:`recover` of ``out`` moves the previous
-  contents back.
+  ``.<out>.old-<host>-<pid>-<random>/previous`` and the new directory renamed in; a
+  process killed between the two renames leaves no ``out``, and the next open, write or
+  :func:`recover` of ``out`` moves the previous contents back.
 
 A process killed while writing leaves its hidden sibling behind; those of processes that
 no longer run on this host are deleted by the next write of the same ``out`` (and by

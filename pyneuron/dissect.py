@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,19 @@ from .units import UnitMasks
 from .upsample import unit_masks_from_activations
 
 Thresholds = float | Sequence[float] | np.ndarray
+
+
+def _check_image_files(images: Any, store: ConceptStore) -> None:
+    """Refuse image files that are not the store's probing images in its order."""
+    from .activations import list_images
+    from .sources import check_image_order
+
+    if isinstance(images, (str, os.PathLike)) and os.path.isdir(images):
+        check_image_order(store, list_images(images))
+    elif isinstance(images, (list, tuple)) and all(
+        isinstance(item, (str, os.PathLike)) for item in images
+    ):
+        check_image_order(store, [Path(item) for item in images])
 
 
 def dissect(
@@ -46,7 +60,8 @@ def dissect(
     ----------
     model, layer, images
         As in :func:`pyneuron.capture`; ``images`` must be the store's probing images,
-        in the store's image order.
+        in the store's image order (a folder or a list of files is checked against the
+        images the store records, see :func:`pyneuron.sources.check_image_order`).
     store
         The concepts; its grid sets the resolution unit maps are upsampled to.
     quantile
@@ -75,6 +90,7 @@ def dissect(
         The :func:`explain` table with ``layer`` and ``threshold`` columns added
         (and the held-out columns with ``holdout``).
     """
+    _check_image_files(images, store)
     activations = capture(
         model,
         layer,

@@ -236,7 +236,12 @@ def run_sources(
         data = _demo_data(settings)
         return data.store, lambda i: data.images[i]
     store = open_run_store(run, settings)
-    return store, image_reader(run_image_files(settings, images), store)
+    files = run_image_files(settings, images)
+    if images is not None:
+        from .sources import check_image_order
+
+        check_image_order(store, files)
+    return store, image_reader(files, store)
 
 
 def _demo_data(settings: Mapping[str, Any]) -> DemoData:

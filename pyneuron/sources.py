@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .activations import list_images
+from .activations import image_file_key, list_images
 from .errors import PyneuronError
 from .store import ConceptStore
 
@@ -55,7 +56,10 @@ def open_concepts(
     if (path / "manifest.json").is_file():
         if images is None:
             raise PyneuronError("a concept store needs --images: the folder of its probing images")
-        return ConceptStore.open(path), list_images(images), False
+        store = ConceptStore.open(path)
+        files = list_images(images)
+        check_image_order(store, files)
+        return store, files, False
     if (path / "index.csv").is_file():
         from .concepts import broden, broden_images
 
@@ -76,3 +80,52 @@ def open_concepts(
         f"{path} is not a concept source: give a store directory, a Broden folder (index.csv) "
         "or a concept list (.txt/.toml)"
     )
+
+
+def _same_image(name: str, file: Path) -> bool:
+    """Whether the store's image ``name`` (a path relative to its image folder, an
+    absolute path, a file name or a stem, by concept source) names ``file``."""
+    recorded = PurePosixPath(name.replace("\\", "/"))
+    if recorded.is_absolute():
+        return recorded.name == file.name
+    parts = recorded.parts
+    return any(
+        tuple(candidate.parts[-len(parts) :]) == parts
+        for candidate in (file, file.with_suffix(""))
+    )
+
+
+def check_image_order(store: ConceptStore, files: Sequence[Path]) -> None:
+    """Raise unless ``files`` are the store's probing images in the store's order.
+
+    Stores record their images (``store.metadata["images"]``: Broden, segmentation,
+    mask folders, label maps, COCO); each file must carry the recorded name, and where
+    the store also holds a content hash per image (stores built by
+    :func:`pyneuron.concepts.segment` from files) each file's bytes must match it. A
+    store without either (built from arrays) is not checked.
+
+    Raises
+    ------
+    PyneuronError
+        Naming the first image that differs, and what to do.
+    """
+    segment = store.metadata.get("segment")
+    segment = segment if isinstance(segment, dict) else {}
+    names = store.metadata.get("images", segment.get("images"))
+    if isinstance(names, list) and names and len(names) == len(files):
+        for i, (name, file) in enumerate(zip(names, files)):
+            if not _same_image(str(name), Path(file)):
+                raise PyneuronError(
+                    f"image {i} of the folder is {file}, but image {i} of the concept store is "
+                    f"{name!r}: the images must be the store's probing images in its order "
+                    "(sorted by path); give the folder the store was built from"
+                )
+    keys = segment.get("image_keys")
+    if isinstance(keys, list) and len(keys) == len(files):
+        for i, (key, file) in enumerate(zip(keys, files)):
+            if key is not None and image_file_key(file) != key:
+                raise PyneuronError(
+                    f"image {i} ({file}) is not the image the concept store was segmented "
+                    "from (its content differs); give the folder the store was built from, "
+                    "unchanged"
+                )

@@ -101,3 +101,80 @@ def test_out_dot_is_refused_with_a_message(tiny_project, tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "it is the current directory" in result.output and "Errno" not in result.output
     assert Path(work).is_dir()
+
+
+# -- 2. images in another order than the store's are refused -------------------------------
+
+
+def _segmented_project(root: Path) -> tuple[Path, Path]:
+    """Eight images and a store segmented from them (a stand-in segmenter: no model)."""
+    from PIL import Image
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            images / f"{i:02d}.png"
+        )
+
+    def segmenter(batch, concepts):
+        return np.stack(
+            [np.stack([np.asarray(im, dtype=np.float32)[..., k] for k in range(2)]) for im in batch]
+        )
+
+    store = pyneuron.concepts.segment(
+        images, ["red", "green"], segmenter=segmenter, grid=8, progress=False
+    )
+    store.save(root / "store")
+    return images, root / "store"
+
+
+def test_images_renamed_and_reversed_are_refused(tmp_path, tiny_project):
+    images, store_dir = _segmented_project(tmp_path)
+    files = sorted(images.iterdir())
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    for i, file in enumerate(reversed(files)):
+        (shuffled / f"img{i}.png").write_bytes(file.read_bytes())
+    model = f"{tiny_project / 'net.py'}:build"
+    args = ("dissect", "--model", model, "--layer", "1", "--concepts", store_dir, "--quiet")
+    result = invoke(*args, "--images", shuffled, "--out", tmp_path / "run")
+    assert result.exit_code == 1
+    assert "image 0 of the folder is" in result.output and "'00.png'" in result.output
+    assert not (tmp_path / "run").exists()
+    # Same names, other contents (reversed): the store's content hashes catch it.
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    for file, source in zip(files, reversed(files)):
+        (swapped / file.name).write_bytes(source.read_bytes())
+    result = invoke(*args, "--images", swapped, "--out", tmp_path / "run")
+    assert result.exit_code == 1 and "its content differs" in result.output
+    # The Python entry point checks a folder too; the right folder passes.
+    store = pyneuron.ConceptStore.open(store_dir)
+    net = torch_model()
+    with pytest.raises(pyneuron.PyneuronError, match="image 0 of the folder"):
+        pyneuron.dissect(net, "0", shuffled, store, progress=False)
+    table = pyneuron.dissect(net, "0", images, store, progress=False, length=1)
+    assert len(table) == 2
+
+
+def test_broden_style_names_are_matched_by_relative_path(tmp_path):
+    from pyneuron.sources import check_image_order
+
+    store = small_store()
+    store.metadata["images"] = ["ade/a.png", "ade/b.png", "ade/c.png", "ade/d.png"]
+    root = tmp_path / "images" / "ade"
+    files = [root / n for n in ("a.png", "b.png", "c.png", "d.png")]
+    check_image_order(store, files)
+    with pytest.raises(pyneuron.PyneuronError, match="image 2 of the folder"):
+        check_image_order(store, [files[0], files[1], files[3], files[2]])
+    store.metadata["images"] = ["a", "b", "c", "d"]  # stems (mask folders, label maps)
+    check_image_order(store, files)
+
+
+def torch_model():
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, padding=1), torch.nn.ReLU())

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..activations import IMAGE_SUFFIXES, _open_image, list_images
+from ..activations import IMAGE_SUFFIXES, _open_image, image_file_key, list_images
 from ..errors import PyneuronError
 from ..grid import Grid
 from ..progress import progress_bar
@@ -88,10 +88,7 @@ class _FileImages(_Images):
 
     def key(self, i: int) -> str:
         # The file's bytes: a cache hit never decodes the image.
-        try:
-            return _digest(b"file", self.files[i].read_bytes())
-        except OSError as error:
-            raise PyneuronError(f"cannot read image {self.files[i]}: {error}") from None
+        return image_file_key(self.files[i])
 
     def names(self) -> list[str]:
         if self.root is None:
@@ -543,6 +540,10 @@ def segment(
 
     skipped: list[dict[str, Any]] = []
     image_names = source.names()
+    # Files get a content key each (cheap beside segmenting them), recorded in the store so
+    # that a later run can check it is given the same images in the same order.
+    keyed = cache is not None or isinstance(source, _FileImages)
+    image_keys: list[str | None] = [None] * len(source)
 
     def attempt(function: Any, i: int) -> Any:
         try:
@@ -561,10 +562,11 @@ def segment(
             done: dict[int, list[np.ndarray] | None] = {}
             todo = []
             for i in index:
-                key = attempt(source.key, i) if cache is not None else ""
+                key = attempt(source.key, i) if keyed else ""
                 if key is None:
                     done[i] = None
                     continue
+                image_keys[i] = key
                 hit = cache.get(key, len(groups)) if cache is not None else None
                 if hit is not None:
                     done[i] = hit
@@ -607,6 +609,8 @@ def segment(
                     writer.add_image(i, masks=masks)
                 bar.update(len(index))
             writer.metadata["segment"]["skipped"] = skipped
+            if isinstance(source, _FileImages):
+                writer.metadata["segment"]["image_keys"] = image_keys
     finally:
         stream.close()
         bar.close()
