@@ -7,11 +7,13 @@ one line and exit with status 1; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import sys
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -105,13 +107,58 @@ RayOption = Annotated[
 ]
 
 
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool) -> Iterator[None]:
+    """With ``-q``, also hide the progress bars and notices of transformers and
+    huggingface_hub (weight loading, downloads) while the command runs.
+
+    Before transformers is imported its switches are environment variables (read at
+    import); once imported, its logging functions. Both are restored afterwards.
+    """
+    if not quiet:
+        yield
+        return
+    names = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    saved = {name: os.environ.get(name) for name in names}
+    imported = "transformers" in sys.modules
+    restore = _silence_transformers() if imported else None
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if restore is not None:
+            restore()
+
+
+def _silence_transformers() -> Callable[[], None]:
+    """Hide transformers' bars and notices; returns the function that restores them."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+    def restore() -> None:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+    return restore
+
+
 def friendly_errors(command: F) -> F:
     """Turn expected errors into one line on stderr and exit status 1 (unless --debug)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with _quiet_libraries(bool(kwargs.get("quiet"))):
+                return command(*args, **kwargs)
         except (typer.Exit, typer.Abort, CLICK_EXCEPTION):
             raise
         except Exception as error:

@@ -14,6 +14,10 @@ from .errors import PyneuronError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MODEL_FORMS = (
+    "give a transformers model directory (with config.json), 'path/to/file.py:function' or "
+    "'module:function' returning a torch.nn.Module, or a torchvision model name (resnet18)"
+)
 
 
 def load_model(spec: str, weights: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
@@ -21,6 +25,8 @@ def load_model(spec: str, weights: str | os.PathLike[str] | None = None) -> tupl
 
     - a directory holding a transformers model (``config.json``): loaded with
       ``AutoModel.from_pretrained`` (no download) with its image processor if saved;
+      of a dual-encoder model (CLIP, SigLIP: ``vision_model`` and ``text_model``) only
+      the vision tower is kept (:func:`vision_tower`), under the same layer names;
     - ``module:function`` or ``path/to/file.py:function``: the function's return value;
     - a torchvision model name (``resnet18``), randomly initialized unless ``weights``
       names a state-dict file.
@@ -39,6 +45,8 @@ def load_model(spec: str, weights: str | os.PathLike[str] | None = None) -> tupl
             processor = transformers.AutoImageProcessor.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError):
             processor = None
+        if hasattr(model, "vision_model") and hasattr(model, "text_model"):
+            model = vision_tower(model)
     elif ":" in spec:
         module_name, _, function_name = spec.rpartition(":")
         module = _import(module_name)
@@ -48,6 +56,8 @@ def load_model(spec: str, weights: str | os.PathLike[str] | None = None) -> tupl
             model = getattr(module, function_name)()
         except Exception as error:
             raise PyneuronError(f"{spec}() failed: {error}") from error
+    elif _looks_like_a_path(spec):
+        raise PyneuronError(f"model {spec} does not exist: {MODEL_FORMS}")
     else:
         try:
             import torchvision
@@ -58,8 +68,10 @@ def load_model(spec: str, weights: str | os.PathLike[str] | None = None) -> tupl
             ) from None
         try:
             model = torchvision.models.get_model(spec, weights=None)
-        except ValueError as error:
-            raise PyneuronError(f"unknown torchvision model {spec!r}: {error}") from None
+        except ValueError:
+            raise PyneuronError(
+                f"{spec!r} is neither a path nor a torchvision model name: {MODEL_FORMS}"
+            ) from None
     if weights is not None:
         import torch
 
@@ -73,6 +85,29 @@ def load_model(spec: str, weights: str | os.PathLike[str] | None = None) -> tupl
     if not hasattr(model, "named_modules"):
         raise PyneuronError(f"{spec} did not give a torch.nn.Module (got {type(model).__name__})")
     return model.eval(), processor
+
+
+def _looks_like_a_path(spec: str) -> bool:
+    return os.sep in spec or "/" in spec or spec.startswith((".", "~")) or os.path.lexists(spec)
+
+
+def vision_tower(model: Any) -> Any:
+    """The image side of a dual-encoder transformers model (CLIP, SigLIP, ...): a module
+    whose forward takes only ``pixel_values`` and runs ``model.vision_model``, under the
+    same module names (``vision_model.encoder.layers.11``), so image layers can be
+    captured from a model that would otherwise also want text. Its text tower is left
+    out: its layers never run on images."""
+    import torch
+
+    class VisionTower(torch.nn.Module):
+        def __init__(self, vision_model: Any) -> None:
+            super().__init__()
+            self.vision_model = vision_model
+
+        def forward(self, pixel_values: Any) -> Any:
+            return self.vision_model(pixel_values=pixel_values)
+
+    return VisionTower(model.vision_model)
 
 
 def _import(name: str) -> Any:

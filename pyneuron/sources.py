@@ -71,8 +71,9 @@ def open_concepts(
         from .concepts import load_vocabulary, segment
 
         files = list_images(images)
+        vocabulary = load_vocabulary(path)  # a bad list fails before a model loads
         options = {} if segmenter is None else {"segmenter": make_segmenter(segmenter)}
-        store = segment(files, load_vocabulary(path), grid=grid, progress=progress, **options)
+        store = segment(files, vocabulary, grid=grid, progress=progress, **options)
         return store, files, True
     if not path.exists():
         raise PyneuronError(f"no store at {path}: the concept source does not exist")

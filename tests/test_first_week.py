@@ -178,3 +178,81 @@ def torch_model():
 
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, padding=1), torch.nn.ReLU())
+
+
+# -- 8, 9, 10. transformers models: -q, the vision tower of CLIP, errors that say what to do --
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A whole (random, tiny) transformers CLIP model saved to a folder, as users have."""
+    transformers = pytest.importorskip("transformers")
+    text = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+            "num_hidden_layers": 2, "vocab_size": 100, "max_position_embeddings": 16,
+            "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}  # fmt: skip
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+              "num_hidden_layers": 2, "image_size": 32, "patch_size": 8}  # fmt: skip
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+    folder = tmp_path_factory.mktemp("clip") / "clip"
+    transformers.CLIPModel(config).save_pretrained(folder)
+    transformers.CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_a_whole_clip_folder_is_dissected_through_its_vision_tower(
+    tiny_clip, tiny_project, tmp_path
+):
+    out = tmp_path / "run"
+    result = invoke(
+        "dissect", "--model", tiny_clip, "--layer", "vision_model.encoder.layers.1",
+        "--images", tiny_project / "images", "--concepts", tiny_project / "store",
+        "--out", out, "--length", 1, "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Loading weights" not in result.output  # -q hides transformers' bars too
+    import pandas as pd
+
+    assert len(pd.read_parquet(out / "results.parquet")) == 16  # hidden size of the tower
+    net, _ = __import__("pyneuron.models", fromlist=["load_model"]).load_model(str(tiny_clip))
+    assert not hasattr(net, "text_model")
+
+
+def test_a_missing_model_path_says_what_a_model_can_be(tiny_project, tmp_path):
+    result = invoke(
+        "dissect", "--model", tmp_path / "models" / "resnet", "--layer", "x",
+        "--images", tiny_project / "images", "--concepts", tiny_project / "store",
+        "--out", tmp_path / "run", "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "does not exist" in result.output and "torchvision" not in result.output.split(":")[1]
+    assert "transformers model directory" in result.output
+
+
+def test_concept_list_errors_come_before_the_segmenter_loads(tiny_project, tmp_path):
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("red\nred\n")
+    result = invoke(
+        "store", "build", "--source", concepts, "--images", tiny_project / "images",
+        "--out", tmp_path / "store", "--segmenter", tmp_path / "no-such-model", "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 1 and "duplicate concept name 'red'" in result.output
+
+
+def test_the_default_segmenter_offline_names_the_model_and_the_option(tiny_project, tmp_path):
+    import subprocess
+    import sys
+
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("red\nblue\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pyneuron", "store", "build", "--source", str(concepts),
+         "--images", str(tiny_project / "images"), "--out", str(tmp_path / "s"), "-q"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    error = done.stderr.strip()
+    assert len(error.splitlines()) == 1, error
+    assert "CIDAS/clipseg-rd64-refined" in error and "--segmenter clipseg:DIR" in error

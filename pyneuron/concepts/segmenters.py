@@ -140,6 +140,20 @@ def _transformers() -> Any:
     return transformers
 
 
+def _pretrained(load: Callable[[str], Any], model: str, role: str, option: str) -> Any:
+    """``load(model)``, turning transformers' "not found / cannot connect" errors into
+    a message that names the model and how to give a local copy instead."""
+    try:
+        return load(model)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PyneuronError(
+            f"cannot load the {role} {model!r}: it is not a local directory and not in the "
+            f"Hugging Face cache, and could not be downloaded ({reason}). Download it once "
+            f"where there is network (`hf download {model}`), or give a local copy: {option}"
+        ) from None
+
+
 _DTYPES = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
            "float32": "float32", "fp32": "float32"}  # fmt: skip
 
@@ -350,8 +364,13 @@ class CLIPSegSegmenter(_TransformersSegmenter):
         ``settings`` are :class:`CLIPSegSettings` fields (``prompt``, ``decoder_batch``).
         """
         transformers = _transformers()
-        processor = transformers.AutoProcessor.from_pretrained(model)
-        network = transformers.CLIPSegForImageSegmentation.from_pretrained(model)
+        option = "--segmenter clipseg:DIR (Python: segmenter='DIR')"
+        processor = _pretrained(
+            transformers.AutoProcessor.from_pretrained, model, "CLIPSeg processor", option
+        )
+        network = _pretrained(
+            transformers.CLIPSegForImageSegmentation.from_pretrained, model, "CLIPSeg model", option
+        )
         return cls(network, processor, CLIPSegSettings(**settings), device=device, dtype=dtype)
 
     def _models(self) -> dict[str, Any]:
@@ -567,6 +586,7 @@ class _BoxSamSegmenter(_TransformersSegmenter):
 
     detector_class = ""  # transformers class of the detector
     default_detector = ""
+    cli_name = ""  # its kind in ``--segmenter KIND:DET,SAM``
     default_box_threshold = 0.3
 
     def __init__(
@@ -605,11 +625,17 @@ class _BoxSamSegmenter(_TransformersSegmenter):
         transformers = _transformers()
         settings.setdefault("box_threshold", cls.default_box_threshold)
         detector = detector or cls.default_detector
+        option = f"--segmenter {cls.cli_name}:DETECTOR_DIR,SAM_DIR"
         return cls(
-            getattr(transformers, cls.detector_class).from_pretrained(detector),
-            transformers.AutoProcessor.from_pretrained(detector),
-            transformers.SamModel.from_pretrained(sam),
-            transformers.AutoProcessor.from_pretrained(sam),
+            _pretrained(
+                getattr(transformers, cls.detector_class).from_pretrained,
+                detector,
+                "detector",
+                option,
+            ),
+            _pretrained(transformers.AutoProcessor.from_pretrained, detector, "detector", option),
+            _pretrained(transformers.SamModel.from_pretrained, sam, "SAM model", option),
+            _pretrained(transformers.AutoProcessor.from_pretrained, sam, "SAM processor", option),
             BoxSettings(**settings),
             device=device,
             dtype=dtype,
@@ -663,6 +689,7 @@ class GroundingDinoSamSegmenter(_BoxSamSegmenter):
     name = "grounding-dino+sam"
     detector_class = "GroundingDinoForObjectDetection"
     default_detector = DEFAULT_GROUNDING_DINO
+    cli_name = "grounding-dino"
     default_box_threshold = 0.3
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -783,6 +810,7 @@ class Owlv2SamSegmenter(_BoxSamSegmenter):
     name = "owlv2+sam"
     detector_class = "Owlv2ForObjectDetection"
     default_detector = DEFAULT_OWLV2
+    cli_name = "owlv2"
     default_box_threshold = 0.1
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
