@@ -310,10 +310,10 @@ def dissect(
     debug: DebugOption = False,
 ) -> None:
     """Dissect layers of a model on a concept source; writes results and a report."""
-    from .models import image_transform, load_model
+    from .models import image_transform, load_model, resolved_model_spec, resolved_path
     from .results import refuse_existing
     from .run import dissect_run
-    from .sources import open_concepts
+    from .sources import open_concepts, resolved_segmenter_spec
 
     refuse_existing(out, overwrite)
     net, processor = load_model(model, weights)
@@ -344,16 +344,16 @@ def dissect(
         batch_size=batch_size,
         transform=processor or image_transform(image_size),
         config={
-            "model": model,
+            "model": resolved_model_spec(model),
             "layer": layer,
-            "images": str(images) if images else None,
-            "concepts": str(concepts),
-            "weights": str(weights) if weights else None,
+            "images": resolved_path(images),
+            "concepts": resolved_path(concepts),
+            "weights": resolved_path(weights),
             "image_size": image_size,
             "grid": grid,
             "subset": subset,
             "category": category,
-            "segmenter": segmenter,
+            "segmenter": resolved_segmenter_spec(segmenter),
             "length": length,
             "beam": beam,
             "operators": operators,
@@ -364,7 +364,7 @@ def dissect(
             "quantile": quantile,
             "batch_size": batch_size,
             "ray": ray,
-            "image_files": [str(f) for f in files],
+            "image_files": [resolved_path(f) for f in files],
         },
         save_store=built,
         overwrite=overwrite,
@@ -404,6 +404,7 @@ def explain(
     """Explain saved unit masks with a concept store (no model needed)."""
     import pyneuron
 
+    from .models import resolved_path
     from .results import refuse_existing, versions, write_run
     from .search import best_of_beam
 
@@ -426,8 +427,8 @@ def explain(
     )
     results = best_of_beam(beam_table)
     settings = {
-        "units": str(units),
-        "concepts": str(concepts),
+        "units": resolved_path(units),
+        "concepts": resolved_path(concepts),
         "length": length,
         "beam": beam,
         "operators": operators,

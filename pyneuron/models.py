@@ -87,6 +87,23 @@ def load_model(spec: str, weights: str | os.PathLike[str] | None = None) -> tupl
     return model.eval(), processor
 
 
+def resolved_path(path: str | os.PathLike[str] | None) -> str | None:
+    """``path`` made absolute (for a run's ``config.toml``, so the run can be reported or
+    evaluated from any directory); None stays None."""
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
+def resolved_model_spec(spec: str) -> str:
+    """``spec`` with its path made absolute: a model directory, or the file of
+    ``file.py:function``; module names and torchvision names are kept as given."""
+    if Path(spec).is_dir():
+        return str(resolved_path(spec))
+    module, sep, function = spec.rpartition(":")
+    if sep and module.endswith(".py") and Path(module).is_file():
+        return f"{resolved_path(module)}:{function}"
+    return spec
+
+
 def _looks_like_a_path(spec: str) -> bool:
     return os.sep in spec or "/" in spec or spec.startswith((".", "~")) or os.path.lexists(spec)
 

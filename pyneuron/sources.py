@@ -37,6 +37,18 @@ def make_segmenter(spec: str | None) -> Any:
     return adapter.from_pretrained(detector, sam)
 
 
+def resolved_segmenter_spec(spec: str | None) -> str | None:
+    """``spec`` (as for :func:`make_segmenter`) with the model directories in it made
+    absolute; model ids of the Hugging Face cache are kept as given."""
+    if spec is None:
+        return None
+    kind, sep, models = spec.partition(":")
+    if not sep or kind not in SEGMENTER_KINDS:
+        kind, models = "", spec
+    parts = [str(Path(m).resolve()) if Path(m).is_dir() else m for m in models.split(",")]
+    return (f"{kind}:" if kind else "") + ",".join(parts)
+
+
 def open_concepts(
     source: str | os.PathLike[str],
     *,
@@ -91,8 +103,7 @@ def _same_image(name: str, file: Path) -> bool:
         return recorded.name == file.name
     parts = recorded.parts
     return any(
-        tuple(candidate.parts[-len(parts) :]) == parts
-        for candidate in (file, file.with_suffix(""))
+        tuple(candidate.parts[-len(parts) :]) == parts for candidate in (file, file.with_suffix(""))
     )
 
 

@@ -256,3 +256,48 @@ def test_the_default_segmenter_offline_names_the_model_and_the_option(tiny_proje
     error = done.stderr.strip()
     assert len(error.splitlines()) == 1, error
     assert "CIDAS/clipseg-rd64-refined" in error and "--segmenter clipseg:DIR" in error
+
+
+# -- 4. a run works from any directory ---------------------------------------------------
+
+
+def test_a_run_made_with_relative_paths_is_reported_from_elsewhere(tiny_project, tmp_path):
+    import shutil
+    import tomllib
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_project, project)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    here = os.getcwd()
+    os.chdir(project)
+    try:
+        result = invoke(
+            "dissect", "--model", "net.py:build", "--layer", "1", "--images", "images",
+            "--concepts", "store", "--out", "run", "--length", 1, "--quantile", 0.1, "--quiet",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        explained = invoke(
+            "explain", "--units", "run/units/1", "--concepts", "store", "--out", "explained",
+            "--length", 1, "--quiet",
+        )  # fmt: skip
+        assert explained.exit_code == 0, explained.output
+    finally:
+        os.chdir(here)
+    config = tomllib.loads((project / "run" / "config.toml").read_text())
+    assert config["images"] == str(project / "images")
+    assert config["concepts"] == str(project / "store")
+    assert config["model"] == f"{project / 'net.py'}:build"
+    assert all(Path(f).is_absolute() for f in config["image_files"])
+    explained_config = tomllib.loads((project / "explained" / "config.toml").read_text())
+    assert explained_config["units"] == str(project / "run" / "units" / "1")
+    os.chdir(elsewhere)
+    try:
+        report = invoke("report", project / "run", "--quiet")
+        assert report.exit_code == 0, report.output
+        evaluated = invoke(
+            "evaluate", project / "run", "--controls", 5, "--holdout", 0.25, "--quiet"
+        )
+        assert evaluated.exit_code == 0, evaluated.output
+    finally:
+        os.chdir(here)

@@ -114,7 +114,7 @@ def describe_command(
         ``out``.
     """
     from ..activations import capture, list_images, resolve_layers
-    from ..models import image_transform, load_model
+    from ..models import image_transform, load_model, resolved_model_spec, resolved_path
     from ..results import refuse_existing, versions, write_run
     from .clip import ClipEncoder
     from .clip_dissect import clip_dissect
@@ -208,13 +208,13 @@ def describe_command(
     timings["total"] = time.perf_counter() - started
     settings: dict[str, Any] = {
         "method": name,
-        "model": model,
+        "model": resolved_model_spec(model),
         "layer": layers,
-        "images": str(images),
-        "concepts": str(concepts) if concepts is not None else None,
-        "clip": clip,
-        "captioner": captioner,
-        "weights": str(weights) if weights is not None else None,
+        "images": resolved_path(images),
+        "concepts": resolved_path(concepts),
+        "clip": resolved_model_spec(clip),
+        "captioner": resolved_model_spec(captioner) if captioner is not None else None,
+        "weights": resolved_path(weights),
         "similarity": similarity if name == "clip-dissect" else None,
         "ties": ties if name == "clip-dissect" else None,
         "top_k": k,
@@ -233,7 +233,7 @@ def describe_command(
         out,
         results,
         summary=summary,
-        config={**settings, "image_files": [str(f) for f in files]},
+        config={**settings, "image_files": [resolved_path(f) for f in files]},
         overwrite=overwrite,
     )
     return out
