@@ -301,3 +301,34 @@ def test_a_run_made_with_relative_paths_is_reported_from_elsewhere(tiny_project,
         assert evaluated.exit_code == 0, evaluated.output
     finally:
         os.chdir(here)
+
+
+# -- 7. progress is printed as lines where output is not a terminal ------------------------
+
+
+def test_progress_is_printed_as_lines_in_a_log(tiny_project, tmp_path, monkeypatch):
+    import io
+
+    from pyneuron.progress import progress_bar
+
+    monkeypatch.setenv("PYNEURON_PROGRESS_INTERVAL", "0")
+    log = io.StringIO()
+    for _ in progress_bar(range(4), desc="work", unit="step", file=log):
+        pass
+    lines = log.getvalue().splitlines()
+    assert lines[0].startswith("work:   0% 0/4") and lines[-1].startswith("work: 100% 4/4")
+    assert "\r" not in log.getvalue() and len(lines) == len(set(lines))
+    silent = io.StringIO()
+    for _ in progress_bar(range(4), desc="work", file=silent, enabled=False):
+        pass
+    assert silent.getvalue() == ""
+    # The CLI (its output captured, not a terminal) prints lines too, unless -q.
+    out = tmp_path / "run"
+    args = ("dissect", "--model", f"{tiny_project / 'net.py'}:build", "--layer", "1",
+            "--images", tiny_project / "images", "--concepts", tiny_project / "store",
+            "--length", 1, "--quantile", 0.1)  # fmt: skip
+    result = invoke(*args, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "capture: 100% 12/12" in result.output and "report: 100%" in result.output
+    quiet = invoke(*args, "--out", tmp_path / "quiet", "--quiet")
+    assert "capture:" not in quiet.output
