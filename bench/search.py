@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
     _table(report)
     out = Path(args.output) if args.output else RESULTS / f"search-{args.size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    partial = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    partial.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    os.replace(partial, out)  # atomic: an interrupted run leaves the old results
     print(f"wrote {out}")
     checks = [report[k].get("agreement") for k in ("numba", "numpy")]
     checks.append(report["numpy"].get("numba_agreement"))
@@ -183,7 +185,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="directory to keep generated probing sets in and reuse them from (streamed, "
         "memory-mapped); build times reported are those of the first build",
     )
-    p.add_argument("--output", help="JSON path (default bench/results/search-<size>.json)")
+    p.add_argument(
+        "--output",
+        help="JSON path (default bench/results/search-<size>.json next to this script; "
+        "`pyneuron bench --out DIR` writes DIR/search-<size>.json)",
+    )
     p.add_argument("--progress", action="store_true", help="pyneuron progress bars")
     return p.parse_args(argv)
 

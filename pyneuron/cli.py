@@ -19,6 +19,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from .errors import PyneuronError
+
 app = typer.Typer(
     name="pyneuron",
     help="Explain what every unit of a vision network detects, as formulas over concepts.",
@@ -67,12 +69,26 @@ ConfigOption = Annotated[
         dir_okay=False,
     ),
 ]
-DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
-OverwriteOption = Annotated[
-    bool, typer.Option("--overwrite", help="Replace an existing output directory.")
+# metavar="": flags take no value (typer would show "<bool>").
+DebugOption = Annotated[
+    bool, typer.Option("--debug", help="Show tracebacks on errors.", metavar="")
 ]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-LengthOption = Annotated[int, typer.Option(help="Maximum concepts per formula (1: NetDissect).")]
+OverwriteOption = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace an earlier output of the same kind at the output path (never other files).",
+        metavar="",
+    ),
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", metavar="")]
+LengthOption = Annotated[
+    int,
+    typer.Option(
+        help="Maximum concepts per formula (the results' `concepts` column; their `length` "
+        "column is compexp's length, which counts each NOT once more). 1: NetDissect."
+    ),
+]
 IouOption = Annotated[
     str,
     typer.Option(
@@ -495,7 +511,8 @@ def evaluate(
     ] = 1000,
     alpha: Annotated[float, typer.Option(help="p-value below which a unit beats the null.")] = 0.05,
     faithfulness: Annotated[
-        bool, typer.Option(help="Mask concepts in images and measure activation drops.")
+        bool,
+        typer.Option(help="Mask concepts in images and measure activation drops.", metavar=""),
     ] = True,
     top_k: Annotated[int, typer.Option(help="Top images per unit for faithfulness.")] = 8,
     fill: Annotated[str, typer.Option(help="Neutral fill of masked pixels: mean or blur.")] = (
@@ -655,25 +672,66 @@ def store_info(
     )
     typer.echo(summary.to_string())
     if store.metadata:
-        typer.echo(f"metadata: {json.dumps(store.metadata, default=str)}")
+        typer.echo("metadata:")
+        for key, value in store.metadata.items():
+            typer.echo(f"  {key}: {json.dumps(_summarised(value), default=str)}")
 
 
-@app.command()
+def _summarised(value: Any, shown: int = 3) -> Any:
+    """``value`` with long lists (image paths, content keys) cut to their first items and
+    a count, at every depth."""
+    if isinstance(value, dict):
+        return {key: _summarised(item, shown) for key, item in value.items()}
+    if isinstance(value, list):
+        if len(value) > 2 * shown:
+            return [*(_summarised(v, shown) for v in value[:shown]), f"... {len(value)} in all"]
+        return [_summarised(v, shown) for v in value]
+    return value
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @friendly_errors
 def bench(
-    size: Annotated[str, typer.Option(help="small, medium or ade.")] = "small",
+    ctx: typer.Context,
+    size: Annotated[str, typer.Option(help="small, medium, ade or dense.")] = "small",
+    out: Annotated[
+        Path, typer.Option(help="Directory for the results (search-<size>.json).")
+    ] = Path("pyneuron-bench"),
     debug: DebugOption = False,
 ) -> None:
-    """Run the search benchmark (bench/search.py of a source checkout)."""
-    script = Path.cwd() / "bench" / "search.py"
-    if not script.is_file():
-        raise FileNotFoundError(
-            "bench/search.py not found: run `pyneuron bench` from a source checkout of pyneuron"
-        )
+    """Run the search benchmark: pyneuron against exhaustive numpy (and numba, when
+    installed) searches on synthetic data, side by side; further options (after the
+    others) go to the benchmark script, e.g. `--units 16 --numba-units 0`."""
     import runpy
 
-    sys.argv = [str(script), "--size", size]
-    runpy.run_path(str(script), run_name="__main__")
+    script = _bench_script()
+    out.mkdir(parents=True, exist_ok=True)
+    argv = ["--size", size, "--output", str(out / f"search-{size}.json"), *ctx.args]
+    saved = sys.argv
+    sys.argv = [str(script), *argv]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved
+
+
+def _bench_script() -> Path:
+    """The search benchmark: installed with the package (``pyneuron/_bench``), or the
+    source checkout's ``bench/`` for an editable install."""
+    from importlib import resources
+
+    import pyneuron
+
+    installed = resources.files("pyneuron").joinpath("_bench", "search.py")
+    if installed.is_file():
+        return Path(str(installed))
+    checkout = Path(pyneuron.__file__).resolve().parent.parent / "bench" / "search.py"
+    if checkout.is_file():
+        return checkout
+    raise PyneuronError(
+        "the benchmark scripts are missing from this installation (pyneuron/_bench); "
+        "reinstall pyneuron, or run bench/search.py from a source checkout"
+    )
 
 
 def main() -> None:

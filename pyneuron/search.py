@@ -82,7 +82,8 @@ def explain(
         The concepts, on the same grid as the units.
     length
         Maximum number of concepts in a formula (1 is NetDissect), at most
-        :data:`MAX_LENGTH` (32).
+        :data:`MAX_LENGTH` (32): it bounds the table's ``concepts`` column, not its
+        ``length`` column (compexp's formula length, where each NOT counts one more).
     beam_size
         Formulas kept per step, at most :data:`MAX_BEAM_SIZE` (1024); memory grows
         with ``beam_size`` x images per unit being searched.
@@ -128,8 +129,10 @@ def explain(
     Returns
     -------
     pandas.DataFrame
-        One row per unit: ``unit``, ``formula``, ``length``, ``score``, ``iou``,
-        ``detection_accuracy``, ``activation_coverage``, ``samples_coverage``,
+        One row per unit: ``unit``, ``formula``, ``concepts`` (concepts in the
+        formula, at most ``length``), ``length`` (compexp's formula length: concepts,
+        each NOT counting one more; the exponent of ``penalty`` is ``length - 1``),
+        ``score``, ``iou``, ``detection_accuracy``, ``activation_coverage``, ``samples_coverage``,
         ``explanation_coverage``, ``primitive``, ``primitive_iou``, ``unit_pixels``,
         ``unit_images``. A unit no concept overlaps has a missing ``formula`` (NA) and IoU 0.
         The optimal search adds ``optimal`` (bool: proven), ``upper_bound`` (equal to
@@ -538,6 +541,7 @@ def _result_frame(
         "unit",
         *(["rank"] if full_beam else []),
         "formula",
+        "concepts",
         "length",
         "score",
         *METRIC_COLUMNS,
@@ -574,6 +578,7 @@ def _result_frame(
         "unit": first_unit + unit_idx,
         "rank": rank_idx,
         "formula": formulas,
+        "concepts": np.where(has, (raw["concepts"][unit_idx, rank_idx] >= 0).sum(axis=-1), 0),
         "length": raw["length"][unit_idx, rank_idx],
         "score": np.where(has, raw["score"][unit_idx, rank_idx], 0.0),
         **{column: values[column] for column in METRIC_COLUMNS},

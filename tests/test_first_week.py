@@ -332,3 +332,56 @@ def test_progress_is_printed_as_lines_in_a_log(tiny_project, tmp_path, monkeypat
     assert "capture: 100% 12/12" in result.output and "report: 100%" in result.output
     quiet = invoke(*args, "--out", tmp_path / "quiet", "--quiet")
     assert "capture:" not in quiet.output
+
+
+# -- 13. names, help, store info, bench -----------------------------------------------------
+
+
+def test_concepts_and_length_columns_are_named_precisely():
+    masks = np.zeros((3, 6, 4, 4), dtype=bool)
+    masks[0, :3] = True
+    masks[1, :, :2] = True
+    masks[2, :, :, :1] = True
+    store = pyneuron.ConceptStore.from_masks(masks, ["a", "b", "c"])
+    unit = pyneuron.UnitMasks.from_masks((masks[0] & ~masks[2])[None])
+    row = pyneuron.explain(unit, store, length=2, progress=False).iloc[0]
+    assert row["formula"] == "(a AND NOT c)"
+    assert row["concepts"] == 2 and row["length"] == 3  # NOT counts once more in `length`
+    help_text = invoke("explain", "--help").output
+    assert "concepts" in help_text and "compexp" in help_text
+
+
+def test_flags_take_no_value_in_help():
+    for command in ("explain", "dissect", "demo", "evaluate"):
+        lines = invoke(command, "--help").output.splitlines()
+        flags = [line for line in lines if "--overwrite" in line or "--quiet" in line]
+        assert flags and not any("<bool>" in line for line in flags), flags
+
+
+def test_store_info_summarises_long_image_lists(tmp_path):
+    store = small_store()
+    store.metadata["images"] = [f"images/{i:05d}.jpg" for i in range(500)]
+    store.save(tmp_path / "store")
+    output = invoke("store", "info", tmp_path / "store").output
+    assert "images/00000.jpg" in output and "500 in all" in output
+    assert "images/00250.jpg" not in output
+
+
+def test_bench_writes_where_it_is_told(tmp_path):
+    import pyneuron as package
+
+    checkout = Path(package.__file__).resolve().parent.parent / "bench" / "results"
+    tracked = (
+        {p: p.stat().st_mtime_ns for p in checkout.glob("*.json")} if checkout.is_dir() else {}
+    )
+    out = tmp_path / "bench"
+    result = invoke(
+        "bench", "--out", out, "--units", 2, "--images", 60, "--concepts", 40,
+        "--numpy-units", 1, "--numba-units", 0, "--compexp-units", 0, "--repeat", 1,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    import json
+
+    report = json.loads((out / "search-small.json").read_text())
+    assert report["numpy"]["agreement"]["identical"]
+    assert {p: p.stat().st_mtime_ns for p in tracked} == tracked
