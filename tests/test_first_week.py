@@ -385,3 +385,24 @@ def test_bench_writes_where_it_is_told(tmp_path):
     report = json.loads((out / "search-small.json").read_text())
     assert report["numpy"]["agreement"]["identical"]
     assert {p: p.stat().st_mtime_ns for p in tracked} == tracked
+
+
+# -- 14. the README explains concept groups with an example that loads ------------------------
+
+
+def test_readme_concept_list_examples_load_as_described(tmp_path):
+    import re
+
+    from pyneuron.concepts import load_vocabulary
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Concept lists", 1)[1].split("\n## ", 1)[0]
+    assert "mutually exclusive per pixel" in section
+    text, toml = re.findall(r"```(?:text|toml)\n(.*?)```", section, flags=re.S)
+    (tmp_path / "concepts.txt").write_text(text)
+    (tmp_path / "concepts.toml").write_text(toml)
+    for name in ("concepts.txt", "concepts.toml"):
+        vocabulary = load_vocabulary(tmp_path / name)
+        assert [g.name for g in vocabulary.groups] == ["objects", "colours"]
+        assert vocabulary.groups[0].concepts == ("car", "tree", "person", "background")
+    assert load_vocabulary(tmp_path / "concepts.toml").groups[1].mode == "threshold"
