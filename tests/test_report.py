@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import json
 import os
 import re
+import shutil
+import subprocess
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -24,9 +27,11 @@ from pyneuron.report import (
     UNIT_COLOR,
     Slugger,
     formula_parts,
+    overlay,
     slugify,
     write_report,
 )
+from pyneuron.report.html import CONCEPT_EXAMPLES, INDEX_STRIP
 
 GRID = (12, 8, 8)
 SCALE = 14  # 8-pixel grid -> 112-pixel thumbnails
@@ -149,6 +154,10 @@ class Page(HTMLParser):
         self.ids: set[str] = set()
         self.body: dict[str, str | None] = {}
         self.figures: list[dict[str, str]] = []
+        self.imgs: list[dict[str, str | None]] = []
+        self.strips: dict[str, list[dict[str, str | None]]] = {}  # unit page href -> imgs
+        self.cells: list[dict[str, str | None]] = []  # attributes of every <td>
+        self._strip: str | None = None
         self.stack: list[str] = []
         self.errors: list[str] = []
         self.chunks: list[str] = []
@@ -172,6 +181,15 @@ class Page(HTMLParser):
             self.figures.append({"image": values["data-image"]})
         if tag == "img" and self.figures and values.get("class") in ("plain", "overlay"):
             self.figures[-1][values["class"]] = values["src"]
+        if tag == "img":
+            self.imgs.append(values)
+            if self._strip is not None:
+                self.strips[self._strip].append(values)
+        if tag == "a" and values.get("class") == "strip":
+            self._strip = values["href"]
+            self.strips[self._strip] = []
+        if tag == "td":
+            self.cells.append(values)
         if tag not in VOID:
             self.stack.append(tag)
         if tag not in INLINE:
@@ -183,6 +201,8 @@ class Page(HTMLParser):
             self.stack.pop()
 
     def handle_endtag(self, tag: str) -> None:
+        if tag == "a":
+            self._strip = None
         if tag not in INLINE:
             self.chunks.append(" ")
         if self.stack and self.stack[-1] == tag:
@@ -350,7 +370,8 @@ def test_overlay_colours_are_exact(report: Path, inputs: Inputs) -> None:
             if isinstance(formula, str)
             else np.zeros(GRID, dtype=bool)
         )
-        expected_ids = [i for i in inputs.top_images[LAYER_A][unit] if i >= 0]
+        fires = inputs.dense[LAYER_A][unit].any(axis=(1, 2))
+        expected_ids = [i for i in inputs.top_images[LAYER_A][unit] if i >= 0 and fires[i]]
         assert [int(f["image"]) for f in page.figures] == expected_ids
         for figure in page.figures:
             image = int(figure["image"])
@@ -388,6 +409,157 @@ def test_ranges_without_top_images_show_the_busiest_images(report: Path, inputs:
             want = [int(i) for i in order if counts[i] > 0][:8]
             ids = [int(f["image"]) for f in found[(LAYER_B, unit, k)].figures]
             assert ids == want
+
+
+# -- index strips, concept examples, top images only where the unit fires ----------------
+
+
+def _css_rules(out: Path) -> dict[str, dict[str, str]]:
+    """The report's style sheet as selector -> {property: value}."""
+    css = re.sub(r"/\*.*?\*/", "", (out / "static" / "report.css").read_text(), flags=re.S)
+    rules: dict[str, dict[str, str]] = {}
+    for selectors, body in re.findall(r"([^{}]+)\{([^{}]*)\}", css):
+        declarations = dict(
+            (part.split(":", 1)[0].strip(), part.split(":", 1)[1].strip())
+            for part in body.split(";")
+            if ":" in part
+        )
+        for selector in selectors.split(","):
+            rules.setdefault(" ".join(selector.split()), {}).update(declarations)
+    return rules
+
+
+def test_index_rows_show_a_lazy_strip_of_the_unit_page_overlays(
+    report: Path, inputs: Inputs
+) -> None:
+    index = Page(report / "index.html")
+    found = unit_pages(report)
+    assert found
+    files_before = sorted((report / "img").rglob("*.png"))
+    for key, page in found.items():
+        href = page.path.relative_to(report).as_posix()
+        figures = page.figures
+        strip = index.strips.get(href, [])
+        assert len(strip) == min(INDEX_STRIP, len(figures)), key
+        for img, figure in zip(strip, figures):
+            assert img["loading"] == "lazy"
+            assert int(img["width"]) > 0 and int(img["height"]) > 0
+            target = index.resolve(img["src"])[0]
+            assert target.is_file()
+            # the strip shows the unit page's overlays: no new files
+            assert target == page.resolve(figure["overlay"])[0]
+    assert index.strips[f"units/{Slugger()(LAYER_A)}/0.html"]
+    assert f"units/{Slugger()(LAYER_A)}/3.html" not in index.strips  # fires nowhere
+    assert sorted((report / "img").rglob("*.png")) == files_before
+
+
+def test_index_formula_column_is_not_squeezed(report: Path, inputs: Inputs) -> None:
+    """The formula column keeps a readable width and the numeric headers may wrap, so
+    the unit table fits a 1,400 px window instead of wrapping formulas a word a line."""
+    index = Page(report / "index.html")
+    formula_cells = [c for c in index.cells if "formula" in (c.get("class") or "").split()]
+    assert len(formula_cells) == len(inputs.results)
+    rules = _css_rules(report)
+    width = rules["table.units td.formula"]["min-width"]
+    assert width.endswith("rem") and float(width[:-3]) >= 15
+    assert rules["table.units th"]["white-space"] == "normal"
+    assert rules["body.index main"]["max-width"] != rules["main"]["max-width"]
+
+
+@pytest.mark.skipif(not shutil.which("chromium-headless-shell"), reason="no headless browser")
+def test_index_table_fits_a_1400_pixel_window(report: Path, tmp_path: Path) -> None:
+    """Measured in a browser (where one is installed): the table fits, formulas don't wrap."""
+    probe = report / "probe.html"
+    measure = (
+        "<script>window.addEventListener('load', function () {"
+        "var t = document.querySelector('table.units');"
+        "var f = Array.prototype.find.call(t.tHead.rows[0].cells,"
+        " function (c) { return c.textContent.trim().indexOf('formula') === 0; });"
+        "document.body.setAttribute('data-measured', JSON.stringify({"
+        "page: document.documentElement.scrollWidth, table: t.getBoundingClientRect().width,"
+        "hidden: t.parentNode.scrollWidth - t.parentNode.clientWidth,"
+        "formula: f.getBoundingClientRect().width}));"
+        "});</script></body>"
+    )
+    probe.write_text((report / "index.html").read_text().replace("</body>", measure))
+    try:
+        dom = subprocess.run(
+            [
+                "chromium-headless-shell",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--window-size=1400,900",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+                probe.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        ).stdout
+    finally:
+        probe.unlink()
+    found = re.search(r"data-measured=\"([^\"]*)\"", dom)
+    assert found, dom[-2000:]
+    sizes = json.loads(found.group(1).replace("&quot;", '"'))
+    assert sizes["page"] <= 1400 and sizes["hidden"] <= 0, sizes  # no horizontal scrolling
+    assert sizes["formula"] >= 250, sizes
+
+
+def test_concept_pages_show_example_masks(report: Path, inputs: Inputs) -> None:
+    pixels = inputs.concepts.sum(axis=(2, 3))  # (concepts, images)
+    checked = 0
+    for path in (report / "concepts").glob("*.html"):
+        page = Page(path)
+        c = NAMES.index(page.body["data-concept"])
+        present = np.flatnonzero(pixels[c])
+        want = sorted(present.tolist(), key=lambda i: (-pixels[c, i], i))[:CONCEPT_EXAMPLES]
+        assert [int(f["image"]) for f in page.figures] == want, path
+        assert "concept mask" in page.text
+        for figure in page.figures:
+            image = int(figure["image"])
+            for key in ("plain", "overlay"):
+                assert page.resolve(figure[key])[0].is_file()
+            lazy = [i for i in page.imgs if i["src"] in (figure["plain"], figure["overlay"])]
+            assert [i["loading"] for i in lazy] == ["lazy", "lazy"]
+            big = np.repeat(np.repeat(_image(image), SCALE, axis=0), SCALE, axis=1)
+            drawn = np.asarray(Image.open(page.resolve(figure["overlay"])[0]).convert("RGB"))
+            np.testing.assert_array_equal(drawn, overlay(big, None, inputs.concepts[c, image]))
+            checked += 1
+    assert checked >= 5 * CONCEPT_EXAMPLES
+
+
+def test_top_images_are_only_images_where_the_unit_fires(inputs: Inputs, tmp_path: Path) -> None:
+    n, h, w = GRID
+    dense = np.zeros((3, n, h, w), dtype=bool)
+    dense[0, [2, 5], 1:4, 1:4] = True  # unit 0 fires on 2 images
+    dense[2, :, 0, 0] = True  # unit 2 fires everywhere; unit 1 nowhere
+    masks = pyneuron.UnitMasks.from_masks(dense)
+    results = pyneuron.explain(masks, inputs.store, progress=False)
+    top = np.array([[0, 2, 1, 5, 3, 4], [0, 1, 2, 3, 4, 5], [7, 6, 5, 4, 3, 2]])
+    write_report(
+        tmp_path,
+        results,
+        inputs.store,
+        unit_masks={"few": masks},
+        images=_image,
+        top_images={"few": top},
+        progress=False,
+    )
+    found = unit_pages(tmp_path)
+    assert [int(f["image"]) for f in found[("few", 0, None)].figures] == [2, 5]
+    assert "4 of its given top images are left out" in found[("few", 0, None)].text
+    assert "it fires on 2 images in all" in found[("few", 0, None)].text
+    assert found[("few", 1, None)].figures == []
+    assert "fires on no image" in found[("few", 1, None)].text
+    assert "left out" not in found[("few", 1, None)].text
+    assert [int(f["image"]) for f in found[("few", 2, None)].figures] == top[2].tolist()
+    assert "left out" not in found[("few", 2, None)].text
+    strips = Page(tmp_path / "index.html").strips
+    assert [i["alt"] for i in strips["units/few/0.html"]] == ["image 2", "image 5"]
+    assert "units/few/1.html" not in strips
+    assert len(strips["units/few/2.html"]) == INDEX_STRIP
 
 
 def test_max_units_limits_unit_pages(inputs: Inputs, tmp_path: Path) -> None:

@@ -41,6 +41,14 @@ from .plots import INTERPRETABLE_IOU, heldout_scatter, iou_histogram, iou_vs_nul
 ENTRIES = ("units", "concepts", "img", "static", "index.html")
 #: Top images shown per unit when ``top_images`` has none for its layer.
 DEFAULT_TOP_IMAGES = 8
+#: Top images in a unit's strip of thumbnails on the index page.
+INDEX_STRIP = 6
+#: Width in CSS pixels of a thumbnail in the index strip.
+INDEX_STRIP_WIDTH = 40
+#: Example images on a concept page: those with the largest concept area among
+#: up to ``CONCEPT_CANDIDATES`` images drawn where the concept is present.
+CONCEPT_EXAMPLES = 6
+CONCEPT_CANDIDATES = 64
 
 # column -> (header, tooltip)
 _COLUMNS: dict[str, tuple[str, str]] = {
@@ -180,13 +188,14 @@ def write_report(
         index.html                     layers: summary, IoU histogram, sortable unit table
         units/<layer>/<unit>.html      a unit: metrics, formula, beam, top images
         units/<layer>/<unit>-r<k>.html the same for activation range k
-        concepts/<concept>.html        units whose formula uses a concept
+        concepts/<concept>.html        a concept: example masks, units whose formula uses it
         img/                           PNG thumbnails, overlays and plots
         static/report.css
 
     ``<layer>`` and ``<concept>`` are slugs (see :func:`pyneuron.report.slugify`),
     made unique with ``-2``, ``-3``, ... Each top image is drawn with the unit mask
-    and the formula mask over it (colours: :mod:`pyneuron.report.images`).
+    and the formula mask over it (colours: :mod:`pyneuron.report.images`); the index
+    shows the first few of them as a strip under each unit's formula (lazy-loaded).
 
     Everything is written into a hidden temporary directory inside ``out_dir`` and
     moved into place at the end (``index.html`` last), so a failure leaves no
@@ -212,7 +221,8 @@ def write_report(
     top_images
         Layer -> int array (n_units, k) of image ids, best first (negative ids are
         padding), or (n_ranges, n_units, k) per activation range. A layer left out shows
-        the images where the unit mask covers the most pixels.
+        the images where the unit mask covers the most pixels. Where unit masks are
+        given, only images where the unit fires (its mask is not empty) are shown.
     beam
         The full-beam table (``explain(..., full_beam=True)`` with a ``layer`` column):
         the runner-up formulas shown on each unit page.
@@ -334,6 +344,8 @@ class _Row:
     text: str | None
     masks: UnitMasks | None = None
     top: list[int] = field(default_factory=list)
+    dropped: int = 0  # given top images left out because the unit does not fire there
+    overlays: list[tuple[int, str]] = field(default_factory=list)  # (image, path) drawn
     page: str | None = None  # path from the report root, when the page is written
     stem: str = ""
 
@@ -384,7 +396,9 @@ class _Plan:
         for layer, rows in self.layers.items():
             for row in rows:
                 row.masks = _unit_masks_for(unit_masks, row, store)
-                row.top = _top_images_for(top_images, row, store.grid.n_images)
+                given = _top_images_for(top_images, row, store.grid.n_images)
+                row.top = _where_unit_fires(row, given)
+                row.dropped = len(given) - len(row.top)
             rows.sort(key=_by_iou)
             chosen = rows if max_units is None else rows[:max_units]
             for row in chosen:
@@ -548,6 +562,15 @@ def _top_images_for(top_images: Mapping[str, Any], row: _Row, n_images: int) -> 
     if bad:
         raise PyneuronError(f"{where}: image {bad[0]} is out of range for {n_images} images")
     return ids
+
+
+def _where_unit_fires(row: _Row, images: list[int]) -> list[int]:
+    """The images (in the order given) where the row's unit mask is not empty; all of
+    them when the row has no unit masks."""
+    if row.masks is None or not images:
+        return images
+    fires = np.isin(np.asarray(images, dtype=np.int64), row.masks.images_with(row.unit))
+    return [image for image, keep in zip(images, fires.tolist()) if keep]
 
 
 def _busiest_images(masks: UnitMasks, unit: int, k: int) -> list[int]:
@@ -787,6 +810,8 @@ class _Renderer:
             beam=beam,
             descriptions=self._descriptions(row),
             images=self._unit_images(row),
+            fires=int(row.masks.image_counts[row.unit]) if row.masks is not None else None,
+            dropped=row.dropped,
             has_unit_masks=row.masks is not None,
             has_images=self.images is not None,
             previous=self._row_link(previous, root) if previous else None,
@@ -816,15 +841,12 @@ class _Renderer:
         layer_dir = f"img/units/{self.plan.layer_slug(row.layer)}"
         (self.root / layer_dir).mkdir(parents=True, exist_ok=True)
         for image in row.top:
-            plain = f"img/images/{image}.png"
-            base = self.thumbnail(image)
-            if image not in self.written_images:
-                save_png(base, self.root / plain)
-                self.written_images.add(image)
+            base, plain = self._plain(image)
             unit_mask = row.masks.image_mask(row.unit, image) if row.masks is not None else None
             formula_mask = self._formula_mask(row.formula, image)
             drawn = f"{layer_dir}/{row.stem}-{image}.png"
             save_png(overlay(base, unit_mask, formula_mask), self.root / drawn)
+            row.overlays.append((image, drawn))
             out.append(
                 {
                     "id": image,
@@ -836,6 +858,24 @@ class _Renderer:
                 }
             )
         return out
+
+    def _plain(self, image: int) -> tuple[np.ndarray, str]:
+        """An image's thumbnail and its PNG's path from the report root (written once)."""
+        plain = f"img/images/{image}.png"
+        base = self.thumbnail(image)
+        if image not in self.written_images:
+            save_png(base, self.root / plain)
+            self.written_images.add(image)
+        return base, plain
+
+    def _strip(self, row: _Row) -> list[dict[str, Any]]:
+        """The index's strip of a row: thumbnails of the overlays its unit page shows."""
+        height, width = self.thumb_shape
+        shown = max(1, round(INDEX_STRIP_WIDTH * height / width))
+        return [
+            {"id": image, "src": src, "width": INDEX_STRIP_WIDTH, "height": shown}
+            for image, src in row.overlays[:INDEX_STRIP]
+        ]
 
     def _thumbnail(self, image: int) -> np.ndarray:
         height, width = self.thumb_shape
@@ -879,7 +919,36 @@ class _Renderer:
             uses=[dict(self._row_link(r, root), parts=self._parts(r.formula, root)) for r in uses],
             primitive_of=[self._row_link(r, root) for r in primitive],
             has_range=plan.has_range,
+            examples=self._concept_examples(name, root),
         )
+
+    def _concept_examples(self, name: str, root: str) -> list[dict[str, Any]]:
+        """Images with the largest area of a concept (among up to CONCEPT_CANDIDATES drawn
+        where it is present; ties: smaller id), its mask drawn over them."""
+        plan = self.plan
+        ids, masks = plan.store.sample(name, CONCEPT_CANDIDATES, seed=0)
+        if not len(ids):
+            return []
+        area = masks.reshape(len(ids), -1).sum(axis=1)
+        pixels = masks.shape[1] * masks.shape[2]
+        folder = self.root / "img" / "concepts"
+        folder.mkdir(exist_ok=True)
+        slug = plan.concept_slug(name)
+        out = []
+        for k in np.lexsort((ids, -area))[:CONCEPT_EXAMPLES]:
+            image = int(ids[k])
+            base, plain = self._plain(image)
+            drawn = f"img/concepts/{slug}-{image}.png"
+            save_png(overlay(base, None, masks[k]), self.root / drawn)
+            out.append(
+                {
+                    "id": image,
+                    "plain": root + plain,
+                    "overlay": root + drawn,
+                    "share": f"{100 * int(area[k]) / pixels:.0f} %",
+                }
+            )
+        return out
 
     # -- index ----------------------------------------------------------------------------
     def _evaluation_plots(
@@ -969,6 +1038,7 @@ class _Renderer:
                             primitive=self._concept_link(r.values.get("primitive"), ""),
                             below_null=not _missing(r.values.get("above_null"))
                             and not bool(r.values["above_null"]),
+                            strip=self._strip(r),
                         )
                         for r in rows
                     ],

@@ -115,11 +115,21 @@ def overlay(
     state = unit.astype(np.uint8) | (formula.astype(np.uint8) << 1)  # 1 unit, 2 formula, 3 both
     if scale > 1:
         state = np.repeat(np.repeat(state, scale, axis=0), scale, axis=1)
+    rgb = base.astype(np.int32)
+    grey = (rgb[:, :, 0] * 299 + rgb[:, :, 1] * 587 + rgb[:, :, 2] * 114 + 500) // 1000
+    return _BLEND[state, grey]
+
+
+def _blend_table() -> np.ndarray:
+    """(state, grey level) -> RGB of an overlay pixel, uint8 (4, 256, 3)."""
     palette = np.array([(0, 0, 0), UNIT_COLOR, FORMULA_COLOR, OVERLAP_COLOR], dtype=np.int32)
-    grey = (base.astype(np.int32) @ np.array([299, 587, 114]) + 500) // 1000
-    grey = np.repeat(grey[:, :, None], 3, axis=2)
-    blended = (2 * grey + 3 * palette[state] + 2) // 5
-    return np.where(state[:, :, None] > 0, blended, grey).astype(np.uint8)
+    grey = np.arange(256, dtype=np.int32)[None, :, None]
+    table = (2 * grey + 3 * palette[:, None, :] + 2) // 5
+    table[0] = np.broadcast_to(grey[0], (256, 3))
+    return table.astype(np.uint8)
+
+
+_BLEND = _blend_table()
 
 
 def _mask_shape(
