@@ -9,8 +9,12 @@ A faithful explanation makes the first drop far larger than the second.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
-from collections.abc import Callable, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +129,8 @@ def faithfulness(
         progress=False,
     )
     if activations is None:
-        activations = capture(model, layer, pixels.source, **capture_options)[layer]
+        options = {**capture_options, "progress": progress}
+        activations = capture(model, layer, pixels.source, **options)[layer]
     if activations.shape[0] != len(pixels):
         raise PyneuronError(f"activations cover {activations.shape[0]} images, not {len(pixels)}")
     peaks = activations.reshape(activations.shape[0], activations.shape[1], -1).max(axis=2)
@@ -133,30 +138,34 @@ def faithfulness(
     plans = [_top_images(row, peaks, store, top_k) for row in table.itertuples()]
     used = sorted({i for plan in plans for i, _ in plan})
     fill_value = _fill(fill, pixels, used)
-    rng = np.random.default_rng(seed)
+    units = [int(row.unit) if plan else -1 for row, plan in zip(table.itertuples(), plans)]
+    jobs = _plan_jobs(plans, units, pixels, random_regions, np.random.default_rng(seed))
+    # measured[r][j, 0]: peak of the unit of row r on its j-th top image; [j, 1]: with the
+    # formula's pixels filled; [j, 2:]: with the random regions filled.
+    measured = [np.empty((len(plan), 2 + random_regions), dtype=np.float32) for plan in plans]
+    _, _, masked, unmasked = _count_variants(jobs, random_regions)
+    _forward_variants(
+        model,
+        layer,
+        pixels,
+        _variants(jobs, pixels, fill_value, blur_sigma, random_regions),
+        measured,
+        total=masked + unmasked,
+        describe=_describe(jobs, top_k, random_regions, batch_size, layer),
+        capture_options=capture_options,
+        progress=progress,
+    )
     drops = np.full((len(plans), 2), np.nan)
     counts = np.zeros(len(plans), dtype=np.int64)
-    rows = progress_bar(plans, desc="faithfulness", unit="unit", enabled=progress)
-    for r, (plan, unit) in enumerate(zip(rows, table["unit"].to_numpy())):
+    for r, plan in enumerate(plans):
         if not plan:
             continue
-        variants = []  # per image: original, formula filled, random regions filled
-        for image, grid_mask in plan:
-            original = pixels.get(image)
-            region = _resize_mask(grid_mask, original.shape[:2])
-            h, w = region.shape
-            offsets = rng.integers(1, max(2, h * w), size=random_regions)  # never (0, 0)
-            shifted = roll_masks(
-                np.repeat(region[None], random_regions, axis=0), offsets // w, offsets % w
-            )
-            filler = _blur(original, blur_sigma) if fill_value is None else fill_value
-            variants.append(original)
-            variants.extend(np.where(m[..., None], filler, original) for m in [region, *shifted])
-        maps = capture(model, layer, pixels.build(variants), **capture_options)[layer]
-        measured = maps[:, int(unit)].reshape(len(plan), 2 + random_regions, -1).max(axis=2)
-        base = measured[:, 0].mean()
+        base = measured[r][:, 0].mean()
         if base > 0:
-            drops[r] = 1.0 - measured[:, 1].mean() / base, 1.0 - measured[:, 2:].mean() / base
+            drops[r] = (
+                1.0 - measured[r][:, 1].mean() / base,
+                1.0 - measured[r][:, 2:].mean() / base,
+            )
         counts[r] = len(plan)
     result = table.copy()
     result["activation_drop"] = drops[:, 0]
@@ -183,6 +192,149 @@ def _top_images(
             if len(chosen) == top_k:
                 break
     return chosen
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One (row, top image) pair: the row's unit, its formula's mask and random offsets."""
+
+    row: int
+    slot: int
+    unit: int
+    grid_mask: np.ndarray
+    offsets: np.ndarray
+
+
+#: Per image id (ascending): its pairs, grouped by formula mask (equal masks together).
+_Jobs = dict[int, list[list[_Job]]]
+#: (pairs, column, image): a model input, and the pairs whose ``column`` its peaks fill.
+_Variant = tuple[list[_Job], int, np.ndarray]
+
+
+def _plan_jobs(
+    plans: list[list[tuple[int, np.ndarray]]],
+    units: list[int],
+    pixels: _Pixels,
+    random_regions: int,
+    rng: np.random.Generator,
+) -> _Jobs:
+    """The (row, top image) pairs per image, those with equal formula masks grouped.
+
+    The random offsets are drawn row by row, image by image, exactly as a loop over one
+    unit at a time draws them, so a seed gives the same regions whatever the batching.
+    """
+    by_image: dict[int, dict[bytes, list[_Job]]] = {}
+    shapes: dict[int, tuple[int, int]] = {}
+    for r, plan in enumerate(plans):
+        for slot, (image, grid_mask) in enumerate(plan):
+            if image not in shapes:
+                shapes[image] = pixels.shape(image)
+            h, w = shapes[image]
+            offsets = rng.integers(1, max(2, h * w), size=random_regions)  # never (0, 0)
+            key = repr(grid_mask.shape).encode() + np.packbits(grid_mask).tobytes()
+            groups = by_image.setdefault(image, {})
+            groups.setdefault(key, []).append(_Job(r, slot, units[r], grid_mask, offsets))
+    return {image: list(by_image[image].values()) for image in sorted(by_image)}
+
+
+def _count_variants(jobs: _Jobs, random_regions: int) -> tuple[int, int, int, int]:
+    """(units, (unit, image) pairs, masked images, unmasked images) of a plan."""
+    pairs = [job for groups in jobs.values() for group in groups for job in group]
+    masked = sum(len(groups) for groups in jobs.values()) + len(pairs) * random_regions
+    return len({job.row for job in pairs}), len(pairs), masked, len(jobs)
+
+
+def _variants(
+    jobs: _Jobs,
+    pixels: _Pixels,
+    fill_value: np.ndarray | None,
+    blur_sigma: float | None,
+    random_regions: int,
+) -> Iterator[_Variant]:
+    """The images to show the model, one image id at a time, as (pairs, column, image):
+    the unmasked image once (column 0 of every pair that uses it), each distinct formula
+    mask filled once (column 1 of the pairs with that mask), and each pair's random
+    regions filled (columns 2, 3, ...)."""
+    for image, groups in jobs.items():
+        original = pixels.get(image)
+        yield [job for group in groups for job in group], 0, original
+        filler = _blur(original, blur_sigma) if fill_value is None else fill_value
+        for group in groups:
+            region = _resize_mask(group[0].grid_mask, original.shape[:2])
+            yield group, 1, _filled(original, region, filler)
+            h, w = region.shape
+            for job in group:
+                shifted = roll_masks(
+                    np.repeat(region[None], random_regions, axis=0),
+                    job.offsets // w,
+                    job.offsets % w,
+                )
+                for k, mask in enumerate(shifted):
+                    yield [job], 2 + k, _filled(original, mask, filler)
+
+
+def _filled(original: np.ndarray, mask: np.ndarray, filler: np.ndarray) -> np.ndarray:
+    return np.where(mask[..., None], filler, original)
+
+
+def _forward_variants(
+    model: Any,
+    layer: str,
+    pixels: _Pixels,
+    variants: Iterator[_Variant],
+    measured: list[np.ndarray],
+    *,
+    total: int,
+    describe: Callable[[float], str],
+    capture_options: dict[str, Any],
+    progress: bool,
+) -> None:
+    """Run the variants through the model in full batches and store each one's peaks.
+
+    After the first batch (when more follow) a line with the number of images and an
+    estimate of the time left at the first batch's rate is written to stderr.
+    """
+    batch_size = capture_options["batch_size"]
+    bar = progress_bar(total=total, desc=f"faithfulness {layer}", unit="img", enabled=progress)
+    started = time.perf_counter()
+    done = 0
+    with bar:
+        while True:
+            batch = list(itertools.islice(variants, batch_size))
+            if not batch:
+                break
+            inputs = pixels.build([image for _, _, image in batch])
+            maps = capture(model, layer, inputs, **capture_options)[layer]
+            peaks = maps.reshape(maps.shape[0], maps.shape[1], -1).max(axis=2)
+            for v, (pairs, column, _) in enumerate(batch):
+                for job in pairs:
+                    measured[job.row][job.slot, column] = peaks[v, job.unit]
+            if done == 0 and progress and len(batch) < total:
+                rate = len(batch) / max(time.perf_counter() - started, 1e-9)
+                bar.write(describe(rate), file=sys.stderr)
+            done += len(batch)
+            bar.update(len(batch))
+
+
+def _describe(
+    jobs: _Jobs, top_k: int, random_regions: int, batch_size: int, layer: str
+) -> Callable[[float], str]:
+    """The estimate line of :func:`_forward_variants`, given the measured images/second."""
+    units, _, masked, unmasked = _count_variants(jobs, random_regions)
+    total = masked + unmasked
+    passes = -(-total // batch_size)
+
+    def line(rate: float) -> str:
+        seconds = total / rate
+        when = f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+        return (
+            f"faithfulness {layer}: {units:,} units x up to {top_k} images x "
+            f"{1 + random_regions} variants = {masked:,} masked images (+ {unmasked:,} "
+            f"unmasked) in {passes:,} forward passes of {batch_size}; ~{when} at the "
+            f"measured rate ({rate:,.0f} images/s)"
+        )
+
+    return line
 
 
 def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -255,6 +407,21 @@ class _Pixels:
 
     def __len__(self) -> int:
         return len(self.files) if self.files is not None else len(self.array)  # type: ignore[arg-type]
+
+    def shape(self, i: int) -> tuple[int, int]:
+        """(height, width) of image ``i``, without decoding a file's pixels."""
+        if self.array is not None:
+            return self.array.shape[1:3] if self.channels_last else self.array.shape[2:4]
+        item = self.files[i]  # type: ignore[index]
+        if isinstance(item, (str, os.PathLike)):
+            from PIL import Image, UnidentifiedImageError
+
+            try:
+                with Image.open(item) as image:
+                    return image.height, image.width
+            except (UnidentifiedImageError, OSError) as error:
+                raise PyneuronError(f"cannot decode image {item}: {error}") from None
+        return item.height, item.width
 
     def get(self, i: int) -> np.ndarray:
         if self.array is not None:

@@ -279,12 +279,44 @@ def write_run_report(
     descriptions: pd.DataFrame | None = None,
     progress: bool = True,
 ) -> Path:
-    """(Re)write ``run/report`` from the run's files (results, unit masks, top images,
-    beam, and ``null`` control units when ``pyneuron evaluate`` wrote them); the old
-    report is replaced in one atomic step once the new one is complete (see
-    :mod:`pyneuron.atomic`). Returns ``index.html``."""
+    """(Re)write ``run/report`` from the run's files.
+
+    The report shows the results, unit masks, top images, beam, the ``null`` control
+    units when ``pyneuron evaluate`` wrote them, and the label-free descriptions last
+    given. The old report is replaced in one atomic step once the new one is complete
+    (see :mod:`pyneuron.atomic`).
+
+    Parameters
+    ----------
+    run
+        A run directory of ``pyneuron dissect``, ``demo`` or ``explain``.
+    images
+        The folder of probing images (default: the run's own list). A run of
+        ``pyneuron explain`` lists none: without ``images`` its report shows the masks
+        on grey.
+    descriptions
+        Label-free descriptions (``pyneuron describe`` results) to show next to the
+        formulas. They are kept in ``run/descriptions.parquet``, so later rewrites
+        (``pyneuron evaluate``, ``pyneuron report`` without ``--describe``) show them
+        too; an empty table removes them. ``None`` shows the kept ones, if any.
+    progress
+        Show progress.
+
+    Returns
+    -------
+    pathlib.Path
+        The report's ``index.html``.
+
+    Notes
+    -----
+    A run of ``pyneuron explain`` holds no unit masks, top images or concepts of its
+    own: the unit masks and the concept store are read from the ``units`` and
+    ``concepts`` paths of its ``config.toml``, and each unit's top images are those
+    where its mask covers the most pixels (there are no activations to rank them).
+    """
     import shutil
 
+    from .activations import list_images
     from .atomic import commit_directory, temporary_sibling
     from .describe import compare
     from .report import write_report
@@ -293,13 +325,59 @@ def write_run_report(
     run = Path(run)
     results = read_results(run)
     settings = read_config(run)
-    store, image_source = run_sources(run, settings, images)
+    kept = run / "descriptions.parquet"
+    given = descriptions is not None
+    if descriptions is None and kept.is_file():
+        descriptions = pd.read_parquet(kept)
+    shown = descriptions if descriptions is not None and len(descriptions) else None
+
+    def configured(key: str, what: str) -> Path:
+        """A path the run's config names (``pyneuron explain`` runs), checked to exist."""
+        if key not in settings:
+            raise PyneuronError(f"{run} holds no {what} and its config.toml names none")
+        path = Path(settings[key])
+        if not path.exists():
+            raise PyneuronError(
+                f"{run} holds no {what} of its own and the path its config.toml names "
+                f"({key} = {str(path)!r}) does not exist (a relative path is read from the "
+                f"current directory): run `pyneuron report` from the directory where the "
+                f"run was made, or set {key} in {run / CONFIG} to the {what}"
+            )
+        return path
+
+    if "layer" not in results.columns:  # `pyneuron explain`: one set of unit masks
+        units_path = configured("units", "unit masks")
+        name = units_path.resolve().name or "units"
+        results = results.copy()
+        results.insert(0, "layer", name)
+        masks = {name: UnitMasks.open(units_path)}
+    else:
+        masks = {}
+        for layer in dict.fromkeys(results["layer"]):
+            path = run / "units" / layer_dir_name(layer)
+            if not path.is_dir():
+                raise PyneuronError(f"{path} is missing: the unit masks of layer {layer!r}")
+            masks[layer] = UnitMasks.open(path)
+    layers = list(masks)
+    if "demo" not in settings and not (run / "concepts").is_dir():
+        configured("concepts", "concept store")
+    if images is not None or "demo" in settings or "image_files" in settings:
+        store, image_source = run_sources(run, settings, images)
+        found = len(list_images(images)) if images is not None else store.grid.n_images
+        if found != store.grid.n_images:
+            raise PyneuronError(
+                f"{images} holds {found} images but the run's concepts cover "
+                f"{store.grid.n_images}; pass the folder of the run's probing images"
+            )
+    else:  # no images known: the report draws the masks on grey
+        store, image_source = open_run_store(run, settings), None
     tops = load_top_images(run)
-    layers = list(dict.fromkeys(results["layer"]))
-    masks = {layer: UnitMasks.open(run / "units" / layer_dir_name(layer)) for layer in layers}
     beam_path = run / f"{BEAM}.parquet"
     null_path = run / f"{NULL}.parquet"
     staging = temporary_sibling(run / "report")
+    saving = (
+        kept.with_name(f".{kept.name}.tmp-{os.getpid()}") if given and shown is not None else None
+    )
     try:
         write_report(
             staging,
@@ -307,23 +385,41 @@ def write_run_report(
             store,
             unit_masks=masks,
             images=image_source,
-            top_images={layer: tops[layer_dir_name(layer)] for layer in layers},
+            top_images={
+                layer: tops[layer_dir_name(layer)]
+                for layer in layers
+                if layer_dir_name(layer) in tops
+            },
             beam=pd.read_parquet(beam_path) if beam_path.exists() else None,
-            descriptions=descriptions,
+            descriptions=shown,
             null=pd.read_parquet(null_path) if null_path.exists() else None,
             progress=progress,
             iou=settings.get("iou", "dataset"),
         )
-        if descriptions is not None:
-            compare(results, descriptions).to_csv(staging / "comparison.csv", index=False)
+        if shown is not None:
+            compare(results, shown).to_csv(staging / "comparison.csv", index=False)
+        if saving is not None:
+            shown.to_parquet(saving, index=False)
         commit_directory(staging, run / "report", True, REPORT_KIND)
+        if saving is not None:
+            os.replace(saving, kept)
+        elif given:
+            kept.unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if saving is not None:
+            saving.unlink(missing_ok=True)
     return run / "report" / "index.html"
 
 
 def load_top_images(run: str | os.PathLike[str]) -> Mapping[str, np.ndarray]:
-    """Per layer directory name, the (units, k) top activating image ids of a run."""
-    with np.load(Path(run) / TOP_IMAGES) as data:
+    """Per layer directory name, the (units, k) top activating image ids of a run; empty
+    for runs without activations (``pyneuron explain``), whose report picks the images
+    where each unit's mask covers the most pixels."""
+    path = Path(run) / TOP_IMAGES
+    if not path.is_file():
+        return {}
+    with np.load(path) as data:
         return {name: data[name] for name in data.files}

@@ -94,7 +94,9 @@ def evaluate_run(
     store = open_run_store(run, settings)
     search = _search_options(summary)
     notes: list[str] = []
-    check_faithfulness = _faithfulness_check(config, settings, model, weights, images, notes)
+    check_faithfulness = _faithfulness_check(
+        config, settings, model, weights, images, notes, progress
+    )
 
     frames, nulls, facts = [], [], {}
     for layer in dict.fromkeys(results["layer"]):
@@ -179,6 +181,7 @@ def _faithfulness_check(
     weights: str | os.PathLike[str] | None,
     images: str | os.PathLike[str] | None,
     notes: list[str],
+    progress: bool = True,
 ) -> Callable[[str, Any, pd.DataFrame], pd.DataFrame] | None:
     """A (layer, store, rows) -> rows function adding faithfulness, or None (with a note)."""
     if not config.faithfulness:
@@ -205,7 +208,7 @@ def _faithfulness_check(
             fill=config.fill,
             seed=config.seed,
             transform=transform,
-            progress=False,
+            progress=progress,
         )
 
     return check
