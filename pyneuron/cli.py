@@ -474,7 +474,7 @@ def explain(
 @app.command()
 @friendly_errors
 def report(
-    run: Annotated[Path, typer.Argument(help="Run directory written by `pyneuron dissect`.")],
+    run: Annotated[Path, typer.Argument(help="Run directory (dissect, explain or demo).")],
     images: Annotated[
         Path | None,
         typer.Option(help="The folder of probing images (default: the run's own list)."),
@@ -502,7 +502,7 @@ def report(
 @app.command()
 @friendly_errors
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run directory written by `pyneuron dissect`.")],
+    run: Annotated[Path, typer.Argument(help="Run directory (dissect, explain or demo).")],
     holdout: Annotated[
         float, typer.Option(help="Share of images held out (0 skips held-out scoring).")
     ] = 0.2,

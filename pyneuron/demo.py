@@ -167,6 +167,11 @@ def make_data(config: DemoConfig = DemoConfig(), *, progress: bool = True) -> De
     return DemoData(images, labels, writer.store)
 
 
+def model_inputs(data: DemoData) -> np.ndarray:
+    """The demo images as the CNN takes them: float32 (N, 3, H, W) in [0, 1]."""
+    return data.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+
+
 def make_model() -> Any:
     """The demo CNN: predicts which shapes and colours an image holds (multi-label)."""
     from collections import OrderedDict
@@ -190,7 +195,7 @@ def train(data: DemoData, config: DemoConfig = DemoConfig(), *, progress: bool =
 
     torch.manual_seed(config.seed)
     model = make_model()
-    x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.from_numpy(model_inputs(data))
     y = torch.from_numpy(data.labels)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(config.seed)
@@ -220,25 +225,27 @@ def run_demo(
 
     Returns the run summary (also written to ``out/summary.json``).
     """
-    from .run import dissect_run
+    from .run import MODEL_FILE, dissect_run
 
     started = time.perf_counter()
     data = make_data(config, progress=progress)
     model = train(data, config, progress=progress)
-    images = data.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
     summary = dissect_run(
         model,
         list(DEMO_LAYERS),
-        images,
+        model_inputs(data),
         data.store,
         out,
         quantile=DEMO_QUANTILE,
         image_source=lambda i: data.images[i],
         config={
             "demo": dataclasses.asdict(config),
+            "model": f"{__name__}:make_model",
+            "weights": MODEL_FILE,  # in the run directory
             "layers": list(DEMO_LAYERS),
             "quantile": DEMO_QUANTILE,
         },
+        save_model=True,
         overwrite=overwrite,
         progress=progress,
         extra_summary={"train_accuracy": model.train_accuracy, "concept_source": "synthetic demo"},

@@ -8,6 +8,9 @@ Layout of a run directory::
     config.toml                     the resolved configuration (provenance)
     units/<layer>/                  the unit masks (a pyneuron store directory)
     top_images.npz                  per layer, the top activating images of each unit
+    concepts/                       the concept store, when it was built for the run
+    model.pt                        the model's weights, when the run saves them (the demo)
+    descriptions.parquet            label-free descriptions shown by the report, if any
     report/index.html               the HTML report
 """
 
@@ -36,6 +39,8 @@ if TYPE_CHECKING:
     from .demo import DemoConfig, DemoData
 
 TOP_IMAGES = "top_images.npz"
+#: The model's weights (state dict), in runs that save it (the demo).
+MODEL_FILE = "model.pt"
 #: A run's report directory (rewritten by ``pyneuron report`` and ``evaluate``).
 REPORT_KIND = OutputKind("pyneuron report", lambda path: (path / "index.html").is_file())
 
@@ -76,6 +81,7 @@ def dissect_run(
     top_k: int = 8,
     report: bool = True,
     save_store: bool = False,
+    save_model: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     backend: Any = "local",
@@ -83,7 +89,9 @@ def dissect_run(
     """Dissect ``layers`` of ``model`` on ``store`` and write a run directory (see module doc).
 
     ``image_source(i)`` returns image ``i`` as uint8 (H, W, 3) for the report; without
-    it (or with ``report=False``) no report is written; ``save_store`` copies the concept
+    it (or with ``report=False``) no report is written; ``save_model`` writes the model's
+    state dict to ``model.pt`` (name it in ``config`` as ``weights = "model.pt"`` so
+    ``pyneuron evaluate`` can load it); ``save_store`` copies the concept
     store into the run (for stores built from a Broden folder or by segmentation);
     ``backend`` is :func:`pyneuron.explain`'s (``"ray"`` or a ``RayBackend``). The
     directory appears only when everything succeeded; an existing one is kept unless
@@ -159,6 +167,10 @@ def dissect_run(
             layer_masks.save(staging / "units" / layer_dir_name(layer))
         if save_store:
             store.save(staging / "concepts")
+        if save_model:
+            import torch
+
+            torch.save(model.state_dict(), staging / MODEL_FILE)
         np.savez(staging / TOP_IMAGES, **{layer_dir_name(k): v for k, v in tops.items()})
         if report and image_source is not None:
             t0 = time.perf_counter()
@@ -242,6 +254,23 @@ def run_sources(
 
         check_image_order(store, files)
     return store, image_reader(files, store)
+
+
+def run_file(run: Path, value: str | None) -> Path | None:
+    """A file named in a run's config: relative names are files of the run directory (the
+    demo's ``model.pt``); absolute ones are taken as they are."""
+    if value is None:
+        return None
+    path = Path(value)
+    return path if path.is_absolute() else run / path
+
+
+def demo_model_inputs(settings: Mapping[str, Any]) -> np.ndarray:
+    """The images a demo run's model saw, regenerated from its config: float32
+    (N, 3, H, W) in [0, 1]."""
+    from .demo import model_inputs
+
+    return model_inputs(_demo_data(settings))
 
 
 def _demo_data(settings: Mapping[str, Any]) -> DemoData:

@@ -32,7 +32,15 @@ from .evaluate import HELDOUT_COLUMNS, explain_split
 from .faithfulness import FAITHFULNESS_COLUMNS, faithfulness
 from .null import NULL_COLUMNS, null_baseline, significance
 from .results import NULL, RESULTS, SUMMARY, read_results
-from .run import layer_dir_name, open_run_store, read_config, run_image_files, write_run_report
+from .run import (
+    demo_model_inputs,
+    layer_dir_name,
+    open_run_store,
+    read_config,
+    run_file,
+    run_image_files,
+    write_run_report,
+)
 from .units import UnitMasks
 
 SPLIT_COLUMNS = ("split_formula", "split_iou")
@@ -95,7 +103,7 @@ def evaluate_run(
     search = _search_options(summary)
     notes: list[str] = []
     check_faithfulness = _faithfulness_check(
-        config, settings, model, weights, images, notes, progress
+        config, Path(run), settings, model, weights, images, notes, progress
     )
 
     frames, nulls, facts = [], [], {}
@@ -176,6 +184,7 @@ def _search_options(summary: dict[str, Any]) -> dict[str, Any]:
 
 def _faithfulness_check(
     config: EvaluationConfig,
+    run: Path,
     settings: dict[str, Any],
     model: str | None,
     weights: str | os.PathLike[str] | None,
@@ -192,15 +201,19 @@ def _faithfulness_check(
         return None
     from .models import image_transform, load_model
 
-    net, processor = load_model(spec, weights if model else settings.get("weights"))
-    transform = processor or image_transform(int(settings.get("image_size", 224)))
-    files = run_image_files(settings, images)
+    net, processor = load_model(spec, weights if model else run_file(run, settings.get("weights")))
+    pixels: Any
+    if "demo" in settings and images is None:
+        pixels, transform = demo_model_inputs(settings), None  # the arrays the demo captured
+    else:
+        pixels = run_image_files(settings, images)
+        transform = processor or image_transform(int(settings.get("image_size", 224)))
 
     def check(layer: str, store: Any, rows: pd.DataFrame) -> pd.DataFrame:
         return faithfulness(
             net,
             layer,
-            files,
+            pixels,
             store,
             rows,
             top_k=config.top_k,

@@ -101,8 +101,8 @@ def test_report_of_a_demo_run_is_rewritten_identically_and_atomically(demo_run, 
 
 
 def test_a_demo_run_can_be_evaluated(demo_run, tmp_path):
-    # A demo run saves no concept store: `evaluate` regenerates it from the run's seed,
-    # like `report` does.
+    # A demo run saves no concept store: `evaluate` regenerates it (and the images) from
+    # the run's seed, like `report` does, and loads the model the demo saved.
     import shutil
 
     run = tmp_path / "run"
@@ -113,7 +113,11 @@ def test_a_demo_run_can_be_evaluated(demo_run, tmp_path):
     assert {"iou_heldout", "above_null"} <= set(results.columns)
     assert len(results) == 32 + 64
     notes = json.loads((run / "summary.json").read_text())["evaluation"]["notes"]
-    assert any("faithfulness skipped" in note for note in notes)  # the demo saves no model
+    assert not any("faithfulness skipped" in note for note in notes), notes
+    # The demo saves its model: faithfulness ran on the regenerated images.
+    assert (run / "model.pt").is_file()
+    explained = results.dropna(subset=["formula"])
+    assert explained["activation_drop"].notna().any()
 
 
 def test_existing_output_is_refused_without_overwrite(demo_run):
