@@ -22,6 +22,7 @@ from .distributed import RayBackend
 from .errors import (
     EmptyStoreError,
     GridMismatchError,
+    InsufficientMemoryError,
     OutOfRangeError,
     OutputExistsError,
     PyneuronError,
@@ -61,6 +62,7 @@ __all__ = [
     "Formula",
     "Grid",
     "GridMismatchError",
+    "InsufficientMemoryError",
     "LayerFormat",
     "Not",
     "Or",

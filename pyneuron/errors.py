@@ -32,3 +32,7 @@ class OutOfRangeError(PyneuronError, IndexError):
 
 class OutputExistsError(PyneuronError, FileExistsError):
     """An output path holds something pyneuron will not replace (also a ``FileExistsError``)."""
+
+
+class InsufficientMemoryError(PyneuronError, MemoryError):
+    """An operation needs more memory than the process can get (also a ``MemoryError``)."""

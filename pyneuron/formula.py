@@ -204,7 +204,10 @@ class Or(_Binary):
 class _Parser:
     def __init__(self, text: str) -> None:
         if not isinstance(text, str):
-            raise TypeError(f"a formula must be a string, got {type(text).__name__}")
+            raise PyneuronError(
+                f"a formula must be a string such as 'water OR river', got "
+                f"{type(text).__name__} {text!r:.60}"
+            )
         self.text = text
         self.tokens: list[tuple[str, str, int]] = []  # (kind, value, position)
         position = 0

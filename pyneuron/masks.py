@@ -134,7 +134,16 @@ class MaskSet:
         """Mask m as a dense bool array of shape (n_images, height, width)."""
         m = self._check_index(m)
         grid = self._grid
-        out = np.zeros((grid.n_images, grid.pixels), dtype=bool)
+        try:
+            out = np.zeros((grid.n_images, grid.pixels), dtype=bool)
+        except MemoryError:
+            size = f"{grid.n_images * grid.pixels / 2**30:.1f} GiB"
+            raise _native.memory_error(
+                f"a dense mask of every image ({size}; image_mask, images_with and sample "
+                "decode only some images)",
+                grid.n_images,
+                grid.pixels,
+            ) from None
         begin, end = self._offsets[m], self._offsets[m + 1]
         images = self._images[begin:end]
         slots = self._slots[begin:end]
@@ -207,9 +216,14 @@ class MaskSet:
             image_ids = _ids(images, grid.n_images, "image")
             if np.unique(image_ids).shape[0] != image_ids.shape[0]:
                 raise PyneuronError("image ids must be distinct to take a subset of images")
-            lookup = np.full(grid.n_images, -1, dtype=np.int64)
-            lookup[image_ids] = np.arange(image_ids.shape[0])
-            new_images = lookup[new_images]
+            # New id of each entry's image by binary search: no array over all images.
+            if image_ids.size:
+                order = np.argsort(image_ids)
+                ranked = image_ids[order]
+                at = np.minimum(np.searchsorted(ranked, new_images), ranked.shape[0] - 1)
+                new_images = np.where(ranked[at] == new_images, order[at], -1)
+            else:
+                new_images = np.full(new_images.shape[0], -1, dtype=np.int64)
             keep = new_images >= 0
             entry, owner, new_images = entry[keep], owner[keep], new_images[keep]
             order = np.lexsort((new_images, owner))

@@ -19,17 +19,28 @@ Opening checks every invariant that costs no pass over the bitsets: the manifest
 fields and checksum, file sizes, the CRC-32 of the index files and the table, the index
 structure (offsets, image order, container kinds against their counts, every bitset
 used once) and the table's per-mask totals. With ``verify`` (default for bitsets up to
-256 MiB) it also checks the bitsets' CRC-32, popcounts and padding bits.
+256 MiB) it also checks the bitsets' CRC-32, popcounts and padding bits. Every size the
+manifest claims is checked against the files and the other counts before anything is
+allocated (a words file no larger than the index can use, a grid whose ``n_images`` the
+masks make plausible, see :func:`_check_image_count`).
+
+Opening reads every file through one handle on the directory, so a store replaced by
+another process meanwhile (``save(overwrite=True)``) is read whole, old or new, never
+reported corrupt for being half of each (see :func:`load`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import stat
+import time
 import zlib
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -47,8 +58,17 @@ INDEX_FILES = {"offsets.bin": "<i8", "images.bin": "<i4", "slots.bin": "<i8", "c
 WORDS_FILE = "words.bin"
 TABLE_FILE = "table.parquet"
 MANIFEST_FILE = "manifest.json"
+DATA_FILES = (*INDEX_FILES, WORDS_FILE, TABLE_FILE)
 # Bitsets are checksummed on open when the words file is at most this large.
 AUTO_VERIFY_BYTES = 256 * 2**20
+#: Largest ``n_images`` a store opens with whatever images its masks touch; beyond it,
+#: masks must touch images past half of ``n_images`` (see :func:`_check_image_count`).
+PLAUSIBLE_IMAGES = 2**24
+#: Tries to open a store that other processes replace meanwhile (see :func:`load`).
+OPEN_ATTEMPTS = 8
+# Files of a store are opened relative to one directory handle where the OS allows it.
+_DIRECTORY_HANDLES = os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY")
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 def fsync_file(path: Path) -> None:
@@ -59,10 +79,16 @@ def fsync_file(path: Path) -> None:
 
 def crc32_of_file(path: Path, chunk: int = 16 * 2**20) -> int:
     """CRC-32 of a file, read in chunks."""
-    crc = 0
     with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            crc = zlib.crc32(block, crc)
+        return _crc32_of_handle(handle, chunk)
+
+
+def _crc32_of_handle(handle: BinaryIO, chunk: int = 16 * 2**20) -> int:
+    """CRC-32 of an open file from its start, read in chunks."""
+    handle.seek(0)
+    crc = 0
+    while block := handle.read(chunk):
+        crc = zlib.crc32(block, crc)
     return crc
 
 
@@ -180,11 +206,11 @@ def _is_int(value: Any, low: int = 0, high: int = 2**63 - 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
-def _read_manifest(path: Path, kind: str) -> dict[str, Any]:
-    """The manifest, every field checked, or a :class:`StoreError` saying what is wrong."""
-    manifest_path = path / MANIFEST_FILE
+def _parse_manifest(path: Path, raw: bytes, kind: str) -> dict[str, Any]:
+    """The manifest read from ``raw``, every field checked, or a :class:`StoreError`
+    saying what is wrong."""
     try:
-        manifest = json.loads(manifest_path.read_bytes())
+        manifest = json.loads(raw)
     except (ValueError, RecursionError, UnicodeDecodeError) as error:
         raise _corrupt(path, f"unreadable {MANIFEST_FILE} ({type(error).__name__})") from None
     if not isinstance(manifest, dict):
@@ -233,50 +259,155 @@ def _read_manifest(path: Path, kind: str) -> dict[str, Any]:
     return manifest
 
 
+class _Replaced(Exception):
+    """The store was replaced while its files were being opened by path."""
+
+
+class _StoreDirectory:
+    """A store directory, opened once.
+
+    Where the system allows it (Linux, macOS), every file is opened relative to one
+    handle on the directory, so all of them come from the same directory even when
+    another process replaces ``path`` meanwhile (:mod:`pyneuron.atomic` swaps whole
+    directories, then deletes the old one). :meth:`replaced` tells whether that
+    happened, so that an open that failed half-way can be tried again.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+        try:
+            if _DIRECTORY_HANDLES:
+                self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC)
+                self.identity = os.fstat(self.fd)
+            else:
+                self.identity = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise StoreError(f"no store at {path}: not a directory") from None
+        except OSError as error:
+            raise StoreError(f"cannot open the store at {path}: {error.strerror}") from None
+        if not stat.S_ISDIR(self.identity.st_mode):
+            self.close()
+            raise StoreError(f"no store at {path}: not a directory")
+
+    def open(self, name: str) -> BinaryIO | None:
+        """The file ``name`` opened for reading; None if it is missing or not a file."""
+        try:
+            if self.fd is not None:
+                fd = os.open(name, os.O_RDONLY | _O_CLOEXEC, dir_fd=self.fd)
+            else:
+                fd = os.open(self.path / name, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not regular:
+            os.close(fd)
+            return None
+        return os.fdopen(fd, "rb")
+
+    def replaced(self) -> bool:
+        """Whether ``path`` no longer names the directory opened (or it was deleted)."""
+        try:
+            now = os.stat(self.path)
+        except OSError:
+            return True
+        if self.fd is not None:
+            held = os.fstat(self.fd)
+            return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino) or held.st_nlink == 0
+        before = self.identity
+        return (now.st_dev, now.st_ino, now.st_mtime_ns) != (
+            before.st_dev,
+            before.st_ino,
+            before.st_mtime_ns,
+        )
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def load(path: str | os.PathLike[str], *, kind: str, verify: bool | None) -> dict[str, Any]:
     """Read a store directory and check it (see the module docstring); the words are
-    memory-mapped, not read, unless ``verify``."""
+    memory-mapped, not read, unless ``verify``.
+
+    Every file is read from the same directory even while another process replaces
+    ``path`` (``save(overwrite=True)``); an open that the replacement cut short (the old
+    directory deleted under it) is tried again, up to :data:`OPEN_ATTEMPTS` times.
+    """
     path = Path(path)
     recover(path)
-    if not path.is_dir():
-        raise StoreError(f"no store at {path}: not a directory")
-    if not (path / MANIFEST_FILE).is_file():
+    for attempt in range(OPEN_ATTEMPTS):
+        if attempt:
+            time.sleep(0.001 * attempt)
+        directory = _StoreDirectory(path)
+        try:
+            return _load_from(directory, kind, verify)
+        except _Replaced:
+            pass
+        except (StoreError, OSError) as error:
+            if not directory.replaced():
+                if isinstance(error, StoreError):
+                    raise
+                raise StoreError(f"cannot read the store at {path}: {error}") from None
+        finally:
+            directory.close()
+    raise StoreError(
+        f"the store at {path} was replaced {OPEN_ATTEMPTS} times while it was being opened "
+        "(another process keeps rewriting it); open it once that process is done"
+    )
+
+
+def _load_from(directory: _StoreDirectory, kind: str, verify: bool | None) -> dict[str, Any]:
+    """:func:`load` from an opened directory. Every size the manifest claims is checked
+    against the files and the index before anything is allocated or mapped."""
+    path = directory.path
+    manifest_file = directory.open(MANIFEST_FILE)
+    if manifest_file is None:
         raise StoreError(f"{path} is not a pyneuron store (no {MANIFEST_FILE})")
-    manifest = _read_manifest(path, kind)
+    with manifest_file:
+        manifest = _parse_manifest(path, manifest_file.read(), kind)
     grid: Grid = manifest["grid"]
     files = manifest["files"]
-    n_masks, n_entries = manifest["n_masks"], manifest["n_entries"]
+    n_masks = manifest["n_masks"]
+    with ExitStack() as stack:
+        handles: dict[str, BinaryIO] = {}
+        for name in DATA_FILES:
+            handle = directory.open(name)
+            if handle is None:
+                raise _corrupt(path, f"{name} is missing")
+            handles[name] = stack.enter_context(handle)
+        if directory.fd is None and directory.replaced():
+            # Opened by path, the files may come from two versions: try again.
+            raise _Replaced
+        sizes = {name: os.fstat(handle.fileno()).st_size for name, handle in handles.items()}
+        _check_sizes(path, manifest, sizes)
+        words_bytes = sizes[WORDS_FILE]
 
-    expected_bytes = {
-        "offsets.bin": 8 * (n_masks + 1),
-        "images.bin": 4 * n_entries,
-        "slots.bin": 8 * n_entries,
-        "counts.bin": 4 * n_entries,
-    }
-    for name in [*INDEX_FILES, WORDS_FILE, TABLE_FILE]:
-        file = path / name
-        if not file.is_file():
-            raise _corrupt(path, f"{name} is missing")
-        size = file.stat().st_size
-        if size != files[name]["bytes"] or size != expected_bytes.get(name, size):
-            raise _corrupt(
-                path, f"{name} has {size} bytes, expected {files[name]['bytes']} (truncated?)"
-            )
-    words_bytes = files[WORDS_FILE]["bytes"]
-    if words_bytes % (8 * grid.words_per_image):
-        raise _corrupt(path, f"{WORDS_FILE} does not hold whole images")
-    if verify is None:
-        verify = words_bytes <= AUTO_VERIFY_BYTES
-    checked = [*INDEX_FILES, TABLE_FILE] + ([WORDS_FILE] if verify else [])
-    for name in checked:
-        if crc32_of_file(path / name) != files[name]["crc32"]:
-            raise _corrupt(path, f"checksum of {name} does not match")
-
-    index = [np.fromfile(path / name, dtype=dtype) for name, dtype in INDEX_FILES.items()]
-    if words_bytes:
-        words = np.memmap(path / WORDS_FILE, dtype="<u8", mode="r")
-    else:
-        words = np.zeros(0, dtype="<u8")
+        index = []
+        for name, dtype in INDEX_FILES.items():
+            array = np.fromfile(handles[name], dtype=dtype)
+            if array.nbytes != sizes[name]:
+                raise _corrupt(path, f"{name} could not be read whole")
+            if zlib.crc32(array) != files[name]["crc32"]:
+                raise _corrupt(path, f"checksum of {name} does not match")
+            index.append(array)
+        table_bytes = handles[TABLE_FILE].read()
+        if zlib.crc32(table_bytes) != files[TABLE_FILE]["crc32"]:
+            raise _corrupt(path, f"checksum of {TABLE_FILE} does not match")
+        if verify is None:
+            verify = words_bytes <= AUTO_VERIFY_BYTES
+        if verify and _crc32_of_handle(handles[WORDS_FILE]) != files[WORDS_FILE]["crc32"]:
+            raise _corrupt(path, f"checksum of {WORDS_FILE} does not match")
+        _check_image_count(path, grid, index[1])
+        if words_bytes:
+            words = np.memmap(handles[WORDS_FILE], dtype="<u8", mode="r")
+        else:
+            words = np.zeros(0, dtype="<u8")
     words = words.astype(np.uint64, copy=False).reshape(-1, grid.words_per_image)
     try:
         native = _native.NativeMaskSet(grid.n_images, grid.pixels, *index, words.reshape(-1))
@@ -285,7 +416,7 @@ def load(path: str | os.PathLike[str], *, kind: str, verify: bool | None) -> dic
     except ValueError as error:
         raise _corrupt(path, str(error)) from None
     try:
-        table = pd.read_parquet(path / TABLE_FILE)
+        table = pd.read_parquet(io.BytesIO(table_bytes))
     except Exception as error:  # pyarrow raises several types for damaged files
         raise _corrupt(path, f"unreadable {TABLE_FILE} ({error})") from None
     if len(table) != n_masks:
@@ -305,6 +436,71 @@ def load(path: str | os.PathLike[str], *, kind: str, verify: bool | None) -> dic
         "metadata": manifest["metadata"],
         "verified": verify,
     }
+
+
+def _check_image_count(path: Path, grid: Grid, images: np.ndarray) -> None:
+    """Raise :class:`StoreError` if the grid claims far more images than the masks touch.
+
+    Nothing on disk records how many images a store was built on except the largest
+    image id its masks touch, and the engine's working memory grows with ``n_images``:
+    a grid of up to :data:`PLAUSIBLE_IMAGES` images is taken as written; a larger one
+    opens only if some mask touches an image in its second half.
+    """
+    touched = int(images.max()) + 1 if images.size else 0
+    if grid.n_images > max(PLAUSIBLE_IMAGES, 2 * touched):
+        last = f"no image past image {touched - 1}" if touched else "no image at all"
+        raise _corrupt(
+            path,
+            f"'grid.n_images' of {MANIFEST_FILE} is {grid.n_images}, but the masks touch "
+            f"{last} (images.bin); a grid of more than {PLAUSIBLE_IMAGES} images must have "
+            "masks in its second half, so the manifest was edited or damaged",
+        )
+
+
+def _check_sizes(path: Path, manifest: dict[str, Any], sizes: dict[str, int]) -> None:
+    """Raise :class:`StoreError` unless the files' sizes agree with the manifest and the
+    manifest's counts agree with each other: nothing that a store's files cannot back is
+    ever allocated (a words file claimed 2**40 bytes long, a grid edited larger)."""
+    grid: Grid = manifest["grid"]
+    files = manifest["files"]
+    n_masks, n_entries = manifest["n_masks"], manifest["n_entries"]
+    expected_bytes = {
+        "offsets.bin": 8 * (n_masks + 1),
+        "images.bin": 4 * n_entries,
+        "slots.bin": 8 * n_entries,
+        "counts.bin": 4 * n_entries,
+    }
+    for name in DATA_FILES:
+        size = sizes[name]
+        if size != files[name]["bytes"]:
+            raise _corrupt(
+                path, f"{name} has {size} bytes, expected {files[name]['bytes']} (truncated?)"
+            )
+        if size != expected_bytes.get(name, size):
+            field = "n_masks" if name == "offsets.bin" else "n_entries"
+            raise _corrupt(
+                path,
+                f"{name} has {size} bytes, expected {expected_bytes[name]} for the "
+                f"{field!r} of {MANIFEST_FILE} (truncated?)",
+            )
+    word_bytes = 8 * grid.words_per_image
+    if sizes[WORDS_FILE] % word_bytes:
+        raise _corrupt(path, f"{WORDS_FILE} does not hold whole images")
+    n_slots = sizes[WORDS_FILE] // word_bytes
+    if n_slots > n_entries:
+        raise _corrupt(
+            path,
+            f"{WORDS_FILE} holds {n_slots} bitsets of {grid.height}x{grid.width} pixels but "
+            f"the index has only {n_entries} entries ('n_entries' of {MANIFEST_FILE}), and "
+            "each bitset belongs to one entry; the file or the manifest's 'grid' was changed",
+        )
+    if n_entries > n_masks * grid.n_images:
+        raise _corrupt(
+            path,
+            f"'n_entries' of {MANIFEST_FILE} ({n_entries}) exceeds 'n_masks' x "
+            f"'grid.n_images' ({n_masks} x {grid.n_images}): a mask has at most one entry "
+            "per image",
+        )
 
 
 def pixel_counts(offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:

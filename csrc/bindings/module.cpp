@@ -19,6 +19,7 @@ PYBIND11_MODULE(_core, m) {
       "In-cache AND+popcount bytes/s of one core at the current SIMD level (for benchmarks).");
   m.def("num_threads", &num_threads, "Worker threads used by the engine.");
   m.def("set_num_threads", &set_num_threads, py::arg("n"), "Set the number of worker threads.");
+  m.def("max_threads", &max_threads, "Largest number of worker threads set_num_threads accepts.");
   register_masks(m);
   register_netdissect(m);
   register_search(m);

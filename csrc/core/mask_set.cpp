@@ -25,6 +25,11 @@ void MaskSetView::validate() const {
   if (n_masks < 0 || n_entries < 0 || n_slots < 0) fail("negative sizes");
   if (offsets[0] != 0) fail("offsets must start at 0");
   if (offsets[n_masks] != n_entries) fail("last offset does not equal the number of entries");
+  // Every bitset belongs to exactly one entry: checked before sizing anything by n_slots
+  // (a words array claimed far larger than the index, e.g. an edited store).
+  if (n_slots > n_entries)
+    fail("the words hold " + std::to_string(n_slots) + " bitsets but the index has only " +
+         std::to_string(n_entries) + " entries (each bitset belongs to one entry)");
   std::vector<char> slot_used(std::size_t(n_slots), 0);
   for (int64_t m = 0; m < n_masks; ++m) {
     const int64_t begin = offsets[m], end = offsets[m + 1];

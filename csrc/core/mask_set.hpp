@@ -48,7 +48,8 @@ struct MaskSetView {
 
   // Throws std::invalid_argument describing the first inconsistency of the index
   // (ranges, order, container kinds vs counts, every bitset slot used exactly once);
-  // reads no bitset word.
+  // reads no bitset word, and allocates nothing larger than the index (more bitsets
+  // than entries is refused first).
   void validate() const;
   // Throws std::invalid_argument if a stored count differs from its bitset's
   // popcount or padding bits are set (reads every word).

@@ -5,10 +5,12 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -25,10 +27,15 @@ namespace pyneuron {
 namespace {
 int default_threads() {
   if (const char* env = std::getenv("PYNEURON_NUM_THREADS"); env != nullptr && *env != '\0') {
-    const int n = std::atoi(env);
-    if (n > 0) return n;
+    // Digits only (atoi of "99999999999" would overflow); larger than the cap: the cap.
+    const std::size_t digits = std::strspn(env, "0123456789");
+    if (digits > 0 && env[digits] == '\0') {
+      if (digits > 9) return max_threads();
+      const int n = std::atoi(env);
+      if (n > 0) return std::min(n, max_threads());
+    }
   }
-  return std::max(1u, std::thread::hardware_concurrency());
+  return std::min(max_threads(), int(std::max(1u, std::thread::hardware_concurrency())));
 }
 std::atomic<int>& thread_setting() {
   static std::atomic<int> n{default_threads()};
@@ -36,6 +43,12 @@ std::atomic<int>& thread_setting() {
 }
 
 // Set while this thread runs a parallel_for body: a nested parallel_for runs in line.
+// Initial-exec TLS lives in the static TLS block set up with each thread: the default
+// (dynamic) model allocates it on a thread's first access, and glibc aborts the process
+// ("cannot allocate memory for thread-local data") when that allocation fails.
+#if defined(__GNUC__) && !defined(_WIN32)
+__attribute__((tls_model("initial-exec")))
+#endif
 thread_local bool in_parallel_body = false;
 
 void cpu_relax() {
@@ -63,24 +76,21 @@ void wait_for(Ready ready, std::mutex& mutex, std::condition_variable& cv) {
 // once and claims items from a shared counter, the calling thread too.
 class Pool {
  public:
-  explicit Pool(int threads) : pid_(PYNEURON_GETPID()) {
-    try {
-      for (int t = 1; t < threads; ++t) threads_.emplace_back([this] { loop(); });
-    } catch (const std::exception&) {
-      // No thread could be started (std::system_error: no memory for a stack, a process
-      // limit): the pool works with those it has, or the calling thread alone.
+  explicit Pool(int threads) : pid_(PYNEURON_GETPID()), requested_(threads) {
+    if (!start(std::size_t(std::max(0, threads - 1)))) {
+      // The system refused a thread (std::system_error: no memory for a stack, a process
+      // limit), so memory or a limit is nearly exhausted: keep half of those started,
+      // leaving room for the work itself, or the calling thread alone. (A worker whose
+      // allocation fails throws, and throwing needs memory of its own.)
+      const std::size_t keep = threads_.size() / 2;
+      stop_all();
+      start(keep);
     }
   }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-      generation_.fetch_add(1);
-    }
-    wake_.notify_all();
-    for (std::thread& t : threads_) t.join();
-  }
+  ~Pool() { stop_all(); }
   int size() const { return int(threads_.size()) + 1; }
+  // The thread setting this pool was built for (it may run fewer, see the constructor).
+  int requested() const { return requested_; }
   bool forked() const { return pid_ != long(PYNEURON_GETPID()); }
   // Runs a job, or returns false at once when another thread's job holds the pool.
   bool try_run(int64_t n, const std::function<void(int64_t)>& body) {
@@ -105,6 +115,28 @@ class Pool {
   }
 
  private:
+  // Starts workers until there are n; false if the system refused one.
+  bool start(std::size_t n) {
+    const uint64_t now = generation_.load();
+    try {
+      while (threads_.size() < n) threads_.emplace_back([this, now] { loop(now); });
+    } catch (const std::exception&) {
+      return false;
+    }
+    return true;
+  }
+  // Stops and joins every worker (between jobs only).
+  void stop_all() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+      generation_.fetch_add(1);
+    }
+    wake_.notify_all();
+    for (std::thread& t : threads_) t.join();
+    threads_.clear();
+    stop_ = false;
+  }
   void work() {
     in_parallel_body = true;
     for (int64_t i = next_.fetch_add(1); i < n_; i = next_.fetch_add(1)) {
@@ -118,8 +150,10 @@ class Pool {
     }
     in_parallel_body = false;
   }
-  void loop() {
-    uint64_t seen = 0;
+  void loop(uint64_t seen) {
+    // The C++ runtime's per-thread exception state is allocated on first use; use it now,
+    // while memory is available, not when an allocation failure is being thrown.
+    (void)std::uncaught_exceptions();
     for (;;) {
       wait_for([&] { return generation_.load(std::memory_order_acquire) != seen; }, mutex_, wake_);
       seen = generation_.load(std::memory_order_acquire);
@@ -133,6 +167,7 @@ class Pool {
   }
 
   const long pid_;  // the process that started the threads (a fork child has none)
+  const int requested_;
   std::vector<std::thread> threads_;
   std::mutex run_mutex_;  // one job at a time
   std::mutex mutex_;
@@ -156,15 +191,24 @@ std::shared_ptr<Pool> pool_for(int threads) {
   static std::shared_ptr<Pool>* pool = new std::shared_ptr<Pool>;
   std::lock_guard<std::mutex> lock(*mutex);
   if (*pool != nullptr && (*pool)->forked()) pool = new std::shared_ptr<Pool>;  // the old one leaks
-  if (*pool == nullptr || (*pool)->size() != threads) *pool = std::make_shared<Pool>(threads);
+  if (*pool == nullptr || (*pool)->requested() != threads) *pool = std::make_shared<Pool>(threads);
   return *pool;
 }
 }  // namespace
+
+int max_threads() {
+  const unsigned cpus = std::thread::hardware_concurrency();
+  return int(std::max<unsigned>(kMinThreadCap, std::min<unsigned>(cpus, 1u << 20) * 4u));
+}
 
 int num_threads() { return thread_setting().load(); }
 
 void set_num_threads(int n) {
   if (n < 1) throw std::invalid_argument("number of threads must be at least 1");
+  if (n > max_threads())
+    throw std::invalid_argument("number of threads must be at most " + std::to_string(max_threads()) +
+                                " (4 per CPU, at least " + std::to_string(kMinThreadCap) + "), got " +
+                                std::to_string(n));
   thread_setting().store(n);
 }
 

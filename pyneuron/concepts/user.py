@@ -716,6 +716,11 @@ def from_coco(
             annotations = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as error:
             raise ConceptSourceError(f"cannot read COCO JSON {path}: {error}") from None
+        except RecursionError:  # arrays or objects nested thousands deep
+            raise ConceptSourceError(
+                f"{path} is not valid COCO JSON: it is nested too deeply to read (COCO "
+                "annotations nest a few levels); check that it is the instances file"
+            ) from None
         if not isinstance(annotations, Mapping):
             raise ConceptSourceError(f"{path} is not a COCO annotation object")
     try:
