@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 import pyneuron
-from pyneuron.thresholds import quantile_thresholds
-from pyneuron.upsample import unit_masks_from_activations
+from pyneuron.engine.upsample import unit_masks_from_activations
+from pyneuron.model.thresholds import quantile_thresholds
 
 
 class BasicBlock(nn.Module):

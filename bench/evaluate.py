@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import pyneuron
-from pyneuron.evaluate import explain_split
+from pyneuron.model.dissect import explain_split
 
 sys.path.insert(0, str(Path(__file__).parent))
 import synthetic  # noqa: E402

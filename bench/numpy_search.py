@@ -3,7 +3,7 @@ exhaustive"): the baseline :mod:`bench.search` times pyneuron against and checks
 
 Concepts are a dense (C, words) uint64 matrix, one row per concept over the whole probing
 set (image-major, row-major inside an image, bit p of an image in bit p % 64 of word
-p // 64, as :mod:`pyneuron.grid` packs). Per unit, every count is an AND + popcount
+p // 64, as :mod:`pyneuron.engine.grid` packs). Per unit, every count is an AND + popcount
 (``np.bitwise_and`` + ``np.bitwise_count``, numpy >= 2) over all concepts at once: no
 bounds, no pruning, no sparsity. Semantics follow DESIGN.md exactly:
 
@@ -30,7 +30,7 @@ import numpy as np
 
 import pyneuron
 from pyneuron import And, Concept, Formula, Not, Or
-from pyneuron.grid import pack_bits
+from pyneuron.engine.grid import pack_bits
 
 if not hasattr(np, "bitwise_count"):  # pragma: no cover
     raise ImportError(

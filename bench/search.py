@@ -362,9 +362,9 @@ def _raw_search(built, chunk, n: int, args) -> dict:
     """The engine's raw beam search of a chunk's first ``n`` units, as ``explain`` runs it
     (with the store's co-occurrence table), for its work counters: per unit ``derived``,
     ``pruned``, ``counted`` pairs and ``words``; ``count_seconds``, ``count_words``."""
-    return pyneuron._native.beam_search(
+    return pyneuron.engine._native.beam_search(
         chunk._native, 0, n, built.store._native, args.length, args.beam_size, [0, 1, 2], 1.0,
-        pyneuron.search.search_cooccurrence(built.store, args.length),
+        pyneuron.engine.search.search_cooccurrence(built.store, args.length),
     )  # fmt: skip
 
 
@@ -405,7 +405,7 @@ def _peak(built, args, report) -> None:
     micro-benchmark, 16 bytes per 64-bit word pair) and the share of it the search
     achieves, over a raw search of all units: in its batched counting passes (16 bytes x
     word pairs counted there / (their wall time x threads)) and over the whole search."""
-    native, threads = pyneuron._native, pyneuron.num_threads()
+    native, threads = pyneuron.engine._native, pyneuron.num_threads()
     peak = float(native.and_popcount_throughput(PEAK_WORDS, PEAK_SECONDS))
     print(
         f"AND+popcount peak ({pyneuron.simd_level()}, one core, {PEAK_WORDS} words in "

@@ -159,7 +159,7 @@ def worker_naive(args: argparse.Namespace) -> dict:
     import torch
     import transformers
 
-    from pyneuron.activations import _open_image, list_images
+    from pyneuron.image_files import list_images, open_image
 
     torch.set_num_threads(args.threads)
     model = transformers.CLIPSegForImageSegmentation.from_pretrained(args.model).eval()
@@ -169,7 +169,7 @@ def worker_naive(args: argparse.Namespace) -> dict:
     rss_loaded = current_rss_mb()
     start = time.perf_counter()
     for path in files:
-        image = _open_image(path).convert("RGB")
+        image = open_image(path).convert("RGB")
         inputs = processor(
             text=concepts, images=[image] * len(concepts), padding=True, return_tensors="pt"
         )
@@ -189,9 +189,9 @@ def worker_naive(args: argparse.Namespace) -> dict:
 
 
 def _first_image(folder: str):
-    from pyneuron.activations import _open_image, list_images
+    from pyneuron.image_files import list_images, open_image
 
-    return _open_image(list_images(folder)[0]).convert("RGB")
+    return open_image(list_images(folder)[0]).convert("RGB")
 
 
 def run_worker(kind: str, args: argparse.Namespace, work: Path, model: Path, images: Path) -> dict:

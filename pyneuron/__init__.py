@@ -9,16 +9,28 @@ units), :func:`faithfulness` (masking concepts).
 """
 
 from . import concepts, describe
-from ._native import (
+from .engine import (
     available_simd_levels,
     num_threads,
     set_num_threads,
     set_simd_level,
     simd_level,
 )
-from .activations import LayerFormat, capture
-from .dissect import dissect
-from .distributed import RayBackend
+from .engine.formula import And, Concept, Formula, Not, Or
+from .engine.grid import Grid
+from .engine.heldout import evaluate, split_images
+from .engine.null import control_units, null_baseline, significance
+from .engine.search import (
+    MAX_BEAM_SIZE,
+    MAX_LENGTH,
+    OPERATORS,
+    compare_searches,
+    iou_table,
+    score,
+)
+from .engine.store import ConceptStore, ConceptStoreWriter
+from .engine.units import UnitMasks, UnitMasksWriter
+from .engine.upsample import bilinear_resize, unit_masks_from_activations
 from .errors import (
     EmptyStoreError,
     GridMismatchError,
@@ -29,24 +41,12 @@ from .errors import (
     StoreError,
     UnknownConceptError,
 )
-from .evaluate import evaluate, split_images
-from .faithfulness import faithfulness
-from .formula import And, Concept, Formula, Not, Or
-from .grid import Grid
-from .null import control_units, null_baseline, significance
-from .search import (
-    MAX_BEAM_SIZE,
-    MAX_LENGTH,
-    OPERATORS,
-    compare_searches,
-    explain,
-    iou_table,
-    score,
-)
-from .store import ConceptStore, ConceptStoreWriter
-from .thresholds import activation_ranges, compexp_level, quantile_thresholds, user_thresholds
-from .units import UnitMasks, UnitMasksWriter
-from .upsample import bilinear_resize, unit_masks_from_activations
+from .model.activations import LayerFormat, capture
+from .model.dissect import dissect
+from .model.faithfulness import faithfulness
+from .model.thresholds import activation_ranges, compexp_level, quantile_thresholds, user_thresholds
+from .scale import explain
+from .scale.ray import RayBackend
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 """``python -m pyneuron`` runs the ``pyneuron`` command."""
 
-from .cli import main
+from .app.cli import main
 
 if __name__ == "__main__":
     main()

@@ -44,9 +44,9 @@ from tqdm.auto import tqdm as tqdm_auto
 from tqdm.std import tqdm as tqdm_std
 
 import pyneuron
-from pyneuron.cli import app
-from pyneuron.demo import DemoConfig, make_data
-from pyneuron.results import read_results
+from pyneuron.app.cli import app
+from pyneuron.app.rundir import read_results
+from pyneuron.concepts.synthetic import DemoConfig, make_data
 
 DEMO = ["--images", "60", "--epochs", "1", "--size", "16", "--quiet"]
 

@@ -18,7 +18,7 @@ import pandas as pd
 from oracle import brute_force_beam, iou, random_case
 
 import pyneuron
-from pyneuron import storage
+from pyneuron.engine import storage
 
 INDEX = dict(storage.INDEX_FILES)
 DATA_FILES = [*INDEX, storage.WORDS_FILE, storage.TABLE_FILE]

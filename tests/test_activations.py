@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyneuron
-from pyneuron.activations import LayerFormat, capture, infer_prefix_tokens, to_maps
+from pyneuron.model.activations import LayerFormat, capture, infer_prefix_tokens, to_maps
 
 
 def small_cnn() -> torch.nn.Module:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import pyneuron
-from pyneuron import atomic
+from pyneuron.engine import atomic
 
 
 def store(value: int) -> pyneuron.ConceptStore:

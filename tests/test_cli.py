@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import pyneuron
-from pyneuron.cli import app
+from pyneuron.app.cli import app
 
 runner = CliRunner()
 

@@ -7,8 +7,8 @@ import pytest
 from compexp_quantile_port import QuantileVectorReference, compexp_threshold
 
 import pyneuron
-from pyneuron.compexp_quantiles import CompexpQuantiles
-from pyneuron.thresholds import quantile_thresholds
+from pyneuron.model.compexp_quantiles import CompexpQuantiles
+from pyneuron.model.thresholds import quantile_thresholds
 
 
 def _layer(rng, n_images, units, h, w):

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import pyneuron
+from pyneuron.app.describe import describe_command
 from pyneuron.describe import (
     ClipEncoder,
     DescribeResult,
@@ -46,7 +47,6 @@ from pyneuron.describe import (
     split,
     top_concepts,
 )
-from pyneuron.describe.command import describe_command
 
 transformers = pytest.importorskip("transformers")
 RNG = np.random.default_rng(7)
@@ -783,7 +783,7 @@ def test_describe_command_bad_input(command_inputs, clip_dir, tmp_path):
         "pyneuron.describe.occlusion",
         "pyneuron.describe.dnd",
         "pyneuron.describe.compare",
-        "pyneuron.describe.command",
+        "pyneuron.app.describe",
     ],
 )
 def test_docstring_examples(name):
@@ -796,7 +796,7 @@ def test_docstring_examples(name):
 def test_cli_describe_and_report_side_by_side(command_inputs, clip_dir, tmp_path):
     from typer.testing import CliRunner
 
-    from pyneuron.cli import app
+    from pyneuron.app.cli import app
 
     runner = CliRunner()
     rng = np.random.default_rng(0)

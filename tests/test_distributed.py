@@ -24,8 +24,8 @@ import torch
 from pandas.testing import assert_frame_equal
 
 import pyneuron
-from pyneuron import distributed
-from pyneuron.distributed import RayBackend, resolve_backend, run_shard_dir
+from pyneuron.scale import ray as distributed
+from pyneuron.scale.ray import RayBackend, resolve_backend, run_shard_dir
 
 SHARD_TASK = b"ray::_run_shard"
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -173,8 +173,8 @@ def test_dissect_on_ray(cluster):
 def test_cli_explain_with_ray(cluster, tmp_path):
     from typer.testing import CliRunner
 
-    from pyneuron.cli import app
-    from pyneuron.results import read_results
+    from pyneuron.app.cli import app
+    from pyneuron.app.rundir import read_results
 
     store, units = _data(seed=4, n_units=7)
     store.save(tmp_path / "store")
@@ -194,8 +194,8 @@ def test_cli_dissect_with_ray(cluster, tmp_path):
     from PIL import Image
     from typer.testing import CliRunner
 
-    from pyneuron.cli import app
-    from pyneuron.results import read_results
+    from pyneuron.app.cli import app
+    from pyneuron.app.rundir import read_results
 
     rng = np.random.default_rng(6)
     (tmp_path / "images").mkdir()
@@ -309,7 +309,7 @@ def test_resume_after_interruption_computes_only_missing_shards(
     total = -(-len(units) // 2)
     assert 2 <= len(kept) < total, "the run was not interrupted before its end"
 
-    with caplog.at_level(logging.INFO, logger="pyneuron.distributed"):
+    with caplog.at_level(logging.INFO, logger="pyneuron.scale.ray"):
         table = pyneuron.explain(units, store, backend=RayBackend(**backend), **HEAVY_SEARCH)
     assert f"{len(kept)} of {total} shards already done" in caplog.text
     assert f"computing {total - len(kept)}" in caplog.text
@@ -330,7 +330,7 @@ def test_resume_after_interruption_computes_only_missing_shards(
     damaged = sorted(shards.glob("*/units-*.npz"))[0]
     damaged.write_bytes(b"not a shard")
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pyneuron.distributed"):
+    with caplog.at_level(logging.INFO, logger="pyneuron.scale.ray"):
         again = pyneuron.explain(units, store, backend=RayBackend(**backend), **HEAVY_SEARCH)
     assert f"{total - 1} of {total} shards already done" in caplog.text
     assert_frame_equal(again, table, check_exact=True)

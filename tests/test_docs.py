@@ -8,19 +8,19 @@ import importlib
 import pytest
 
 MODULES = [
-    "pyneuron.activations",
-    "pyneuron.upsample",
-    "pyneuron.grid",
-    "pyneuron.store",
-    "pyneuron.units",
-    "pyneuron.search",
-    "pyneuron.distributed",
-    "pyneuron.formula",
-    "pyneuron.evaluate",
-    "pyneuron.null",
-    "pyneuron.faithfulness",
-    "pyneuron.netdissect",
-    "pyneuron.compexp_quantiles",
+    "pyneuron.model.activations",
+    "pyneuron.engine.upsample",
+    "pyneuron.engine.grid",
+    "pyneuron.engine.store",
+    "pyneuron.engine.units",
+    "pyneuron.engine.search",
+    "pyneuron.scale.ray",
+    "pyneuron.engine.formula",
+    "pyneuron.engine.heldout",
+    "pyneuron.engine.null",
+    "pyneuron.model.faithfulness",
+    "pyneuron.engine.netdissect",
+    "pyneuron.model.compexp_quantiles",
 ]
 
 

@@ -15,10 +15,9 @@ from oracle import random_case
 from PIL import Image
 
 import pyneuron
-from pyneuron.dissect import explain_activations
-from pyneuron.evaluate import explain_split
-from pyneuron.metrics import METRIC_COLUMNS
-from pyneuron.null import roll_masks
+from pyneuron.engine.metrics import METRIC_COLUMNS
+from pyneuron.engine.null import roll_masks
+from pyneuron.model.dissect import explain_activations, explain_split
 
 GREY, RED, BLUE = (128, 128, 128), (255, 0, 0), (0, 0, 255)
 

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import pyneuron
-from pyneuron.cli import app
+from pyneuron.app.cli import app
 
 runner = CliRunner()
 
@@ -160,7 +160,7 @@ def test_images_renamed_and_reversed_are_refused(tmp_path, tiny_project):
 
 
 def test_broden_style_names_are_matched_by_relative_path(tmp_path):
-    from pyneuron.sources import check_image_order
+    from pyneuron.concepts.sources import check_image_order
 
     store = small_store()
     store.metadata["images"] = ["ade/a.png", "ade/b.png", "ade/c.png", "ade/d.png"]
@@ -215,7 +215,7 @@ def test_a_whole_clip_folder_is_dissected_through_its_vision_tower(
     import pandas as pd
 
     assert len(pd.read_parquet(out / "results.parquet")) == 16  # hidden size of the tower
-    net, _ = __import__("pyneuron.models", fromlist=["load_model"]).load_model(str(tiny_clip))
+    net, _ = __import__("pyneuron.model.models", fromlist=["load_model"]).load_model(str(tiny_clip))
     assert not hasattr(net, "text_model")
 
 

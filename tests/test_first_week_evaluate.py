@@ -16,12 +16,12 @@ from PIL import Image
 from test_cli import check_report, invoke
 
 import pyneuron
-from pyneuron.activations import capture
-from pyneuron.faithfulness import _blur, _fill, _Pixels, _resize_mask, _top_images
-from pyneuron.null import roll_masks
+from pyneuron.app.evaluation import EvaluationConfig, evaluate_run
+from pyneuron.app.rundir import write_run_report
+from pyneuron.engine.null import roll_masks
+from pyneuron.model.activations import capture
+from pyneuron.model.faithfulness import _blur, _fill, _Pixels, _resize_mask, _top_images
 from pyneuron.report.html import DEFAULT_TOP_IMAGES
-from pyneuron.run import write_run_report
-from pyneuron.run_evaluation import EvaluationConfig, evaluate_run
 
 N_IMAGES = 24
 CONCEPTS = ["top", "even", "stripes", "blob"]

@@ -17,7 +17,7 @@ import pytest
 from store_fuzz import read_manifest, write_manifest
 
 import pyneuron
-from pyneuron import storage
+from pyneuron.engine import storage
 
 # -- item 3: opening a store while save(overwrite=True) replaces it ------------------------
 
@@ -294,7 +294,7 @@ def test_running_out_of_memory_is_a_pyneuron_error():
 
 
 def test_thread_count_is_capped_with_a_clear_message():
-    limit = pyneuron._native.max_threads()
+    limit = pyneuron.engine._native.max_threads()
     assert limit >= 512 and limit >= 4 * (os.cpu_count() or 1)
     previous = pyneuron.num_threads()
     try:

@@ -59,7 +59,7 @@ def test_result_tables_write_formulas_as_str_does():
     """explain() writes its left-deep formulas directly; the text must be str(Formula)."""
     import numpy as np
 
-    from pyneuron.search import _formula_text
+    from pyneuron.engine.search import _formula_text
 
     names = ["water", "AND", "wall (brick)", 'say "hi"', "traffic light", "or"]
     nodes = {0: (Or, False), 1: (And, False), 2: (And, True), 3: (Or, True)}

@@ -8,8 +8,8 @@ import pytest
 from netdissect_port import tally
 
 import pyneuron
-from pyneuron.search import best_of_beam
-from pyneuron.upsample import unit_masks_from_activations
+from pyneuron.engine.search import best_of_beam
+from pyneuron.engine.upsample import unit_masks_from_activations
 
 # Broden-like label numbering: label -> category (0 object, 1 part, 2 scene, 3 color).
 OBJECT, PART_1, PART_2 = range(1, 8), range(8, 11), range(11, 14)

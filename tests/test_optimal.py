@@ -186,7 +186,7 @@ def test_compare_searches_classifies_every_unit():
     assert ((audit["gap"] > 0) == worse).all()
     same = audit["audit"] == "same formula"
     assert (audit.loc[same, "beam_formula"] == audit.loc[same, "optimal_formula"]).all()
-    assert set(audit["audit"]) <= set(pyneuron.search.AUDIT_VERDICTS)
+    assert set(audit["audit"]) <= set(pyneuron.engine.search.AUDIT_VERDICTS)
     assert (audit["audit"] == "no formula").sum() == audit["optimal_formula"].isna().sum() > 0
 
 
@@ -196,7 +196,8 @@ def test_full_beam_and_chunks_give_one_row_per_unit():
     full = pyneuron.explain(masks, store, search="optimal", full_beam=True, progress=False)
     assert (full["rank"] == 0).all()
     pd.testing.assert_frame_equal(
-        pyneuron.search.best_of_beam(full).drop(columns="seconds"), one.drop(columns="seconds")
+        pyneuron.engine.search.best_of_beam(full).drop(columns="seconds"),
+        one.drop(columns="seconds"),
     )
     halves = [pyneuron.UnitMasks.from_masks(units[:3]), pyneuron.UnitMasks.from_masks(units[3:])]
     chunked = pyneuron.explain(halves, store, search="optimal", batch_size=2, progress=False)
@@ -249,7 +250,7 @@ def test_report_layer_summary_shows_the_audit(tmp_path):
 
 def test_too_many_concepts_for_the_pair_table(monkeypatch):
     _, _, _, store, masks = _case(0, (5, 8, 8))
-    monkeypatch.setattr(pyneuron.search, "COOCCURRENCE_MAX_CONCEPTS", 2)
+    monkeypatch.setattr(pyneuron.engine.search, "COOCCURRENCE_MAX_CONCEPTS", 2)
     with pytest.raises(PyneuronError, match="kept for up to 2 concepts"):
         pyneuron.explain(masks, store, search="optimal", progress=False)
 

@@ -36,7 +36,7 @@ def _beams(raw: dict, names: list[str]) -> list[list[tuple[str, float, float]]]:
 
 def _search(units, store, length, beam_size, operators, penalty=1.0, **extra):
     ops = [OPS[o] for o in operators]
-    return pyneuron._native.beam_search(
+    return pyneuron.engine._native.beam_search(
         units._native, 0, len(units), store._native, length, beam_size, ops, penalty, **extra
     )
 
@@ -228,9 +228,9 @@ def test_a_table_of_the_wrong_shape_is_refused():
 
 
 def test_throughput_probe_reports_a_positive_rate():
-    assert pyneuron._native.and_popcount_throughput(64, 0.01) > 0
+    assert pyneuron.engine._native.and_popcount_throughput(64, 0.01) > 0
     with pytest.raises(ValueError, match="words"):
-        pyneuron._native.and_popcount_throughput(0, 0.01)
+        pyneuron.engine._native.and_popcount_throughput(0, 0.01)
 
 
 def test_long_searches_stop_at_a_fixed_point_with_the_same_beam(simd):

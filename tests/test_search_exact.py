@@ -100,7 +100,7 @@ def test_pruning_is_active_and_exact():
     unit = (concepts[3] | concepts[17]) & ~concepts[40]
     _check_against_oracle(concepts, unit[None], length=3, beam_size=5)
     store = pyneuron.ConceptStore.from_masks(concepts, _names(60))
-    raw = pyneuron._native.beam_search(
+    raw = pyneuron.engine._native.beam_search(
         pyneuron.UnitMasks.from_masks(unit[None])._native, 0, 1, store._native, 3, 5, [0, 1, 2], 1.0
     )
     assert raw["pruned"][0] > raw["counted"][0]

@@ -11,8 +11,8 @@ from oracle import random_case
 from store_fuzz import read_manifest, refresh, write_manifest
 
 import pyneuron
-from pyneuron import storage
-from pyneuron.grid import pack_bits
+from pyneuron.engine import storage
+from pyneuron.engine.grid import pack_bits
 
 
 @pytest.fixture
@@ -291,7 +291,7 @@ def test_failed_overwrite_keeps_the_previous_store(saved, monkeypatch):
 def test_an_existing_empty_directory_is_replaced(tmp_path):
     import pandas as pd
 
-    from pyneuron.results import write_run
+    from pyneuron.app.rundir import write_run
 
     (tmp_path / "store").mkdir()
     pyneuron.ConceptStore.from_masks(np.ones((1, 1, 2, 2), dtype=bool), ["a"]).save(
@@ -324,10 +324,10 @@ def test_engine_refuses_oversized_grids_itself():
     empty = [np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)]
     arrays = [*empty, np.zeros(0, np.int32), np.zeros(0, np.uint64)]
     with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1 pixels"):
-        pyneuron._native.NativeMaskSet(1, 65535 * 65537, *arrays)
+        pyneuron.engine._native.NativeMaskSet(1, 65535 * 65537, *arrays)
     with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1 images"):
-        pyneuron._native.NativeMaskSet(2**31, 64, *arrays)
-    largest = pyneuron._native.NativeMaskSet(2**31 - 1, 2**31 - 1, *arrays)
+        pyneuron.engine._native.NativeMaskSet(2**31, 64, *arrays)
+    largest = pyneuron.engine._native.NativeMaskSet(2**31 - 1, 2**31 - 1, *arrays)
     assert largest.pixels == 2**31 - 1 and largest.n_images == 2**31 - 1
 
 

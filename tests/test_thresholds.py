@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import pyneuron
-from pyneuron import thresholds
 from pyneuron.errors import PyneuronError
-from pyneuron.thresholds import (
+from pyneuron.model import thresholds
+from pyneuron.model.thresholds import (
     StreamingQuantiles,
     activation_ranges,
     compexp_level,

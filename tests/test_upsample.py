@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import pyneuron
-from pyneuron.upsample import bilinear_resize, unit_masks_from_activations
+from pyneuron.engine.upsample import bilinear_resize, unit_masks_from_activations
 
 
 def pillow_resize(x: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -150,7 +150,7 @@ def test_pixel_counts_cannot_overflow_and_complex_values_are_refused():
     with pytest.raises(pyneuron.PyneuronError, match="at most 2\\*\\*31 - 1 pixels"):
         unit_masks_from_activations(one, np.array([0.0]), (65536, 32768), progress=False)
     with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1 pixels"):  # the engine too
-        pyneuron._native.upsample_threshold(one, np.zeros(1), None, 65536, 32768)
+        pyneuron.engine._native.upsample_threshold(one, np.zeros(1), None, 65536, 32768)
     with pytest.raises(pyneuron.PyneuronError, match="activations must be real numbers"):
         unit_masks_from_activations(one + 1j, np.zeros(1), (4, 4), progress=False)
     with pytest.raises(pyneuron.PyneuronError, match="thresholds must be real numbers"):

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from ..store import ConceptStore
+from ..engine.store import ConceptStore
 from .user import (
     ConceptSourceError,
     GridSize,

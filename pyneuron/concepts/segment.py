@@ -36,12 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from ..activations import IMAGE_SUFFIXES, _open_image, image_file_key, list_images
+from ..engine.grid import Grid
+from ..engine.store import ConceptStore, ConceptStoreWriter
+from ..engine.upsample import bilinear_resize
 from ..errors import PyneuronError
-from ..grid import Grid
+from ..image_files import IMAGE_SUFFIXES, image_file_key, list_images, open_image
 from ..progress import progress_bar
-from ..store import ConceptStore, ConceptStoreWriter
-from ..upsample import bilinear_resize
 from .segmenters import CallableSegmenter, as_segmenter
 from .vocabulary import MODES, ConceptVocabulary
 
@@ -84,7 +84,7 @@ class _FileImages(_Images):
         return len(self.files)
 
     def load(self, i: int) -> Any:
-        return _open_image(self.files[i]).convert("RGB")
+        return open_image(self.files[i]).convert("RGB")
 
     def key(self, i: int) -> str:
         # The file's bytes: a cache hit never decodes the image.

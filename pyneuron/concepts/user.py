@@ -35,8 +35,8 @@ from typing import Any, TypeAlias
 import numpy as np
 from PIL import Image
 
+from ..engine.store import ConceptStore, ConceptStoreWriter
 from ..errors import PyneuronError
-from ..store import ConceptStore, ConceptStoreWriter
 
 PathLike: TypeAlias = "str | os.PathLike[str]"
 GridSize: TypeAlias = "int | tuple[int, int]"

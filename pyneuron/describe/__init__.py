@@ -9,7 +9,7 @@
   callable) of top images and crops → candidate descriptions → ranked by how the probing
   images CLIP retrieves for each activate the unit.
 - :func:`compare` — formulas next to label-free labels, with an agreement measure.
-- :func:`~pyneuron.describe.command.describe_command` — the ``pyneuron describe`` command.
+- the ``pyneuron describe`` command lives in :mod:`pyneuron.app.describe`.
 
 Every model is loaded through transformers from a directory or the local cache; nothing
 is downloaded.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from .clip import DEFAULT_CLIP, ClipEncoder
 from .clip_dissect import clip_dissect, clip_image_text_similarities
-from .command import describe_command
 from .compare import agreement, compare, formula_concepts, normalize
 from .dnd import (
     DEFAULT_CAPTIONER,
@@ -65,7 +64,6 @@ __all__ = [
     "cos_cubed",
     "cos_similarity",
     "describe_and_dissect",
-    "describe_command",
     "driving_patches",
     "formula_concepts",
     "load_concepts",

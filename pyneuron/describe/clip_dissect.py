@@ -11,20 +11,14 @@ import numpy as np
 from ..errors import PyneuronError
 from .clip import DEFAULT_CLIP, ClipEncoder
 from .images import ImageList
-from .result import (
-    DescribeResult,
-    check_concepts,
-    layer_summary,
-    ranked_labels,
-    select_units,
-)
+from .result import DescribeResult, check_concepts, layer_summary, ranked_labels, select_units
 from .similarity import (
     LAMBDA,
     TEMPERATURE,
-    _top_images,
     similarity_matrix,
     similarity_name,
     top_concepts,
+    top_images_by_unit,
 )
 
 METHOD = "clip-dissect"
@@ -183,7 +177,7 @@ def clip_dissect(
     import torch
 
     shown = min(5, summary.shape[0])
-    tops = _top_images(torch.from_numpy(summary), shown, ties).numpy().T[selected]
+    tops = top_images_by_unit(torch.from_numpy(summary), shown, ties).numpy().T[selected]
     table = ranked_labels(layer, selected, METHOD, names, ids, values, tops, similarity=method)
     return DescribeResult(
         table=table,

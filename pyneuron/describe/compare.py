@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..engine.formula import And, Concept, Formula, Not, Or
 from ..errors import PyneuronError
-from ..formula import And, Concept, Formula, Not, Or
 from .result import DescribeResult
 
 _ARTICLES = {"a", "an", "the"}
@@ -139,10 +139,11 @@ def _table(source: Any, what: str) -> pd.DataFrame:
         return source.table
     if isinstance(source, pd.DataFrame):
         return source
-    if isinstance(source, (str, os.PathLike)):
-        from ..results import read_results
-
-        return read_results(Path(source))
+    if isinstance(source, (str, os.PathLike)):  # a run directory
+        path = Path(source) / "results.parquet"
+        if not path.is_file():
+            raise PyneuronError(f"{source} holds no pyneuron results ({path.name} is missing)")
+        return pd.read_parquet(path)
     raise PyneuronError(
         f"{what} must be a DataFrame, a DescribeResult or a run directory, "
         f"got {type(source).__name__}"

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from ..activations import _open_image, list_images
 from ..errors import PyneuronError
+from ..image_files import list_images, open_image
 
 
 class ImageList(Sequence[Any]):
@@ -70,7 +70,7 @@ class ImageList(Sequence[Any]):
 
         item = self._items[int(index)]
         if isinstance(item, (str, os.PathLike)):
-            image = _open_image(Path(item))
+            image = open_image(Path(item))
         elif isinstance(item, np.ndarray):
             image = Image.fromarray(item)
         else:

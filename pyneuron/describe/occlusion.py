@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ..activations import capture
 from ..errors import PyneuronError
+from ..model.activations import capture
 from ..progress import progress_bar
 from .clip import DEFAULT_CLIP, ClipEncoder
 from .images import ImageList, crop_box, expand_box, grey_box, occlusion_boxes

@@ -204,7 +204,7 @@ def layer_summary(
 ) -> np.ndarray:
     """(N, U) activation summary: from ``activations`` when given, else captured; checks
     that it covers as many images as ``images`` (when given)."""
-    from ..activations import capture
+    from ..model.activations import capture
     from .similarity import activation_summary
 
     if activations is None:

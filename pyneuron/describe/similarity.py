@@ -171,7 +171,7 @@ def check_ties(ties: str) -> str:
     return ties
 
 
-def _top_images(summary: Any, k: int, ties: str = "lowest") -> Any:
+def top_images_by_unit(summary: Any, k: int, ties: str = "lowest") -> Any:
     """(k, U) image ids of each unit's k highest summaries, best first.
 
     ``ties="lowest"``: equal summaries in image-id order (a stable sort).
@@ -307,7 +307,7 @@ def _soft_wpmi(
     n_images, n_units = acts.shape
     n_concepts = probs.shape[1]
     k = min(int(top_k), n_images)
-    order = _top_images(acts, k, ties)
+    order = top_images_by_unit(acts, k, ties)
     weights = torch.from_numpy(soft_wpmi_weights(k, p_start, p_end)).to(probs.device)
     offset = 1.0 - weights + min_prob
     smallest = float(offset.min())

@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..engine.formula import BinaryOp, Concept, Formula, Not
+from ..engine.netdissect import check_mode
+from ..engine.search import AUDIT_VERDICTS
+from ..engine.store import ConceptStore
+from ..engine.units import UnitMasks
 from ..errors import PyneuronError
-from ..formula import Concept, Formula, Not, _Binary
-from ..netdissect import check_mode
 from ..progress import progress_bar
-from ..search import AUDIT_VERDICTS
-from ..store import ConceptStore
-from ..units import UnitMasks
 from .images import (
     THUMBNAIL_SIZE,
     as_rgb,
@@ -639,7 +639,7 @@ def _collect_parts(formula: Formula, parts: list[tuple[str, str | None]]) -> Non
         parts.append(("(NOT ", None))
         _collect_parts(formula.operand, parts)
         parts.append((")", None))
-    elif isinstance(formula, _Binary):
+    elif isinstance(formula, BinaryOp):
         parts.append(("(", None))
         _collect_parts(formula.left, parts)
         parts.append((f" {formula.keyword} ", None))
@@ -1103,7 +1103,7 @@ def _evaluate(formula: Formula, concept: Callable[[str], np.ndarray]) -> np.ndar
         return concept(formula.name)
     if isinstance(formula, Not):
         return ~_evaluate(formula.operand, concept)
-    if isinstance(formula, _Binary):
+    if isinstance(formula, BinaryOp):
         left, right = _evaluate(formula.left, concept), _evaluate(formula.right, concept)
         return left | right if formula.keyword == "OR" else left & right
     raise PyneuronError(f"cannot evaluate {formula!r}")  # pragma: no cover

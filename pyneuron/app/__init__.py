@@ -1,0 +1,1 @@
+"""The application: the ``pyneuron`` command, run directories, the demo."""

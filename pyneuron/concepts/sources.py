@@ -1,0 +1,143 @@
+"""Resolving a concept source given on the command line to a store and its images."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ..engine.store import ConceptStore
+from ..errors import PyneuronError
+from ..image_files import image_file_key, list_images
+
+SEGMENTER_KINDS = ("clipseg", "grounding-dino", "owlv2")
+
+
+def make_segmenter(spec: str | None) -> Any:
+    """A segmenter from ``kind:model`` (``clipseg:DIR``, ``grounding-dino:DET,SAM``,
+    ``owlv2:DET,SAM``) or a plain CLIPSeg model id / directory; None for the default."""
+    if spec is None:
+        return None
+    from . import segmenters
+
+    kind, sep, models = spec.partition(":")
+    if not sep or kind not in SEGMENTER_KINDS:
+        return segmenters.CLIPSegSegmenter.from_pretrained(spec)
+    if kind == "clipseg":
+        return segmenters.CLIPSegSegmenter.from_pretrained(models)
+    detector, _, sam = models.partition(",")
+    if not sam:
+        raise PyneuronError(f"segmenter {spec!r}: give the detector and SAM as {kind}:DET,SAM")
+    adapter = (
+        segmenters.GroundingDinoSamSegmenter
+        if kind == "grounding-dino"
+        else segmenters.Owlv2SamSegmenter
+    )
+    return adapter.from_pretrained(detector, sam)
+
+
+def resolved_segmenter_spec(spec: str | None) -> str | None:
+    """``spec`` (as for :func:`make_segmenter`) with the model directories in it made
+    absolute; model ids of the Hugging Face cache are kept as given."""
+    if spec is None:
+        return None
+    kind, sep, models = spec.partition(":")
+    if not sep or kind not in SEGMENTER_KINDS:
+        kind, models = "", spec
+    parts = [str(Path(m).resolve()) if Path(m).is_dir() else m for m in models.split(",")]
+    return (f"{kind}:" if kind else "") + ",".join(parts)
+
+
+def open_concepts(
+    source: str | os.PathLike[str],
+    *,
+    images: str | os.PathLike[str] | None = None,
+    grid: int = 112,
+    subset: str | None = None,
+    categories: list[str] | None = None,
+    segmenter: str | None = None,
+    progress: bool = True,
+) -> tuple[ConceptStore, list[Path], bool]:
+    """(store, probing image files in store order, whether the store was built here).
+
+    ``source`` is a store directory, a Broden-format folder (``index.csv``), or a concept
+    list file (``.txt`` / ``.toml``) segmented over ``images`` by ``segmenter``.
+    """
+    path = Path(source)
+    if (path / "manifest.json").is_file():
+        if images is None:
+            raise PyneuronError("a concept store needs --images: the folder of its probing images")
+        store = ConceptStore.open(path)
+        files = list_images(images)
+        check_image_order(store, files)
+        return store, files, False
+    if (path / "index.csv").is_file():
+        from . import broden, broden_images
+
+        store = broden(path, categories, subset, grid, progress=progress)
+        return store, broden_images(path, categories, subset), True
+    if path.is_file() and path.suffix in (".txt", ".toml"):
+        if images is None:
+            raise PyneuronError("segmenting a concept list needs --images")
+        from . import load_vocabulary, segment
+
+        files = list_images(images)
+        vocabulary = load_vocabulary(path)  # a bad list fails before a model loads
+        options = {} if segmenter is None else {"segmenter": make_segmenter(segmenter)}
+        store = segment(files, vocabulary, grid=grid, progress=progress, **options)
+        return store, files, True
+    if not path.exists():
+        raise PyneuronError(f"no store at {path}: the concept source does not exist")
+    raise PyneuronError(
+        f"{path} is not a concept source: give a store directory, a Broden folder (index.csv) "
+        "or a concept list (.txt/.toml)"
+    )
+
+
+def _same_image(name: str, file: Path) -> bool:
+    """Whether the store's image ``name`` (a path relative to its image folder, an
+    absolute path, a file name or a stem, by concept source) names ``file``."""
+    recorded = PurePosixPath(name.replace("\\", "/"))
+    if recorded.is_absolute():
+        return recorded.name == file.name
+    parts = recorded.parts
+    return any(
+        tuple(candidate.parts[-len(parts) :]) == parts for candidate in (file, file.with_suffix(""))
+    )
+
+
+def check_image_order(store: ConceptStore, files: Sequence[Path]) -> None:
+    """Raise unless ``files`` are the store's probing images in the store's order.
+
+    Stores record their images (``store.metadata["images"]``: Broden, segmentation,
+    mask folders, label maps, COCO); each file must carry the recorded name, and where
+    the store also holds a content hash per image (stores built by
+    :func:`pyneuron.concepts.segment` from files) each file's bytes must match it. A
+    store without either (built from arrays) is not checked.
+
+    Raises
+    ------
+    PyneuronError
+        Naming the first image that differs, and what to do.
+    """
+    segment = store.metadata.get("segment")
+    segment = segment if isinstance(segment, dict) else {}
+    names = store.metadata.get("images", segment.get("images"))
+    if isinstance(names, list) and names and len(names) == len(files):
+        for i, (name, file) in enumerate(zip(names, files)):
+            if not _same_image(str(name), Path(file)):
+                raise PyneuronError(
+                    f"image {i} of the folder is {file}, but image {i} of the concept store is "
+                    f"{name!r}: the images must be the store's probing images in its order "
+                    "(sorted by path); give the folder the store was built from"
+                )
+    keys = segment.get("image_keys")
+    if isinstance(keys, list) and len(keys) == len(files):
+        for i, (key, file) in enumerate(zip(keys, files)):
+            if key is not None and image_file_key(file) != key:
+                raise PyneuronError(
+                    f"image {i} ({file}) is not the image the concept store was segmented "
+                    "from (its content differs); give the folder the store was built from, "
+                    "unchanged"
+                )

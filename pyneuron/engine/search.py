@@ -1,0 +1,640 @@
+"""Explaining units: compositional beam search, NetDissect IoU tables, formula scores."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+
+from ..errors import EmptyStoreError, PyneuronError
+from ..progress import progress_bar
+from . import _native
+from .checks import positive_int
+from .formula import Formula, quote_name
+from .metrics import METRIC_COLUMNS, iou, metrics
+from .netdissect import category_codes, category_unit_pixels, check_mode, netdissect_iou
+from .store import ConceptStore
+from .units import UnitMasks
+
+#: Largest ``length`` and ``beam_size`` of :func:`explain` (the engine's limits).
+MAX_LENGTH = _native.MAX_LENGTH
+MAX_BEAM_SIZE = _native.MAX_BEAM_SIZE
+
+#: Operators in engine code order; ``operators=`` takes any of them, in any order.
+OPERATORS = ("OR", "AND", "AND NOT", "OR NOT")
+DEFAULT_OPERATORS = ("OR", "AND", "AND NOT")
+SEARCHES = ("beam", "optimal")
+#: Columns the optimal search adds to the result table.
+OPTIMAL_COLUMNS = ("optimal", "upper_bound", "nodes", "seconds")
+
+UnitSource = UnitMasks | Iterable[UnitMasks]
+
+#: Stores of up to this many concepts get a co-occurrence table (8 bytes per pair of
+#: concepts: 512 MiB here), which lets the search skip most counting; larger ones are
+#: searched without it, with the same results.
+COOCCURRENCE_MAX_CONCEPTS = 8192
+#: The arrays of one native beam-search result, all indexed by unit first.
+RESULT_KEYS = (
+    "score",
+    "beam_count",
+    "intersection",
+    "size",
+    "unit_size",
+    "intersection_images",
+    "size_images",
+    "unit_images",
+    "concepts",
+    "ops",
+    "length",
+    "primitive",
+    "primitive_iou",
+)
+
+
+class SearchBackend(Protocol):
+    """Where :func:`explain` runs the beam search when not in this process (e.g.
+    :class:`pyneuron.RayBackend`): given the checked inputs, it returns the same table
+    :func:`explain` would (``search`` is ``(length, beam_size, operator codes, penalty)``)."""
+
+    def explain_units(
+        self,
+        units: UnitSource,
+        store: ConceptStore,
+        *,
+        search: tuple[int, int, Sequence[int], float],
+        full_beam: bool,
+        progress: bool,
+    ) -> pd.DataFrame: ...
+
+
+def explain(
+    units: UnitSource,
+    store: ConceptStore,
+    *,
+    length: int = 3,
+    beam_size: int = 5,
+    operators: Sequence[str] = DEFAULT_OPERATORS,
+    penalty: float = 1.0,
+    full_beam: bool = False,
+    batch_size: int | None = None,
+    mode: str = "dataset",
+    progress: bool = True,
+    search: str = "beam",
+    time_limit: float | None = None,
+    max_nodes: int | None = None,
+    backend: str | SearchBackend | None = "local",
+) -> pd.DataFrame:
+    """Explain every unit by the best formula over the store's concepts (exact beam search,
+    or with ``search="optimal"`` the guaranteed best formula).
+
+    Semantics are compexp's: primitives are the concepts with IoU > 0 (ties to the
+    smaller concept id); each of ``length - 1`` steps combines every beam formula
+    with every concept present in the data by each operator, in the order given,
+    and keeps the best ``beam_size`` (a stable sort: ties keep the older entry).
+    The score is IoU * penalty ** (length - 1), NOT counting as one more.
+
+    The engine searches blocks of units together: each expansion step screens every
+    (beam formula, concept) pair with exact score ranges (from the store's
+    :meth:`~ConceptStore.cooccurrence` table, computed on first use and kept), counts
+    ``|F AND C AND unit|`` for the pairs left and ``|F AND C|`` for the pairs still in
+    question, each in one batched pass over the concepts. Results are identical to a
+    literal brute-force search.
+
+    Parameters
+    ----------
+    units
+        A :class:`UnitMasks`, or an iterable of them (chunks of a layer too big for
+        memory); units are numbered consecutively across chunks.
+    store
+        The concepts, on the same grid as the units.
+    length
+        Maximum number of concepts in a formula (1 is NetDissect), at most
+        :data:`MAX_LENGTH` (32): it bounds the table's ``concepts`` column, not its
+        ``length`` column (compexp's formula length, where each NOT counts one more).
+    beam_size
+        Formulas kept per step, at most :data:`MAX_BEAM_SIZE` (1024); memory grows
+        with ``beam_size`` x images per unit being searched.
+    operators
+        Any of ``"OR"``, ``"AND"``, ``"AND NOT"``, ``"OR NOT"``; candidates are
+        generated in this order.
+    penalty
+        Score multiplier per extra length unit (1.0: none); ``penalty ** k`` must be a
+        positive finite float for every formula length ``k + 1`` the search can reach.
+    full_beam
+        Return the whole final beam: one row per (unit, rank) with a ``rank`` and a
+        ``score`` column.
+    batch_size
+        Units per engine call (progress granularity); default scales with threads.
+    mode
+        ``"dataset"`` (default): IoU over all pixels of the probing set (compexp).
+        ``"netdissect"``, only with ``length=1``: NetDissect-Lite's IoU, counting the
+        unit's pixels per concept category only in images where that category meets the
+        unit (see :mod:`pyneuron.engine.netdissect`); concepts are ranked by it (ties: smaller
+        concept id) and ``score``, ``iou`` and ``primitive_iou`` hold it, while the other
+        metrics stay dataset-wide.
+    progress
+        Show a progress bar (on a terminal).
+    search
+        ``"beam"`` (compexp's beam search) or ``"optimal"``: for each unit the formula of
+        maximum IoU over *every* left-deep formula of at most ``length`` concepts present
+        in the data with the given operators (concepts may repeat), found by exact branch
+        and bound (the beam's answer is its starting point, so its IoU is never lower).
+        Ties go to the shorter formula, then to the smaller concept ids read left to
+        right, then to the operator listed first in ``operators``. ``penalty`` must be
+        1.0; ``full_beam=True`` gives the one optimum per unit with ``rank`` 0.
+    time_limit, max_nodes
+        Optimal search only: a per-unit budget in seconds and in expanded nodes (None:
+        none). A unit that runs out returns the best formula found with ``optimal``
+        False and ``upper_bound`` the highest IoU any formula could still have. Length 3
+        takes milliseconds per unit; lengths of 4 and more can take hours without one.
+    backend
+        ``"local"`` or None (this process), or a :class:`SearchBackend` object such as
+        :class:`pyneuron.RayBackend` (shards of units on a Ray cluster, identical
+        results) with its settings (cluster address, unit block, resumable shard
+        directory). :func:`pyneuron.explain` also takes the string ``"ray"``.
+        ``mode="netdissect"`` always runs here.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per unit: ``unit``, ``formula``, ``concepts`` (concepts in the
+        formula, at most ``length``), ``length`` (compexp's formula length: concepts,
+        each NOT counting one more; the exponent of ``penalty`` is ``length - 1``),
+        ``score``, ``iou``, ``detection_accuracy``, ``activation_coverage``, ``samples_coverage``,
+        ``explanation_coverage``, ``primitive``, ``primitive_iou``, ``unit_pixels``,
+        ``unit_images``. A unit no concept overlaps has a missing ``formula`` (NA) and IoU 0.
+        The optimal search adds ``optimal`` (bool: proven), ``upper_bound`` (equal to
+        ``iou`` when proven), ``nodes`` and ``seconds`` (per unit).
+
+    Examples
+    --------
+    >>> import numpy as np, pyneuron
+    >>> rng = np.random.default_rng(0)
+    >>> concepts = rng.random((4, 20, 8, 8)) < 0.3
+    >>> store = pyneuron.ConceptStore.from_masks(concepts, ["a", "b", "c", "d"])
+    >>> units = pyneuron.UnitMasks.from_masks((concepts[0] | concepts[1])[None])
+    >>> row = pyneuron.explain(units, store, progress=False).loc[0]
+    >>> row["formula"], round(float(row["iou"]), 6)   # "b" overlaps more, so it leads
+    ('(b OR a)', 1.0)
+    >>> best = pyneuron.explain(units, store, search="optimal", progress=False).loc[0]
+    >>> best["formula"], bool(best["optimal"])    # the tie rule puts "a" first
+    ('(a OR b)', True)
+    """
+    ops = _operator_codes(operators, length)
+    length = positive_int(length, "length", MAX_LENGTH)
+    beam_size = positive_int(beam_size, "beam_size", MAX_BEAM_SIZE)
+    _check_penalty(penalty, length)
+    if search not in SEARCHES:
+        raise PyneuronError(f"unknown search {search!r}; choose from {', '.join(SEARCHES)}")
+    optimal = search == "optimal"
+    if optimal and penalty != 1:
+        raise PyneuronError(
+            "the optimal search maximizes IoU; use penalty=1.0 with search='optimal'"
+        )
+    if not optimal and (time_limit is not None or max_nodes is not None):
+        raise PyneuronError("time_limit and max_nodes apply to search='optimal' only")
+    seconds = _time_limit(time_limit)
+    nodes = 0 if max_nodes is None else positive_int(max_nodes, "max_nodes")
+    _check_store(store)
+    remote = _remote_backend(backend)
+    if check_mode(mode) == "netdissect":
+        if length != 1 or optimal:
+            raise PyneuronError(
+                f"mode='netdissect' is NetDissect-Lite's IoU of single concepts; use it with "
+                f"length=1 and search='beam' (got length={length}, search={search!r}), or "
+                "mode='dataset' for formulas"
+            )
+        return _explain_netdissect(units, store, beam_size, full_beam, batch_size, progress)
+    if optimal and len(store) > COOCCURRENCE_MAX_CONCEPTS:
+        raise PyneuronError(
+            f"the optimal search needs the store's co-occurrence table, kept for up to "
+            f"{COOCCURRENCE_MAX_CONCEPTS:,} concepts; this store has {len(store):,}: build one "
+            "with fewer concepts or use search='beam'"
+        )
+    if remote is not None:
+        if optimal:
+            raise PyneuronError("the optimal search runs in this process; use backend='local'")
+        spec = (length, beam_size, ops, float(penalty))
+        return remote.explain_units(
+            units, store, search=spec, full_beam=full_beam, progress=progress
+        )
+    names = store.names
+    cooccurrence = store.cooccurrence() if optimal else search_cooccurrence(store, length)
+    frames = []
+    for first_unit, chunk, batch in _batches(units, store, batch_size, progress, "explain"):
+        args = (chunk._native, batch.start, batch.stop, store._native, length)
+        if optimal:
+            raw = _native.optimal_search(*args, ops, beam_size, seconds, nodes, cooccurrence)
+        else:
+            raw = _native.beam_search(*args, beam_size, ops, float(penalty), cooccurrence)
+        frames.append(result_table(raw, first_unit + batch.start, names, full_beam, optimal))
+    if len(frames) > 1:
+        return pd.concat(frames, ignore_index=True)
+    return frames[0] if frames else result_table(None, 0, names, full_beam, optimal)
+
+
+#: Verdicts of :func:`compare_searches`, per unit.
+AUDIT_VERDICTS = ("same formula", "same IoU", "beam worse", "no formula")
+
+
+def compare_searches(
+    units: UnitSource,
+    store: ConceptStore,
+    *,
+    length: int = 3,
+    beam_size: int = 5,
+    operators: Sequence[str] = DEFAULT_OPERATORS,
+    time_limit: float | None = None,
+    max_nodes: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Optimality audit of the beam: beam and optimal search on the same units, side by side.
+
+    Parameters
+    ----------
+    units, store, length, beam_size, operators, time_limit, max_nodes, progress
+        As for :func:`explain` (the budget applies to the optimal search).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per unit: ``unit``, ``beam_formula``, ``beam_iou``, ``optimal_formula``,
+        ``optimal_iou``, ``optimal`` (the optimum is proven), ``upper_bound``, ``gap``
+        (optimal IoU minus beam IoU, never negative) and ``audit``: ``"same formula"``,
+        ``"same IoU"`` (a different formula, equally good), ``"beam worse"`` or
+        ``"no formula"`` (no formula overlaps the unit). Where ``optimal`` is False the
+        verdict compares the beam with the best formula found within the budget.
+
+    Examples
+    --------
+    >>> import numpy as np, pyneuron
+    >>> rng = np.random.default_rng(0)
+    >>> concepts = rng.random((4, 20, 8, 8)) < 0.3
+    >>> store = pyneuron.ConceptStore.from_masks(concepts, ["a", "b", "c", "d"])
+    >>> units = pyneuron.UnitMasks.from_masks((concepts[0] | concepts[1])[None])
+    >>> pyneuron.compare_searches(units, store, progress=False)["audit"].tolist()
+    ['same IoU']
+    """
+    options = dict(length=length, beam_size=beam_size, operators=operators, progress=progress)
+    beam = explain(units, store, **options)
+    best = explain(
+        units, store, search="optimal", time_limit=time_limit, max_nodes=max_nodes, **options
+    )
+    gap = (best["iou"] - beam["iou"]).clip(lower=0.0)
+    audit = np.select(
+        [best["formula"].isna(), best["formula"] == beam["formula"], gap == 0],
+        ["no formula", "same formula", "same IoU"],
+        "beam worse",
+    )
+    return pd.DataFrame(
+        {
+            "unit": beam["unit"],
+            "beam_formula": beam["formula"],
+            "beam_iou": beam["iou"],
+            "optimal_formula": best["formula"],
+            "optimal_iou": best["iou"],
+            "optimal": best["optimal"],
+            "upper_bound": best["upper_bound"],
+            "gap": gap,
+            "audit": audit,
+        }
+    )
+
+
+def iou_table(
+    units: UnitSource, store: ConceptStore, *, mode: str = "dataset", progress: bool = True
+) -> np.ndarray:
+    """IoU of every unit with every concept: float64 (units, concepts) — NetDissect.
+
+    Parameters
+    ----------
+    units, store
+        The unit masks (or an iterable of chunks) and the concepts, on one grid.
+    mode
+        ``"dataset"`` (default, compexp's): |C∧A| / (|C| + |A| - |C∧A| + 1e-10) over all
+        pixels. ``"netdissect"``: NetDissect-Lite's, where |A| counts the unit's pixels
+        only in images where the concept's category meets the unit (see
+        :mod:`pyneuron.engine.netdissect`); bit for bit what its ``tally`` computes.
+    progress
+        Show a progress bar (on a terminal).
+
+    Examples
+    --------
+    >>> import numpy as np, pyneuron
+    >>> masks = np.zeros((2, 1, 2, 2), dtype=bool); masks[0, 0, 0] = True; masks[1, 0] = True
+    >>> store = pyneuron.ConceptStore.from_masks(masks, ["top", "all"])
+    >>> pyneuron.iou_table(pyneuron.UnitMasks.from_masks(masks[:1]), store, progress=False)
+    array([[1. , 0.5]])
+    """
+    _check_store(store)
+    netdissect = check_mode(mode) == "netdissect"
+    codes, n_categories = category_codes(store)
+    sizes = store.pixel_counts
+    rows = []
+    for _, chunk, batch in _batches(units, store, None, progress, "IoU table"):
+        counts = _native.intersection_counts(chunk._native, batch.start, batch.stop, store._native)
+        if netdissect:
+            per_category = category_unit_pixels(chunk, batch, store, codes, n_categories)
+            rows.append(netdissect_iou(counts, sizes[None, :], per_category[:, codes]))
+        else:
+            rows.append(iou(counts, sizes[None, :], chunk.pixel_counts[batch][:, None]))
+    return np.concatenate(rows) if rows else np.zeros((0, len(store)))
+
+
+def _explain_netdissect(
+    units: UnitSource,
+    store: ConceptStore,
+    beam_size: int,
+    full_beam: bool,
+    batch_size: int | None,
+    progress: bool,
+) -> pd.DataFrame:
+    """Length-1 explanations ranked by NetDissect-Lite's IoU.
+
+    Every concept with a positive NetDissect IoU overlaps the unit, so it is among the
+    engine's primitives (all concepts with dataset-wide IoU > 0) when the beam holds every
+    concept; those are re-scored and re-ranked here.
+    """
+    names = store.names
+    codes, n_categories = category_codes(store)
+    frames = []
+    for first_unit, chunk, batch in _batches(units, store, batch_size, progress, "explain"):
+        raw = _native.beam_search(
+            chunk._native, batch.start, batch.stop, store._native, 1, len(store), [], 1.0
+        )
+        per_category = category_unit_pixels(chunk, batch, store, codes, n_categories)
+        concepts = raw["concepts"][:, :, 0]
+        have = np.arange(concepts.shape[1])[None, :] < raw["beam_count"][:, None]
+        safe = np.where(have, concepts, 0)
+        scores = netdissect_iou(
+            raw["intersection"], raw["size"], np.take_along_axis(per_category, codes[safe], 1)
+        )
+        scores = np.where(have, scores, -np.inf)
+        order = np.lexsort((np.where(have, concepts, np.iinfo(np.int32).max), -scores), axis=1)
+        order = order[:, :beam_size]
+        ranked = {
+            key: np.take_along_axis(raw[key], order if raw[key].ndim == 2 else order[:, :, None], 1)
+            for key in ("concepts", "ops", "length", "intersection", "size",
+                        "intersection_images", "size_images")
+        }  # fmt: skip
+        best = np.take_along_axis(scores, order, 1)
+        ranked["score"] = np.where(np.isfinite(best), best, np.nan)
+        ranked["beam_count"] = np.minimum(raw["beam_count"], beam_size)
+        ranked["primitive"] = np.where(ranked["beam_count"] > 0, ranked["concepts"][:, 0, 0], -1)
+        ranked["primitive_iou"] = np.where(ranked["beam_count"] > 0, best[:, 0], 0.0)
+        ranked["unit_size"], ranked["unit_images"] = raw["unit_size"], raw["unit_images"]
+        frame = result_table(ranked, first_unit + batch.start, names, full_beam)
+        frame["iou"] = frame["score"]
+        frames.append(frame)
+    if not frames:
+        return result_table(None, 0, names, full_beam)
+    return pd.concat(frames, ignore_index=True)
+
+
+def score(formula: Formula | str, units: UnitSource, store: ConceptStore) -> pd.DataFrame:
+    """Score one formula against every unit: a row per unit with all metrics.
+
+    Examples
+    --------
+    >>> import numpy as np, pyneuron
+    >>> masks = np.zeros((2, 1, 2, 2), dtype=bool); masks[0, 0, 0] = True; masks[1, 0] = True
+    >>> store = pyneuron.ConceptStore.from_masks(masks, ["top", "all"])
+    >>> units = pyneuron.UnitMasks.from_masks(masks[:1])
+    >>> pyneuron.score("all AND NOT top", units, store)["iou"].tolist()
+    [0.0]
+    """
+    if not isinstance(formula, Formula):
+        formula = Formula.parse(formula)
+    program = formula.program(store)
+    frames = []
+    for first_unit, chunk in unit_chunks(units, store):
+        raw = _native.formula_counts(program, store._native, chunk._native)
+        n = len(chunk)
+        values = metrics(
+            raw["intersection"].astype(np.int64),
+            np.full(n, raw["size"]),
+            chunk.pixel_counts,
+            raw["intersection_images"].astype(np.int64),
+            np.full(n, raw["size_images"]),
+            chunk.image_counts,
+        )
+        frame = pd.DataFrame(
+            {"unit": np.arange(first_unit, first_unit + n), "formula": str(formula)}
+        )
+        for column in METRIC_COLUMNS:
+            frame[column] = values[column]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def best_of_beam(beam: pd.DataFrame) -> pd.DataFrame:
+    """The one-row-per-unit table from a ``full_beam=True`` table (its rank-0 rows)."""
+    return beam[beam["rank"] == 0].drop(columns="rank").reset_index(drop=True)
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _time_limit(value: float | None) -> float:
+    """Seconds as the engine takes them (0.0: no limit)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise PyneuronError(f"time_limit must be a positive number of seconds, got {value!r}")
+    return float(value) if math.isfinite(value) else 0.0
+
+
+def raw_beam_search(
+    units: UnitMasks, store: ConceptStore, search: tuple[int, int, Sequence[int], float]
+) -> dict[str, np.ndarray]:
+    """The engine's raw beam-search result for every unit of ``units`` (the arrays of
+    :data:`RESULT_KEYS`, turned into a table by :func:`result_table`); ``search`` is
+    ``(length, beam_size, operator codes, penalty)``, as a backend receives it."""
+    length, beam_size, ops, penalty = search
+    cooccurrence = search_cooccurrence(store, length)
+    raw = _native.beam_search(
+        units._native, 0, len(units), store._native, length, beam_size, list(ops),
+        float(penalty), cooccurrence,
+    )  # fmt: skip
+    return {key: raw[key] for key in RESULT_KEYS}
+
+
+def _remote_backend(backend: str | SearchBackend | None) -> SearchBackend | None:
+    """None for this process, else the backend object (anything else is refused)."""
+    if backend is None or (isinstance(backend, str) and backend == "local"):
+        return None
+    if isinstance(backend, str) or not hasattr(backend, "explain_units"):
+        raise PyneuronError(
+            f"unknown backend {backend!r}: pass 'local' or a backend object such as "
+            "pyneuron.RayBackend() (pyneuron.explain, dissect and the CLI also take 'ray')"
+        )
+    return backend
+
+
+def search_cooccurrence(store: ConceptStore, length: int) -> np.ndarray | None:
+    """The co-occurrence table the beam search screens with (None: searched without)."""
+    return store.cooccurrence() if length > 1 and len(store) <= COOCCURRENCE_MAX_CONCEPTS else None
+
+
+def _check_penalty(penalty: float, length: int) -> None:
+    """A penalty whose powers stay positive and finite up to the longest formula
+    (``2 * length - 1``: every added concept may carry a NOT)."""
+    if (
+        isinstance(penalty, bool)
+        or not isinstance(penalty, (int, float, np.floating, np.integer))
+        or not (math.isfinite(penalty) and penalty > 0)
+    ):
+        raise PyneuronError(f"penalty must be a positive finite number, got {penalty!r}")
+    try:
+        extreme = math.pow(float(penalty), 2 * length - 2)
+    except OverflowError:
+        extreme = math.inf
+    if not (0 < extreme < math.inf):
+        raise PyneuronError(
+            f"penalty {penalty!r} to the power {2 * length - 2} (a formula of length "
+            f"{2 * length - 1}) is {'0' if extreme == 0 else 'inf'}: every score would be "
+            "equal; use a penalty closer to 1 (e.g. 0.95)"
+        )
+
+
+def _operator_codes(operators: Sequence[str], length: int) -> list[int]:
+    if isinstance(operators, str):
+        operators = (operators,)
+    codes = []
+    for op in operators:
+        normalized = " ".join(str(op).upper().split())
+        if normalized not in OPERATORS:
+            raise PyneuronError(f"unknown operator {op!r}; choose from {', '.join(OPERATORS)}")
+        code = OPERATORS.index(normalized)
+        if code in codes:
+            raise PyneuronError(f"operator {normalized!r} given twice")
+        codes.append(code)
+    if not codes and not (isinstance(length, int) and length <= 1):
+        raise PyneuronError("no operators given; formulas longer than 1 need at least one")
+    return codes
+
+
+def _check_store(store: ConceptStore) -> None:
+    if not isinstance(store, ConceptStore):
+        raise PyneuronError(
+            f"expected a ConceptStore, got {type(store).__name__}; build one with "
+            "ConceptStore.from_masks, ConceptStore.writer or ConceptStore.open"
+        )
+    if len(store) == 0:
+        raise EmptyStoreError("the concept store holds no concepts; add concepts before explaining")
+    if not store.pixel_counts.any():
+        raise EmptyStoreError(
+            "no concept of the store is present in any image; nothing can explain a unit"
+        )
+
+
+def unit_chunks(units: UnitSource, store: ConceptStore) -> Iterator[tuple[int, UnitMasks]]:
+    """(number of the chunk's first unit, chunk) for a UnitMasks or an iterable of them."""
+    chunks = [units] if isinstance(units, UnitMasks) else units
+    if isinstance(chunks, (str, bytes)) or not isinstance(chunks, Iterable):
+        raise PyneuronError(
+            f"units must be UnitMasks or an iterable of UnitMasks, got {type(units).__name__}; "
+            "build them with UnitMasks.from_masks or UnitMasks.writer"
+        )
+    first = 0
+    for chunk in chunks:
+        if not isinstance(chunk, UnitMasks):
+            raise PyneuronError(f"expected UnitMasks, got {type(chunk).__name__}")
+        store.grid.require_same(chunk.grid, "unit masks vs concept store")
+        yield first, chunk
+        first += len(chunk)
+
+
+def _batches(
+    units: UnitSource, store: ConceptStore, batch_size: int | None, progress: bool, desc: str
+) -> Iterator[tuple[int, UnitMasks, slice]]:
+    if batch_size is None:
+        batch_size = max(64, 8 * _native.num_threads())
+    batch_size = positive_int(batch_size, "batch_size")
+    total = len(units) if isinstance(units, UnitMasks) else None
+    with progress_bar(total=total, desc=desc, unit="unit", enabled=progress) as bar:
+        for first, chunk in unit_chunks(units, store):
+            for start in range(0, len(chunk), batch_size):
+                batch = slice(start, min(start + batch_size, len(chunk)))
+                yield first, chunk, batch
+                bar.update(batch.stop - batch.start)
+
+
+def _formula_text(
+    concept_ids: np.ndarray, op_codes: np.ndarray, quoted: dict[int, str], names: Sequence[str]
+) -> str:
+    """``str()`` of the left-deep formula concepts[0] ops[0] concepts[1] ..., written
+    directly (``quoted``: concept id -> name as written, filled on first use)."""
+
+    def name(concept: int) -> str:
+        if concept not in quoted:
+            quoted[concept] = quote_name(names[concept])
+        return quoted[concept]
+
+    text = name(int(concept_ids[0]))
+    for op, concept in zip(op_codes.tolist(), concept_ids[1:].tolist()):
+        if concept < 0:
+            break
+        text = f"({text} {OPERATORS[op]} {name(concept)})"
+    return text
+
+
+def result_table(
+    raw: dict | None, first_unit: int, names: Sequence[str], full_beam: bool, optimal: bool = False
+) -> pd.DataFrame:
+    columns = [
+        "unit",
+        *(["rank"] if full_beam else []),
+        "formula",
+        "concepts",
+        "length",
+        "score",
+        *METRIC_COLUMNS,
+        "primitive",
+        "primitive_iou",
+        "unit_pixels",
+        "unit_images",
+        *(OPTIMAL_COLUMNS if optimal else []),
+    ]
+    if raw is None:
+        return pd.DataFrame({c: [] for c in columns})
+    n_units, beam = raw["score"].shape
+    ranks = beam if full_beam else 1
+    unit_idx = np.repeat(np.arange(n_units), ranks)
+    rank_idx = np.tile(np.arange(ranks), n_units)
+    keep = rank_idx < np.maximum(raw["beam_count"][unit_idx], 1)
+    unit_idx, rank_idx = unit_idx[keep], rank_idx[keep]
+    has = rank_idx < raw["beam_count"][unit_idx]
+    values = metrics(
+        raw["intersection"][unit_idx, rank_idx],
+        raw["size"][unit_idx, rank_idx],
+        raw["unit_size"][unit_idx],
+        raw["intersection_images"][unit_idx, rank_idx],
+        raw["size_images"][unit_idx, rank_idx],
+        raw["unit_images"][unit_idx],
+    )
+    quoted: dict[int, str] = {}
+    formulas = [
+        _formula_text(raw["concepts"][u, r], raw["ops"][u, r], quoted, names) if h else None
+        for u, r, h in zip(unit_idx, rank_idx, has)
+    ]
+    primitive = raw["primitive"][unit_idx]
+    data = {
+        "unit": first_unit + unit_idx,
+        "rank": rank_idx,
+        "formula": formulas,
+        "concepts": np.where(has, (raw["concepts"][unit_idx, rank_idx] >= 0).sum(axis=-1), 0),
+        "length": raw["length"][unit_idx, rank_idx],
+        "score": np.where(has, raw["score"][unit_idx, rank_idx], 0.0),
+        **{column: values[column] for column in METRIC_COLUMNS},
+        "primitive": [names[p] if p >= 0 else None for p in primitive],
+        "primitive_iou": raw["primitive_iou"][unit_idx],
+        "unit_pixels": raw["unit_size"][unit_idx],
+        "unit_images": raw["unit_images"][unit_idx],
+        **{column: raw[column][unit_idx] for column in (OPTIMAL_COLUMNS if optimal else ())},
+    }
+    data["iou"] = np.where(has, data["iou"], 0.0)
+    return pd.DataFrame({column: data[column] for column in columns})

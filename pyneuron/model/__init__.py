@@ -1,0 +1,1 @@
+"""The torch side: capture, thresholds, dissect and faithfulness."""

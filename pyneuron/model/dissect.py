@@ -1,0 +1,256 @@
+"""One call from a model layer to its explanations: capture, thresholds, masks, search."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..engine.heldout import evaluate, split_images
+from ..engine.store import ConceptStore
+from ..engine.units import UnitMasks
+from ..engine.upsample import unit_masks_from_activations
+from ..errors import GridMismatchError
+from ..scale import explain
+from .activations import LayerFormat, capture
+from .thresholds import activation_ranges, quantile_thresholds, user_thresholds
+
+Thresholds = float | Sequence[float] | np.ndarray
+
+
+def _check_image_files(images: Any, store: ConceptStore) -> None:
+    """Refuse image files that are not the store's probing images in its order."""
+    from ..concepts.sources import check_image_order
+    from ..image_files import list_images
+
+    if isinstance(images, (str, os.PathLike)) and os.path.isdir(images):
+        check_image_order(store, list_images(images))
+    elif isinstance(images, (list, tuple)) and all(
+        isinstance(item, (str, os.PathLike)) for item in images
+    ):
+        check_image_order(store, [Path(item) for item in images])
+
+
+def dissect(
+    model: Any,
+    layer: str,
+    images: Any,
+    store: ConceptStore,
+    *,
+    quantile: float = 0.005,
+    thresholds: Thresholds | None = None,
+    ranges: int | None = None,
+    batch_size: int = 32,
+    device: Any = None,
+    dtype: Any = None,
+    transform: Callable[..., Any] | None = None,
+    layer_format: LayerFormat | None = None,
+    activations_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    holdout: float | None = None,
+    holdout_seed: int = 0,
+    **search_options: Any,
+) -> pd.DataFrame:
+    """Explain every unit of ``layer``: capture → thresholds → unit masks → :func:`explain`.
+
+    Parameters
+    ----------
+    model, layer, images
+        As in :func:`pyneuron.capture`; ``images`` must be the store's probing images,
+        in the store's image order (a folder or a list of files is checked against the
+        images the store records, see :func:`pyneuron.concepts.sources.check_image_order`).
+    store
+        The concepts; its grid sets the resolution unit maps are upsampled to.
+    quantile
+        Top quantile per unit (compexp/NetDissect: 0.005, read at level 994/999;
+        OVCE: 0.01). Ignored when ``thresholds`` or ``ranges`` is given.
+    thresholds
+        User thresholds: one for all units or one per unit.
+    ranges
+        Explain activation ranges instead: KMeans with this many clusters over each
+        unit's non-zero activations (Clustered CompExp / OVCE use 5); a row per
+        (unit, range) with ``range``, ``lower`` and ``upper`` columns.
+    activations_dir
+        Stream captured activations there (resumable), for layers larger than memory.
+    holdout
+        Hold out this share of the images (drawn with ``holdout_seed``): thresholds and
+        formulas come from the rest, and every metric is scored again on the held-out
+        images (:func:`pyneuron.evaluate`: ``iou_heldout``, ..., ``iou_drop``).
+    **search_options
+        ``length``, ``beam_size``, ``operators``, ``penalty``, ``full_beam`` and
+        ``backend`` (``"ray"`` or a :class:`RayBackend`: the search on a Ray cluster) of
+        :func:`explain`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The :func:`explain` table with ``layer`` and ``threshold`` columns added
+        (and the held-out columns with ``holdout``).
+    """
+    _check_image_files(images, store)
+    activations = capture(
+        model,
+        layer,
+        images,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        transform=transform,
+        formats=layer_format,
+        out=activations_dir,
+        progress=progress,
+    )[layer]
+    if holdout is not None:
+        return explain_activations_split(
+            activations,
+            store,
+            holdout=holdout,
+            seed=holdout_seed,
+            layer=layer,
+            quantile=quantile,
+            thresholds=thresholds,
+            ranges=ranges,
+            progress=progress,
+            **search_options,
+        )
+    table, _ = explain_activations(
+        activations,
+        store,
+        layer=layer,
+        quantile=quantile,
+        thresholds=thresholds,
+        ranges=ranges,
+        progress=progress,
+        **search_options,
+    )
+    return table
+
+
+def check_image_count(n_images: int, store: ConceptStore) -> None:
+    """Raise :class:`GridMismatchError` unless activations cover the store's images."""
+    if n_images != store.grid.n_images:
+        raise GridMismatchError(
+            f"captured {n_images} images but the concept store covers "
+            f"{store.grid.n_images}; pass the store's probing images, in its order"
+        )
+
+
+def explain_activations(
+    activations: np.ndarray,
+    store: ConceptStore,
+    *,
+    layer: str,
+    quantile: float = 0.005,
+    thresholds: Thresholds | None = None,
+    ranges: int | None = None,
+    progress: bool = True,
+    **search_options: Any,
+) -> tuple[pd.DataFrame, list[UnitMasks]]:
+    """Thresholds → unit masks → :func:`explain` for captured activations (N, U, h, w).
+
+    Returns the table (with ``layer`` and ``threshold``, and for ``ranges`` also
+    ``range``, ``lower``, ``upper``) and the unit masks (one set per range index).
+    """
+    check_image_count(activations.shape[0], store)
+    size = (store.grid.height, store.grid.width)
+    if ranges is None:
+        if thresholds is not None:
+            values = user_thresholds(thresholds, activations.shape[1])
+        else:
+            values = quantile_thresholds(activations, quantile)
+        masks = unit_masks_from_activations(activations, values, size, progress=progress)
+        table = explain(masks, store, progress=progress, **search_options)
+        table.insert(0, "layer", layer)
+        table["threshold"] = values[table["unit"].to_numpy()]
+        return table, [masks]
+    bounds = activation_ranges(activations, ranges)  # (U, K, 2), NaN rows for missing ranges
+    tables, all_masks = [], []
+    for k in range(bounds.shape[1]):
+        lower, upper = bounds[:, k, 0], bounds[:, k, 1]
+        usable = np.isfinite(lower) & np.isfinite(upper)
+        masks = unit_masks_from_activations(
+            activations,
+            np.where(usable, lower, np.inf),
+            size,
+            upper=np.where(usable, upper, -np.inf),
+            progress=progress,
+        )
+        table = explain(masks, store, progress=progress, **search_options)
+        units = table["unit"].to_numpy()
+        table.insert(1, "range", k)
+        table["lower"], table["upper"] = lower[units], upper[units]
+        tables.append(table[usable[units]])
+        all_masks.append(masks)
+    result = pd.concat(tables).sort_values(["unit", "range"], kind="stable")
+    result = result.reset_index(drop=True)
+    result.insert(0, "layer", layer)
+    result["threshold"] = result["lower"]
+    return result, all_masks
+
+
+def explain_split(
+    units: UnitMasks,
+    store: ConceptStore,
+    *,
+    holdout: float = 0.2,
+    seed: int = 0,
+    progress: bool = True,
+    **search_options: Any,
+) -> pd.DataFrame:
+    """Explain saved unit masks on part of the images and :func:`evaluate` on the rest.
+
+    The thresholds behind ``units`` were set on all images; with a model, prefer
+    ``dissect(..., holdout=...)``, which sets them on the explaining part only.
+    Returns the :func:`evaluate` table of the explaining part's formulas.
+    """
+    store.grid.require_same(units.grid, "unit masks vs concept store")
+    fit, held = split_images(store.grid.n_images, holdout, seed)
+    table = explain(
+        units.take_images(fit), store.take_images(fit), progress=progress, **search_options
+    )
+    return evaluate(table, units.take_images(held), store.take_images(held))
+
+
+def explain_activations_split(
+    activations: np.ndarray,
+    store: ConceptStore,
+    *,
+    holdout: float,
+    seed: int = 0,
+    progress: bool = True,
+    **options: Any,
+) -> pd.DataFrame:
+    """``dissect(..., holdout=...)``: thresholds and formulas from the explaining part of
+    the images, metrics again on the held-out part (:func:`evaluate`)."""
+
+    check_image_count(activations.shape[0], store)
+    fit, held = split_images(activations.shape[0], holdout, seed)
+    table, _ = explain_activations(
+        activations[fit], store.take_images(fit), progress=progress, **options
+    )
+    held_activations = activations[held]
+    size = (store.grid.height, store.grid.width)
+    n_units = held_activations.shape[1]
+    if "range" not in table.columns:
+        thresholds = np.full(n_units, np.inf)
+        thresholds[table["unit"].to_numpy()] = table["threshold"].to_numpy()
+        masks: UnitMasks | list[UnitMasks] = unit_masks_from_activations(
+            held_activations, thresholds, size, progress=progress
+        )
+    else:
+        masks = []
+        for k in range(int(table["range"].max()) + 1):
+            rows = table[table["range"] == k]
+            lower, upper = np.full(n_units, np.inf), np.full(n_units, -np.inf)
+            lower[rows["unit"].to_numpy()] = rows["lower"].to_numpy()
+            upper[rows["unit"].to_numpy()] = rows["upper"].to_numpy()
+            masks.append(
+                unit_masks_from_activations(
+                    held_activations, lower, size, upper=upper, progress=progress
+                )
+            )
+    return evaluate(table, masks, store.take_images(held))

@@ -1,0 +1,811 @@
+"""Per-unit activation thresholds: exact streaming quantiles, KMeans ranges, user values.
+
+A layer's activations are an array of shape ``(N images, U units, h, w)`` (float32 or
+float64; integer arrays are read as float64; ``(N, U)`` and ``(N, U, L)`` work too). It may
+be a :class:`numpy.memmap` larger than memory: every function here reads it in batches of
+whole images and keeps only what it needs.
+
+- :func:`quantile_thresholds` gives the compexp / NetDissect-Lite threshold of every unit:
+  the quantile at level :func:`compexp_level` of the unit's raw activations over all images
+  and positions. It is *exact*: equal to ``np.quantile(a[:, u].astype(np.float64).ravel(),
+  level)``, computed by :class:`StreamingQuantiles` in memory proportional to
+  ``U * (1 - level) * N * h * w`` instead of the whole array. ``method="compexp"`` gives
+  instead what compexp's own randomized estimator gives (:mod:`pyneuron.model.compexp_quantiles`).
+- :func:`activation_ranges` gives the Clustered-CompExp / OVCE ranges: per unit, 1-D KMeans
+  (:func:`kmeans_1d`) over its non-zero activations, one ``(lo, hi)`` range per cluster.
+- :func:`user_thresholds` checks thresholds chosen by the user.
+
+A unit's binary mask is ``a > threshold`` for a quantile threshold and ``lo < a < hi``
+(both strict) for a range; building masks is not done here.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import numbers
+from collections.abc import Iterator
+
+import numpy as np
+import numpy.typing as npt
+
+from ..engine.checks import positive_int
+from ..errors import PyneuronError
+from .compexp_quantiles import CompexpQuantiles
+
+__all__ = [
+    "StreamingQuantiles",
+    "activation_ranges",
+    "compexp_level",
+    "kmeans_1d",
+    "quantile_thresholds",
+    "user_thresholds",
+]
+
+#: Bytes of activations read per batch when ``batch_images`` is not given.
+DEFAULT_BATCH_BYTES = 64 * 2**20
+
+_SHAPE_HELP = "(N images, U units, h, w)"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _real(value: object, name: str, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise PyneuronError(f"{name} must be a number {what}, got {value!r}")
+    return float(value)
+
+
+def _check_level(level: object) -> float:
+    value = _real(level, "level", "in [0, 1]")
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise PyneuronError(f"level must be in [0, 1], got {level!r}")
+    return value
+
+
+def _as_activations(activations: npt.ArrayLike) -> np.ndarray:
+    """Validate a whole activation array without reading it (memmaps stay memmaps)."""
+    if isinstance(activations, np.ndarray):
+        arr = activations
+    else:
+        try:
+            arr = np.asarray(activations)
+        except Exception as exc:  # e.g. a torch tensor that requires grad or lives on a GPU
+            raise PyneuronError(
+                f"cannot read activations of type {type(activations).__name__} as a numpy "
+                f"array ({exc}); pass a numpy array or np.memmap, e.g. tensor.detach().cpu()"
+                ".numpy()"
+            ) from None
+    _check_shape_dtype(arr, "activations")
+    if arr.shape[0] == 0 or math.prod(arr.shape[1:]) == 0:
+        raise PyneuronError(f"activations of shape {arr.shape} hold no values; {_SHAPE_HELP}")
+    return arr
+
+
+def _check_shape_dtype(arr: np.ndarray, name: str) -> None:
+    if arr.ndim < 2:
+        raise PyneuronError(f"{name} must have shape {_SHAPE_HELP}, got shape {arr.shape}")
+    if arr.dtype.kind not in "fiu":
+        raise PyneuronError(
+            f"{name} must be real numbers (float32 or float64), got dtype {arr.dtype}"
+        )
+
+
+def _batch_size(batch_images: int | None, arr: np.ndarray) -> int:
+    if batch_images is None:
+        per_image = max(1, math.prod(arr.shape[1:]) * arr.dtype.itemsize)
+        return max(1, DEFAULT_BATCH_BYTES // per_image)
+    return positive_int(batch_images, "batch_images")
+
+
+def _batches(arr: np.ndarray, batch_images: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first image index, batch) over whole-image slices; memmap slices are read lazily."""
+    for start in range(0, arr.shape[0], batch_images):
+        yield start, np.asarray(arr[start : start + batch_images])
+
+
+def _check_finite(batch: np.ndarray, first_image: int) -> None:
+    """Raise naming the first (image, unit) with a NaN or infinite activation."""
+    if batch.dtype.kind != "f":
+        return
+    finite = np.isfinite(batch)
+    if finite.all():
+        return
+    bad = ~finite.reshape(batch.shape[0], batch.shape[1], -1).all(axis=2)
+    image, unit = (int(i) for i in np.argwhere(bad)[0])
+    values = batch[image, unit].ravel()
+    value = values[~np.isfinite(values)][0]
+    raise PyneuronError(
+        f"unit {unit} has a non-finite activation ({value}) in image {first_image + image}; "
+        "thresholds need finite activations: check the model and its inputs (NaN or inf "
+        "pixels, overflow in float16/bfloat16)"
+    )
+
+
+def _unit_major(batch: np.ndarray) -> np.ndarray:
+    """A fresh C-contiguous (U, B * h * w) copy of a (B, U, ...) batch; integers become float64."""
+    b, u = batch.shape[:2]
+    view = batch.reshape(b, u, -1).transpose(1, 0, 2)
+    dtype = batch.dtype if batch.dtype.kind == "f" else np.dtype(np.float64)
+    return view.astype(dtype, order="C", copy=True).reshape(u, -1)
+
+
+# --------------------------------------------------------------------------- quantiles
+
+
+def compexp_level(q: float = 0.005) -> float:
+    """The quantile level at which compexp / NetDissect-Lite read a unit's threshold.
+
+    They compute 1000 evenly spaced quantiles (levels ``np.linspace(0, 1, 1000)``) and take
+    index ``int(1000 * (1 - q) - 1)``. This returns that level, ``np.linspace(0, 1,
+    1000)[idx]``: 994/999 for q = 0.005 (compexp), 989/999 for q = 0.01 (OVCE). It equals
+    ``idx / 999`` for all but 63 of the 1000 indices (none of the usual ones), where
+    linspace's ``idx * (1 / 999)`` differs from it in the last bit. ``q`` is converted to a
+    Python float first.
+
+    Parameters
+    ----------
+    q : float
+        Fraction of activations above the threshold, in [0, 1). ``q = 0`` gives level 1
+        (the maximum).
+
+    Returns
+    -------
+    float
+        The level, in [0, 1].
+
+    Examples
+    --------
+    >>> compexp_level(0.005)
+    0.994994994994995
+    >>> compexp_level(0.01) == 989 / 999
+    True
+    """
+    value = _real(q, "q", "in [0, 1)")
+    if not 0.0 <= value < 1.0:
+        raise PyneuronError(
+            f"q must be in [0, 1) (the fraction of activations above the threshold, e.g. "
+            f"0.005), got {q!r}"
+        )
+    idx = int(1000 * (1 - value) - 1)
+    return float(np.linspace(0.0, 1.0, 1000)[idx])
+
+
+def _order_statistics(m: int, level: float) -> tuple[int, int, float]:
+    """The two order statistics and weight numpy's 'linear' quantile uses for m values.
+
+    Mirrors numpy's ``_quantile`` / ``_get_indexes`` / ``_get_gamma`` for a Python-float
+    level: virtual index ``(m - 1) * level`` in float64; below it and above it the floor and
+    floor + 1; at or past the end both are the last one (and the weight is computed from
+    index -1, as numpy does).
+    """
+    virtual = float(np.float64(m - 1) * np.float64(level))
+    if virtual >= float(np.float64(m - 1)):
+        return m - 1, m - 1, virtual - (-1.0)
+    lo = math.floor(virtual)
+    return lo, lo + 1, virtual - float(lo)
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
+    """numpy's ``_lerp``: ``a + (b - a) * t``, or ``b - (b - a) * (1 - t)`` when t >= 0.5."""
+    diff = b - a
+    if t >= 0.5:
+        return b - diff * (1 - t)
+    return a + diff * t
+
+
+class StreamingQuantiles:
+    """Exact per-unit quantiles of activations seen batch by batch, in bounded memory.
+
+    Numpy's 'linear' quantile at ``level`` of ``M`` values only reads the order statistics
+    ``floor((M - 1) * level)`` and the next one. With ``total_values = M`` known, this keeps,
+    per unit, only the values on the smaller side of that point (the top
+    ``M - floor((M - 1) * level)`` values, or the bottom ones for low levels), merging each
+    batch in with :func:`numpy.partition`, and :meth:`result` is *exactly*
+    ``np.quantile(values_of_unit.astype(np.float64), level)`` (bit for bit, except possibly
+    the sign of a zero result when a unit mixes -0.0 and +0.0). Values are kept in the
+    batch's float dtype (integers as float64), so memory is about
+    ``2 * n_units * kept_per_unit * itemsize`` plus one batch.
+
+    With ``total_values=None`` (unknown count), pass ``max_values_per_unit``: the top that
+    many values of each unit are kept. :meth:`result` is then exact whenever the count seen,
+    ``M``, needs at most that many (``M - floor((M - 1) * level) <= max_values_per_unit``);
+    otherwise it raises :class:`~pyneuron.errors.PyneuronError`, and :meth:`bounds` still
+    gives a guaranteed interval: the unit's minimum and its smallest kept value.
+
+    Parameters
+    ----------
+    n_units : int
+        Units per batch (axis 1 of every batch).
+    level : float
+        Quantile level in [0, 1], e.g. ``compexp_level(0.005)``.
+    total_values : int or None
+        Values per unit over the whole stream (``N * h * w``); ``None`` if unknown.
+    max_values_per_unit : int, optional
+        Cap on values kept per unit. Required when ``total_values`` is None; with
+        ``total_values`` it is a memory guard (raises if the exact result needs more).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> acts = np.arange(60, dtype=np.float32).reshape(3, 2, 10)
+    >>> sq = StreamingQuantiles(n_units=2, level=0.9, total_values=30)
+    >>> sq.kept_per_unit
+    4
+    >>> for start in range(0, 3, 2):
+    ...     sq.update(acts[start : start + 2])
+    >>> sq.result()
+    array([46.1, 56.1])
+    >>> bool(np.quantile(acts[:, 0].astype(np.float64), 0.9) == sq.result()[0])
+    True
+    """
+
+    def __init__(
+        self,
+        n_units: int,
+        level: float,
+        total_values: int | None,
+        *,
+        max_values_per_unit: int | None = None,
+    ) -> None:
+        self._n_units = positive_int(n_units, "n_units")
+        self._level = _check_level(level)
+        cap = None
+        if max_values_per_unit is not None:
+            cap = positive_int(max_values_per_unit, "max_values_per_unit")
+        self._cap = cap
+        if total_values is None:
+            if cap is None:
+                raise PyneuronError(
+                    "total_values is None (count unknown), so pass max_values_per_unit, the "
+                    "number of top values kept per unit; or pass total_values = N * h * w to "
+                    "keep exactly what the exact quantile needs"
+                )
+            self._total: int | None = None
+            self._top = True
+            self._keep = cap
+        else:
+            self._total = positive_int(total_values, "total_values")
+            lo, hi, _ = _order_statistics(self._total, self._level)
+            top, bottom = self._total - lo, hi + 1
+            self._top = top <= bottom
+            self._keep = min(top, bottom)
+            if cap is not None and self._keep > cap:
+                raise PyneuronError(
+                    f"the exact quantile at level {self._level} of {self._total} values needs "
+                    f"{self._keep} values per unit, more than max_values_per_unit={cap}; raise "
+                    f"the cap (memory about {2 * self._n_units * self._keep * 8} bytes in "
+                    "float64)"
+                )
+        self._kept: np.ndarray | None = None  # (U, c): the kept side so far
+        self._pending: list[np.ndarray] = []  # (U, m) batches not yet merged
+        self._pending_values = 0
+        self._seen = 0
+        self._images = 0
+        self._min: np.ndarray | None = None  # running minimum, only when total is unknown
+
+    @property
+    def n_units(self) -> int:
+        """Units per batch."""
+        return self._n_units
+
+    @property
+    def level(self) -> float:
+        """The quantile level."""
+        return self._level
+
+    @property
+    def total_values(self) -> int | None:
+        """Values per unit expected over the stream (None if unknown)."""
+        return self._total
+
+    @property
+    def values_seen(self) -> int:
+        """Values per unit seen so far."""
+        return self._seen
+
+    @property
+    def kept_per_unit(self) -> int:
+        """The most values kept per unit after each merge."""
+        return self._keep
+
+    @property
+    def exact(self) -> bool:
+        """Whether :meth:`result` would now return the exact quantile (and not raise)."""
+        if self._seen == 0:
+            return False
+        if self._total is not None:
+            return self._seen == self._total
+        lo, _, _ = _order_statistics(self._seen, self._level)
+        return self._seen - lo <= self._keep
+
+    def update(self, batch: npt.ArrayLike) -> None:
+        """Add a batch of activations of shape (B, U, h, w) (or (B, U), (B, U, L)).
+
+        Raises :class:`~pyneuron.errors.PyneuronError` on NaN or infinite values (naming
+        the unit and the image, counted from the first image of the stream), on a wrong
+        number of units, or when more than ``total_values`` values arrive.
+        """
+        arr = np.asarray(batch)
+        _check_shape_dtype(arr, "batch")
+        if arr.shape[1] != self._n_units:
+            raise PyneuronError(
+                f"batch has {arr.shape[1]} units (axis 1 of {arr.shape}), expected "
+                f"{self._n_units}; batches are {_SHAPE_HELP}"
+            )
+        per_unit = arr.shape[0] * math.prod(arr.shape[2:])
+        if per_unit == 0:
+            self._images += arr.shape[0]
+            return
+        if self._total is not None and self._seen + per_unit > self._total:
+            raise PyneuronError(
+                f"this batch brings the values per unit to {self._seen + per_unit}, more than "
+                f"total_values={self._total}; pass total_values = N * h * w for the whole "
+                "stream, and each image once"
+            )
+        _check_finite(arr, self._images)
+        values = _unit_major(arr)
+        if self._total is None:
+            low = values.min(axis=1).astype(np.float64)
+            self._min = low if self._min is None else np.minimum(self._min, low)
+        self._pending.append(values)
+        self._pending_values += per_unit
+        self._seen += per_unit
+        self._images += arr.shape[0]
+        kept = 0 if self._kept is None else self._kept.shape[1]
+        if self._pending_values >= self._keep and kept + self._pending_values > self._keep:
+            self._merge()
+
+    def _merge(self) -> None:
+        """Fold the pending batches into the kept values (amortised linear time)."""
+        if not self._pending:
+            return
+        parts = self._pending if self._kept is None else [self._kept, *self._pending]
+        merged = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        n, k = merged.shape[1], self._keep
+        if n > k:
+            if self._top:
+                merged.partition(n - k, axis=1)
+                merged = merged[:, n - k :].copy()
+            else:
+                merged.partition(k - 1, axis=1)
+                merged = merged[:, :k].copy()
+        self._kept = merged
+        self._pending = []
+        self._pending_values = 0
+
+    def _missing(self) -> int:
+        """Values per unit the quantile needs beyond those kept (0 when exact)."""
+        lo, _, _ = _order_statistics(self._seen, self._level)
+        return max(0, (self._seen - lo) - min(self._keep, self._seen)) if self._top else 0
+
+    def result(self) -> np.ndarray:
+        """The quantile of every unit, shape (U,), float64.
+
+        Exact (see the class notes). Raises :class:`~pyneuron.errors.PyneuronError` if no
+        values were seen, if fewer than ``total_values`` were seen, or (count unknown) if
+        the kept top values do not reach the order statistics the quantile needs.
+        """
+        if self._seen == 0:
+            raise PyneuronError("no activations seen yet; call update() with batches first")
+        if self._total is not None and self._seen != self._total:
+            raise PyneuronError(
+                f"saw {self._seen} values per unit, but total_values={self._total}; update() "
+                "with every image of the stream before result()"
+            )
+        missing = self._missing()
+        if missing:
+            lo, _, _ = _order_statistics(self._seen, self._level)
+            raise PyneuronError(
+                f"the quantile at level {self._level} of {self._seen} values per unit needs "
+                f"the top {self._seen - lo} values of each unit, but only "
+                f"max_values_per_unit={self._keep} were kept; pass total_values="
+                f"{self._seen} (then exactly the needed values are kept) or raise "
+                f"max_values_per_unit to at least {self._seen - lo}; bounds() gives an "
+                "interval that contains the exact value"
+            )
+        self._merge()
+        assert self._kept is not None
+        lo, hi, t = _order_statistics(self._seen, self._level)
+        offset = self._seen - self._kept.shape[1] if self._top else 0
+        i, j = lo - offset, hi - offset
+        part = np.partition(self._kept, sorted({i, j}), axis=1)
+        a = part[:, i].astype(np.float64)
+        b = part[:, j].astype(np.float64)
+        return _lerp(a, b, t)
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """A guaranteed interval ``(lower, upper)`` per unit for the quantile of what was seen.
+
+        When :attr:`exact` both are :meth:`result` (with ``total_values`` given, that needs
+        the whole stream, as :meth:`result` does). Otherwise (count unknown and the cap too
+        small) the quantile interpolates between order statistics that are all at or below
+        the kept values, so it lies between the unit's smallest value seen and its smallest
+        kept value.
+        """
+        if self._seen == 0:
+            raise PyneuronError("no activations seen yet; call update() with batches first")
+        if self._total is not None or not self._missing():
+            value = self.result()
+            return value, value.copy()
+        self._merge()
+        assert self._kept is not None and self._min is not None
+        return self._min.copy(), self._kept.min(axis=1).astype(np.float64)
+
+
+def quantile_thresholds(
+    activations: npt.ArrayLike,
+    q: float = 0.005,
+    *,
+    level: float | None = None,
+    batch_images: int | None = None,
+    method: str = "exact",
+) -> np.ndarray:
+    """Per-unit top-quantile thresholds, exactly as compexp / NetDissect-Lite define them.
+
+    For each unit, the quantile at level ``compexp_level(q)`` (or ``level``) of its raw
+    activations over all images and positions, with numpy's default 'linear' interpolation:
+    the result equals ``np.quantile(activations[:, u].astype(np.float64).ravel(), level)``
+    bit for bit (up to the sign of a zero result when a unit mixes -0.0 and +0.0). The
+    unit's mask is then ``activation > threshold``.
+
+    The array is read ``batch_images`` images at a time through
+    :class:`StreamingQuantiles`, keeping per unit only the values at or above the
+    interpolation point (about ``q * N * h * w``), so memmaps larger than memory work.
+
+    Parameters
+    ----------
+    activations : array_like, shape (N, U, h, w)
+        Raw activations (float32 or float64; integers are read as float64). ``(N, U)`` and
+        ``(N, U, L)`` also work. NaN or inf raise :class:`~pyneuron.errors.PyneuronError`.
+    q : float
+        Fraction of activations above the threshold (compexp 0.005, OVCE 0.01).
+    level : float, optional
+        The quantile level in [0, 1], used instead of ``compexp_level(q)``.
+    batch_images : int, optional
+        Images per batch; by default about 64 MiB of activations.
+    method : {"exact", "compexp"}
+        ``"exact"`` (default): the exact quantile described above. ``"compexp"``: the
+        value compexp's and NetDissect-Lite's own randomized streaming estimator gives
+        (:class:`~pyneuron.model.compexp_quantiles.CompexpQuantiles`, seed 1, images in array
+        order, readout index ``int(1000 * (1 - q) - 1)``), bit for bit, for reproducing
+        published thresholds; it differs from the exact quantile (by up to ~0.005 on real
+        layers). ``level`` cannot be combined with it; the result does not depend on
+        ``batch_images``. Memory: about 0.6 MB per unit.
+
+    Returns
+    -------
+    numpy.ndarray, shape (U,), float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> acts = np.arange(200, dtype=np.float32).reshape(2, 1, 10, 10)
+    >>> quantile_thresholds(acts, q=0.01)
+    array([197.00800801])
+    >>> bool(quantile_thresholds(acts, level=0.5)[0] == np.quantile(acts, 0.5))
+    True
+    """
+    arr = _as_activations(activations)
+    if method not in ("exact", "compexp"):
+        raise PyneuronError(f"unknown method {method!r}; choose 'exact' or 'compexp'")
+    if method == "compexp":
+        if level is not None:
+            raise PyneuronError(
+                "method='compexp' reads its estimator at readout index int(1000 * (1 - q) - 1);"
+                " give q, not level"
+            )
+        compexp_level(q)  # checks q
+        estimator = CompexpQuantiles(arr.shape[1])
+        for start, values in _batches(arr, _batch_size(batch_images, arr)):
+            _check_finite(values, start)
+            estimator.update(values)
+        return estimator.quantile(q)
+    level = compexp_level(q) if level is None else _check_level(level)
+    batch = _batch_size(batch_images, arr)
+    n, units = arr.shape[:2]
+    stream = StreamingQuantiles(units, level, n * math.prod(arr.shape[2:]))
+    for _, values in _batches(arr, batch):
+        stream.update(values)
+    return stream.result()
+
+
+# --------------------------------------------------------------------------- KMeans ranges
+
+
+def _split(values: list[float], low: float, high: float) -> int:
+    """First index of the sorted ``values`` nearer to center ``high`` than to ``low``.
+
+    A value goes to the upper center iff ``(v - low) > (high - v)`` in float64: ties go to
+    the lower cluster, a value equal to a center always goes to that center, and the test is
+    monotone in ``v`` so a bisection finds the split.
+    """
+    return bisect.bisect_left(values, True, key=lambda v: (v - low) > (high - v))
+
+
+def _assign(values: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Cluster of each float64 value for strictly increasing centers (same rule as _split)."""
+    if centers.size < 2:
+        return np.zeros(values.shape, dtype=np.int64)
+    above = (values[:, None] - centers[None, :-1]) > (centers[None, 1:] - values[:, None])
+    return np.count_nonzero(above, axis=1).astype(np.int64)
+
+
+def _fit_sorted(s: np.ndarray, k: int, max_iter: int) -> tuple[np.ndarray, list[int]]:
+    """Lloyd's algorithm on sorted float64 values.
+
+    Returns strictly increasing centers of the non-empty clusters and the cluster bounds:
+    cluster ``j`` is ``s[bounds[j]:bounds[j + 1]]``.
+    """
+    n = s.size
+    if n == 0:
+        return np.empty(0), [0]
+    distinct = np.unique(s)
+    if distinct.size <= k:  # each distinct value is its own cluster (the exact optimum)
+        return distinct, [*np.searchsorted(s, distinct, side="left").tolist(), n]
+    picks = ((2 * np.arange(k) + 1) * n) // (2 * k)
+    centers = s[picks]
+    if np.any(np.diff(centers) <= 0):  # ties at the quantiles: use distinct values
+        centers = distinct[((2 * np.arange(k) + 1) * distinct.size) // (2 * k)]
+    values = s.tolist()
+
+    def assignment(c: np.ndarray) -> list[int]:
+        cl = c.tolist()
+        return [0, *(_split(values, cl[j], cl[j + 1]) for j in range(k - 1)), n]
+
+    bounds = assignment(centers)
+    for _ in range(max_iter):
+        new = centers.copy()
+        for j in range(k):
+            a, b = bounds[j], bounds[j + 1]
+            if b > a:  # an empty cluster keeps its center
+                new[j] = min(max(float(np.mean(s[a:b])), values[a]), values[b - 1])
+        new_bounds = assignment(new)
+        changed = new_bounds != bounds
+        centers, bounds = new, new_bounds
+        if not changed:
+            break
+    keep = [j for j in range(k) if bounds[j + 1] > bounds[j]]
+    return centers[keep], [*(bounds[j] for j in keep), n]
+
+
+def kmeans_1d(
+    values: npt.ArrayLike, n_clusters: int, *, max_iter: int = 300
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic 1-D KMeans (Lloyd's algorithm on sorted values).
+
+    Centers start at the values at the evenly spaced quantile positions
+    ``(2j + 1) / (2 * n_clusters)`` of the sorted data (at evenly spaced distinct values if
+    those tie). Each value goes to its nearest center, a value exactly halfway to the lower
+    one; each center moves to the mean of its values; this repeats until the assignment no
+    longer changes (a fixed point) or ``max_iter`` rounds. "Nearest" is decided in float64
+    as ``(v - c_low) > (c_high - v)``; means are taken over the sorted members (clamped to
+    their min and max), so the result does not depend on the order of ``values``. A cluster
+    that becomes empty keeps its center while iterating and is dropped at the end. With at
+    most ``n_clusters`` distinct values, each distinct value is its own cluster.
+
+    Parameters
+    ----------
+    values : array_like, 1-D
+        Finite real values.
+    n_clusters : int
+        Number of clusters wanted.
+    max_iter : int
+        Most update rounds.
+
+    Returns
+    -------
+    centers : numpy.ndarray, shape (n_clusters,), float64
+        Centers of the non-empty clusters, ascending, then NaN for the missing clusters.
+    labels : numpy.ndarray, shape (len(values),), int64
+        Index into ``centers`` of each value's cluster.
+
+    Examples
+    --------
+    >>> centers, labels = kmeans_1d([1.0, 1.2, 5.0, 5.2, 9.0], 3)
+    >>> centers
+    array([1.1, 5.1, 9. ])
+    >>> labels
+    array([0, 0, 1, 1, 2])
+    >>> kmeans_1d([2.0, 2.0, 3.0], 3)[0]
+    array([ 2.,  3., nan])
+    """
+    k = positive_int(n_clusters, "n_clusters")
+    rounds = positive_int(max_iter, "max_iter")
+    raw = np.asarray(values)
+    if raw.ndim != 1 or raw.dtype.kind not in "fiu":
+        raise PyneuronError(
+            f"values must be a 1-D array of real numbers, got shape {raw.shape} dtype {raw.dtype}"
+        )
+    v = raw.astype(np.float64)
+    if not np.isfinite(v).all():
+        raise PyneuronError("values must be finite; drop or fix NaN and inf first")
+    fitted, _ = _fit_sorted(np.sort(v), k, rounds)
+    centers = np.full(k, np.nan)
+    centers[: fitted.size] = fitted
+    return centers, _assign(v, fitted)
+
+
+def activation_ranges(
+    activations: npt.ArrayLike,
+    n_clusters: int = 5,
+    *,
+    seed: int = 0,
+    max_samples: int = 100_000,
+    batch_images: int | None = None,
+    max_iter: int = 300,
+) -> np.ndarray:
+    """Per-unit activation ranges from 1-D KMeans (Clustered CompExp / OVCE).
+
+    For each unit, its non-zero activations (values ``!= 0``, over all images and
+    positions) are clustered with :func:`kmeans_1d`; clusters are sorted by center,
+    ascending, and each gives the range ``(min, max)`` of its members. The unit's mask for a
+    range is ``lo < activation < hi`` -- both strict, as in OVCE, so the extreme members
+    themselves fall outside it.
+
+    Rows for missing clusters are NaN: a unit with fewer distinct non-zero values than
+    ``n_clusters`` (each distinct value is then a cluster of its own, range ``(v, v)``), a
+    unit that is all zeros (all NaN), or, rarely, a cluster that Lloyd's iterations left
+    empty. NaN rows come last.
+
+    Large inputs: when a unit has more than ``max_samples`` non-zero values, the centers are
+    fitted on ``max_samples`` of them drawn uniformly without replacement by
+    ``numpy.random.default_rng(seed)`` (the same sample whatever ``batch_images``), and then
+    *every* non-zero value is assigned to its nearest center, so the ranges still cover all
+    of them. This reads the array three times (count, sample, assign) instead of once, and
+    holds about ``U * max_samples`` values in memory.
+
+    Parameters
+    ----------
+    activations : array_like, shape (N, U, h, w)
+        Raw activations; NaN or inf raise :class:`~pyneuron.errors.PyneuronError`.
+    n_clusters : int
+        Clusters per unit (OVCE: 5).
+    seed : int
+        Seed of the subsample.
+    max_samples : int
+        Most non-zero values per unit used to fit the centers.
+    batch_images : int, optional
+        Images per batch; by default about 64 MiB of activations.
+    max_iter : int
+        Most Lloyd iterations.
+
+    Returns
+    -------
+    numpy.ndarray, shape (U, n_clusters, 2), float64
+        ``ranges[u, j] = (lo, hi)`` of cluster ``j`` of unit ``u``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> acts = np.array([0.0, 1.0, 1.5, 6.0, 7.0, 0.0]).reshape(6, 1, 1, 1)
+    >>> activation_ranges(acts, n_clusters=2)
+    array([[[1. , 1.5],
+            [6. , 7. ]]])
+    """
+    arr = _as_activations(activations)
+    k = positive_int(n_clusters, "n_clusters")
+    cap = positive_int(max_samples, "max_samples")
+    rounds = positive_int(max_iter, "max_iter")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise PyneuronError(f"seed must be a non-negative integer, got {seed!r}")
+    batch = _batch_size(batch_images, arr)
+    n, units = arr.shape[:2]
+
+    # Pass 1 (only if some unit might exceed the cap): non-zero counts, then the sample.
+    chosen: list[np.ndarray | None] = [None] * units
+    checked = False
+    if n * math.prod(arr.shape[2:]) > cap:
+        counts = np.zeros(units, dtype=np.int64)
+        for start, values in _batches(arr, batch):
+            _check_finite(values, start)
+            counts += np.count_nonzero(values.reshape(*values.shape[:2], -1), axis=(0, 2))
+        checked = True
+        rng = np.random.default_rng(int(seed))
+        for u in range(units):
+            if counts[u] > cap:
+                chosen[u] = np.sort(rng.choice(int(counts[u]), size=cap, replace=False))
+
+    # Pass 2: the non-zero values (or the chosen ones), in image-major order.
+    parts: list[list[np.ndarray]] = [[] for _ in range(units)]
+    offsets = np.zeros(units, dtype=np.int64)
+    for start, values in _batches(arr, batch):
+        if not checked:
+            _check_finite(values, start)
+        per_unit = values.reshape(*values.shape[:2], -1)
+        for u in range(units):
+            row = per_unit[:, u]
+            nonzero = row[row != 0]
+            picks = chosen[u]
+            if picks is not None:
+                first = int(offsets[u])
+                offsets[u] += nonzero.size
+                lo, hi = np.searchsorted(picks, [first, first + nonzero.size], side="left")
+                nonzero = nonzero[picks[lo:hi] - first]
+            parts[u].append(nonzero)
+
+    ranges = np.full((units, k, 2), np.nan)
+    centers: dict[int, np.ndarray] = {}
+    for u in range(units):
+        fitted_on = np.sort(np.concatenate(parts[u]).astype(np.float64))
+        parts[u] = []
+        fitted, bounds = _fit_sorted(fitted_on, k, rounds)
+        if chosen[u] is None:
+            for j in range(fitted.size):
+                ranges[u, j] = fitted_on[bounds[j]], fitted_on[bounds[j + 1] - 1]
+        else:
+            centers[u] = fitted
+
+    # Pass 3 (subsampled units only): assign every non-zero value to the fitted centers.
+    if centers:
+        low = np.full((units, k), np.inf)
+        high = np.full((units, k), -np.inf)
+        for _, values in _batches(arr, batch):
+            per_unit = values.reshape(*values.shape[:2], -1)
+            for u, c in centers.items():
+                row = per_unit[:, u]
+                nonzero = row[row != 0].astype(np.float64)
+                if nonzero.size == 0:
+                    continue
+                labels = _assign(nonzero, c)
+                for j in range(c.size):
+                    members = nonzero[labels == j]
+                    if members.size:
+                        low[u, j] = min(low[u, j], members.min())
+                        high[u, j] = max(high[u, j], members.max())
+        for u, c in centers.items():
+            ranges[u, : c.size, 0] = low[u, : c.size]
+            ranges[u, : c.size, 1] = high[u, : c.size]
+    return ranges
+
+
+# --------------------------------------------------------------------------- user values
+
+
+def user_thresholds(values: npt.ArrayLike, n_units: int) -> np.ndarray:
+    """Check user-given thresholds: one number for every unit, or one per unit.
+
+    Parameters
+    ----------
+    values : float or sequence of float
+        A number (used for every unit) or ``n_units`` numbers; all finite.
+    n_units : int
+        Number of units of the layer.
+
+    Returns
+    -------
+    numpy.ndarray, shape (n_units,), float64
+        A new array.
+
+    Examples
+    --------
+    >>> user_thresholds(0.5, 3)
+    array([0.5, 0.5, 0.5])
+    >>> user_thresholds([1, 2], 2)
+    array([1., 2.])
+    """
+    units = positive_int(n_units, "n_units")
+    try:
+        raw = np.asarray(values)
+    except Exception:
+        raw = np.asarray(None)
+    if raw.dtype.kind not in "fiu":
+        raise PyneuronError(
+            f"thresholds must be a number or a sequence of {units} numbers, got {values!r:.80}"
+        )
+    if raw.ndim == 0:
+        out = np.full(units, float(raw), dtype=np.float64)
+    elif raw.shape == (units,):
+        out = raw.astype(np.float64, copy=True)
+    else:
+        raise PyneuronError(
+            f"thresholds must be one number or one per unit ({units} units), got shape {raw.shape}"
+        )
+    bad = np.flatnonzero(~np.isfinite(out))
+    if bad.size:
+        raise PyneuronError(
+            f"the threshold of unit {int(bad[0])} is {out[bad[0]]}; thresholds must be "
+            "finite numbers"
+        )
+    return out
