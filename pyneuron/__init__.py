@@ -2,10 +2,11 @@
 over concepts, exactly and fast.
 
 Main entry points: :func:`dissect` (model layer -> explanations), :func:`capture`,
-:class:`ConceptStore`, :class:`UnitMasks`, :func:`explain`, :func:`iou_table`,
-:func:`compare_searches`, :func:`score` and :class:`Formula`; checks of explanations:
-:func:`evaluate` (held-out images), :func:`null_baseline` and :func:`significance` (control
-units), :func:`faithfulness` (masking concepts).
+:class:`ConceptStore`, :class:`UnitMasks`, :func:`explain` (its search:
+:class:`SearchSettings`), :func:`iou_table`, :func:`compare_searches`, :func:`score` and
+:class:`Formula`; checks of explanations: :func:`evaluate` (held-out images),
+:func:`null_baseline` and :func:`significance` (control units), :func:`faithfulness`
+(masking concepts).
 """
 
 from . import concepts, describe
@@ -20,14 +21,8 @@ from .engine.formula import And, Concept, Formula, Not, Or
 from .engine.grid import Grid
 from .engine.heldout import evaluate, split_images
 from .engine.null import control_units, null_baseline, significance
-from .engine.search import (
-    MAX_BEAM_SIZE,
-    MAX_LENGTH,
-    OPERATORS,
-    compare_searches,
-    iou_table,
-    score,
-)
+from .engine.search import compare_searches, iou_table, score
+from .engine.settings import MAX_BEAM_SIZE, MAX_LENGTH, OPERATORS, SearchSettings
 from .engine.store import ConceptStore, ConceptStoreWriter
 from .engine.units import UnitMasks, UnitMasksWriter
 from .engine.upsample import bilinear_resize, unit_masks_from_activations
@@ -70,6 +65,7 @@ __all__ = [
     "OutputExistsError",
     "PyneuronError",
     "RayBackend",
+    "SearchSettings",
     "StoreError",
     "UnitMasks",
     "UnitMasksWriter",

@@ -14,6 +14,8 @@ MODULES = [
     "pyneuron.engine.store",
     "pyneuron.engine.units",
     "pyneuron.engine.search",
+    "pyneuron.engine.settings",
+    "pyneuron.progress",
     "pyneuron.scale.ray",
     "pyneuron.engine.formula",
     "pyneuron.engine.heldout",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import os
 import sys
@@ -111,6 +112,61 @@ TimeLimitOption = Annotated[
 MaxNodesOption = Annotated[
     int | None, typer.Option(help="Optimal search: expanded nodes per unit (default: none).")
 ]
+
+#: The search options of `dissect` and `explain`, declared once: (CLI name, field of
+#: SearchSettings, option). Their defaults are SearchSettings'; run configs record them
+#: under their CLI names, so a run's config.toml can be given back with --config.
+SEARCH_OPTIONS = (
+    ("length", "length", LengthOption),
+    ("beam", "beam_size", BeamOption),
+    ("operators", "operators", OperatorsOption),
+    ("search", "search", SearchOption),
+    ("time_limit", "time_limit", TimeLimitOption),
+    ("max_nodes", "max_nodes", MaxNodesOption),
+    ("iou", "mode", IouOption),
+)
+
+
+def search_options(command: F) -> F:
+    """Give ``command`` the search options of :data:`SEARCH_OPTIONS` in place of its
+    ``settings`` parameter, which receives them as one checked ``SearchSettings``."""
+    from ..engine.settings import SearchSettings
+
+    defaults = SearchSettings()
+    signature = inspect.signature(command, eval_str=True)
+    names = list(signature.parameters)
+    at = names.index("settings")
+    added = [
+        inspect.Parameter(
+            cli,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=option,
+            default=_option_value(getattr(defaults, field)),
+        )
+        for cli, field, option in SEARCH_OPTIONS
+    ]
+    kept = list(signature.parameters.values())
+    parameters = [*kept[:at], *added, *kept[at + 1 :]]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = {field: kwargs.pop(cli) for cli, field, _ in SEARCH_OPTIONS}
+        values["operators"] = _operators(values["operators"])
+        return command(*args, settings=SearchSettings(**values), **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
+def _option_value(value: Any) -> Any:
+    """A setting as its CLI option writes it (operators comma-separated)."""
+    return ",".join(value) if isinstance(value, tuple) else value
+
+
+def search_config(settings: Any) -> dict[str, Any]:
+    """The search settings under their CLI names, for a run's config.toml."""
+    return {cli: _option_value(getattr(settings, field)) for cli, field, _ in SEARCH_OPTIONS}
+
 
 RayOption = Annotated[
     str | None,
@@ -289,6 +345,7 @@ SegmenterOption = Annotated[
 
 @app.command()
 @friendly_errors
+@search_options
 def dissect(
     model: Annotated[
         str,
@@ -311,13 +368,7 @@ def dissect(
     subset: SubsetOption = None,
     category: CategoryOption = None,
     segmenter: SegmenterOption = None,
-    length: LengthOption = 3,
-    beam: BeamOption = 5,
-    operators: OperatorsOption = "OR,AND,AND NOT",
-    search: SearchOption = "beam",
-    time_limit: TimeLimitOption = None,
-    max_nodes: MaxNodesOption = None,
-    iou: IouOption = "dataset",
+    settings: Any = None,  # the search options (search_options)
     quantile: Annotated[float, typer.Option(help="Top activation quantile per unit.")] = 0.005,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     ray: RayOption = None,
@@ -350,14 +401,8 @@ def dissect(
         store,
         out,
         image_source=_image_reader(files, store),
+        settings=settings,
         quantile=quantile,
-        length=length,
-        beam_size=beam,
-        operators=_operators(operators),
-        search=search,
-        time_limit=time_limit,
-        max_nodes=max_nodes,
-        iou=iou,
         batch_size=batch_size,
         transform=processor or image_transform(image_size),
         config={
@@ -371,13 +416,7 @@ def dissect(
             "subset": subset,
             "category": category,
             "segmenter": resolved_segmenter_spec(segmenter),
-            "length": length,
-            "beam": beam,
-            "operators": operators,
-            "search": search,
-            "time_limit": time_limit,
-            "max_nodes": max_nodes,
-            "iou": iou,
+            **search_config(settings),
             "quantile": quantile,
             "batch_size": batch_size,
             "ray": ray,
@@ -401,17 +440,12 @@ def _image_reader(files: list[Path], store: Any) -> Callable[[int], Any]:
 
 @app.command()
 @friendly_errors
+@search_options
 def explain(
     units: Annotated[Path, typer.Option(help="Unit masks directory (UnitMasks.save).")],
     concepts: Annotated[Path, typer.Option(help="Concept store directory.")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
-    length: LengthOption = 3,
-    beam: BeamOption = 5,
-    operators: OperatorsOption = "OR,AND,AND NOT",
-    search: SearchOption = "beam",
-    time_limit: TimeLimitOption = None,
-    max_nodes: MaxNodesOption = None,
-    iou: IouOption = "dataset",
+    settings: Any = None,  # the search options (search_options)
     ray: RayOption = None,
     overwrite: OverwriteOption = False,
     quiet: QuietOption = False,
@@ -431,28 +465,16 @@ def explain(
     beam_table = pyneuron.explain(
         masks,
         store,
-        length=length,
-        beam_size=beam,
-        operators=_operators(operators),
-        search=search,
-        time_limit=time_limit,
-        max_nodes=max_nodes,
-        mode=iou,
+        settings,
         full_beam=True,
         progress=not quiet,
         backend=_backend(ray, out),
     )
     results = best_of_beam(beam_table)
-    settings = {
+    config_values = {
         "units": resolved_path(units),
         "concepts": resolved_path(concepts),
-        "length": length,
-        "beam": beam,
-        "operators": operators,
-        "search": search,
-        "time_limit": time_limit,
-        "max_nodes": max_nodes,
-        "iou": iou,
+        **search_config(settings),
         "ray": ray,
     }
     write_run(
@@ -462,9 +484,9 @@ def explain(
             "versions": versions(),
             "grid": list(store.grid.shape),
             "units": len(masks),
-            **settings,
+            **config_values,
         },
-        config=settings,
+        config=config_values,
         beam=beam_table,
         overwrite=overwrite,
     )
@@ -597,19 +619,19 @@ def describe(
     from .describe import describe_command
 
     path = describe_command(
-        method,
-        model,
-        layer,
-        images,
-        concepts,
-        out,
-        clip,
-        captioner,
-        top_k,
-        batch_size,
-        image_size,
-        overwrite,
-        not quiet,
+        method=method,
+        model=model,
+        layer=layer,
+        images=images,
+        concepts=concepts,
+        out=out,
+        clip=clip,
+        captioner=captioner,
+        top_k=top_k,
+        batch_size=batch_size,
+        image_size=image_size,
+        overwrite=overwrite,
+        progress=not quiet,
         weights=weights,
         similarity=similarity,
         ties=ties,

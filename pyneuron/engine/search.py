@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -16,17 +15,10 @@ from .checks import positive_int
 from .formula import Formula, quote_name
 from .metrics import METRIC_COLUMNS, iou, metrics
 from .netdissect import category_codes, category_unit_pixels, check_mode, netdissect_iou
+from .settings import DEFAULT_OPERATORS, OPERATORS, SearchSettings
 from .store import ConceptStore
 from .units import UnitMasks
 
-#: Largest ``length`` and ``beam_size`` of :func:`explain` (the engine's limits).
-MAX_LENGTH = _native.MAX_LENGTH
-MAX_BEAM_SIZE = _native.MAX_BEAM_SIZE
-
-#: Operators in engine code order; ``operators=`` takes any of them, in any order.
-OPERATORS = ("OR", "AND", "AND NOT", "OR NOT")
-DEFAULT_OPERATORS = ("OR", "AND", "AND NOT")
-SEARCHES = ("beam", "optimal")
 #: Columns the optimal search adds to the result table.
 OPTIMAL_COLUMNS = ("optimal", "upper_bound", "nodes", "seconds")
 
@@ -73,19 +65,13 @@ class SearchBackend(Protocol):
 def explain(
     units: UnitSource,
     store: ConceptStore,
+    settings: SearchSettings | None = None,
     *,
-    length: int = 3,
-    beam_size: int = 5,
-    operators: Sequence[str] = DEFAULT_OPERATORS,
-    penalty: float = 1.0,
     full_beam: bool = False,
     batch_size: int | None = None,
-    mode: str = "dataset",
     progress: bool = True,
-    search: str = "beam",
-    time_limit: float | None = None,
-    max_nodes: int | None = None,
     backend: str | SearchBackend | None = "local",
+    **options: Any,
 ) -> pd.DataFrame:
     """Explain every unit by the best formula over the store's concepts (exact beam search,
     or with ``search="optimal"`` the guaranteed best formula).
@@ -103,6 +89,18 @@ def explain(
     question, each in one batched pass over the concepts. Results are identical to a
     literal brute-force search.
 
+    ``search="optimal"`` gives for each unit the formula of maximum IoU over *every*
+    left-deep formula of at most ``length`` concepts present in the data with the given
+    operators (concepts may repeat), found by exact branch and bound (the beam's answer
+    is its starting point, so its IoU is never lower). Ties go to the shorter formula,
+    then to the smaller concept ids read left to right, then to the operator listed
+    first. Length 3 takes milliseconds per unit; lengths of 4 and more can take hours
+    without a ``time_limit`` or ``max_nodes``. ``mode="netdissect"`` (``length=1``) ranks
+    concepts by NetDissect-Lite's IoU, counting the unit's pixels per concept category
+    only in images where that category meets the unit (see
+    :mod:`pyneuron.engine.netdissect`); ``score``, ``iou`` and ``primitive_iou`` hold it,
+    the other metrics stay dataset-wide.
+
     Parameters
     ----------
     units
@@ -110,46 +108,22 @@ def explain(
         memory); units are numbered consecutively across chunks.
     store
         The concepts, on the same grid as the units.
-    length
-        Maximum number of concepts in a formula (1 is NetDissect), at most
-        :data:`MAX_LENGTH` (32): it bounds the table's ``concepts`` column, not its
-        ``length`` column (compexp's formula length, where each NOT counts one more).
-    beam_size
-        Formulas kept per step, at most :data:`MAX_BEAM_SIZE` (1024); memory grows
-        with ``beam_size`` x images per unit being searched.
-    operators
-        Any of ``"OR"``, ``"AND"``, ``"AND NOT"``, ``"OR NOT"``; candidates are
-        generated in this order.
-    penalty
-        Score multiplier per extra length unit (1.0: none); ``penalty ** k`` must be a
-        positive finite float for every formula length ``k + 1`` the search can reach.
+    settings
+        The search (:class:`~pyneuron.engine.settings.SearchSettings`): ``length``
+        (3), ``beam_size`` (5), ``operators`` (OR, AND, AND NOT), ``penalty`` (1.0),
+        ``search`` (``"beam"`` or ``"optimal"``), ``time_limit`` and ``max_nodes``
+        (optimal search budgets per unit), ``mode`` (``"dataset"`` or
+        ``"netdissect"``).
+    **options
+        The same fields as keywords, replacing those of ``settings`` (or of the
+        defaults): ``explain(units, store, length=2, beam_size=10)``.
     full_beam
         Return the whole final beam: one row per (unit, rank) with a ``rank`` and a
-        ``score`` column.
+        ``score`` column (the optimal search: its one optimum with ``rank`` 0).
     batch_size
         Units per engine call (progress granularity); default scales with threads.
-    mode
-        ``"dataset"`` (default): IoU over all pixels of the probing set (compexp).
-        ``"netdissect"``, only with ``length=1``: NetDissect-Lite's IoU, counting the
-        unit's pixels per concept category only in images where that category meets the
-        unit (see :mod:`pyneuron.engine.netdissect`); concepts are ranked by it (ties: smaller
-        concept id) and ``score``, ``iou`` and ``primitive_iou`` hold it, while the other
-        metrics stay dataset-wide.
     progress
-        Show a progress bar (on a terminal).
-    search
-        ``"beam"`` (compexp's beam search) or ``"optimal"``: for each unit the formula of
-        maximum IoU over *every* left-deep formula of at most ``length`` concepts present
-        in the data with the given operators (concepts may repeat), found by exact branch
-        and bound (the beam's answer is its starting point, so its IoU is never lower).
-        Ties go to the shorter formula, then to the smaller concept ids read left to
-        right, then to the operator listed first in ``operators``. ``penalty`` must be
-        1.0; ``full_beam=True`` gives the one optimum per unit with ``rank`` 0.
-    time_limit, max_nodes
-        Optimal search only: a per-unit budget in seconds and in expanded nodes (None:
-        none). A unit that runs out returns the best formula found with ``optimal``
-        False and ``upper_bound`` the highest IoU any formula could still have. Length 3
-        takes milliseconds per unit; lengths of 4 and more can take hours without one.
+        Show progress (a bar on a terminal, lines in a log).
     backend
         ``"local"`` or None (this process), or a :class:`SearchBackend` object such as
         :class:`pyneuron.RayBackend` (shards of units on a Ray cluster, identical
@@ -183,30 +157,13 @@ def explain(
     >>> best["formula"], bool(best["optimal"])    # the tie rule puts "a" first
     ('(a OR b)', True)
     """
-    ops = _operator_codes(operators, length)
-    length = positive_int(length, "length", MAX_LENGTH)
-    beam_size = positive_int(beam_size, "beam_size", MAX_BEAM_SIZE)
-    _check_penalty(penalty, length)
-    if search not in SEARCHES:
-        raise PyneuronError(f"unknown search {search!r}; choose from {', '.join(SEARCHES)}")
-    optimal = search == "optimal"
-    if optimal and penalty != 1:
-        raise PyneuronError(
-            "the optimal search maximizes IoU; use penalty=1.0 with search='optimal'"
-        )
-    if not optimal and (time_limit is not None or max_nodes is not None):
-        raise PyneuronError("time_limit and max_nodes apply to search='optimal' only")
-    seconds = _time_limit(time_limit)
-    nodes = 0 if max_nodes is None else positive_int(max_nodes, "max_nodes")
+    settings = SearchSettings.from_options(settings, options)
+    length, beam_size, penalty = settings.length, settings.beam_size, settings.penalty
+    ops, optimal = settings.operator_codes, settings.optimal
+    seconds, nodes = settings.seconds, settings.nodes
     _check_store(store)
     remote = _remote_backend(backend)
-    if check_mode(mode) == "netdissect":
-        if length != 1 or optimal:
-            raise PyneuronError(
-                f"mode='netdissect' is NetDissect-Lite's IoU of single concepts; use it with "
-                f"length=1 and search='beam' (got length={length}, search={search!r}), or "
-                "mode='dataset' for formulas"
-            )
+    if settings.mode == "netdissect":
         return _explain_netdissect(units, store, beam_size, full_beam, batch_size, progress)
     if optimal and len(store) > COOCCURRENCE_MAX_CONCEPTS:
         raise PyneuronError(
@@ -438,15 +395,6 @@ def best_of_beam(beam: pd.DataFrame) -> pd.DataFrame:
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _time_limit(value: float | None) -> float:
-    """Seconds as the engine takes them (0.0: no limit)."""
-    if value is None:
-        return 0.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise PyneuronError(f"time_limit must be a positive number of seconds, got {value!r}")
-    return float(value) if math.isfinite(value) else 0.0
-
-
 def raw_beam_search(
     units: UnitMasks, store: ConceptStore, search: tuple[int, int, Sequence[int], float]
 ) -> dict[str, np.ndarray]:
@@ -477,44 +425,6 @@ def _remote_backend(backend: str | SearchBackend | None) -> SearchBackend | None
 def search_cooccurrence(store: ConceptStore, length: int) -> np.ndarray | None:
     """The co-occurrence table the beam search screens with (None: searched without)."""
     return store.cooccurrence() if length > 1 and len(store) <= COOCCURRENCE_MAX_CONCEPTS else None
-
-
-def _check_penalty(penalty: float, length: int) -> None:
-    """A penalty whose powers stay positive and finite up to the longest formula
-    (``2 * length - 1``: every added concept may carry a NOT)."""
-    if (
-        isinstance(penalty, bool)
-        or not isinstance(penalty, (int, float, np.floating, np.integer))
-        or not (math.isfinite(penalty) and penalty > 0)
-    ):
-        raise PyneuronError(f"penalty must be a positive finite number, got {penalty!r}")
-    try:
-        extreme = math.pow(float(penalty), 2 * length - 2)
-    except OverflowError:
-        extreme = math.inf
-    if not (0 < extreme < math.inf):
-        raise PyneuronError(
-            f"penalty {penalty!r} to the power {2 * length - 2} (a formula of length "
-            f"{2 * length - 1}) is {'0' if extreme == 0 else 'inf'}: every score would be "
-            "equal; use a penalty closer to 1 (e.g. 0.95)"
-        )
-
-
-def _operator_codes(operators: Sequence[str], length: int) -> list[int]:
-    if isinstance(operators, str):
-        operators = (operators,)
-    codes = []
-    for op in operators:
-        normalized = " ".join(str(op).upper().split())
-        if normalized not in OPERATORS:
-            raise PyneuronError(f"unknown operator {op!r}; choose from {', '.join(OPERATORS)}")
-        code = OPERATORS.index(normalized)
-        if code in codes:
-            raise PyneuronError(f"operator {normalized!r} given twice")
-        codes.append(code)
-    if not codes and not (isinstance(length, int) and length <= 1):
-        raise PyneuronError("no operators given; formulas longer than 1 need at least one")
-    return codes
 
 
 def _check_store(store: ConceptStore) -> None:

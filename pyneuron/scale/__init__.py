@@ -16,6 +16,6 @@ __all__ = ["RayBackend", "explain", "resolve_backend"]
 
 
 @functools.wraps(search.explain)
-def explain(units: Any, store: Any, **options: Any) -> pd.DataFrame:
+def explain(units: Any, store: Any, settings: Any = None, **options: Any) -> pd.DataFrame:
     options["backend"] = resolve_backend(options.get("backend", "local"))
-    return search.explain(units, store, **options)
+    return search.explain(units, store, settings, **options)
