@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 import pyneuron
+from pyneuron.engine.atomic import write_atomically
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -107,9 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     _table(report)
     out = Path(args.output) if args.output else RESULTS / f"search-{args.size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    partial.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-    os.replace(partial, out)  # atomic: an interrupted run leaves the old results
+    text = json.dumps(report, indent=2, default=_json_default) + "\n"
+    write_atomically(out, lambda p: p.write_text(text))  # an interrupted run leaves the old results
     print(f"wrote {out}")
     checks = [report[k].get("agreement") for k in ("numba", "numpy")]
     checks.append(report["numpy"].get("numba_agreement"))

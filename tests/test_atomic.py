@@ -125,3 +125,68 @@ def test_sigkilled_writers_never_lose_the_store(tmp_path):
         opened.verify()
     store(9).save(path, overwrite=True)  # cleans what the kills left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+# -- single files: write_atomically --------------------------------------------------------
+
+
+def test_write_atomically_writes_the_whole_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "table.bin"
+    path.write_bytes(b"old")
+    data = bytes(range(256)) * 4096
+    atomic.write_atomically(path, lambda p: p.write_bytes(data))
+    assert path.read_bytes() == data
+    assert [p.name for p in tmp_path.iterdir()] == ["table.bin"]
+    atomic.write_atomically(tmp_path / "new.txt", lambda p: p.write_text("fresh"), durable=False)
+    assert (tmp_path / "new.txt").read_text() == "fresh"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.txt", "table.bin"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_write_atomically_keeps_the_old_content_when_the_write_fails(tmp_path, error):
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+
+    def write(temporary):
+        assert temporary.parent == tmp_path and ".json.tmp-" in temporary.name
+        with open(temporary, "w") as handle:
+            handle.write("half of the new cont")
+            handle.flush()
+            raise error
+
+    with pytest.raises(type(error)):
+        atomic.write_atomically(path, write)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    with pytest.raises(type(error)):
+        atomic.write_atomically(tmp_path / "absent.json", write)
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_write_atomically_into_a_missing_folder_is_a_clear_error(tmp_path):
+    path = tmp_path / "missing" / "results.csv"
+    with pytest.raises(FileNotFoundError, match=r"cannot write results\.csv: its folder does not"):
+        atomic.write_atomically(path, lambda p: p.write_text("x"))
+    assert not (tmp_path / "missing").exists()
+
+
+def test_write_atomically_gives_the_permissions_of_a_plain_write(tmp_path):
+    (tmp_path / "plain").write_text("x")
+    atomic.write_atomically(tmp_path / "atomic", lambda p: p.write_text("x"))
+    assert (tmp_path / "atomic").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+def test_a_killed_file_write_leaves_a_temporary_that_recover_removes(tmp_path):
+    path = tmp_path / "results.parquet"
+    path.write_text("old")
+    names = []
+
+    def write(temporary):
+        names.append(temporary.name)
+        temporary.write_text("partial")
+
+    atomic.write_atomically(path, write)
+    leftover = tmp_path / names[0].replace(f"-{os.getpid()}-", f"-{dead_pid()}-")
+    leftover.write_text("partial")  # what a SIGKILL during `write` leaves
+    atomic.recover(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["results.parquet"]

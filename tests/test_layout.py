@@ -139,3 +139,19 @@ def test_the_engine_loads_without_torch_the_cli_or_ray():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert done.stdout.strip() == "", f"the engine imported {done.stdout.strip()}"
+
+
+def test_no_module_outside_the_engine_reads_private_attributes():
+    """Other parts use the engine's public API (e.g. ``MaskSet.arrays``), not its insides."""
+    found = []
+    for name, path in _modules().items():
+        if name == "pyneuron.engine" or name.startswith("pyneuron.engine."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Attribute):
+                continue
+            private = node.attr.startswith("_") and not node.attr.startswith("__")
+            own = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            if private and not own:
+                found.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+    assert found == []

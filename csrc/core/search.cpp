@@ -223,6 +223,287 @@ void advance_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, co
   });
 }
 
+// A (beam entry F, concept C) pair of an expansion step still in question, and what is
+// known of |F∧C∧A|.
+struct Pending {
+  int32_t parent;
+  int32_t concept;
+  Interval fca;
+  double upper;  // best upper end of its candidates' scores
+};
+// Per unit of a block: its pairs still in question.
+using Stage = std::vector<std::vector<Pending>>;
+
+// What the stages of one expansion step of a block share: the units' top-k candidates
+// (the kept beam entries offered first) and the score factors of the extensions.
+struct BlockStep {
+  BlockStep(const SearchContext& context, std::vector<UnitSearch*>& units) : ctx(context), block(units) {
+    const std::size_t nb = block.size(), n_ops = ctx.options.ops.size();
+    first_row.assign(nb + 1, 0);
+    for (std::size_t b = 0; b < nb; ++b) first_row[b + 1] = first_row[b] + int64_t(block[b]->beam.size());
+    next.assign(nb, TopK(std::size_t(ctx.options.beam_size)));
+    factor.resize(nb);
+    for (std::size_t b = 0; b < nb; ++b) {
+      const UnitSearch& s = *block[b];
+      for (std::size_t p = 0; p < s.beam.size(); ++p) {
+        next[b].offer({s.beam[p].entry.score, uint64_t(p), int32_t(p), -1, BinaryOp::Or});
+        std::vector<double> f(n_ops);
+        for (std::size_t k = 0; k < n_ops; ++k)
+          f[k] = length_factor(ctx.options.penalty, s.beam[p].entry.length + 1 + is_negated(ctx.options.ops[k]));
+        factor[b].push_back(std::move(f));
+      }
+    }
+  }
+  // The row of beam entry p of unit b among all entries of the block.
+  std::size_t entry(std::size_t b, int32_t p) const { return std::size_t(first_row[b] + p); }
+  std::size_t n_entries() const { return std::size_t(first_row.back()); }
+
+  const SearchContext& ctx;
+  std::vector<UnitSearch*>& block;
+  std::vector<int64_t> first_row;  // beam entries of the block, numbered unit by unit
+  std::vector<TopK> next;          // per unit
+  // Per unit, beam entry and operator k: penalty^(length - 1) of the extension.
+  std::vector<std::vector<std::vector<double>>> factor;
+};
+
+// One unit's screening in one stage of a step: offers the candidates of the pairs whose
+// counts are known, keeps the others that can still enter the beam (see expand_block).
+class UnitScreen {
+ public:
+  UnitScreen(const SearchContext& ctx, UnitSearch& s, TopK& next, const std::vector<std::vector<double>>& factor)
+      : ctx_(ctx),
+        ops_(ctx.options.ops),
+        s_(s),
+        next_(next),
+        factor_(factor),
+        a_(int64_t(s.result.unit_size)),
+        beam_size_(std::size_t(ctx.options.beam_size)),
+        worst_(next.full() ? next.worst().score : -1.0) {}
+
+  // The first stage: every pair (most are known exactly: single concepts, sparse units).
+  void all_pairs() {
+    for (int32_t p = 0; p < int32_t(s_.beam.size()); ++p) entry_pairs(p);
+  }
+  // A later stage: the pairs the previous one left, with more of their counts known.
+  void pending_pairs(const std::vector<Pending>& pairs) {
+    for (const Pending& x : pairs) consider(x);
+  }
+  // Books the stage's scored pairs (`counted`: after counting |F∧C|, else derived) and
+  // returns the pairs left, less those that cannot beat the beam_size-th best score some
+  // candidate surely reaches.
+  std::vector<Pending> finish(bool counted) {
+    (counted ? s_.result.counted : s_.result.derived) += scored_;
+    for (const Candidate& kept : next_.items()) guaranteed_.push_back(kept.score);
+    if (guaranteed_.size() >= beam_size_) {
+      std::nth_element(guaranteed_.begin(), guaranteed_.begin() + std::ptrdiff_t(beam_size_ - 1), guaranteed_.end(),
+                       std::greater<>());
+      const double threshold = guaranteed_[beam_size_ - 1];
+      const auto dropped =
+          std::remove_if(left_.begin(), left_.end(), [&](const Pending& x) { return x.upper < threshold; });
+      s_.result.pruned += uint64_t(left_.end() - dropped);
+      left_.erase(dropped, left_.end());
+    }
+    return std::move(left_);
+  }
+
+ private:
+  // The pairs of beam entry p: the concepts that may overlap F or A, in concept order,
+  // then the others present (quiet), all at once.
+  void entry_pairs(int32_t p) {
+    const LiveEntry& parent = s_.beam[p];
+    const int64_t f = int64_t(parent.entry.size), fa = int64_t(parent.entry.intersection);
+    const std::vector<int32_t>& visited = ctx_.quiet_ops ? touching(parent) : ctx_.by_id;
+    // consider()'s first lines, in line: most of these pairs are exact, and calling it
+    // for each measured 3-4 % slower on `medium`.
+    for (const int32_t concept : visited) {
+      const int64_t c = int64_t(ctx_.concept_size[concept]);
+      const int64_t ca = int64_t(s_.ca[concept]);
+      const Interval fc = ctx_.overlap(parent, std::size_t(concept));
+      const Interval fca = inside_overlap(f, fa, c, ca, a_, kUnknown, fc);
+      if (fc.exact() && fca.exact())
+        offer(p, concept, uint64_t(f), uint64_t(fa), uint64_t(c), uint64_t(ca), uint64_t(fc.lo), uint64_t(fca.lo));
+      else
+        consider({p, concept, fca, 0});
+    }
+    const uint64_t n_quiet = ctx_.by_id.size() - visited.size();
+    if (n_quiet == 0) return;
+    scored_ += n_quiet;
+    quiet_pairs(p, n_quiet);
+  }
+
+  // The concepts that may overlap beam entry F or the unit, ascending (a scratch vector).
+  const std::vector<int32_t>& touching(const LiveEntry& parent) {
+    touching_.clear();
+    ctx_.overlapping(parent, overlapping_);
+    std::set_union(overlapping_.begin(), overlapping_.end(), s_.touching.begin(), s_.touching.end(),
+                   std::back_inserter(touching_));
+    return touching_;
+  }
+
+  // The candidates of beam entry p with the n_quiet quiet concepts that may enter the
+  // top-k. A quiet concept C gives F OR C: I = |F∧A|, size |F| + |C| (its score falls as
+  // |C| grows); F AND C: nothing (score 0); F AND NOT C: F itself. Among quiet concepts of
+  // equal score the smaller concept id comes first, so beyond the first beam_size in
+  // (score, id) order none can enter the top-k.
+  void quiet_pairs(int32_t p, uint64_t n_quiet) {
+    const LiveEntry& parent = s_.beam[p];
+    const uint64_t f = parent.entry.size, fa = parent.entry.intersection, a = uint64_t(a_);
+    quiet_.clear();
+    for (const int32_t concept : ctx_.by_id) {
+      if (quiet_.size() == std::min<uint64_t>(beam_size_, n_quiet)) break;
+      if (ctx_.quiet(parent, std::size_t(concept), s_.ca[concept])) quiet_.push_back(concept);
+    }
+    for (std::size_t k = 0; k < ops_.size(); ++k) {
+      const BinaryOp op = ops_[k];
+      if (op != BinaryOp::Or) {
+        for (const int32_t concept : quiet_)
+          offer_op(p, concept, k, candidate_counts(op, f, fa, ctx_.concept_size[concept], 0, 0, 0, a, ctx_.total));
+        continue;
+      }
+      uint64_t offered = 0;
+      double last = 0;
+      for (const int32_t concept : ctx_.by_size) {
+        if (!ctx_.quiet(parent, std::size_t(concept), s_.ca[concept])) continue;
+        const Counts n = candidate_counts(op, f, fa, ctx_.concept_size[concept], 0, 0, 0, a, ctx_.total);
+        const double score = iou_of(n.intersection, n.size, a);
+        if (offered >= beam_size_ && score < last) break;
+        offer_op(p, concept, k, n);
+        last = score;
+        if (++offered == n_quiet) break;
+      }
+    }
+  }
+
+  // Offers candidate k (operator ops_[k]) of pair (p, concept) with counts n.
+  void offer_op(int32_t p, int32_t concept, std::size_t k, Counts n) {
+    const double fac = factor_[p][k];
+    if (surely_below(n.intersection, n.size + uint64_t(a_) - n.intersection, fac, worst_)) return;
+    const double score = iou_of(n.intersection, n.size, uint64_t(a_)) * fac;
+    const uint64_t order =
+        beam_size_ + (uint64_t(p) * uint64_t(ctx_.concepts.n_masks) + uint64_t(concept)) * ops_.size() + k;
+    next_.offer({score, order, p, concept, ops_[k]});
+    if (next_.full()) worst_ = next_.worst().score;
+  }
+
+  // Offers the candidates of a pair whose counts are all known.
+  void offer(int32_t p, int32_t concept, uint64_t f, uint64_t fa, uint64_t c, uint64_t ca, uint64_t fc,
+             uint64_t fca) {
+    for (std::size_t k = 0; k < ops_.size(); ++k)
+      offer_op(p, concept, k, candidate_counts(ops_[k], f, fa, c, ca, fc, fca, uint64_t(a_), ctx_.total));
+    ++scored_;
+  }
+
+  // A pair with some count unknown: dropped, or kept with its score range.
+  void consider(Pending x) {
+    const LiveEntry& parent = s_.beam[x.parent];
+    const double* fac = factor_[x.parent].data();
+    const int64_t a = a_, total = int64_t(ctx_.total);
+    const int64_t f = int64_t(parent.entry.size), fa = int64_t(parent.entry.intersection);
+    const int64_t c = int64_t(ctx_.concept_size[x.concept]), ca = int64_t(s_.ca[x.concept]);
+    const Interval fc = ctx_.overlap(parent, std::size_t(x.concept));
+    x.fca = inside_overlap(f, fa, c, ca, a, x.fca, fc);
+    if (fc.exact() && x.fca.exact()) {
+      offer(x.parent, x.concept, uint64_t(f), uint64_t(fa), uint64_t(c), uint64_t(ca), uint64_t(fc.lo),
+            uint64_t(x.fca.lo));
+      return;
+    }
+    CountRange ranges[4];
+    bool open = false;  // some candidate may still reach the top-k
+    for (std::size_t k = 0; k < ops_.size(); ++k) {
+      ranges[k] = count_range(ops_[k], f, fa, c, ca, a, total, x.fca, fc);
+      open = open || !surely_below(uint64_t(ranges[k].i_hi), uint64_t(a + ranges[k].e_lo), fac[k], worst_);
+    }
+    if (!open) {
+      ++s_.result.pruned;
+      return;
+    }
+    x.upper = 0;
+    for (std::size_t k = 0; k < ops_.size(); ++k) {
+      const IouRange range = iou_range(ranges[k], a);
+      x.upper = std::max(x.upper, range.hi * fac[k]);
+      if (range.lo * fac[k] >= worst_) guaranteed_.push_back(range.lo * fac[k]);
+    }
+    left_.push_back(x);
+  }
+
+  const SearchContext& ctx_;
+  const std::vector<BinaryOp>& ops_;
+  UnitSearch& s_;
+  TopK& next_;
+  const std::vector<std::vector<double>>& factor_;
+  const int64_t a_;  // |A|
+  const std::size_t beam_size_;
+  double worst_;  // scores below the top-k's worst can never enter it (it only gets better)
+  std::vector<double> guaranteed_;  // scores some candidate surely reaches
+  std::vector<Pending> left_;       // pairs still in question
+  uint64_t scored_ = 0;             // pairs whose candidates were offered
+  std::vector<int32_t> overlapping_, touching_, quiet_;  // scratch, per beam entry
+};
+
+// One screening stage of a step for every unit of the block (`first`: every pair, else
+// the stage's pending ones; `counted`: whether |F∧C| was counted for this stage).
+void screen_block(BlockStep& step, Stage& stage, bool first, bool counted) {
+  parallel_for(int64_t(step.block.size()), [&](int64_t b) {
+    UnitScreen screen(step.ctx, *step.block[b], step.next[b], step.factor[b]);
+    if (first)
+      screen.all_pairs();
+    else
+      screen.pending_pairs(stage[b]);
+    stage[b] = screen.finish(counted);
+  });
+}
+
+// The rows of a counting pass: F (inside = false) or F AND A (inside = true) of each beam
+// entry with pending pairs, and per entry of the block its row (-1: none).
+struct PassRows {
+  std::vector<const SparseMask*> rows;
+  std::vector<int64_t> row_of;
+  int64_t row(const BlockStep& step, std::size_t b, const Pending& x) const { return row_of[step.entry(b, x.parent)]; }
+};
+
+PassRows pass_rows(const BlockStep& step, const Stage& stage, bool inside) {
+  PassRows pass{{}, std::vector<int64_t>(step.n_entries(), -1)};
+  for (std::size_t b = 0; b < stage.size(); ++b)
+    for (const Pending& x : stage[b]) {
+      int64_t& row = pass.row_of[step.entry(b, x.parent)];
+      if (row >= 0) continue;
+      row = int64_t(pass.rows.size());
+      const LiveEntry& entry = step.block[b]->beam[x.parent];
+      pass.rows.push_back(inside ? &entry.intersection : &entry.formula);
+    }
+  return pass;
+}
+
+// The pending pairs as (row, concept) pairs of a pass, numbered.
+PairSet pass_pairs(const BlockStep& step, const Stage& stage, const PassRows& pass) {
+  PairSet selected(int64_t(pass.rows.size()), step.ctx.concepts.n_masks);
+  for (std::size_t b = 0; b < stage.size(); ++b)
+    for (const Pending& x : stage[b]) selected.add(pass.row(step, b, x), x.concept);
+  selected.number();
+  return selected;
+}
+
+// Counts F (inside = false) or F AND A (inside = true) of the beam entries with pending
+// pairs against those pairs' concepts, in one batched pass; hands each pair its count
+// (take(b, pair, count)) and each unit its words. Returns false when no pair is pending.
+template <typename Take>
+bool count_pending(BlockStep& step, Stage& stage, bool inside, Take&& take) {
+  const PassRows pass = pass_rows(step, stage, inside);
+  if (pass.rows.empty()) return false;
+  const PairSet selected = pass_pairs(step, stage, pass);
+  const BatchCounts counted = step.ctx.count(PairCounter(pass.rows, step.ctx.concepts, step.ctx.index), &selected);
+  parallel_for(int64_t(step.block.size()), [&](int64_t b) {
+    UnitSearch& s = *step.block[b];
+    for (std::size_t p = 0; p < s.beam.size(); ++p) {
+      const int64_t row = pass.row_of[step.entry(std::size_t(b), int32_t(p))];
+      if (row >= 0) s.result.words += counted.words[std::size_t(row)];
+    }
+    for (Pending& x : stage[b])
+      take(b, x, counted.counts[std::size_t(selected.index(pass.row(step, std::size_t(b), x), x.concept))]);
+  });
+  return true;
+}
+
 // One expansion step for a block of units. Each (beam entry F, concept C) pair is first
 // screened with what is known without counting (|F∧C| in the entry's intervals, exact for
 // single concepts from the co-occurrence table), then with |F∧C∧A| counted for the pairs
@@ -234,219 +515,21 @@ void advance_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, co
 // candidates cannot enter the beam. Offering candidates in any order gives the same top-k
 // (a strict total order on (score, order)), so the result is the brute-force one.
 void expand_block(const SearchContext& ctx, std::vector<UnitSearch*>& block, bool final) {
-  const SearchOptions& options = ctx.options;
-  const std::size_t beam_size = std::size_t(options.beam_size);
-  const std::size_t n_ops = options.ops.size();
-  const int64_t n_concepts = ctx.concepts.n_masks;
-  const int64_t nb = int64_t(block.size());
-  const int64_t total = int64_t(ctx.total);
-
-  // Beam entries of the block, numbered unit by unit.
-  std::vector<int64_t> first_row(static_cast<std::size_t>(nb) + 1, 0);
-  for (int64_t b = 0; b < nb; ++b) first_row[b + 1] = first_row[b] + int64_t(block[b]->beam.size());
-  const int64_t n_entries = first_row[nb];
-
-  std::vector<TopK> next(static_cast<std::size_t>(nb), TopK(beam_size));
-  std::vector<std::vector<std::vector<double>>> factor(static_cast<std::size_t>(nb));
-  for (int64_t b = 0; b < nb; ++b) {
-    const UnitSearch& s = *block[b];
-    for (std::size_t p = 0; p < s.beam.size(); ++p) {
-      next[b].offer({s.beam[p].entry.score, uint64_t(p), int32_t(p), -1, BinaryOp::Or});
-      std::vector<double> f(n_ops);
-      for (std::size_t k = 0; k < n_ops; ++k)
-        f[k] = length_factor(options.penalty, s.beam[p].entry.length + 1 + is_negated(options.ops[k]));
-      factor[b].push_back(std::move(f));
-    }
+  BlockStep step(ctx, block);
+  Stage stage(block.size());
+  screen_block(step, stage, true, false);
+  const auto unit_overlap = [](int64_t, Pending& x, uint64_t n) { x.fca = {int64_t(n), int64_t(n)}; };
+  // From pass 2 on, |F AND C| is exact in the entry's intervals.
+  const auto formula_overlap = [&](int64_t b, Pending& x, uint64_t n) {
+    LiveEntry& parent = block[b]->beam[x.parent];
+    ctx.store_overlaps(parent);
+    parent.overlaps[x.concept] = {int64_t(n), int64_t(n)};
+  };
+  if (count_pending(step, stage, true, unit_overlap)) {
+    screen_block(step, stage, false, false);
+    if (count_pending(step, stage, false, formula_overlap)) screen_block(step, stage, false, true);
   }
-
-  // A pair still in question and what is known of |F∧C∧A|.
-  struct Pending {
-    int32_t parent;
-    int32_t concept;
-    Interval fca;
-    double upper;  // best upper end of its candidates' scores
-  };
-  using Stage = std::vector<std::vector<Pending>>;
-  // Offers the candidates of the pairs whose counts are known, keeps the others that can
-  // still enter the beam. `first`: screen every pair (the stage is empty), else the
-  // stage's; `counted`: whether |F∧C| was counted for this stage.
-  const auto screen = [&](Stage& stage, bool first, bool counted) {
-    parallel_for(nb, [&](int64_t b) {
-      UnitSearch& s = *block[b];
-      const int64_t a = int64_t(s.result.unit_size);
-      std::vector<double> guaranteed;  // scores some candidate surely reaches
-      // First screen, per beam entry: concepts that may overlap it or the unit, and the
-      // first quiet ones.
-      std::vector<int32_t> overlapping, touching, quiet;
-      std::vector<Pending> left;
-      uint64_t scored = 0;  // pairs whose candidates were offered
-      // Scores below the top-k's worst can never enter it (it only gets better).
-      double worst = next[b].full() ? next[b].worst().score : -1.0;
-      // Offers candidate k (operator options.ops[k]) of pair (p, concept) with counts n.
-      const auto offer_op = [&](int32_t p, int32_t concept, std::size_t k, Counts n) {
-        const double fac = factor[b][p][k];
-        if (surely_below(n.intersection, n.size + uint64_t(a) - n.intersection, fac, worst)) return;
-        const double score = iou_of(n.intersection, n.size, uint64_t(a)) * fac;
-        const uint64_t order = beam_size + (uint64_t(p) * uint64_t(n_concepts) + uint64_t(concept)) * n_ops + k;
-        next[b].offer({score, order, p, concept, options.ops[k]});
-        if (next[b].full()) worst = next[b].worst().score;
-      };
-      // Offers the candidates of a pair whose counts are all known.
-      const auto offer = [&](int32_t p, int32_t concept, uint64_t f, uint64_t fa, uint64_t c, uint64_t ca,
-                             uint64_t fc, uint64_t fca) {
-        for (std::size_t k = 0; k < n_ops; ++k)
-          offer_op(p, concept, k, candidate_counts(options.ops[k], f, fa, c, ca, fc, fca, uint64_t(a), ctx.total));
-        ++scored;
-      };
-      // A pair with some count unknown: dropped, or kept with its score range.
-      const auto consider = [&](Pending x) {
-        const LiveEntry& parent = s.beam[x.parent];
-        const double* fac = factor[b][x.parent].data();
-        const int64_t f = int64_t(parent.entry.size), fa = int64_t(parent.entry.intersection);
-        const int64_t c = int64_t(ctx.concept_size[x.concept]), ca = int64_t(s.ca[x.concept]);
-        const Interval fc = ctx.overlap(parent, std::size_t(x.concept));
-        x.fca = inside_overlap(f, fa, c, ca, a, x.fca, fc);
-        if (fc.exact() && x.fca.exact()) {
-          offer(x.parent, x.concept, uint64_t(f), uint64_t(fa), uint64_t(c), uint64_t(ca), uint64_t(fc.lo),
-                uint64_t(x.fca.lo));
-          return;
-        }
-        CountRange ranges[4];
-        bool open = false;  // some candidate may still reach the top-k
-        for (std::size_t k = 0; k < n_ops; ++k) {
-          ranges[k] = count_range(options.ops[k], f, fa, c, ca, a, total, x.fca, fc);
-          open = open || !surely_below(uint64_t(ranges[k].i_hi), uint64_t(a + ranges[k].e_lo), fac[k], worst);
-        }
-        if (!open) {
-          ++s.result.pruned;
-          return;
-        }
-        x.upper = 0;
-        for (std::size_t k = 0; k < n_ops; ++k) {
-          const IouRange range = iou_range(ranges[k], a);
-          x.upper = std::max(x.upper, range.hi * fac[k]);
-          if (range.lo * fac[k] >= worst) guaranteed.push_back(range.lo * fac[k]);
-        }
-        left.push_back(x);
-      };
-      if (first) {  // every pair: most are known exactly (single concepts, sparse units)
-        for (int32_t p = 0; p < int32_t(s.beam.size()); ++p) {
-          const LiveEntry& parent = s.beam[p];
-          const int64_t f = int64_t(parent.entry.size), fa = int64_t(parent.entry.intersection);
-          // Concepts that may overlap F or A, in concept order; the others present (quiet)
-          // are set aside.
-          if (ctx.quiet_ops) {
-            touching.clear();
-            ctx.overlapping(parent, overlapping);
-            std::set_union(overlapping.begin(), overlapping.end(), s.touching.begin(), s.touching.end(),
-                           std::back_inserter(touching));
-          }
-          const std::vector<int32_t>& visited = ctx.quiet_ops ? touching : ctx.by_id;
-          // consider()'s first lines, in line: most of these pairs are exact, and calling it
-          // for each measured 3-4 % slower on `medium`.
-          for (const int32_t concept : visited) {
-            const int64_t c = int64_t(ctx.concept_size[concept]);
-            const int64_t ca = int64_t(s.ca[concept]);
-            const Interval fc = ctx.overlap(parent, std::size_t(concept));
-            const Interval fca = inside_overlap(f, fa, c, ca, a, kUnknown, fc);
-            if (fc.exact() && fca.exact())
-              offer(p, concept, uint64_t(f), uint64_t(fa), uint64_t(c), uint64_t(ca), uint64_t(fc.lo), uint64_t(fca.lo));
-            else
-              consider({p, concept, fca, 0});
-          }
-          const uint64_t n_quiet = ctx.by_id.size() - visited.size();
-          if (n_quiet == 0) continue;
-          scored += n_quiet;
-          // A quiet concept C gives F OR C: I = |F∧A|, size |F| + |C| (its score falls
-          // as |C| grows); F AND C: nothing (score 0); F AND NOT C: F itself. Among quiet
-          // concepts of equal score the smaller concept id comes first, so beyond the
-          // first beam_size in (score, id) order none can enter the top-k.
-          quiet.clear();
-          for (const int32_t concept : ctx.by_id) {
-            if (quiet.size() == std::min<uint64_t>(beam_size, n_quiet)) break;
-            if (ctx.quiet(parent, std::size_t(concept), s.ca[concept])) quiet.push_back(concept);
-          }
-          for (std::size_t k = 0; k < n_ops; ++k) {
-            const BinaryOp op = options.ops[k];
-            if (op != BinaryOp::Or) {
-              for (const int32_t concept : quiet)
-                offer_op(p, concept, k, candidate_counts(op, f, fa, ctx.concept_size[concept], 0, 0, 0, a, ctx.total));
-              continue;
-            }
-            uint64_t offered = 0;
-            double last = 0;
-            for (const int32_t concept : ctx.by_size) {
-              if (!ctx.quiet(parent, std::size_t(concept), s.ca[concept])) continue;
-              const Counts n = candidate_counts(op, f, fa, ctx.concept_size[concept], 0, 0, 0, a, ctx.total);
-              const double score = iou_of(n.intersection, n.size, uint64_t(a));
-              if (offered >= beam_size && score < last) break;
-              offer_op(p, concept, k, n);
-              last = score;
-              if (++offered == n_quiet) break;
-            }
-          }
-        }
-      } else {
-        for (const Pending& x : stage[b]) consider(x);
-      }
-      (counted ? s.result.counted : s.result.derived) += scored;
-      for (const Candidate& kept : next[b].items()) guaranteed.push_back(kept.score);
-      if (guaranteed.size() >= beam_size) {
-        std::nth_element(guaranteed.begin(), guaranteed.begin() + std::ptrdiff_t(beam_size - 1),
-                         guaranteed.end(), std::greater<>());
-        const double threshold = guaranteed[beam_size - 1];
-        const auto dropped =
-            std::remove_if(left.begin(), left.end(), [&](const Pending& x) { return x.upper < threshold; });
-        s.result.pruned += uint64_t(left.end() - dropped);
-        left.erase(dropped, left.end());
-      }
-      stage[b] = std::move(left);
-    });
-  };
-  // Counts F (inside = false) or F AND A (inside = true) of the beam entries with pending
-  // pairs against those pairs' concepts, in one batched pass; hands each pair its count.
-  // Returns false when no pair is pending.
-  const auto count = [&](Stage& stage, bool inside, auto&& take) {
-    std::vector<int64_t> row_of(std::size_t(n_entries), -1);  // entry -> row of this pass
-    std::vector<const SparseMask*> rows;
-    for (int64_t b = 0; b < nb; ++b)
-      for (const Pending& x : stage[b]) {
-        int64_t& row = row_of[std::size_t(first_row[b] + x.parent)];
-        if (row >= 0) continue;
-        row = int64_t(rows.size());
-        const LiveEntry& entry = block[b]->beam[x.parent];
-        rows.push_back(inside ? &entry.intersection : &entry.formula);
-      }
-    if (rows.empty()) return false;
-    PairSet selected(int64_t(rows.size()), n_concepts);
-    for (int64_t b = 0; b < nb; ++b)
-      for (const Pending& x : stage[b]) selected.add(row_of[std::size_t(first_row[b] + x.parent)], x.concept);
-    selected.number();
-    const BatchCounts counted = ctx.count(PairCounter(rows, ctx.concepts, ctx.index), &selected);
-    parallel_for(nb, [&](int64_t b) {
-      for (std::size_t p = 0; p < block[b]->beam.size(); ++p) {
-        const int64_t row = row_of[std::size_t(first_row[b]) + p];
-        if (row >= 0) block[b]->result.words += counted.words[std::size_t(row)];
-      }
-      for (Pending& x : stage[b])
-        take(b, x, counted.counts[std::size_t(selected.index(row_of[std::size_t(first_row[b] + x.parent)], x.concept))]);
-    });
-    return true;
-  };
-
-  Stage stage(static_cast<std::size_t>(nb));
-  screen(stage, true, false);
-  // Pass 1: |F AND C AND A|; pass 2: |F AND C|, from then on exact in the entry's intervals.
-  if (count(stage, true, [](int64_t, Pending& x, uint64_t n) { x.fca = {int64_t(n), int64_t(n)}; })) {
-    screen(stage, false, false);
-    const auto exact = [&](int64_t b, Pending& x, uint64_t n) {
-      LiveEntry& parent = block[b]->beam[x.parent];
-      ctx.store_overlaps(parent);
-      parent.overlaps[x.concept] = {int64_t(n), int64_t(n)};
-    };
-    if (count(stage, false, exact)) screen(stage, false, true);
-  }
-  advance_block(ctx, block, next, final);
+  advance_block(ctx, block, step.next, final);
 }
 
 void check_same_grid(const MaskSetView& units, const MaskSetView& concepts) {

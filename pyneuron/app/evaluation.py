@@ -27,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..engine.atomic import write_atomically
 from ..engine.heldout import HELDOUT_COLUMNS
 from ..engine.null import NULL_COLUMNS, null_baseline, significance
 from ..engine.units import UnitMasks
@@ -156,12 +157,12 @@ def evaluate_run(
         "notes": notes,
     }
     new_results = pd.concat(frames, ignore_index=True)
-    _replace(run / f"{RESULTS}.parquet", lambda p: new_results.to_parquet(p, index=False))
-    _replace(run / f"{RESULTS}.csv", lambda p: new_results.to_csv(p, index=False))
+    write_atomically(run / f"{RESULTS}.parquet", lambda p: new_results.to_parquet(p, index=False))
+    write_atomically(run / f"{RESULTS}.csv", lambda p: new_results.to_csv(p, index=False))
     if nulls:
         null_table = pd.concat(nulls, ignore_index=True)
-        _replace(run / f"{NULL}.parquet", lambda p: null_table.to_parquet(p, index=False))
-        _replace(run / f"{NULL}.csv", lambda p: null_table.to_csv(p, index=False))
+        write_atomically(run / f"{NULL}.parquet", lambda p: null_table.to_parquet(p, index=False))
+        write_atomically(run / f"{NULL}.csv", lambda p: null_table.to_csv(p, index=False))
     else:
         for suffix in (".parquet", ".csv"):
             (run / f"{NULL}{suffix}").unlink(missing_ok=True)
@@ -171,7 +172,9 @@ def evaluate_run(
         except (PyneuronError, OSError) as error:
             notes.append(f"report not rewritten: {error}")
     summary["evaluation"] = evaluation
-    _replace(run / SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=2, default=str)))
+    write_atomically(
+        run / SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=2, default=str))
+    )
     return evaluation
 
 
@@ -229,13 +232,3 @@ def _faithfulness_check(
         )
 
     return check
-
-
-def _replace(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write a file through a temporary sibling and an atomic rename."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

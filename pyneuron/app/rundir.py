@@ -321,7 +321,7 @@ def write_run_report(
     import shutil
 
     from ..describe import compare
-    from ..engine.atomic import commit_directory, temporary_sibling
+    from ..engine.atomic import commit_directory, temporary_sibling, write_atomically
     from ..engine.units import UnitMasks
     from ..image_files import list_images
     from ..report import write_report
@@ -379,9 +379,6 @@ def write_run_report(
     beam_path = run / f"{BEAM}.parquet"
     null_path = run / f"{NULL}.parquet"
     staging = temporary_sibling(run / "report")
-    saving = (
-        kept.with_name(f".{kept.name}.tmp-{os.getpid()}") if given and shown is not None else None
-    )
     try:
         write_report(
             staging,
@@ -402,19 +399,16 @@ def write_run_report(
         )
         if shown is not None:
             compare(results, shown).to_csv(staging / "comparison.csv", index=False)
-        if saving is not None:
-            shown.to_parquet(saving, index=False)
+        # serialised before the report is committed, saved after it
+        saved = shown.to_parquet(index=False) if given and shown is not None else None
         commit_directory(staging, run / "report", True, REPORT_KIND)
-        if saving is not None:
-            os.replace(saving, kept)
+        if saved is not None:
+            write_atomically(kept, lambda p: p.write_bytes(saved))
         elif given:
             kept.unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    finally:
-        if saving is not None:
-            saving.unlink(missing_ok=True)
     return run / "report" / "index.html"
 
 

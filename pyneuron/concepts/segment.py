@@ -29,13 +29,14 @@ import os
 import queue
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..engine.atomic import write_atomically
 from ..engine.grid import Grid
 from ..engine.store import ConceptStore, ConceptStoreWriter
 from ..engine.upsample import bilinear_resize
@@ -264,7 +265,8 @@ class _Cache:
         self.folder.mkdir(parents=True, exist_ok=True)
         info = self.folder / "run.json"
         if not info.exists():
-            _write_atomic(info, json.dumps(description, indent=2).encode())
+            text = json.dumps(description, indent=2)
+            write_atomically(info, lambda p: p.write_text(text), durable=False)
 
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.npz"
@@ -283,17 +285,14 @@ class _Cache:
     def put(self, key: str, values: Sequence[np.ndarray]) -> None:
         path = self._path(key)
         path.parent.mkdir(exist_ok=True)
-        import io
+        arrays = {f"g{i}": v for i, v in enumerate(values)}
 
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **{f"g{i}": v for i, v in enumerate(values)})
-        _write_atomic(path, buffer.getvalue())
+        def save(temporary: Path) -> None:
+            with open(temporary, "wb") as handle:
+                np.savez_compressed(handle, **arrays)
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+        # an entry is checked when read (a damaged one is recomputed): no fsync needed
+        write_atomically(path, save, durable=False)
 
 
 # -- running the segmenter ----------------------------------------------------------------
@@ -375,6 +374,210 @@ def _score_arrays(output: Any, n_images: int, n_concepts: int, name: str) -> lis
                 f"({n_concepts}, height, width)"
             )
     return arrays
+
+
+def _check_arguments(mode: str, on_error: str, batch_size: int, threshold: float) -> None:
+    """Refuse arguments of :func:`segment` that are not one of their allowed values."""
+    if mode not in MODES:
+        raise PyneuronError(f"mode must be one of {MODES}, got {mode!r}")
+    if on_error not in ("raise", "skip"):
+        raise PyneuronError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PyneuronError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not np.isfinite(threshold):
+        raise PyneuronError(f"threshold must be a finite number, got {threshold!r}")
+
+
+def _open_cache(
+    cache_dir: str | os.PathLike[str] | None,
+    model: Any,
+    groups: Sequence[_Group],
+    grid: tuple[int, int],
+    threshold: float,
+) -> _Cache | None:
+    """The per-image cache of this run under ``cache_dir`` (``None`` without one)."""
+    if cache_dir is None:
+        return None
+    if isinstance(model, CallableSegmenter) and not model.has_fingerprint:
+        raise PyneuronError(
+            f"cannot cache the outputs of function {model.name!r}: it has no fingerprint. "
+            "Set one (fn.fingerprint = 'v1', changed whenever its outputs change) or wrap it: "
+            "CallableSegmenter(fn, fingerprint='v1')"
+        )
+    thresholded = any(g.mode == "threshold" for g in groups)
+    return _Cache(
+        Path(cache_dir),
+        {
+            "version": CACHE_VERSION,
+            "segmenter": str(model.fingerprint),
+            "groups": [[g.name, g.mode, list(g.concepts)] for g in groups],
+            "grid": list(grid),
+            "threshold": float(threshold) if thresholded else None,
+        },
+    )
+
+
+def _metadata(
+    model: Any,
+    groups: Sequence[_Group],
+    mode: str,
+    threshold: float,
+    fillers: Sequence[str],
+    grid: tuple[int, int],
+    images: list[str] | None,
+) -> dict[str, Any]:
+    """The store's metadata: ``source="segment"`` and how the masks were made."""
+    describe = getattr(model, "describe", None)
+    if callable(describe):
+        segmenter = describe()
+    else:
+        fingerprint = str(getattr(model, "fingerprint", ""))
+        segmenter = {"name": _model_name(model), "fingerprint": fingerprint}
+    return {
+        "source": "segment",
+        "segment": {
+            "segmenter": segmenter,
+            "groups": [
+                {"name": g.name, "concepts": list(g.concepts), "mode": g.mode} for g in groups
+            ],
+            "mode": mode,
+            "threshold": float(threshold),
+            "fillers": list(fillers),
+            "grid": list(grid),
+            "resize": "score maps resized to the grid (Pillow-exact bilinear), then "
+            "argmax per group / score > threshold",
+            "images": images,
+        },
+    }
+
+
+def _model_name(model: Any) -> str:
+    return str(getattr(model, "name", type(model).__name__))
+
+
+class _Pending(NamedTuple):
+    """An image the segmenter has to score: its index, content key and decoded image."""
+
+    index: int
+    key: str
+    image: Any
+
+
+@dataclass
+class _Batch:
+    """The images of one segmenter call: those cached or unreadable (``done``; ``None``
+    for an image skipped) and those still to segment (``todo``)."""
+
+    index: range
+    todo: list[_Pending]
+    done: dict[int, list[np.ndarray] | None]
+
+
+class _BatchReader:
+    """Cuts the images into batches: looks each up in the cache, decodes the misses.
+
+    An image that cannot be read raises, or with ``on_error="skip"`` is recorded in
+    :attr:`skipped` and left without concepts. :attr:`image_keys` collects the content
+    keys of the images read (files get one even without a cache).
+    """
+
+    def __init__(
+        self, source: _Images, batch_size: int, cache: _Cache | None, n_groups: int, on_error: str
+    ) -> None:
+        self.source = source
+        self.batch_size = batch_size
+        self.cache = cache
+        self.n_groups = n_groups
+        self.on_error = on_error
+        self.names = source.names()
+        # Files get a content key each (cheap beside segmenting them), recorded in the store
+        # so that a later run can check it is given the same images in the same order.
+        self.keyed = cache is not None or isinstance(source, _FileImages)
+        self.image_keys: list[str | None] = [None] * len(source)
+        self.skipped: list[dict[str, Any]] = []
+
+    def batches(self) -> Iterator[_Batch]:
+        for start in range(0, len(self.source), self.batch_size):
+            yield self._batch(range(start, min(start + self.batch_size, len(self.source))))
+
+    def _batch(self, index: range) -> _Batch:
+        batch = _Batch(index, [], {})
+        for i in index:
+            key = self._attempt(self.source.key, i) if self.keyed else ""
+            if key is None:
+                batch.done[i] = None
+                continue
+            self.image_keys[i] = key
+            hit = self.cache.get(key, self.n_groups) if self.cache is not None else None
+            if hit is not None:
+                batch.done[i] = hit
+                continue
+            image = self._attempt(self.source.load, i)
+            if image is None:
+                batch.done[i] = None
+            else:
+                batch.todo.append(_Pending(i, key, image))
+        return batch
+
+    def _attempt(self, function: Callable[[int], Any], i: int) -> Any:
+        try:
+            return function(i)
+        except PyneuronError as error:
+            if self.on_error == "raise":
+                raise
+            name = self.names[i] if self.names else None
+            self.skipped.append({"image": i, "file": name, "error": str(error)})
+            warnings.warn(f"skipping image {i}: {error}", RuntimeWarning, stacklevel=2)
+            return None
+
+
+@dataclass(frozen=True)
+class _Labeller:
+    """Scores images with the segmenter and labels every concept group on the grid."""
+
+    model: Any
+    queried: list[str]
+    groups: Sequence[_Group]
+    threshold: float
+    height: int
+    width: int
+    image_names: list[str] | None
+
+    def label_batch(self, batch: _Batch, cache: _Cache | None) -> None:
+        """Fill ``batch.done`` for the images of ``batch.todo`` (and cache each)."""
+        name = _model_name(self.model)
+        output = self.model([item.image for item in batch.todo], list(self.queried))
+        arrays = _score_arrays(output, len(batch.todo), len(self.queried), name)
+        for item, scores in zip(batch.todo, arrays):
+            batch.done[item.index] = self.label_image(item.index, scores)
+            if cache is not None:
+                cache.put(item.key, batch.done[item.index])
+
+    def label_image(self, i: int, scores: np.ndarray) -> list[np.ndarray]:
+        """Image ``i``'s score maps resized to the grid and labelled per group."""
+        scores = np.asarray(scores, dtype=np.float32)
+        if not np.isfinite(scores).all():
+            raise PyneuronError(
+                f"segmenter {_model_name(self.model)!r} returned NaN/inf scores for image {i}"
+                + (f" ({self.image_names[i]})" if self.image_names else "")
+            )
+        if scores.shape[1:] != (self.height, self.width):
+            scores = bilinear_resize(scores, self.height, self.width)
+        return _label_groups(scores, self.groups, self.threshold)
+
+
+def _add_images(
+    writer: ConceptStoreWriter,
+    batch: _Batch,
+    groups: Sequence[_Group],
+    names: Sequence[str],
+    grid: tuple[int, int],
+) -> None:
+    """Write the concept masks of a labelled batch to the store (in image order)."""
+    for i in batch.index:
+        encoded = batch.done[i]
+        masks = {} if encoded is None else _masks_for_store(encoded, groups, names, *grid)
+        writer.add_image(i, masks=masks)
 
 
 def segment(
@@ -479,138 +682,33 @@ def segment(
     >>> store.metadata["segment"]["groups"][0]["concepts"]
     ['sky', 'grass', 'background']
     """
-    if mode not in MODES:
-        raise PyneuronError(f"mode must be one of {MODES}, got {mode!r}")
-    if on_error not in ("raise", "skip"):
-        raise PyneuronError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise PyneuronError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not np.isfinite(threshold):
-        raise PyneuronError(f"threshold must be a finite number, got {threshold!r}")
-    if isinstance(fillers, str):
-        fillers = (fillers,)
-    fillers = tuple(fillers)
+    _check_arguments(mode, on_error, batch_size, threshold)
+    fillers = (fillers,) if isinstance(fillers, str) else tuple(fillers)
     height, width = _grid_size(grid)
-    vocabulary = ConceptVocabulary.of(concepts)
-    queried, names, categories, groups = _plan(vocabulary, mode, fillers)
+    queried, names, categories, groups = _plan(ConceptVocabulary.of(concepts), mode, fillers)
     source = _as_images(images)
     store_grid = Grid(len(source), height, width)
     model = as_segmenter(segmenter)
-    model_name = str(getattr(model, "name", type(model).__name__))
-
-    cache = None
-    if cache_dir is not None:
-        if isinstance(model, CallableSegmenter) and not model.has_fingerprint:
-            raise PyneuronError(
-                f"cannot cache the outputs of function {model.name!r}: it has no fingerprint. "
-                "Set one (fn.fingerprint = 'v1', changed whenever its outputs change) or wrap it: "
-                "CallableSegmenter(fn, fingerprint='v1')"
-            )
-        thresholded = any(g.mode == "threshold" for g in groups)
-        cache = _Cache(
-            Path(cache_dir),
-            {
-                "version": CACHE_VERSION,
-                "segmenter": str(model.fingerprint),
-                "groups": [[g.name, g.mode, list(g.concepts)] for g in groups],
-                "grid": [height, width],
-                "threshold": float(threshold) if thresholded else None,
-            },
-        )
-
-    describe = getattr(model, "describe", None)
-    metadata = {
-        "source": "segment",
-        "segment": {
-            "segmenter": describe()
-            if callable(describe)
-            else {"name": model_name, "fingerprint": str(getattr(model, "fingerprint", ""))},
-            "groups": [
-                {"name": g.name, "concepts": list(g.concepts), "mode": g.mode} for g in groups
-            ],
-            "mode": mode,
-            "threshold": float(threshold),
-            "fillers": list(fillers),
-            "grid": [height, width],
-            "resize": "score maps resized to the grid (Pillow-exact bilinear), then "
-            "argmax per group / score > threshold",
-            "images": source.names(),
-        },
-    }
-
-    skipped: list[dict[str, Any]] = []
-    image_names = source.names()
-    # Files get a content key each (cheap beside segmenting them), recorded in the store so
-    # that a later run can check it is given the same images in the same order.
-    keyed = cache is not None or isinstance(source, _FileImages)
-    image_keys: list[str | None] = [None] * len(source)
-
-    def attempt(function: Any, i: int) -> Any:
-        try:
-            return function(i)
-        except PyneuronError as error:
-            if on_error == "raise":
-                raise
-            name = image_names[i] if image_names else None
-            skipped.append({"image": i, "file": name, "error": str(error)})
-            warnings.warn(f"skipping image {i}: {error}", RuntimeWarning, stacklevel=2)
-            return None
-
-    def batches() -> Iterator[tuple[range, list[Any], dict[int, list[np.ndarray] | None]]]:
-        for start in range(0, len(source), batch_size):
-            index = range(start, min(start + batch_size, len(source)))
-            done: dict[int, list[np.ndarray] | None] = {}
-            todo = []
-            for i in index:
-                key = attempt(source.key, i) if keyed else ""
-                if key is None:
-                    done[i] = None
-                    continue
-                image_keys[i] = key
-                hit = cache.get(key, len(groups)) if cache is not None else None
-                if hit is not None:
-                    done[i] = hit
-                    continue
-                image = attempt(source.load, i)
-                if image is None:
-                    done[i] = None
-                else:
-                    todo.append((i, key, image))
-            yield index, todo, done
+    cache = _open_cache(cache_dir, model, groups, (height, width), threshold)
+    metadata = _metadata(model, groups, mode, threshold, fillers, (height, width), source.names())
+    reader = _BatchReader(source, batch_size, cache, len(groups), on_error)
+    labeller = _Labeller(model, queried, groups, threshold, height, width, reader.names)
 
     bar = progress_bar(total=len(source), desc="segment", unit="img", enabled=progress)
     writer = ConceptStoreWriter(
         store_grid, names, categories, out, overwrite=overwrite, metadata=metadata
     )
-    stream = _prefetch(batches())
+    stream = _prefetch(reader.batches())
     try:
         with writer:
-            for index, todo, done in stream:
-                if todo:
-                    output = model([image for _, _, image in todo], list(queried))
-                    arrays = _score_arrays(output, len(todo), len(queried), model_name)
-                    for (i, key, _), scores in zip(todo, arrays):
-                        scores = np.asarray(scores, dtype=np.float32)
-                        if not np.isfinite(scores).all():
-                            raise PyneuronError(
-                                f"segmenter {model_name!r} returned NaN/inf scores for image {i}"
-                                + (f" ({image_names[i]})" if image_names else "")
-                            )
-                        if scores.shape[1:] != (height, width):
-                            scores = bilinear_resize(scores, height, width)
-                        done[i] = _label_groups(scores, groups, threshold)
-                        if cache is not None:
-                            cache.put(key, done[i])
-                for i in index:
-                    encoded = done[i]
-                    masks = {} if encoded is None else _masks_for_store(
-                        encoded, groups, names, height, width
-                    )  # fmt: skip
-                    writer.add_image(i, masks=masks)
-                bar.update(len(index))
-            writer.metadata["segment"]["skipped"] = skipped
+            for batch in stream:
+                if batch.todo:
+                    labeller.label_batch(batch, cache)
+                _add_images(writer, batch, groups, names, (height, width))
+                bar.update(len(batch.index))
+            writer.metadata["segment"]["skipped"] = reader.skipped
             if isinstance(source, _FileImages):
-                writer.metadata["segment"]["image_keys"] = image_keys
+                writer.metadata["segment"]["image_keys"] = reader.image_keys
     finally:
         stream.close()
         bar.close()

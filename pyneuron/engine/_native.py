@@ -61,6 +61,9 @@ def _engine(function: F) -> F:
 
 
 NativeMaskSet = _core.MaskSet
+#: What ``beam_search`` and ``optimal_search`` return: per-unit arrays named by ``FIELDS``.
+SearchResult = _core.SearchResult
+OptimalSearchResult = _core.OptimalSearchResult
 beam_search = _engine(_core.beam_search)
 optimal_search = _engine(_core.optimal_search)
 concept_cooccurrence = _engine(_core.concept_cooccurrence)

@@ -1,4 +1,8 @@
-"""Atomic replacement of output directories (stores, unit masks, runs, reports).
+"""Atomic replacement of outputs: directories (stores, unit masks, runs, reports) and
+single files (run tables, caches, shards, progress files, benchmark results).
+
+A single file is written with :func:`write_atomically`: to a hidden temporary sibling,
+flushed, then renamed over the target with :func:`os.replace` (one atomic step).
 
 Everything pyneuron writes to a directory ``out`` is first written to a hidden sibling
 ``.<out>.tmp-<host>-<pid>-<random>`` and then moved into place:
@@ -24,6 +28,7 @@ import ctypes
 import errno
 import os
 import re
+import secrets
 import shutil
 import socket
 import tempfile
@@ -187,6 +192,86 @@ def _fsync_directory(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def write_atomically(
+    path: str | os.PathLike[str], write: Callable[[Path], object], *, durable: bool = True
+) -> None:
+    """Write one file so that ``path`` always holds either its old content or the whole new one.
+
+    ``write`` gets the path of a fresh, empty temporary file next to ``path`` (same
+    folder, so the same filesystem) and writes the complete content there, by path
+    (``DataFrame.to_parquet``, ``Path.write_text``, ``open(..., "wb")``, ...). The
+    temporary is then flushed to disk, renamed over ``path`` with :func:`os.replace` and
+    the folder flushed too. If anything fails, ``KeyboardInterrupt`` included, the
+    temporary is removed, ``path`` keeps its old content (or stays absent) and the
+    exception propagates.
+
+    Parameters
+    ----------
+    path
+        The file to write; its folder must exist.
+    write
+        Called once with the temporary's path; its return value is ignored.
+    durable
+        Flush the file and its folder to disk (``fsync``) before returning (the default).
+        ``False`` keeps the atomic rename but skips the flushes, for caches whose entries
+        are checked when read.
+
+    Raises
+    ------
+    FileNotFoundError
+        The folder of ``path`` does not exist; nothing is written.
+
+    See Also
+    --------
+    commit_directory : the same for whole directories (stores, unit masks, runs, reports).
+
+    Notes
+    -----
+    The temporary is named ``.<name>.tmp-<host>-<pid>-<random>``, like the staging
+    directories, so one left behind by a killed process is removed by :func:`recover`.
+    It is created with the permissions a plain ``open`` would give (umask applied).
+
+    Examples
+    --------
+    >>> import json, tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> write_atomically(folder / "summary.json", lambda p: p.write_text(json.dumps([1, 2])))
+    >>> (folder / "summary.json").read_text()
+    '[1, 2]'
+    >>> [p.name for p in folder.iterdir()]  # no temporary left behind
+    ['summary.json']
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(8)}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    try:
+        os.close(os.open(temporary, flags, 0o666))
+    except FileNotFoundError:
+        if path.parent.is_dir():
+            raise
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"cannot write {path.name}: its folder does not exist (create it first)",
+            str(path.parent),
+        ) from None
+    try:
+        write(temporary)
+        if durable:
+            fsync_file(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync_directory(path.parent)
 
 
 def _remove(path: Path) -> None:

@@ -28,22 +28,11 @@ UnitSource = UnitMasks | Iterable[UnitMasks]
 #: concepts: 512 MiB here), which lets the search skip most counting; larger ones are
 #: searched without it, with the same results.
 COOCCURRENCE_MAX_CONCEPTS = 8192
-#: The arrays of one native beam-search result, all indexed by unit first.
-RESULT_KEYS = (
-    "score",
-    "beam_count",
-    "intersection",
-    "size",
-    "unit_size",
-    "intersection_images",
-    "size_images",
-    "unit_images",
-    "concepts",
-    "ops",
-    "length",
-    "primitive",
-    "primitive_iou",
-)
+#: What the engine's searches return: per-unit arrays, unit first, named by
+#: ``SearchResult.FIELDS`` (``OptimalSearchResult`` adds the optimal search's); moved as
+#: ``to_arrays()`` / ``from_arrays``, or pickled; :func:`result_table` makes the table.
+SearchResult = _native.SearchResult
+OptimalSearchResult = _native.OptimalSearchResult
 
 
 class SearchBackend(Protocol):
@@ -323,27 +312,29 @@ def _explain_netdissect(
             chunk._native, batch.start, batch.stop, store._native, 1, len(store), [], 1.0
         )
         per_category = category_unit_pixels(chunk, batch, store, codes, n_categories)
-        concepts = raw["concepts"][:, :, 0]
-        have = np.arange(concepts.shape[1])[None, :] < raw["beam_count"][:, None]
+        concepts = raw.concepts[:, :, 0]
+        have = np.arange(concepts.shape[1])[None, :] < raw.beam_count[:, None]
         safe = np.where(have, concepts, 0)
         scores = netdissect_iou(
-            raw["intersection"], raw["size"], np.take_along_axis(per_category, codes[safe], 1)
+            raw.intersection, raw.size, np.take_along_axis(per_category, codes[safe], 1)
         )
         scores = np.where(have, scores, -np.inf)
         order = np.lexsort((np.where(have, concepts, np.iinfo(np.int32).max), -scores), axis=1)
         order = order[:, :beam_size]
+        # Every (unit, beam) array in the new order; the per-unit ones as they are.
         ranked = {
-            key: np.take_along_axis(raw[key], order if raw[key].ndim == 2 else order[:, :, None], 1)
-            for key in ("concepts", "ops", "length", "intersection", "size",
-                        "intersection_images", "size_images")
-        }  # fmt: skip
+            key: np.take_along_axis(array, order if array.ndim == 2 else order[:, :, None], 1)
+            if array.ndim > 1
+            else array
+            for key, array in raw.to_arrays().items()
+        }
         best = np.take_along_axis(scores, order, 1)
-        ranked["score"] = np.where(np.isfinite(best), best, np.nan)
-        ranked["beam_count"] = np.minimum(raw["beam_count"], beam_size)
+        ranked["score"] = ranked["iou"] = np.where(np.isfinite(best), best, np.nan)
+        ranked["beam_count"] = np.minimum(raw.beam_count, beam_size)
         ranked["primitive"] = np.where(ranked["beam_count"] > 0, ranked["concepts"][:, 0, 0], -1)
         ranked["primitive_iou"] = np.where(ranked["beam_count"] > 0, best[:, 0], 0.0)
-        ranked["unit_size"], ranked["unit_images"] = raw["unit_size"], raw["unit_images"]
-        frame = result_table(ranked, first_unit + batch.start, names, full_beam)
+        ranked_raw = SearchResult.from_arrays(ranked)
+        frame = result_table(ranked_raw, first_unit + batch.start, names, full_beam)
         frame["iou"] = frame["score"]
         frames.append(frame)
     if not frames:
@@ -397,17 +388,16 @@ def best_of_beam(beam: pd.DataFrame) -> pd.DataFrame:
 
 def raw_beam_search(
     units: UnitMasks, store: ConceptStore, search: tuple[int, int, Sequence[int], float]
-) -> dict[str, np.ndarray]:
-    """The engine's raw beam-search result for every unit of ``units`` (the arrays of
-    :data:`RESULT_KEYS`, turned into a table by :func:`result_table`); ``search`` is
-    ``(length, beam_size, operator codes, penalty)``, as a backend receives it."""
+) -> SearchResult:
+    """The engine's raw beam-search result for every unit of ``units`` (turned into a table
+    by :func:`result_table`); ``search`` is ``(length, beam_size, operator codes,
+    penalty)``, as a backend receives it."""
     length, beam_size, ops, penalty = search
     cooccurrence = search_cooccurrence(store, length)
-    raw = _native.beam_search(
+    return _native.beam_search(
         units._native, 0, len(units), store._native, length, beam_size, list(ops),
         float(penalty), cooccurrence,
     )  # fmt: skip
-    return {key: raw[key] for key in RESULT_KEYS}
 
 
 def _remote_backend(backend: str | SearchBackend | None) -> SearchBackend | None:
@@ -493,8 +483,15 @@ def _formula_text(
 
 
 def result_table(
-    raw: dict | None, first_unit: int, names: Sequence[str], full_beam: bool, optimal: bool = False
+    raw: SearchResult | None,
+    first_unit: int,
+    names: Sequence[str],
+    full_beam: bool,
+    optimal: bool = False,
 ) -> pd.DataFrame:
+    """The explanations table of a search result (``optimal``: an
+    :class:`OptimalSearchResult`, whose columns it adds); units numbered from
+    ``first_unit``; an empty table with the columns when ``raw`` is None."""
     columns = [
         "unit",
         *(["rank"] if full_beam else []),
@@ -511,40 +508,40 @@ def result_table(
     ]
     if raw is None:
         return pd.DataFrame({c: [] for c in columns})
-    n_units, beam = raw["score"].shape
+    n_units, beam = raw.score.shape
     ranks = beam if full_beam else 1
     unit_idx = np.repeat(np.arange(n_units), ranks)
     rank_idx = np.tile(np.arange(ranks), n_units)
-    keep = rank_idx < np.maximum(raw["beam_count"][unit_idx], 1)
+    keep = rank_idx < np.maximum(raw.beam_count[unit_idx], 1)
     unit_idx, rank_idx = unit_idx[keep], rank_idx[keep]
-    has = rank_idx < raw["beam_count"][unit_idx]
+    has = rank_idx < raw.beam_count[unit_idx]
     values = metrics(
-        raw["intersection"][unit_idx, rank_idx],
-        raw["size"][unit_idx, rank_idx],
-        raw["unit_size"][unit_idx],
-        raw["intersection_images"][unit_idx, rank_idx],
-        raw["size_images"][unit_idx, rank_idx],
-        raw["unit_images"][unit_idx],
+        raw.intersection[unit_idx, rank_idx],
+        raw.size[unit_idx, rank_idx],
+        raw.unit_size[unit_idx],
+        raw.intersection_images[unit_idx, rank_idx],
+        raw.size_images[unit_idx, rank_idx],
+        raw.unit_images[unit_idx],
     )
     quoted: dict[int, str] = {}
     formulas = [
-        _formula_text(raw["concepts"][u, r], raw["ops"][u, r], quoted, names) if h else None
+        _formula_text(raw.concepts[u, r], raw.ops[u, r], quoted, names) if h else None
         for u, r, h in zip(unit_idx, rank_idx, has)
     ]
-    primitive = raw["primitive"][unit_idx]
+    primitive = raw.primitive[unit_idx]
     data = {
         "unit": first_unit + unit_idx,
         "rank": rank_idx,
         "formula": formulas,
-        "concepts": np.where(has, (raw["concepts"][unit_idx, rank_idx] >= 0).sum(axis=-1), 0),
-        "length": raw["length"][unit_idx, rank_idx],
-        "score": np.where(has, raw["score"][unit_idx, rank_idx], 0.0),
+        "concepts": np.where(has, (raw.concepts[unit_idx, rank_idx] >= 0).sum(axis=-1), 0),
+        "length": raw.length[unit_idx, rank_idx],
+        "score": np.where(has, raw.score[unit_idx, rank_idx], 0.0),
         **{column: values[column] for column in METRIC_COLUMNS},
         "primitive": [names[p] if p >= 0 else None for p in primitive],
-        "primitive_iou": raw["primitive_iou"][unit_idx],
-        "unit_pixels": raw["unit_size"][unit_idx],
-        "unit_images": raw["unit_images"][unit_idx],
-        **{column: raw[column][unit_idx] for column in (OPTIMAL_COLUMNS if optimal else ())},
+        "primitive_iou": raw.primitive_iou[unit_idx],
+        "unit_pixels": raw.unit_size[unit_idx],
+        "unit_images": raw.unit_images[unit_idx],
+        **{c: getattr(raw, c)[unit_idx] for c in (OPTIMAL_COLUMNS if optimal else ())},
     }
     data["iou"] = np.where(has, data["iou"], 0.0)
     return pd.DataFrame({column: data[column] for column in columns})

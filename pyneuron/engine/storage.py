@@ -47,7 +47,14 @@ import pandas as pd
 
 from ..errors import PyneuronError, StoreError
 from . import _native
-from .atomic import OutputKind, commit_directory, recover, refuse_existing, temporary_sibling
+from .atomic import (
+    OutputKind,
+    commit_directory,
+    fsync_file,
+    recover,
+    refuse_existing,
+    temporary_sibling,
+)
 from .grid import Grid
 
 FORMAT_NAME = "pyneuron.maskset"
@@ -69,12 +76,6 @@ OPEN_ATTEMPTS = 8
 # Files of a store are opened relative to one directory handle where the OS allows it.
 _DIRECTORY_HANDLES = os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a written file to disk."""
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def crc32_of_file(path: Path, chunk: int = 16 * 2**20) -> int:

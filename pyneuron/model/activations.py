@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.atomic import write_atomically
 from ..errors import PyneuronError
 from ..image_files import list_images, open_image
 from ..progress import progress_bar
@@ -305,9 +306,7 @@ class _DiskSink:
         for array in self.arrays.values():
             array.flush()
         state = {"fingerprint": self.fingerprint, "done": done, "layers": list(self.arrays)}
-        temporary = self.progress_file.with_suffix(".tmp")
-        temporary.write_text(json.dumps(state))
-        os.replace(temporary, self.progress_file)
+        write_atomically(self.progress_file, lambda p: p.write_text(json.dumps(state)))
         self.done = done
 
     def result(self) -> dict[str, np.ndarray]:

@@ -7,12 +7,12 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -292,11 +292,17 @@ def write_report(
         )
     staging = Path(tempfile.mkdtemp(prefix=".report.tmp-", dir=out))
     try:
-        renderer = _Renderer(plan, staging, images, title, progress, thumbnail_size)
-        renderer.descriptions = _group_descriptions(descriptions)
-        renderer.null = _group_null(null)
-        renderer.columns = _column_help(check_mode(iou))
-        renderer.render()
+        site = _Site(staging, title)
+        pictures = _Pictures(store, images, staging, thumbnail_size)
+        _render(
+            plan,
+            site,
+            pictures,
+            descriptions=_group_descriptions(descriptions),
+            null=_group_null(null),
+            column_help=_column_help(check_mode(iou)),
+            progress=progress,
+        )
         _commit(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -575,9 +581,10 @@ def _where_unit_fires(row: _Row, images: list[int]) -> list[int]:
 
 def _busiest_images(masks: UnitMasks, unit: int, k: int) -> list[int]:
     """The k images where a unit's mask covers the most pixels (ties: smaller id)."""
-    begin, end = int(masks._offsets[unit]), int(masks._offsets[unit + 1])
-    images = masks._images[begin:end].astype(np.int64)
-    counts = masks._counts[begin:end].astype(np.int64)
+    arrays = masks.arrays
+    begin, end = int(arrays.offsets[unit]), int(arrays.offsets[unit + 1])
+    images = arrays.images[begin:end].astype(np.int64)
+    counts = arrays.counts[begin:end].astype(np.int64)
     order = np.lexsort((images, -counts))[:k]
     return images[order].tolist()
 
@@ -670,29 +677,52 @@ def _format(value: Any) -> tuple[str, str]:
     return str(value), str(value)
 
 
-class _Renderer:
-    def __init__(
-        self,
-        plan: _Plan,
-        root: Path,
-        images: ImageSource | None,
-        title: str,
-        progress: bool,
-        thumbnail_size: int,
-    ) -> None:
+def _render(
+    plan: _Plan,
+    site: _Site,
+    pictures: _Pictures,
+    *,
+    column_help: dict[str, tuple[str, str]],
+    descriptions: dict[tuple[str, int], list[dict[str, Any]]],
+    null: dict[str | None, np.ndarray],
+    progress: bool,
+) -> None:
+    """Write every page of the report into ``site``: unit pages, concept pages, the index."""
+    unit_pages = _UnitPages(plan, site, pictures, column_help, descriptions)
+    concept_pages = _ConceptPages(plan, site, pictures)
+    index = _IndexPage(plan, site, pictures, column_help, null)
+    site.prepare()
+    pages = [row for rows in plan.layers.values() for row in rows if row.page]
+    total = len(pages) + len(plan.concepts) + 1
+    with progress_bar(total=total, desc="report", unit="page", enabled=progress) as bar:
+        for rows in plan.layers.values():
+            for row, previous, following in _with_neighbours(rows):
+                unit_pages.write(row, previous, following)
+                bar.update(1)
+        for name in plan.concepts:
+            concept_pages.write(name)
+            bar.update(1)
+        index.write()
+        bar.update(1)
+
+
+def _with_neighbours(rows: list[_Row]) -> Iterator[tuple[_Row, _Row | None, _Row | None]]:
+    """The rows of a layer that get a page, by unit and range, each with the rows before
+    and after it (``None`` at the ends)."""
+    ordered = sorted((r for r in rows if r.page), key=lambda r: (r.unit, r.range or 0))
+    for i, row in enumerate(ordered):
+        previous = ordered[i - 1] if i > 0 else None
+        following = ordered[i + 1] if i + 1 < len(ordered) else None
+        yield row, previous, following
+
+
+class _Site:
+    """The report's folder being written: its skeleton and pages rendered from templates."""
+
+    def __init__(self, root: Path, title: str) -> None:
         from jinja2 import Environment, PackageLoader, StrictUndefined
 
-        self.plan = plan
         self.root = root
-        self.images = images
-        self.descriptions: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        self.null: dict[str | None, np.ndarray] = {}
-        self.columns = _COLUMNS
-        self.title = str(title)
-        self.progress = progress
-        grid = plan.store.grid
-        self.scale = thumbnail_scale(grid.height, grid.width, thumbnail_size)
-        self.thumb_shape = (grid.height * self.scale, grid.width * self.scale)
         self.env = Environment(
             loader=PackageLoader("pyneuron.report", "templates"),
             autoescape=True,
@@ -702,27 +732,14 @@ class _Renderer:
             keep_trailing_newline=True,
         )
         self.env.globals.update(
-            title=self.title,
+            title=str(title),
             version=_version(),
             legend=colors_css(),
             no_explanation=_NO_EXPLANATION,
         )
-        self.written_images: set[int] = set()
-        self.thumbnail = lru_cache(maxsize=512)(self._thumbnail)
-        self.concept_masks = lru_cache(maxsize=2048)(self._concept_mask)
 
-    # -- files ------------------------------------------------------------------------
-    def _write(self, relative: str, text: str) -> None:
-        path = self.root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-
-    def _page(self, template: str, relative: str, **context: Any) -> None:
-        depth = relative.count("/")
-        self._write(relative, self.env.get_template(template).render(root="../" * depth, **context))
-
-    def render(self) -> None:
-        plan = self.plan
+    def prepare(self) -> None:
+        """The stylesheet and the folders every report has."""
         static = self.root / "static"
         static.mkdir()
         css = resources.files("pyneuron.report").joinpath("static", "report.css")
@@ -731,95 +748,190 @@ class _Renderer:
         (self.root / "img" / "plots").mkdir(parents=True)
         (self.root / "units").mkdir()
         (self.root / "concepts").mkdir()
-        pages = [row for rows in plan.layers.values() for row in rows if row.page]
-        total = len(pages) + len(plan.concepts) + 1
-        with progress_bar(total=total, desc="report", unit="page", enabled=self.progress) as bar:
-            for rows in plan.layers.values():
-                ordered = sorted((r for r in rows if r.page), key=lambda r: (r.unit, r.range or 0))
-                for i, row in enumerate(ordered):
-                    previous = ordered[i - 1] if i > 0 else None
-                    following = ordered[i + 1] if i + 1 < len(ordered) else None
-                    self._unit_page(row, previous, following)
-                    bar.update(1)
-            for name in plan.concepts:
-                self._concept_page(name)
-                bar.update(1)
-            self._index()
-            bar.update(1)
 
-    # -- pieces shared by the pages -----------------------------------------------------
-    def _parts(self, formula: Formula | None, root: str) -> list[tuple[str, str | None]] | None:
-        """Formula pieces with the href of each concept's page (relative to ``root``)."""
+    def page(self, template: str, relative: str, **context: Any) -> None:
+        """Render ``template`` to ``relative`` (its ``root``: the way back to the top)."""
+        depth = relative.count("/")
+        self._write(relative, self.env.get_template(template).render(root="../" * depth, **context))
+
+    def _write(self, relative: str, text: str) -> None:
+        path = self.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+
+
+class _Pictures:
+    """The images drawn in the report: thumbnails of the probing images (each PNG written
+    once, under ``img/images``), overlays, and the concept and formula masks drawn."""
+
+    def __init__(
+        self, store: ConceptStore, images: ImageSource | None, root: Path, thumbnail_size: int
+    ) -> None:
+        self.store = store
+        self.images = images
+        self.root = root
+        grid = store.grid
+        self.scale = thumbnail_scale(grid.height, grid.width, thumbnail_size)
+        self.thumb_shape = (grid.height * self.scale, grid.width * self.scale)
+        self.written_images: set[int] = set()
+        self.thumbnail = lru_cache(maxsize=512)(self._thumbnail)
+        self.concept_masks = lru_cache(maxsize=2048)(self._concept_mask)
+
+    def folder(self, relative: str) -> None:
+        """Create a folder for drawings (``relative`` to the report root)."""
+        (self.root / relative).mkdir(parents=True, exist_ok=True)
+
+    def plain(self, image: int) -> tuple[np.ndarray, str]:
+        """An image's thumbnail and its PNG's path from the report root (written once)."""
+        plain = f"img/images/{image}.png"
+        base = self.thumbnail(image)
+        if image not in self.written_images:
+            save_png(base, self.root / plain)
+            self.written_images.add(image)
+        return base, plain
+
+    def draw(
+        self,
+        relative: str,
+        base: np.ndarray,
+        unit_mask: np.ndarray | None,
+        formula_mask: np.ndarray | None,
+    ) -> None:
+        """Write the masks drawn over a thumbnail to ``relative`` (from the report root)."""
+        save_png(overlay(base, unit_mask, formula_mask), self.root / relative)
+
+    def formula_mask(self, formula: Formula | None, image: int) -> np.ndarray | None:
+        """A formula's mask in one image (``None`` for no formula)."""
         if formula is None:
             return None
-        return [
-            (text, root + self.plan.concept_page(name) if name is not None else None)
-            for text, name in formula_parts(formula)
-        ]
+        return _evaluate(formula, lambda name: self.concept_masks(name, image))
 
-    def _concept_link(self, name: Any, root: str) -> dict[str, Any] | None:
-        if not isinstance(name, str):
-            return None
-        href = root + self.plan.concept_page(name) if name in self.plan.concept_pages else None
-        return {"name": name, "href": href}
+    def _thumbnail(self, image: int) -> np.ndarray:
+        height, width = self.thumb_shape
+        if self.images is None:
+            return np.full((height, width, 3), 128, dtype=np.uint8)
+        try:
+            picture = self.images(image)
+        except PyneuronError:
+            raise
+        except Exception as error:
+            raise PyneuronError(f"cannot load image {image}: {error}") from error
+        rgb = as_rgb(picture, f"image {image}")
+        grid = self.store.grid
+        return thumbnail(rgb, grid.height, grid.width, self.scale)
 
-    def _row_link(self, row: _Row, root: str) -> dict[str, Any]:
-        return {
-            "layer": row.layer,
-            "unit": row.unit,
-            "range": row.range,
-            "label": _row_label(row),
-            "href": root + row.page if row.page else None,
-            "formula": row.text,
-            "iou": _format(row.values.get("iou")),
-        }
+    def _concept_mask(self, name: str, image: int) -> np.ndarray:
+        mask = self.store.image_mask(name, image)
+        mask.flags.writeable = False
+        return mask
 
-    # -- unit pages ---------------------------------------------------------------------
-    def _unit_page(self, row: _Row, previous: _Row | None, following: _Row | None) -> None:
+
+# -- pieces shared by the pages -----------------------------------------------------------
+
+
+def _formula_links(
+    plan: _Plan, formula: Formula | None, root: str
+) -> list[tuple[str, str | None]] | None:
+    """Formula pieces with the href of each concept's page (relative to ``root``)."""
+    if formula is None:
+        return None
+    return [
+        (text, root + plan.concept_page(name) if name is not None else None)
+        for text, name in formula_parts(formula)
+    ]
+
+
+def _concept_link(plan: _Plan, name: Any, root: str) -> dict[str, Any] | None:
+    """A concept's name and the href of its page (``None`` where it has none)."""
+    if not isinstance(name, str):
+        return None
+    href = root + plan.concept_page(name) if name in plan.concept_pages else None
+    return {"name": name, "href": href}
+
+
+def _row_link(row: _Row, root: str) -> dict[str, Any]:
+    """A row as other pages show it: its unit, formula, IoU and the href of its page."""
+    return {
+        "layer": row.layer,
+        "unit": row.unit,
+        "range": row.range,
+        "label": _row_label(row),
+        "href": root + row.page if row.page else None,
+        "formula": row.text,
+        "iou": _format(row.values.get("iou")),
+    }
+
+
+# -- unit pages -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _UnitPages:
+    """``units/<layer>/<unit>.html``: a unit's metrics, formula, beam, label-free
+    descriptions and top images with its masks drawn over them."""
+
+    root: ClassVar[str] = "../../"
+
+    plan: _Plan
+    site: _Site
+    pictures: _Pictures
+    column_help: dict[str, tuple[str, str]]
+    descriptions: dict[tuple[str, int], list[dict[str, Any]]]
+
+    def write(self, row: _Row, previous: _Row | None, following: _Row | None) -> None:
+        """Write the page of ``row``, linked to the pages of its neighbours."""
         assert row.page is not None
-        root = "../../"
+        root = self.root
         plan = self.plan
-        metrics = [
-            (self.columns[c][0], self.columns[c][1], _format(row.values[c])[0])
-            for c in _UNIT_METRICS
-            if c in row.values
-        ]
-        beam = None
-        if plan.beam_given:
-            entries = plan.beam.get((row.layer, row.unit, row.range), [])
-            columns = [c for c in _BEAM_COLUMNS if entries and c in entries[0]]
-            beam = {
-                "columns": [(self.columns[c][0], self.columns[c][1]) for c in columns],
-                "rows": [
-                    {
-                        "rank": entry["rank"],
-                        "parts": self._parts(entry["formula"], root),
-                        "best": entry["formula"] is not None and str(entry["formula"]) == row.text,
-                        "cells": [_format(entry.get(c)) for c in columns],
-                    }
-                    for entry in entries
-                ],
-            }
-        self._page(
+        self.site.page(
             "unit.html",
             row.page,
-            row=self._row_link(row, root),
-            parts=self._parts(row.formula, root),
-            metrics=metrics,
-            primitive=self._concept_link(row.values.get("primitive"), root),
-            beam=beam,
+            row=_row_link(row, root),
+            parts=_formula_links(plan, row.formula, root),
+            metrics=self._metrics(row),
+            primitive=_concept_link(plan, row.values.get("primitive"), root),
+            beam=self._beam(row),
             descriptions=self._descriptions(row),
-            images=self._unit_images(row),
+            images=self._images(row),
             fires=int(row.masks.image_counts[row.unit]) if row.masks is not None else None,
             dropped=row.dropped,
             has_unit_masks=row.masks is not None,
-            has_images=self.images is not None,
-            previous=self._row_link(previous, root) if previous else None,
-            next=self._row_link(following, root) if following else None,
+            has_images=self.pictures.images is not None,
+            previous=_row_link(previous, root) if previous else None,
+            next=_row_link(following, root) if following else None,
             layer_anchor=f"{root}index.html#layer-{plan.layer_slug(row.layer)}",
         )
 
+    def _metrics(self, row: _Row) -> list[tuple[str, str, str]]:
+        """(header, tooltip, value) of the row's metrics."""
+        return [
+            (self.column_help[c][0], self.column_help[c][1], _format(row.values[c])[0])
+            for c in _UNIT_METRICS
+            if c in row.values
+        ]
+
+    def _beam(self, row: _Row) -> dict[str, Any] | None:
+        """The row's beam table (``None`` when no beam was given)."""
+        plan = self.plan
+        if not plan.beam_given:
+            return None
+        entries = plan.beam.get((row.layer, row.unit, row.range), [])
+        columns = [c for c in _BEAM_COLUMNS if entries and c in entries[0]]
+        return {
+            "columns": [(self.column_help[c][0], self.column_help[c][1]) for c in columns],
+            "rows": [
+                {
+                    "rank": entry["rank"],
+                    "parts": _formula_links(plan, entry["formula"], self.root),
+                    "best": entry["formula"] is not None and str(entry["formula"]) == row.text,
+                    "cells": [_format(entry.get(c)) for c in columns],
+                }
+                for entry in entries
+            ],
+        }
+
     def _descriptions(self, row: _Row) -> list[dict[str, Any]]:
+        """The row's label-free descriptions and their agreement with its formula."""
         from ..describe.compare import agreement
 
         out = []
@@ -836,22 +948,25 @@ class _Renderer:
             )
         return out
 
-    def _unit_images(self, row: _Row) -> list[dict[str, Any]]:
+    def _images(self, row: _Row) -> list[dict[str, Any]]:
+        """Draw the row's top images with its unit and formula masks (recorded in
+        ``row.overlays`` for the index's strip)."""
+        pictures = self.pictures
         out = []
         layer_dir = f"img/units/{self.plan.layer_slug(row.layer)}"
-        (self.root / layer_dir).mkdir(parents=True, exist_ok=True)
+        pictures.folder(layer_dir)
         for image in row.top:
-            base, plain = self._plain(image)
+            base, plain = pictures.plain(image)
             unit_mask = row.masks.image_mask(row.unit, image) if row.masks is not None else None
-            formula_mask = self._formula_mask(row.formula, image)
+            formula_mask = pictures.formula_mask(row.formula, image)
             drawn = f"{layer_dir}/{row.stem}-{image}.png"
-            save_png(overlay(base, unit_mask, formula_mask), self.root / drawn)
+            pictures.draw(drawn, base, unit_mask, formula_mask)
             row.overlays.append((image, drawn))
             out.append(
                 {
                     "id": image,
-                    "plain": "../../" + plain,
-                    "overlay": "../../" + drawn,
+                    "plain": self.root + plain,
+                    "overlay": self.root + drawn,
                     "iou": _format(image_iou(unit_mask, formula_mask))[0],
                     "unit_pixels": int(unit_mask.sum()) if unit_mask is not None else None,
                     "formula_pixels": int(formula_mask.sum()) if formula_mask is not None else None,
@@ -859,98 +974,145 @@ class _Renderer:
             )
         return out
 
-    def _plain(self, image: int) -> tuple[np.ndarray, str]:
-        """An image's thumbnail and its PNG's path from the report root (written once)."""
-        plain = f"img/images/{image}.png"
-        base = self.thumbnail(image)
-        if image not in self.written_images:
-            save_png(base, self.root / plain)
-            self.written_images.add(image)
-        return base, plain
 
-    def _strip(self, row: _Row) -> list[dict[str, Any]]:
-        """The index's strip of a row: thumbnails of the overlays its unit page shows."""
-        height, width = self.thumb_shape
-        shown = max(1, round(INDEX_STRIP_WIDTH * height / width))
-        return [
-            {"id": image, "src": src, "width": INDEX_STRIP_WIDTH, "height": shown}
-            for image, src in row.overlays[:INDEX_STRIP]
-        ]
+# -- concept pages --------------------------------------------------------------------------
 
-    def _thumbnail(self, image: int) -> np.ndarray:
-        height, width = self.thumb_shape
-        if self.images is None:
-            return np.full((height, width, 3), 128, dtype=np.uint8)
-        try:
-            picture = self.images(image)
-        except PyneuronError:
-            raise
-        except Exception as error:
-            raise PyneuronError(f"cannot load image {image}: {error}") from error
-        rgb = as_rgb(picture, f"image {image}")
-        grid = self.plan.store.grid
-        return thumbnail(rgb, grid.height, grid.width, self.scale)
 
-    def _concept_mask(self, name: str, image: int) -> np.ndarray:
-        mask = self.plan.store.image_mask(name, image)
-        mask.flags.writeable = False
-        return mask
+@dataclass(frozen=True)
+class _ConceptPages:
+    """``concepts/<concept>.html``: a concept's size, example masks and the units whose
+    formula (or best single concept) it is part of."""
 
-    def _formula_mask(self, formula: Formula | None, image: int) -> np.ndarray | None:
-        if formula is None:
-            return None
-        return _evaluate(formula, lambda name: self.concept_masks(name, image))
+    root: ClassVar[str] = "../"
 
-    # -- concept pages ------------------------------------------------------------------
-    def _concept_page(self, name: str) -> None:
+    plan: _Plan
+    site: _Site
+    pictures: _Pictures
+
+    def write(self, name: str) -> None:
+        """Write the page of concept ``name``."""
         plan = self.plan
-        root = "../"
+        root = self.root
         table = plan.store.table()
         info = table.iloc[plan.store.index(name)]
         uses = sorted(plan.uses.get(name, []), key=_by_iou)
         primitive = sorted(plan.primitive_of.get(name, []), key=_by_iou)
-        self._page(
+        self.site.page(
             "concept.html",
             plan.concept_page(name),
             name=name,
             category=str(info["category"]),
             pixels=_format(int(info["pixels"]))[0],
             images=_format(int(info["images"]))[0],
-            uses=[dict(self._row_link(r, root), parts=self._parts(r.formula, root)) for r in uses],
-            primitive_of=[self._row_link(r, root) for r in primitive],
+            uses=[
+                dict(_row_link(r, root), parts=_formula_links(plan, r.formula, root)) for r in uses
+            ],
+            primitive_of=[_row_link(r, root) for r in primitive],
             has_range=plan.has_range,
-            examples=self._concept_examples(name, root),
+            examples=self._examples(name),
         )
 
-    def _concept_examples(self, name: str, root: str) -> list[dict[str, Any]]:
+    def _examples(self, name: str) -> list[dict[str, Any]]:
         """Images with the largest area of a concept (among up to CONCEPT_CANDIDATES drawn
         where it is present; ties: smaller id), its mask drawn over them."""
         plan = self.plan
+        pictures = self.pictures
         ids, masks = plan.store.sample(name, CONCEPT_CANDIDATES, seed=0)
         if not len(ids):
             return []
         area = masks.reshape(len(ids), -1).sum(axis=1)
         pixels = masks.shape[1] * masks.shape[2]
-        folder = self.root / "img" / "concepts"
-        folder.mkdir(exist_ok=True)
+        pictures.folder("img/concepts")
         slug = plan.concept_slug(name)
         out = []
         for k in np.lexsort((ids, -area))[:CONCEPT_EXAMPLES]:
             image = int(ids[k])
-            base, plain = self._plain(image)
+            base, plain = pictures.plain(image)
             drawn = f"img/concepts/{slug}-{image}.png"
-            save_png(overlay(base, None, masks[k]), self.root / drawn)
+            pictures.draw(drawn, base, None, masks[k])
             out.append(
                 {
                     "id": image,
-                    "plain": root + plain,
-                    "overlay": root + drawn,
+                    "plain": self.root + plain,
+                    "overlay": self.root + drawn,
                     "share": f"{100 * int(area[k]) / pixels:.0f} %",
                 }
             )
         return out
 
-    # -- index ----------------------------------------------------------------------------
+
+# -- the index --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _IndexPage:
+    """``index.html``: per layer a summary, plots and the sortable table of its units
+    (with a strip of each unit's drawn top images); then the concepts with a page."""
+
+    plan: _Plan
+    site: _Site
+    pictures: _Pictures
+    column_help: dict[str, tuple[str, str]]
+    null: dict[str | None, np.ndarray]
+
+    def write(self) -> None:
+        """Write the index (after the unit pages: it shows the overlays they drew)."""
+        plan = self.plan
+        layers = [self._layer(layer, rows) for layer, rows in plan.layers.items()]
+        grid = plan.store.grid
+        self.site.page(
+            "index.html",
+            "index.html",
+            layers=layers,
+            has_range=plan.has_range,
+            concepts=self._concepts(),
+            store={
+                "concepts": _format(len(plan.store))[0],
+                "grid": f"{grid.n_images} images × {grid.height} × {grid.width}",
+            },
+        )
+
+    def _layer(self, layer: str, rows: list[_Row]) -> dict[str, Any]:
+        """A layer's section: its facts, plots and table of rows."""
+        plan = self.plan
+        slug = plan.layer_slug(layer)
+        histogram = f"img/plots/{slug}-iou.png"
+        ious = np.array(
+            [float(r.values["iou"]) if not _missing(r.values["iou"]) else np.nan for r in rows]
+        )
+        iou_histogram(ious, self.site.root / histogram, title=layer)
+        columns = [c for c in _INDEX_COLUMNS if c in plan.columns]
+        facts = _layer_facts(rows, ious, plan.columns, plan.has_range)
+        plots = self._evaluation_plots(layer, slug, rows, ious, facts)
+        pages = sum(r.page is not None for r in rows)
+        note = None
+        if pages < len(rows):
+            note = (
+                f"Unit pages are written for the {pages} best rows by IoU "
+                f"(max_units={plan.max_units})."
+            )
+        return {
+            "name": layer,
+            "anchor": f"layer-{slug}",
+            "histogram": histogram,
+            "plots": plots,
+            "facts": facts,
+            "note": note,
+            "columns": [(self.column_help[c][0], self.column_help[c][1]) for c in columns],
+            "rows": [
+                dict(
+                    _row_link(r, ""),
+                    cells=[_format(r.values[c]) for c in columns],
+                    primitive=_concept_link(plan, r.values.get("primitive"), ""),
+                    below_null=not _missing(r.values.get("above_null"))
+                    and not bool(r.values["above_null"]),
+                    strip=self._strip(r),
+                )
+                for r in rows
+            ],
+            "has_primitive": "primitive" in plan.columns,
+        }
+
     def _evaluation_plots(
         self,
         layer: str,
@@ -961,11 +1123,12 @@ class _Renderer:
     ) -> list[tuple[str, str]]:
         """Plots and facts of ``pyneuron evaluate`` for one layer: (src, alt) pairs."""
         columns = self.plan.columns
+        root = self.site.root
         plots = []
         null = self.null.get(layer, self.null.get(None) if len(self.plan.layers) == 1 else None)
         if null is not None:
             path = f"img/plots/{slug}-null.png"
-            iou_vs_null(ious, null, self.root / path, title=layer)
+            iou_vs_null(ious, null, root / path, title=layer)
             plots.append((path, f"IoU of the units of layer {layer} against control units"))
         if "above_null" in columns:
             above = sum(bool(r.values.get("above_null")) for r in rows)
@@ -974,7 +1137,7 @@ class _Renderer:
             in_sample = _column(rows, "split_iou" if "split_iou" in columns else "iou")
             heldout = _column(rows, "iou_heldout")
             path = f"img/plots/{slug}-heldout.png"
-            heldout_scatter(in_sample, heldout, self.root / path, title=layer)
+            heldout_scatter(in_sample, heldout, root / path, title=layer)
             plots.append((path, f"Held-out against in-sample IoU, layer {layer}"))
             facts.append(("mean held-out IoU", _format(float(np.nanmean(heldout)))[0]))
         for name, label in (
@@ -987,64 +1150,18 @@ class _Renderer:
                 facts.append((label, _format(mean)[0]))
         return plots
 
-    def _index(self) -> None:
+    def _strip(self, row: _Row) -> list[dict[str, Any]]:
+        """The index's strip of a row: thumbnails of the overlays its unit page shows."""
+        height, width = self.pictures.thumb_shape
+        shown = max(1, round(INDEX_STRIP_WIDTH * height / width))
+        return [
+            {"id": image, "src": src, "width": INDEX_STRIP_WIDTH, "height": shown}
+            for image, src in row.overlays[:INDEX_STRIP]
+        ]
+
+    def _concepts(self) -> list[dict[str, Any]]:
+        """The table of concepts with a page: category, uses, images."""
         plan = self.plan
-        layers = []
-        for layer, rows in plan.layers.items():
-            slug = plan.layer_slug(layer)
-            histogram = f"img/plots/{slug}-iou.png"
-            ious = np.array(
-                [float(r.values["iou"]) if not _missing(r.values["iou"]) else np.nan for r in rows]
-            )
-            iou_histogram(ious, self.root / histogram, title=layer)
-            columns = [c for c in _INDEX_COLUMNS if c in plan.columns]
-            explained = sum(r.formula is not None for r in rows)
-            finite = ious[np.isfinite(ious)]
-            facts = [
-                ("rows" if plan.has_range else "units", _format(len(rows))[0]),
-                ("explained", _format(explained)[0]),
-                ("mean IoU", _format(float(finite.mean()) if finite.size else None)[0]),
-                ("median IoU", _format(float(np.median(finite)) if finite.size else None)[0]),
-                ("best IoU", _format(float(finite.max()) if finite.size else None)[0]),
-                (
-                    f"IoU ≥ {INTERPRETABLE_IOU}",
-                    _format(int((finite >= INTERPRETABLE_IOU).sum()))[0],
-                ),
-            ]
-            facts.extend(_search_facts(rows, plan.columns))
-            if plan.has_range:
-                facts.insert(1, ("units", _format(len({r.unit for r in rows}))[0]))
-            plots = self._evaluation_plots(layer, slug, rows, ious, facts)
-            pages = sum(r.page is not None for r in rows)
-            note = None
-            if pages < len(rows):
-                note = (
-                    f"Unit pages are written for the {pages} best rows by IoU "
-                    f"(max_units={plan.max_units})."
-                )
-            layers.append(
-                {
-                    "name": layer,
-                    "anchor": f"layer-{slug}",
-                    "histogram": histogram,
-                    "plots": plots,
-                    "facts": facts,
-                    "note": note,
-                    "columns": [(self.columns[c][0], self.columns[c][1]) for c in columns],
-                    "rows": [
-                        dict(
-                            self._row_link(r, ""),
-                            cells=[_format(r.values[c]) for c in columns],
-                            primitive=self._concept_link(r.values.get("primitive"), ""),
-                            below_null=not _missing(r.values.get("above_null"))
-                            and not bool(r.values["above_null"]),
-                            strip=self._strip(r),
-                        )
-                        for r in rows
-                    ],
-                    "has_primitive": "primitive" in plan.columns,
-                }
-            )
         table = plan.store.table()
         concepts = []
         for name in plan.concepts:
@@ -1059,18 +1176,30 @@ class _Renderer:
                     "images": _format(int(info["images"])),
                 }
             )
-        grid = plan.store.grid
-        self._page(
-            "index.html",
-            "index.html",
-            layers=layers,
-            has_range=plan.has_range,
-            concepts=concepts,
-            store={
-                "concepts": _format(len(plan.store))[0],
-                "grid": f"{grid.n_images} images × {grid.height} × {grid.width}",
-            },
-        )
+        return concepts
+
+
+def _layer_facts(
+    rows: list[_Row], ious: np.ndarray, columns: list[str], has_range: bool
+) -> list[tuple[str, str]]:
+    """A layer's summary: rows, units, explained, IoU statistics and the search's facts."""
+    explained = sum(r.formula is not None for r in rows)
+    finite = ious[np.isfinite(ious)]
+    facts = [
+        ("rows" if has_range else "units", _format(len(rows))[0]),
+        ("explained", _format(explained)[0]),
+        ("mean IoU", _format(float(finite.mean()) if finite.size else None)[0]),
+        ("median IoU", _format(float(np.median(finite)) if finite.size else None)[0]),
+        ("best IoU", _format(float(finite.max()) if finite.size else None)[0]),
+        (
+            f"IoU ≥ {INTERPRETABLE_IOU}",
+            _format(int((finite >= INTERPRETABLE_IOU).sum()))[0],
+        ),
+    ]
+    facts.extend(_search_facts(rows, columns))
+    if has_range:
+        facts.insert(1, ("units", _format(len({r.unit for r in rows}))[0]))
+    return facts
 
 
 def _search_facts(rows: list[_Row], columns: list[str]) -> list[tuple[str, str]]:

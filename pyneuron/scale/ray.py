@@ -42,8 +42,9 @@ import numpy as np
 import pandas as pd
 
 from ..engine import set_num_threads, storage
+from ..engine.atomic import write_atomically
 from ..engine.masks import MaskSet
-from ..engine.search import RESULT_KEYS, raw_beam_search, result_table, unit_chunks
+from ..engine.search import SearchResult, raw_beam_search, result_table, unit_chunks
 from ..engine.store import ConceptStore
 from ..engine.units import UnitMasks
 from ..errors import PyneuronError, StoreError
@@ -55,7 +56,8 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("local", "ray")
 SHARE_MODES = ("auto", "path", "object")
 # Bump when the layout of a shard file changes (old shards are then not reused).
-SHARD_FORMAT = 1
+# 2: every array of SearchResult.FIELDS (1: a subset of them).
+SHARD_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -269,9 +271,7 @@ def _open_uncached(ray: Any, shared: _Shared) -> ConceptStore:
     )
 
 
-def _run_shard(
-    store: _Shared, block: dict[str, Any], search: tuple, threads: int
-) -> dict[str, np.ndarray]:
+def _run_shard(store: _Shared, block: dict[str, Any], search: tuple, threads: int) -> SearchResult:
     """A Ray task: the engine's raw beam-search result for a block of units."""
     import ray
 
@@ -288,32 +288,28 @@ def _shard_file(directory: Path, start: int, stop: int) -> Path:
     return directory / f"units-{start:09d}-{stop:09d}.npz"
 
 
-def _write_shard(path: Path, raw: dict[str, np.ndarray]) -> None:
+def _write_shard(path: Path, raw: SearchResult) -> None:
     """Write a shard atomically: a temporary file in the same directory, then a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+
+    def save(temporary: Path) -> None:
         with open(temporary, "wb") as handle:
-            np.savez(handle, **{key: raw[key] for key in RESULT_KEYS})
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+            np.savez(handle, **raw.to_arrays())
+
+    write_atomically(path, save)
 
 
-def _read_shard(path: Path, n_units: int) -> dict[str, np.ndarray] | None:
+def _read_shard(path: Path, n_units: int) -> SearchResult | None:
     """A finished shard, or ``None`` when it is missing or unreadable (then recomputed)."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
-            raw = {key: data[key] for key in RESULT_KEYS}
+            raw = SearchResult.from_arrays(data)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
         logger.warning("shard %s is unreadable (%s); computing it again", path, error)
         return None
-    if any(array.shape[0] != n_units for array in raw.values()):
+    if len(raw) != n_units:
         logger.warning("shard %s does not hold %d units; computing it again", path, n_units)
         return None
     return raw
@@ -380,7 +376,7 @@ def explain_on_ray(
             file = _shard_file(directory, start, stop) if directory is not None else None
             shards.append(_Shard(index, start, stop, file))
 
-    raws: list[dict[str, np.ndarray] | None] = [
+    raws: list[SearchResult | None] = [
         _read_shard(s.file, s.stop - s.start) if s.file is not None else None for s in shards
     ]
     missing = [i for i, raw in enumerate(raws) if raw is None]
@@ -396,8 +392,15 @@ def explain_on_ray(
         _compute(backend, store, chunks, shards, raws, search_args, progress)
     # The shards cover units 0, 1, ... in order: one table from all their arrays (column
     # types are then inferred over all units, not per shard).
-    whole = {key: np.concatenate([raw[key] for raw in raws]) for key in RESULT_KEYS}
-    return result_table(whole if raws else None, 0, store.names, full_beam)
+    whole = None
+    if raws:
+        whole = SearchResult.from_arrays(
+            {
+                key: np.concatenate([getattr(raw, key) for raw in raws])
+                for key in SearchResult.FIELDS
+            }
+        )
+    return result_table(whole, 0, store.names, full_beam)
 
 
 def _compute(
@@ -405,7 +408,7 @@ def _compute(
     store: ConceptStore,
     chunks: list[UnitMasks],
     shards: list[_Shard],
-    raws: list[dict[str, np.ndarray] | None],
+    raws: list[SearchResult | None],
     search_args: tuple,
     progress: bool,
 ) -> None:
@@ -453,7 +456,7 @@ def _compute(
                 ray.cancel(ref)
 
 
-def _get(ray: Any, ref: Any) -> dict[str, np.ndarray]:
+def _get(ray: Any, ref: Any) -> SearchResult:
     """A shard's result; a failed shard raises the worker's own exception."""
     try:
         return ray.get(ref)
