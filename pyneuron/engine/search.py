@@ -19,9 +19,6 @@ from .settings import DEFAULT_OPERATORS, OPERATORS, SearchSettings
 from .store import ConceptStore
 from .units import UnitMasks
 
-#: Columns the optimal search adds to the result table.
-OPTIMAL_COLUMNS = ("optimal", "upper_bound", "nodes", "seconds")
-
 UnitSource = UnitMasks | Iterable[UnitMasks]
 
 #: Stores of up to this many concepts get a co-occurrence table (8 bytes per pair of
@@ -33,6 +30,8 @@ COOCCURRENCE_MAX_CONCEPTS = 8192
 #: ``to_arrays()`` / ``from_arrays``, or pickled; :func:`result_table` makes the table.
 SearchResult = _native.SearchResult
 OptimalSearchResult = _native.OptimalSearchResult
+#: Columns the optimal search adds to the result table: the fields its result adds.
+OPTIMAL_COLUMNS = tuple(f for f in OptimalSearchResult.FIELDS if f not in SearchResult.FIELDS)
 
 
 class SearchBackend(Protocol):

@@ -81,9 +81,10 @@ def dissect(
         formulas come from the rest, and every metric is scored again on the held-out
         images (:func:`pyneuron.evaluate`: ``iou_heldout``, ..., ``iou_drop``).
     **search_options
-        ``length``, ``beam_size``, ``operators``, ``penalty``, ``full_beam`` and
-        ``backend`` (``"ray"`` or a :class:`RayBackend`: the search on a Ray cluster) of
-        :func:`explain`.
+        What :func:`pyneuron.explain` takes: ``settings`` (a
+        :class:`~pyneuron.SearchSettings`) or its fields (``length``, ``beam_size``,
+        ``operators``, ``penalty``, ``search``, ...), ``full_beam`` and ``backend``
+        (``"ray"`` or a :class:`RayBackend`: the search on a Ray cluster).
 
     Returns
     -------
