@@ -32,7 +32,7 @@ import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -308,3 +308,32 @@ def commit_directory(staging: Path, path: Path, overwrite: bool, kind: OutputKin
         finally:
             shutil.rmtree(old, ignore_errors=True)
     _fsync_directory(path.parent)
+
+
+def commit_entries(staging: Path, out: Path, names: Sequence[str]) -> None:
+    """Move the entries ``names`` of a fully written ``staging`` directory into ``out``
+    (a directory that may hold other things, e.g. a report written into a folder of the
+    user's), replacing older entries of those names; the last name goes last (a report's
+    ``index.html``).
+
+    If a move fails, the entries already moved are taken back and the older ones
+    restored, so ``out`` holds either all the old entries or all the new ones.
+    """
+    old = Path(tempfile.mkdtemp(prefix=".entries.old-", dir=out))
+    moved: list[str] = []
+    try:
+        for name in names:
+            target = out / name
+            if os.path.lexists(target):
+                os.rename(target, old / name)
+            moved.append(name)
+            os.rename(staging / name, target)
+    except BaseException:
+        for name in reversed(moved):
+            if os.path.lexists(out / name) and not os.path.lexists(staging / name):
+                os.rename(out / name, staging / name)
+            if os.path.lexists(old / name):
+                os.rename(old / name, out / name)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

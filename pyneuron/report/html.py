@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from ..engine.atomic import commit_entries
 from ..engine.formula import BinaryOp, Concept, Formula, Not
 from ..engine.netdissect import check_mode
 from ..engine.search import AUDIT_VERDICTS
@@ -303,7 +304,7 @@ def write_report(
             column_help=_column_help(check_mode(iou)),
             progress=progress,
         )
-        _commit(staging, out)
+        commit_entries(staging, out, ENTRIES)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out / "index.html"
@@ -1247,29 +1248,3 @@ def _version() -> str:
         return metadata.version("pyneuron")
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
         return ""
-
-
-def _commit(staging: Path, out: Path) -> None:
-    """Move the staged entries into ``out``, replacing older ones; index.html goes last.
-
-    If a move fails, the entries already moved are taken back and the older ones
-    restored, so ``out`` holds either the whole old report or the whole new one.
-    """
-    old = Path(tempfile.mkdtemp(prefix=".report.old-", dir=out))
-    moved: list[str] = []
-    try:
-        for name in ENTRIES:
-            target = out / name
-            if os.path.lexists(target):
-                os.rename(target, old / name)
-            moved.append(name)
-            os.rename(staging / name, target)
-    except BaseException:
-        for name in reversed(moved):
-            if os.path.lexists(out / name) and not os.path.lexists(staging / name):
-                os.rename(out / name, staging / name)
-            if os.path.lexists(old / name):
-                os.rename(old / name, out / name)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
