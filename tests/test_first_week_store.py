@@ -338,8 +338,9 @@ MANY_THREADS = textwrap.dedent(
 def test_many_threads_under_an_address_space_limit_do_not_stop_the_process(headroom_mib):
     """Before: with most of the address space taken by thread stacks, a worker's failed
     allocation could not even be thrown ('cannot allocate memory for thread-local data:
-    ABORT', exit status 127, during the search or at exit). The pool now keeps half of
-    the threads it could start, and each worker sets up its exception state first."""
+    ABORT', exit status 127, during the search or at exit). The pool now starts only the
+    threads that fit in half the address space left, keeps half of those it could start
+    when the system refuses one, and each worker sets up its exception state first."""
     done = subprocess.run(
         [sys.executable, "-c", MANY_THREADS, str(headroom_mib)],
         capture_output=True,

@@ -29,6 +29,8 @@ ALLOWED = {
 def _modules() -> dict[str, Path]:
     found = {}
     for path in PACKAGE.rglob("*.py"):
+        if "_bench" in path.parts:  # the benchmark scripts shipped with the package
+            continue
         parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         found[name] = path

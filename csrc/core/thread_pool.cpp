@@ -21,6 +21,12 @@
 #include <unistd.h>
 #define PYNEURON_GETPID getpid
 #endif
+#if defined(__linux__)
+#include <sys/resource.h>
+
+#include <climits>
+#include <cstdio>
+#endif
 
 namespace pyneuron {
 
@@ -72,11 +78,41 @@ void wait_for(Ready ready, std::mutex& mutex, std::condition_variable& cv) {
   }
 }
 
+// How many threads fit in the address space left under RLIMIT_AS, keeping half of it
+// for the work. Starting a thread close to that limit can abort the process inside the
+// C library ("cannot allocate memory for thread-local data") before any error can be
+// returned, so the pool never goes near it. Each thread is counted with its stack and a
+// malloc arena (64 MiB of address space on 64-bit glibc). No limit: no cap.
+int threads_that_fit() {
+#if defined(__linux__)
+  rlimit space{};
+  if (getrlimit(RLIMIT_AS, &space) != 0 || space.rlim_cur == RLIM_INFINITY) return INT_MAX;
+  long pages = 0;
+  if (std::FILE* statm = std::fopen("/proc/self/statm", "r")) {
+    if (std::fscanf(statm, "%ld", &pages) != 1) pages = 0;
+    std::fclose(statm);
+  }
+  const uint64_t used = uint64_t(std::max(0L, pages)) * uint64_t(sysconf(_SC_PAGESIZE));
+  if (used >= space.rlim_cur) return 1;
+  uint64_t stack = uint64_t(8) << 20;
+  rlimit stack_limit{};
+  if (getrlimit(RLIMIT_STACK, &stack_limit) == 0 && stack_limit.rlim_cur != RLIM_INFINITY &&
+      stack_limit.rlim_cur > 0)
+    stack = stack_limit.rlim_cur;
+  const uint64_t per_thread = stack + (uint64_t(64) << 20);
+  const uint64_t fit = (space.rlim_cur - used) / 2 / per_thread;
+  return int(std::max<uint64_t>(1, std::min<uint64_t>(fit, INT_MAX)));
+#else
+  return INT_MAX;
+#endif
+}
+
 // Worker threads kept between calls. Each parallel_for is one job: every worker joins it
 // once and claims items from a shared counter, the calling thread too.
 class Pool {
  public:
   explicit Pool(int threads) : pid_(PYNEURON_GETPID()), requested_(threads) {
+    threads = std::min(threads, threads_that_fit());
     if (!start(std::size_t(std::max(0, threads - 1)))) {
       // The system refused a thread (std::system_error: no memory for a stack, a process
       // limit), so memory or a limit is nearly exhausted: keep half of those started,
