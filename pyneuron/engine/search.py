@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -15,7 +16,7 @@ from .checks import positive_int
 from .formula import Formula, quote_name
 from .metrics import METRIC_COLUMNS, iou, metrics
 from .netdissect import category_codes, category_unit_pixels, check_mode, netdissect_iou
-from .settings import DEFAULT_OPERATORS, OPERATORS, SearchSettings
+from .settings import OPERATORS, SearchSettings
 from .store import ConceptStore
 from .units import UnitMasks
 
@@ -188,20 +189,18 @@ AUDIT_VERDICTS = ("same formula", "same IoU", "beam worse", "no formula")
 def compare_searches(
     units: UnitSource,
     store: ConceptStore,
+    settings: SearchSettings | None = None,
     *,
-    length: int = 3,
-    beam_size: int = 5,
-    operators: Sequence[str] = DEFAULT_OPERATORS,
-    time_limit: float | None = None,
-    max_nodes: int | None = None,
     progress: bool = True,
+    **options: Any,
 ) -> pd.DataFrame:
     """Optimality audit of the beam: beam and optimal search on the same units, side by side.
 
     Parameters
     ----------
-    units, store, length, beam_size, operators, time_limit, max_nodes, progress
-        As for :func:`explain` (the budget applies to the optimal search).
+    units, store, settings, progress, **options
+        As for :func:`explain`: both searches use these settings, the beam without the
+        budget (``time_limit``, ``max_nodes``), which applies to the optimal search.
 
     Returns
     -------
@@ -223,10 +222,12 @@ def compare_searches(
     >>> pyneuron.compare_searches(units, store, progress=False)["audit"].tolist()
     ['same IoU']
     """
-    options = dict(length=length, beam_size=beam_size, operators=operators, progress=progress)
-    beam = explain(units, store, **options)
+    SearchSettings.check_names(options)
+    chosen = {**dataclasses.asdict(settings or SearchSettings()), **options}
+    beam_settings = {**chosen, "search": "beam", "time_limit": None, "max_nodes": None}
+    beam = explain(units, store, SearchSettings(**beam_settings), progress=progress)
     best = explain(
-        units, store, search="optimal", time_limit=time_limit, max_nodes=max_nodes, **options
+        units, store, SearchSettings(**{**chosen, "search": "optimal"}), progress=progress
     )
     gap = (best["iou"] - beam["iou"]).clip(lower=0.0)
     audit = np.select(

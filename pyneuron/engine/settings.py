@@ -105,6 +105,16 @@ class SearchSettings:
         cls, settings: SearchSettings | None, options: Mapping[str, Any]
     ) -> SearchSettings:
         """``settings`` (or the defaults) with ``options`` (field names) replaced."""
+        cls.check_names(options)
+        if settings is None:
+            return cls(**options)
+        if not isinstance(settings, cls):
+            raise PyneuronError(f"settings must be a SearchSettings, got {type(settings).__name__}")
+        return dataclasses.replace(settings, **options) if options else settings
+
+    @classmethod
+    def check_names(cls, options: Mapping[str, Any]) -> None:
+        """Raise unless every key of ``options`` is a field of the settings."""
         fields = [f.name for f in dataclasses.fields(cls)]
         unknown = [name for name in options if name not in fields]
         if unknown:
@@ -112,11 +122,6 @@ class SearchSettings:
                 f"unknown search option(s) {', '.join(map(repr, unknown))}; the options are "
                 f"{', '.join(fields)}"
             )
-        if settings is None:
-            return cls(**options)
-        if not isinstance(settings, cls):
-            raise PyneuronError(f"settings must be a SearchSettings, got {type(settings).__name__}")
-        return dataclasses.replace(settings, **options) if options else settings
 
     @property
     def optimal(self) -> bool:
