@@ -4,6 +4,7 @@ image once and shows its progress."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -329,3 +330,23 @@ def test_evaluate_shows_faithfulness_progress(project, tmp_path, capfd):
     err = capfd.readouterr().err
     assert "faithfulness 1: 100% 30/30" in err  # 6 units x 2 images x 3 - 6 shared + 12
     assert "mean activation_drop" in evaluation["layers"]["1"]
+
+
+def test_evaluate_of_an_explain_run(project, tmp_path):
+    """`pyneuron explain` runs carry a layer (their unit masks' folder) and the search they
+    used, so `evaluate` checks them as it checks dissect runs (no model: no faithfulness)."""
+    run = dissect(project, tmp_path / "run")
+    explained = tmp_path / "explained"
+    result = invoke(
+        "explain", "--units", run / "units" / "1", "--concepts", project / "store",
+        "--out", explained, "--length", 2, "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert set(pd.read_parquet(explained / "results.parquet")["layer"]) == {"1"}
+    result = invoke("evaluate", explained, "--controls", 5, "--holdout", 0.25, "--quiet")
+    assert result.exit_code == 0, result.output
+    results = pd.read_parquet(explained / "results.parquet")
+    assert {"iou_heldout", "above_null"} <= set(results.columns)
+    notes = json.loads((explained / "summary.json").read_text())["evaluation"]["notes"]
+    assert any("faithfulness skipped" in note for note in notes)
+    assert invoke("report", explained, "--quiet").exit_code == 0

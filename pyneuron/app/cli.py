@@ -470,6 +470,8 @@ def explain(
         progress=not quiet,
         backend=_backend(ray, out),
     )
+    layer = Path(units).resolve().name or "units"  # the folder of the unit masks
+    beam_table.insert(0, "layer", layer)
     results = best_of_beam(beam_table)
     config_values = {
         "units": resolved_path(units),
@@ -485,6 +487,7 @@ def explain(
             "grid": list(store.grid.shape),
             "units": len(masks),
             **config_values,
+            "search": settings.to_dict(),  # as dissect runs record it
         },
         config=config_values,
         beam=beam_table,

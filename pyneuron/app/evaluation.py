@@ -30,7 +30,6 @@ import pandas as pd
 from ..engine.atomic import write_atomically
 from ..engine.heldout import HELDOUT_COLUMNS
 from ..engine.null import NULL_COLUMNS, null_baseline, significance
-from ..engine.units import UnitMasks
 from ..errors import PyneuronError
 from ..model.dissect import explain_split
 from ..model.faithfulness import FAITHFULNESS_COLUMNS, faithfulness
@@ -39,12 +38,12 @@ from .rundir import (
     RESULTS,
     SUMMARY,
     demo_model_inputs,
-    layer_dir_name,
     open_run_store,
     read_config,
     read_results,
     run_file,
     run_image_files,
+    run_unit_masks,
     write_run_report,
 )
 
@@ -98,11 +97,9 @@ def evaluate_run(
     it again replaces the earlier evaluation. Returns the summary's ``evaluation``.
     """
     run = Path(run)
-    results = read_results(run)
-    if "layer" not in results.columns:
-        raise PyneuronError(f"{run} has no layer column: evaluate runs of `pyneuron dissect`")
-    results = results.drop(columns=[c for c in EVALUATION_COLUMNS if c in results.columns])
     settings = read_config(run)
+    results, unit_masks = run_unit_masks(run, read_results(run), settings)
+    results = results.drop(columns=[c for c in EVALUATION_COLUMNS if c in results.columns])
     summary = json.loads((run / SUMMARY).read_text())
     store = open_run_store(run, settings)
     search = _search_options(summary)
@@ -114,7 +111,7 @@ def evaluate_run(
     frames, nulls, facts = [], [], {}
     for layer in dict.fromkeys(results["layer"]):
         rows = results[results["layer"] == layer].reset_index(drop=True)
-        masks = UnitMasks.open(run / "units" / layer_dir_name(layer))
+        masks = unit_masks[layer]
         layer_facts: dict[str, Any] = {}
         if config.holdout:
             split = explain_split(

@@ -276,6 +276,46 @@ def run_image_files(
     return [Path(f) for f in settings["image_files"]]
 
 
+def configured_path(run: Path, settings: Mapping[str, Any], key: str, what: str) -> Path:
+    """A path a run's config names (the inputs of ``pyneuron explain`` runs), checked to
+    exist."""
+    if key not in settings:
+        raise PyneuronError(f"{run} holds no {what} and its config.toml names none")
+    path = Path(settings[key])
+    if not path.exists():
+        raise PyneuronError(
+            f"{run} holds no {what} of its own and the path its config.toml names "
+            f"({key} = {str(path)!r}) does not exist (a relative path is read from the "
+            f"current directory): run the command from the directory where the run was "
+            f"made, or set {key} in {run / CONFIG} to the {what}"
+        )
+    return path
+
+
+def run_unit_masks(
+    run: Path, results: pd.DataFrame, settings: Mapping[str, Any]
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A run's results with a ``layer`` column, and its unit masks by layer: a dissect
+    run's own ``units/<layer>``, or the unit masks a ``pyneuron explain`` run was given
+    (its config's ``units``; runs written before explain runs had a layer column get
+    the name of that folder)."""
+    from ..engine.units import UnitMasks
+
+    if "layer" not in results.columns:
+        name = configured_path(run, settings, "units", "unit masks").resolve().name or "units"
+        results = results.copy()
+        results.insert(0, "layer", name)
+    masks = {}
+    for layer in dict.fromkeys(results["layer"]):
+        path = run / "units" / layer_dir_name(layer)
+        if not path.is_dir() and "units" in settings:
+            path = configured_path(run, settings, "units", "unit masks")
+        if not path.is_dir():
+            raise PyneuronError(f"{path} is missing: the unit masks of layer {layer!r}")
+        masks[layer] = UnitMasks.open(path)
+    return results, masks
+
+
 def write_run_report(
     run: str | os.PathLike[str],
     *,
@@ -322,7 +362,6 @@ def write_run_report(
 
     from ..describe import compare
     from ..engine.atomic import commit_directory, temporary_sibling, write_atomically
-    from ..engine.units import UnitMasks
     from ..image_files import list_images
     from ..report import write_report
 
@@ -335,36 +374,10 @@ def write_run_report(
         descriptions = pd.read_parquet(kept)
     shown = descriptions if descriptions is not None and len(descriptions) else None
 
-    def configured(key: str, what: str) -> Path:
-        """A path the run's config names (``pyneuron explain`` runs), checked to exist."""
-        if key not in settings:
-            raise PyneuronError(f"{run} holds no {what} and its config.toml names none")
-        path = Path(settings[key])
-        if not path.exists():
-            raise PyneuronError(
-                f"{run} holds no {what} of its own and the path its config.toml names "
-                f"({key} = {str(path)!r}) does not exist (a relative path is read from the "
-                f"current directory): run `pyneuron report` from the directory where the "
-                f"run was made, or set {key} in {run / CONFIG} to the {what}"
-            )
-        return path
-
-    if "layer" not in results.columns:  # `pyneuron explain`: one set of unit masks
-        units_path = configured("units", "unit masks")
-        name = units_path.resolve().name or "units"
-        results = results.copy()
-        results.insert(0, "layer", name)
-        masks = {name: UnitMasks.open(units_path)}
-    else:
-        masks = {}
-        for layer in dict.fromkeys(results["layer"]):
-            path = run / "units" / layer_dir_name(layer)
-            if not path.is_dir():
-                raise PyneuronError(f"{path} is missing: the unit masks of layer {layer!r}")
-            masks[layer] = UnitMasks.open(path)
+    results, masks = run_unit_masks(run, results, settings)
     layers = list(masks)
     if "demo" not in settings and not (run / "concepts").is_dir():
-        configured("concepts", "concept store")
+        configured_path(run, settings, "concepts", "concept store")
     if images is not None or "demo" in settings or "image_files" in settings:
         store, image_source = run_sources(run, settings, images)
         found = len(list_images(images)) if images is not None else store.grid.n_images
