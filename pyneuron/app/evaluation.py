@@ -97,8 +97,9 @@ def evaluate_run(
     it again replaces the earlier evaluation. Returns the summary's ``evaluation``.
     """
     run = Path(run)
+    results = read_results(run)
     settings = read_config(run)
-    results, unit_masks = run_unit_masks(run, read_results(run), settings)
+    results, unit_masks = run_unit_masks(run, results, settings)
     results = results.drop(columns=[c for c in EVALUATION_COLUMNS if c in results.columns])
     summary = json.loads((run / SUMMARY).read_text())
     store = open_run_store(run, settings)
