@@ -55,6 +55,63 @@ def test_missing_ray_is_a_clear_error(monkeypatch, tmp_path):
         pyneuron.explain(units, store, backend="ray", progress=False)
 
 
+def test_netdissect_refuses_another_backend():
+    store, units = _data(seed=2, n_units=3)
+    options = {"length": 1, "mode": "netdissect", "progress": False}
+    with pytest.raises(pyneuron.PyneuronError, match="runs in this process only"):
+        pyneuron.explain(units, store, backend=RayBackend(), **options)
+    with pytest.raises(pyneuron.PyneuronError, match="unknown backend 'bogus'"):
+        pyneuron.explain(units, store, backend="bogus", **options)
+
+
+def test_an_address_that_answers_nothing_is_refused_at_once():
+    """Before: RayBackend(address="127.0.0.1:1") was still waiting after 400 s."""
+    import time
+
+    store, units = _data(seed=4, n_units=3)
+    started = time.monotonic()
+    with pytest.raises(
+        pyneuron.PyneuronError, match="cannot reach the Ray cluster at '127.0.0.1:1'"
+    ):
+        pyneuron.explain(units, store, backend=RayBackend(address="127.0.0.1:1"), progress=False)
+    assert time.monotonic() - started < 30
+
+
+def test_damaged_shards_are_computed_again(tmp_path):
+    """Any shard file that fails to load, or is not this search's shape, counts as missing
+    (before: an empty file raised EOFError on every rerun, a flipped header byte a
+    tokenize error, and a shard of the wrong shape failed at the final join)."""
+    from pyneuron.engine.search import raw_beam_search
+
+    store, units = _data(seed=3, n_units=4)
+    search = (3, 5, [0, 1, 2], 1.0)
+    raw = raw_beam_search(units, store, search)
+    path = tmp_path / "units-000000000-000000004.npz"
+    distributed._write_shard(path, raw)
+    good = path.read_bytes()
+    assert distributed._read_shard(path, 4, search) is not None
+
+    def same(found):
+        return all(
+            np.array_equal(getattr(found, f), getattr(raw, f), equal_nan=True) for f in raw.FIELDS
+        )
+
+    path.write_bytes(b"")
+    assert distributed._read_shard(path, 4, search) is None
+    for position in range(0, len(good), max(1, len(good) // 400)):
+        damaged = bytearray(good)
+        damaged[position] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+        found = distributed._read_shard(path, 4, search)  # never raises
+        assert found is None or same(found), position
+    path.write_bytes(good[: len(good) // 2])
+    assert distributed._read_shard(path, 4, search) is None
+    path.write_bytes(good)
+    assert distributed._read_shard(path, 5, search) is None  # another unit count
+    assert distributed._read_shard(path, 4, (3, 6, [0, 1, 2], 1.0)) is None  # another beam
+    assert distributed._read_shard(path, 4, (2, 5, [0, 1, 2], 1.0)) is None  # another length
+
+
 # -- data ----------------------------------------------------------------------------------
 
 

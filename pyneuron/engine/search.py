@@ -118,7 +118,7 @@ def explain(
         :class:`pyneuron.RayBackend` (shards of units on a Ray cluster, identical
         results) with its settings (cluster address, unit block, resumable shard
         directory). :func:`pyneuron.explain` also takes the string ``"ray"``.
-        ``mode="netdissect"`` always runs here.
+        ``mode="netdissect"`` runs here only (another backend is refused).
 
     Returns
     -------
@@ -153,6 +153,10 @@ def explain(
     _check_store(store)
     remote = _remote_backend(backend)
     if settings.mode == "netdissect":
+        if remote is not None:
+            raise PyneuronError(
+                "mode='netdissect' runs in this process only; use backend='local' with it"
+            )
         return _explain_netdissect(units, store, beam_size, full_beam, batch_size, progress)
     if optimal and len(store) > COOCCURRENCE_MAX_CONCEPTS:
         raise PyneuronError(

@@ -31,8 +31,8 @@ import hashlib
 import itertools
 import logging
 import os
+import socket
 import uuid
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,18 +299,26 @@ def _write_shard(path: Path, raw: SearchResult) -> None:
     write_atomically(path, save)
 
 
-def _read_shard(path: Path, n_units: int) -> SearchResult | None:
-    """A finished shard, or ``None`` when it is missing or unreadable (then recomputed)."""
+def _read_shard(path: Path, n_units: int, search: tuple) -> SearchResult | None:
+    """A finished shard, or ``None`` when it is missing, unreadable or not the shape this
+    search gives (then it is computed again): any failure to load counts, never only the
+    expected ones."""
     if not path.is_file():
         return None
+    length, beam_size = int(search[0]), int(search[1])
     try:
         with np.load(path, allow_pickle=False) as data:
             raw = SearchResult.from_arrays(data)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        shapes_ok = (
+            len(raw) == n_units
+            and raw.score.shape == (n_units, beam_size)
+            and raw.concepts.shape == (n_units, beam_size, length)
+        )
+    except Exception as error:  # a damaged file can fail in any way
         logger.warning("shard %s is unreadable (%s); computing it again", path, error)
         return None
-    if len(raw) != n_units:
-        logger.warning("shard %s does not hold %d units; computing it again", path, n_units)
+    if not shapes_ok:
+        logger.warning("shard %s is not a shard of this search; computing it again", path)
         return None
     return raw
 
@@ -318,7 +326,33 @@ def _read_shard(path: Path, n_units: int) -> SearchResult | None:
 # -- the driver ----------------------------------------------------------------------------
 
 
+#: Seconds to wait for a cluster's address to accept a connection before giving up.
+CONNECT_TIMEOUT = 20.0
+
+
+def _check_reachable(address: str | None) -> None:
+    """Refuse at once, with a clear message, a ``HOST:PORT`` (or ``ray://HOST:PORT``)
+    address that accepts no connection within :data:`CONNECT_TIMEOUT` seconds: Ray itself
+    would keep retrying for minutes."""
+    if address is None or address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        with socket.create_connection(
+            (host.strip("[]") or "127.0.0.1", int(port)), CONNECT_TIMEOUT
+        ):
+            pass
+    except OSError as error:
+        raise PyneuronError(
+            f"cannot reach the Ray cluster at {address!r} ({error}); start one with "
+            "`ray start --head` or pass its address (or 'local' for this machine only)"
+        ) from None
+
+
 def _connect(address: str | None) -> Any:
+    _check_reachable(address)  # before importing Ray, which reads its settings then
     try:
         import ray
     except ImportError:
@@ -377,7 +411,8 @@ def explain_on_ray(
             shards.append(_Shard(index, start, stop, file))
 
     raws: list[SearchResult | None] = [
-        _read_shard(s.file, s.stop - s.start) if s.file is not None else None for s in shards
+        _read_shard(s.file, s.stop - s.start, search_args) if s.file is not None else None
+        for s in shards
     ]
     missing = [i for i, raw in enumerate(raws) if raw is None]
     if backend.shard_dir is not None:
