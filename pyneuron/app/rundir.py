@@ -209,9 +209,7 @@ def open_run_store(run: str | os.PathLike[str], settings: Mapping[str, Any]) -> 
         return ConceptStore.open(run / "concepts")
     if "demo" in settings:
         return _demo_data(settings).store
-    if "concepts" not in settings:
-        raise PyneuronError(f"{run} has no concept store and its config names none")
-    return ConceptStore.open(settings["concepts"])
+    return ConceptStore.open(configured_path(run, settings, "concepts", "concept store"))
 
 
 def run_sources(
@@ -227,6 +225,11 @@ def run_sources(
     if images is not None:
         from ..concepts.sources import check_image_order
 
+        if len(files) != store.grid.n_images:
+            raise PyneuronError(
+                f"{images} holds {len(files)} images but the run's concepts cover "
+                f"{store.grid.n_images}; pass the folder of the run's probing images"
+            )
         check_image_order(store, files)
     return store, image_reader(files, store)
 
@@ -362,7 +365,6 @@ def write_run_report(
 
     from ..describe import compare
     from ..engine.atomic import commit_directory, temporary_sibling, write_atomically
-    from ..image_files import list_images
     from ..report import write_report
 
     run = Path(run)
@@ -376,16 +378,8 @@ def write_run_report(
 
     results, masks = run_unit_masks(run, results, settings)
     layers = list(masks)
-    if "demo" not in settings and not (run / "concepts").is_dir():
-        configured_path(run, settings, "concepts", "concept store")
     if images is not None or "demo" in settings or "image_files" in settings:
         store, image_source = run_sources(run, settings, images)
-        found = len(list_images(images)) if images is not None else store.grid.n_images
-        if found != store.grid.n_images:
-            raise PyneuronError(
-                f"{images} holds {found} images but the run's concepts cover "
-                f"{store.grid.n_images}; pass the folder of the run's probing images"
-            )
     else:  # no images known: the report draws the masks on grey
         store, image_source = open_run_store(run, settings), None
     tops = load_top_images(run)
