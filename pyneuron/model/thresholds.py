@@ -24,11 +24,11 @@ from __future__ import annotations
 import bisect
 import math
 import numbers
-from collections.abc import Iterator
 
 import numpy as np
 import numpy.typing as npt
 
+from ..engine.batches import block_images, image_batches
 from ..engine.checks import positive_int
 from ..errors import PyneuronError
 from .compexp_quantiles import CompexpQuantiles
@@ -41,9 +41,6 @@ __all__ = [
     "quantile_thresholds",
     "user_thresholds",
 ]
-
-#: Bytes of activations read per batch when ``batch_images`` is not given.
-DEFAULT_BATCH_BYTES = 64 * 2**20
 
 _SHAPE_HELP = "(N images, U units, h, w)"
 
@@ -90,19 +87,6 @@ def _check_shape_dtype(arr: np.ndarray, name: str) -> None:
         raise PyneuronError(
             f"{name} must be real numbers (float32 or float64), got dtype {arr.dtype}"
         )
-
-
-def _batch_size(batch_images: int | None, arr: np.ndarray) -> int:
-    if batch_images is None:
-        per_image = max(1, math.prod(arr.shape[1:]) * arr.dtype.itemsize)
-        return max(1, DEFAULT_BATCH_BYTES // per_image)
-    return positive_int(batch_images, "batch_images")
-
-
-def _batches(arr: np.ndarray, batch_images: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(first image index, batch) over whole-image slices; memmap slices are read lazily."""
-    for start in range(0, arr.shape[0], batch_images):
-        yield start, np.asarray(arr[start : start + batch_images])
 
 
 def _check_finite(batch: np.ndarray, first_image: int) -> None:
@@ -498,15 +482,15 @@ def quantile_thresholds(
             )
         compexp_level(q)  # checks q
         estimator = CompexpQuantiles(arr.shape[1])
-        for start, values in _batches(arr, _batch_size(batch_images, arr)):
+        for start, values in image_batches(arr, batch_images):
             _check_finite(values, start)
             estimator.update(values)
         return estimator.quantile(q)
     level = compexp_level(q) if level is None else _check_level(level)
-    batch = _batch_size(batch_images, arr)
+    batch = block_images(arr, batch_images)
     n, units = arr.shape[:2]
     stream = StreamingQuantiles(units, level, n * math.prod(arr.shape[2:]))
-    for _, values in _batches(arr, batch):
+    for _, values in image_batches(arr, batch):
         stream.update(values)
     return stream.result()
 
@@ -690,7 +674,7 @@ def activation_ranges(
     rounds = positive_int(max_iter, "max_iter")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise PyneuronError(f"seed must be a non-negative integer, got {seed!r}")
-    batch = _batch_size(batch_images, arr)
+    batch = block_images(arr, batch_images)
     n, units = arr.shape[:2]
 
     # Pass 1 (only if some unit might exceed the cap): non-zero counts, then the sample.
@@ -698,7 +682,7 @@ def activation_ranges(
     checked = False
     if n * math.prod(arr.shape[2:]) > cap:
         counts = np.zeros(units, dtype=np.int64)
-        for start, values in _batches(arr, batch):
+        for start, values in image_batches(arr, batch):
             _check_finite(values, start)
             counts += np.count_nonzero(values.reshape(*values.shape[:2], -1), axis=(0, 2))
         checked = True
@@ -710,7 +694,7 @@ def activation_ranges(
     # Pass 2: the non-zero values (or the chosen ones), in image-major order.
     parts: list[list[np.ndarray]] = [[] for _ in range(units)]
     offsets = np.zeros(units, dtype=np.int64)
-    for start, values in _batches(arr, batch):
+    for start, values in image_batches(arr, batch):
         if not checked:
             _check_finite(values, start)
         per_unit = values.reshape(*values.shape[:2], -1)
@@ -741,7 +725,7 @@ def activation_ranges(
     if centers:
         low = np.full((units, k), np.inf)
         high = np.full((units, k), -np.inf)
-        for _, values in _batches(arr, batch):
+        for _, values in image_batches(arr, batch):
             per_unit = values.reshape(*values.shape[:2], -1)
             for u, c in centers.items():
                 row = per_unit[:, u]
