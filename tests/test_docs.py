@@ -23,6 +23,11 @@ MODULES = [
     "pyneuron.model.faithfulness",
     "pyneuron.engine.netdissect",
     "pyneuron.model.compexp_quantiles",
+    "pyneuron.model.dissect",
+    "pyneuron.model.layer_units",
+    "pyneuron.engine.batches",
+    "pyneuron.devices",
+    "pyneuron.weights",
 ]
 
 

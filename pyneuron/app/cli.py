@@ -343,6 +343,44 @@ SegmenterOption = Annotated[
 ]
 
 
+DeviceOption = Annotated[
+    str | None,
+    typer.Option(help="Where the model runs: cpu, cuda, cuda:N or mps (default: cuda if present)."),
+]
+WorkersOption = Annotated[
+    int, typer.Option(help="Processes decoding images ahead of the model (0: none).")
+]
+UnitsOption = Annotated[
+    str | None,
+    typer.Option(
+        help="'module:function' or 'file.py:function' mapping a layer's activations "
+        "(B, C, h, w) to the units to explain (an SAE encoder, directions); default: channels."
+    ),
+]
+ThresholdsOption = Annotated[
+    str,
+    typer.Option(
+        help="auto (exact unless it needs > 1 GiB), exact (exact quantile) or compexp "
+        "(compexp's streaming estimator)."
+    ),
+]
+KeepActivationsOption = Annotated[
+    bool,
+    typer.Option(
+        "--keep-activations", help="Keep the activations in the run (activations/).", metavar=""
+    ),
+]
+
+
+def _default_device(device: str | None) -> str:
+    """``--device``, or CUDA when this machine has it, else the CPU."""
+    if device is not None:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @app.command()
 @friendly_errors
 @search_options
@@ -370,20 +408,40 @@ def dissect(
     segmenter: SegmenterOption = None,
     settings: Any = None,  # the search options (search_options)
     quantile: Annotated[float, typer.Option(help="Top activation quantile per unit.")] = 0.005,
+    thresholds: ThresholdsOption = "auto",
+    units: UnitsOption = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    device: DeviceOption = None,
+    workers: WorkersOption = 0,
+    keep_activations: KeepActivationsOption = False,
     ray: RayOption = None,
     overwrite: OverwriteOption = False,
     quiet: QuietOption = False,
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Dissect layers of a model on a concept source; writes results and a report."""
+    """Dissect layers of a model on a concept source; writes results and a report.
+
+    Activations stream to OUT.partial/ next to the run (resumed by a rerun, removed
+    once the run is written), so memory stays flat whatever the number of images.
+    """
     from ..concepts.sources import open_concepts, resolved_segmenter_spec
-    from ..model.models import image_transform, load_model, resolved_model_spec, resolved_path
+    from ..devices import torch_device
+    from ..model.layer_units import threshold_method
+    from ..model.models import (
+        image_transform,
+        load_model,
+        resolved_model_spec,
+        resolved_path,
+        units_function,
+    )
     from .pipeline import dissect_run
     from .rundir import refuse_existing
 
     refuse_existing(out, overwrite)
+    threshold_method((1, 1), quantile, thresholds)  # a bad choice fails before any work
+    run_device = torch_device(_default_device(device))
+    units_map = units_function(units) if units is not None else None
     net, processor = load_model(model, weights)
     store, files, built = open_concepts(
         concepts,
@@ -403,8 +461,13 @@ def dissect(
         image_source=_image_reader(files, store),
         settings=settings,
         quantile=quantile,
+        thresholds=thresholds,
         batch_size=batch_size,
         transform=processor or image_transform(image_size),
+        device=run_device,
+        workers=workers,
+        units=units_map,
+        keep_activations=keep_activations,
         config={
             "model": resolved_model_spec(model),
             "layer": layer,
@@ -418,7 +481,12 @@ def dissect(
             "segmenter": resolved_segmenter_spec(segmenter),
             **search_config(settings),
             "quantile": quantile,
+            "thresholds": thresholds,
+            "units": resolved_model_spec(units) if units is not None else None,
             "batch_size": batch_size,
+            "device": str(run_device),
+            "workers": workers,
+            "keep_activations": keep_activations,
             "ray": ray,
             "image_files": [resolved_path(f) for f in files],
         },

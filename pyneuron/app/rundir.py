@@ -8,6 +8,7 @@ Layout of a run directory::
     config.toml                     the resolved configuration (provenance)
     units/<layer>/                  the unit masks (a pyneuron store directory)
     top_images.npz                  per layer, the top activating images of each unit
+    activations/<layer>.npy         the activations, when the run keeps them
     concepts/                       the concept store, when it was built for the run
     model.pt                        the model's weights, when the run saves them (the demo)
     descriptions.parquet            label-free descriptions shown by the report, if any
@@ -167,10 +168,29 @@ def read_results(run: str | os.PathLike[str]) -> pd.DataFrame:
 
 
 TOP_IMAGES = "top_images.npz"
+#: A run's unit masks, one store directory per layer.
+UNITS = "units"
+#: A run's activations (one ``<layer>.npy`` per layer), in its work directory and, when
+#: kept, in the run.
+ACTIVATIONS = "activations"
 #: The model's weights (state dict), in runs that save it (the demo).
 MODEL_FILE = "model.pt"
 #: A run's report directory (rewritten by ``pyneuron report`` and ``evaluate``).
 REPORT_KIND = OutputKind("pyneuron report", lambda path: (path / "index.html").is_file())
+
+
+def work_dir(out: str | os.PathLike[str]) -> Path:
+    """Where a run being written to ``out`` keeps its activations and unit masks until
+    it is complete: ``OUT.partial`` next to it (kept when the run is interrupted, so a
+    rerun resumes; removed once the run is written).
+
+    Examples
+    --------
+    >>> work_dir("runs/resnet").name
+    'resnet.partial'
+    """
+    out = Path(out)
+    return out.with_name(f"{out.name}.partial")
 
 
 def layer_dir_name(layer: str) -> str:
@@ -310,7 +330,7 @@ def run_unit_masks(
         results.insert(0, "layer", name)
     masks = {}
     for layer in dict.fromkeys(results["layer"]):
-        path = run / "units" / layer_dir_name(layer)
+        path = run / UNITS / layer_dir_name(layer)
         if not path.is_dir() and "units" in settings:
             path = configured_path(run, settings, "units", "unit masks")
         if not path.is_dir():

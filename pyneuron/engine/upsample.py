@@ -9,13 +9,13 @@ whole layer never exists as dense full-resolution masks.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 
 import numpy as np
 
 from ..errors import PyneuronError
 from ..progress import progress_bar
 from . import _native
+from .batches import image_batches
 from .grid import Grid, check_image_size
 from .units import UnitMasks
 
@@ -118,9 +118,6 @@ def unit_masks_from_activations(
                 f"{activations.shape}"
             )
         n_images = activations.shape[0]
-        batches: Iterable[np.ndarray] = (
-            activations[i : i + batch_images] for i in range(0, n_images, batch_images)
-        )
     else:
         raise PyneuronError(
             "activations must be an array (images, units, h, w); for data larger than memory "
@@ -138,8 +135,7 @@ def unit_masks_from_activations(
         writer,
         progress_bar(total=n_images, desc="unit masks", unit="img", enabled=progress) as bar,
     ):
-        first = 0
-        for batch in batches:
+        for first, batch in image_batches(activations, batch_images):
             batch = np.ascontiguousarray(batch, dtype=np.float32)
             _check_finite(batch, first)
             words, counts = _native.upsample_threshold(batch, lo, hi, height, width)
@@ -147,7 +143,6 @@ def unit_masks_from_activations(
             images = np.repeat(np.arange(first, first + b), n_units)
             units = np.tile(np.arange(n_units), b)
             writer.writer.add_packed(units, images, words, counts)
-            first += b
             bar.update(b)
     assert writer.result is not None
     return writer.result

@@ -21,10 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from ..devices import torch_device, torch_dtype
 from ..engine.atomic import write_atomically
+from ..engine.batches import release_pages
 from ..errors import PyneuronError
 from ..image_files import list_images, open_image
 from ..progress import progress_bar
+from ..weights import weights_hash
 
 ImageSource = Any  # DataLoader | Dataset | folder | list of PIL images | array
 
@@ -179,9 +182,21 @@ def _batch_tensor(item: Any) -> Any:
 
 
 def iterate_batches(
-    images: ImageSource, batch_size: int, transform: Callable[..., Any] | None, skip: int = 0
+    images: ImageSource,
+    batch_size: int,
+    transform: Callable[..., Any] | None,
+    skip: int = 0,
+    *,
+    workers: int = 0,
+    pin_memory: bool = False,
 ) -> tuple[int | None, Iterator[Any]]:
-    """(number of images if known, iterator of (B, 3, H, W) tensors), skipping ``skip`` images."""
+    """(number of images if known, iterator of (B, 3, H, W) tensors), skipping ``skip`` images.
+
+    With ``workers`` > 0, image files (a folder or a list of files) are read, decoded and
+    transformed in that many worker processes (a ``DataLoader`` over whole batches, so
+    the batches are the same as without workers), ahead of the model; ``pin_memory``
+    pins them for a fast copy to a GPU.
+    """
     torch = _torch()
     from torch.utils.data import DataLoader, Dataset
 
@@ -197,14 +212,19 @@ def iterate_batches(
                 seen += batch.shape[0]
 
         return total, from_loader()
-    if isinstance(images, (str, os.PathLike)):
-        files = list_images(images)
-        return len(files), _batched(
-            files,
-            batch_size,
-            skip,
-            lambda chunk: _apply_transform(transform, [open_image(p) for p in chunk]),
-        )
+    files = _image_files(images)
+    if files is not None:
+        load = _FileBatches(files, batch_size, skip, transform)
+        if workers > 0:
+            loader = DataLoader(
+                load,
+                batch_size=None,
+                num_workers=workers,
+                pin_memory=pin_memory,
+                prefetch_factor=2,
+            )
+            return len(files), iter(loader)
+        return len(files), (load[i] for i in range(len(load)))
     if isinstance(images, np.ndarray):
         if images.ndim != 4:
             raise PyneuronError(
@@ -253,6 +273,41 @@ def _batched(
         yield load(items[start : start + batch_size])
 
 
+def _image_files(images: ImageSource) -> list[Path] | None:
+    """The files of a folder or of a list of file paths; None for other sources."""
+    if isinstance(images, (str, os.PathLike)):
+        return list_images(images)
+    if (
+        isinstance(images, (list, tuple))
+        and images
+        and all(isinstance(item, (str, os.PathLike)) for item in images)
+    ):
+        return [Path(item) for item in images]
+    return None
+
+
+class _FileBatches:
+    """Batch ``i`` of image files (from image ``skip`` on), decoded and transformed: a
+    map-style dataset of whole batches, for a ``DataLoader`` with worker processes."""
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        batch_size: int,
+        skip: int,
+        transform: Callable[..., Any] | None,
+    ) -> None:
+        self.files, self.batch_size, self.skip, self.transform = files, batch_size, skip, transform
+
+    def __len__(self) -> int:
+        return max(0, -(-(len(self.files) - self.skip) // self.batch_size))
+
+    def __getitem__(self, i: int) -> Any:
+        start = self.skip + i * self.batch_size
+        chunk = self.files[start : start + self.batch_size]
+        return _apply_transform(self.transform, [open_image(p) for p in chunk])
+
+
 # -- capture ----------------------------------------------------------------------------
 
 
@@ -263,10 +318,56 @@ def _model_device_dtype(model: Any) -> tuple[Any, Any]:
     return torch.device("cpu"), torch.float32
 
 
-def _fingerprint(model: Any, layers: Sequence[str], total: int | None, batch_size: int) -> str:
-    n_parameters = sum(p.numel() for p in model.parameters())
-    key = json.dumps([type(model).__name__, n_parameters, list(layers), total, batch_size])
+def _fingerprint(model: Any, images: ImageSource, settings: Sequence[Any]) -> str:
+    """What a resumed capture must share with the interrupted one: the model's class and
+    weights, the image files (or the number of images) and the capture's settings."""
+    files = _image_files(images)
+    key = json.dumps(
+        [
+            type(model).__name__,
+            weights_hash(model),
+            [str(f) for f in files] if files is not None else None,
+            *settings,
+        ],
+        default=repr,
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _callable_name(function: Any) -> str | None:
+    """``module.qualname`` of a units function (part of a capture's fingerprint)."""
+    if function is None:
+        return None
+    name = getattr(function, "__qualname__", type(function).__qualname__)
+    return f"{getattr(function, '__module__', '')}.{name}"
+
+
+def _apply_units(function: Callable[[Any], Any] | None, maps: Any, layer: str) -> Any:
+    """``function(maps)`` as (B, U, h, w): the units of a layer's (B, C, h, w) maps."""
+    if function is None:
+        return maps
+    torch = _torch()
+    try:
+        units = function(maps)
+    except Exception as error:
+        raise PyneuronError(
+            f"the units function of layer {layer!r} failed on maps of shape "
+            f"{tuple(maps.shape)}: {error}"
+        ) from error
+    if not isinstance(units, torch.Tensor):
+        raise PyneuronError(
+            f"the units function of layer {layer!r} returned {type(units).__name__}; it must "
+            "return a tensor (B, U, h, w) or (B, U)"
+        )
+    if units.ndim == 2:
+        units = units[:, :, None, None]
+    if units.ndim != 4 or units.shape[0] != maps.shape[0]:
+        raise PyneuronError(
+            f"the units function of layer {layer!r} turned maps {tuple(maps.shape)} into "
+            f"{tuple(units.shape)}; it must keep the batch axis and return (B, U, h, w) or "
+            "(B, U)"
+        )
+    return units
 
 
 class _StopForward(Exception):
@@ -305,6 +406,7 @@ class _DiskSink:
     def commit(self, done: int) -> None:
         for array in self.arrays.values():
             array.flush()
+            release_pages(array)  # written pages would otherwise stay resident
         state = {"fingerprint": self.fingerprint, "done": done, "layers": list(self.arrays)}
         write_atomically(self.progress_file, lambda p: p.write_text(json.dumps(state)))
         self.done = done
@@ -323,6 +425,8 @@ def capture(
     dtype: Any = None,
     transform: Callable[..., Any] | None = None,
     formats: Mapping[str, LayerFormat] | LayerFormat | None = None,
+    units: Callable[[Any], Any] | Mapping[str, Callable[[Any], Any]] | None = None,
+    workers: int = 0,
     out: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
@@ -337,13 +441,16 @@ def capture(
         ``"vit.encoder.layer.11"``; several layers share one pass.
     images
         A ``DataLoader`` (yielding tensors, (images, labels), or dicts with
-        ``pixel_values``), a ``Dataset``, a folder of image files, a list of PIL images,
-        or an array (N, H, W, 3) uint8 / (N, 3, H, W) float.
+        ``pixel_values``), a ``Dataset``, a folder of image files, a list of image files,
+        a list of PIL images, or an array (N, H, W, 3) uint8 / (N, 3, H, W) float.
     batch_size
         Images per forward pass (ignored for DataLoaders).
     device, dtype
-        Where and in which precision to run (default: the model's own); the model is
-        not moved — inputs are.
+        Where and in which precision to run: ``"cpu"``, ``"cuda"``, ``"cuda:N"``,
+        ``"mps"``; ``"float32"``, ``"float16"``, ``"bfloat16"``. The model is moved (in
+        place, as ``model.to`` does) when it is elsewhere; by default it runs where it
+        is, in its own precision. A device this machine lacks raises
+        :class:`~pyneuron.errors.PyneuronError`.
     transform
         Preprocessing of PIL images: a callable returning a (3, H, W) tensor, or a
         transformers image processor.
@@ -351,16 +458,26 @@ def capture(
         :class:`LayerFormat` per layer (or one for all) for channels-last outputs and
         token grids; by default 4-D outputs are (B, C, h, w) and token outputs are
         folded with inferred prefix tokens.
+    units
+        What to explain instead of the layer's channels: a function (or one per layer)
+        from the layer's maps, a (B, C, h, w) tensor on the model's device, to the
+        units, (B, U, h, w) or (B, U) -- a sparse autoencoder's encoder, probe
+        directions, a channel subset. It runs under ``torch.inference_mode``.
+    workers
+        Worker processes that read, decode and transform image files (a folder or a
+        list of files) ahead of the model; 0 does it in this process. The batches are
+        the same either way. With a CUDA device they come in pinned memory.
     out
-        Directory to stream activations to (``<layer>.npy``, memory-mapped). A rerun
-        with the same arguments resumes after the last completed batch.
+        Directory to stream activations to (``<layer>.npy``, memory-mapped, written
+        batch by batch without keeping them in memory). A rerun with the same model
+        weights, images and arguments resumes after the last completed batch.
     progress
         Show a progress bar (on a terminal).
 
     Returns
     -------
     dict
-        Layer name -> float32 array (N, C, h, w) (memory-mapped when ``out`` is given).
+        Layer name -> float32 array (N, U, h, w) (memory-mapped when ``out`` is given).
 
     Examples
     --------
@@ -369,14 +486,22 @@ def capture(
     >>> acts = capture(model, "1", torch.rand(5, 3, 16, 16).numpy(), progress=False)
     >>> acts["1"].shape
     (5, 4, 7, 7)
+    >>> first_two = capture(model, "1", torch.rand(5, 3, 16, 16).numpy(), progress=False,
+    ...                     units=lambda maps: maps[:, :2])
+    >>> first_two["1"].shape
+    (5, 2, 7, 7)
     """
     torch = _torch()
     modules = resolve_layers(model, layers)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PyneuronError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise PyneuronError(f"workers must be a non-negative integer, got {workers!r}")
     model_device, model_dtype = _model_device_dtype(model)
-    device = torch.device(device) if device is not None else model_device
-    dtype = dtype if dtype is not None else model_dtype
+    device = torch_device(device) if device is not None else model_device
+    dtype = torch_dtype(dtype) if dtype is not None else model_dtype
+    if (device, dtype) != (model_device, model_dtype):
+        model.to(device=device, dtype=dtype)
     layer_formats = {
         name: (
             formats
@@ -385,14 +510,30 @@ def capture(
         )
         for name in modules
     }
-    total, _ = iterate_batches(images, batch_size, transform) if out is not None else (None, None)
-    sink = (
-        _DiskSink(Path(out), _fingerprint(model, list(modules), total, batch_size), total)
-        if out is not None
-        else None
-    )
+    layer_units = {
+        name: units.get(name) if isinstance(units, Mapping) else units for name in modules
+    }
+    sink = None
+    if out is not None:
+        total, _ = iterate_batches(images, batch_size, transform)
+        settings = [
+            list(modules),
+            total,
+            batch_size,
+            str(dtype),
+            repr(sorted(layer_formats.items())),
+            [_callable_name(f) for f in layer_units.values()],
+        ]
+        sink = _DiskSink(Path(out), _fingerprint(model, images, settings), total)
     start = sink.done if sink is not None else 0
-    total, batches = iterate_batches(images, batch_size, transform, skip=start)
+    total, batches = iterate_batches(
+        images,
+        batch_size,
+        transform,
+        skip=start,
+        workers=workers,
+        pin_memory=device.type == "cuda",
+    )
     collected: dict[str, list[np.ndarray]] = {name: [] for name in modules}
     current: dict[str, Any] = {}
 
@@ -420,14 +561,15 @@ def capture(
             for batch in batches:
                 current.clear()
                 try:
-                    model(batch.to(device=device, dtype=dtype))
+                    model(batch.to(device=device, dtype=dtype, non_blocking=True))
                 except _StopForward:
                     pass
                 missing = [name for name in modules if name not in current]
                 if missing:
                     raise PyneuronError(f"layers {missing} did not run in the model's forward pass")
                 for name in modules:
-                    maps = current[name].float().cpu().numpy()
+                    maps = _apply_units(layer_units[name], current[name], name)
+                    maps = maps.float().cpu().numpy()
                     if sink is not None:
                         sink.write(name, seen, maps)
                     else:

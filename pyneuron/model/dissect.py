@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,8 @@ from ..engine.upsample import unit_masks_from_activations
 from ..errors import GridMismatchError
 from ..scale import explain
 from .activations import LayerFormat, capture
-from .thresholds import activation_ranges, quantile_thresholds, user_thresholds
+from .layer_units import unit_thresholds
+from .thresholds import activation_ranges
 
 Thresholds = float | Sequence[float] | np.ndarray
 
@@ -42,13 +45,15 @@ def dissect(
     store: ConceptStore,
     *,
     quantile: float = 0.005,
-    thresholds: Thresholds | None = None,
+    thresholds: str | Thresholds = "auto",
     ranges: int | None = None,
     batch_size: int = 32,
     device: Any = None,
     dtype: Any = None,
     transform: Callable[..., Any] | None = None,
     layer_format: LayerFormat | None = None,
+    units: Callable[[Any], Any] | None = None,
+    workers: int = 0,
     activations_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     holdout: float | None = None,
@@ -56,6 +61,10 @@ def dissect(
     **search_options: Any,
 ) -> pd.DataFrame:
     """Explain every unit of ``layer``: capture → thresholds → unit masks → :func:`explain`.
+
+    Activations are streamed to memory-mapped files and read back block by block, so
+    memory stays flat whatever the number of images (the files go to
+    ``activations_dir``, or to a temporary directory removed afterwards).
 
     Parameters
     ----------
@@ -67,15 +76,24 @@ def dissect(
         The concepts; its grid sets the resolution unit maps are upsampled to.
     quantile
         Top quantile per unit (compexp/NetDissect: 0.005, read at level 994/999;
-        OVCE: 0.01). Ignored when ``thresholds`` or ``ranges`` is given.
+        OVCE: 0.01). Ignored when ``thresholds`` holds values or ``ranges`` is given.
     thresholds
-        User thresholds: one for all units or one per unit.
+        How to threshold each unit at ``quantile``: ``"exact"`` (the exact quantile),
+        ``"compexp"`` (compexp's streaming estimator, fixed memory), ``"auto"``
+        (exact unless that needs more than 1 GiB, see
+        :func:`~pyneuron.model.layer_units.layer_units`); or the thresholds themselves:
+        one number for all units or one per unit.
     ranges
         Explain activation ranges instead: KMeans with this many clusters over each
         unit's non-zero activations (Clustered CompExp / OVCE use 5); a row per
         (unit, range) with ``range``, ``lower`` and ``upper`` columns.
+    device, dtype, transform, units, workers
+        As in :func:`pyneuron.capture`: where the model runs, what to explain instead
+        of the layer's channels (e.g. a sparse autoencoder's encoder), worker processes
+        decoding image files.
     activations_dir
-        Stream captured activations there (resumable), for layers larger than memory.
+        Keep the captured activations there (``<layer>.npy``); a rerun resumes an
+        interrupted capture.
     holdout
         Hold out this share of the images (drawn with ``holdout_seed``): thresholds and
         formulas come from the rest, and every metric is scored again on the held-out
@@ -91,26 +109,42 @@ def dissect(
     pandas.DataFrame
         The :func:`explain` table with ``layer`` and ``threshold`` columns added
         (and the held-out columns with ``holdout``).
+
+    Examples
+    --------
+    A sparse autoencoder's latents instead of the layer's channels:
+
+    >>> import numpy as np, torch
+    >>> from pyneuron.concepts.synthetic import DemoConfig, make_data
+    >>> data = make_data(DemoConfig(n_images=40, size=16), progress=False)
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+    >>> encoder = torch.nn.Conv2d(8, 16, 1)  # an SAE's encoder, as a 1x1 convolution
+    >>> table = dissect(model, "1", data.images, data.store, progress=False,
+    ...                 units=lambda maps: torch.relu(encoder(maps)))
+    >>> table["unit"].nunique()
+    16
     """
     _check_image_files(images, store)
-    activations = capture(
-        model,
-        layer,
-        images,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        transform=transform,
-        formats=layer_format,
-        out=activations_dir,
-        progress=progress,
-    )[layer]
-    if holdout is not None:
-        return explain_activations_split(
-            activations,
-            store,
-            holdout=holdout,
-            seed=holdout_seed,
+    with contextlib.ExitStack() as stack:
+        if activations_dir is None:
+            activations_dir = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="pyneuron-activations-")
+            )
+        activations = capture(
+            model,
+            layer,
+            images,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            transform=transform,
+            formats=layer_format,
+            units=units,
+            workers=workers,
+            out=activations_dir,
+            progress=progress,
+        )[layer]
+        options = dict(
             layer=layer,
             quantile=quantile,
             thresholds=thresholds,
@@ -118,17 +152,11 @@ def dissect(
             progress=progress,
             **search_options,
         )
-    table, _ = explain_activations(
-        activations,
-        store,
-        layer=layer,
-        quantile=quantile,
-        thresholds=thresholds,
-        ranges=ranges,
-        progress=progress,
-        **search_options,
-    )
-    return table
+        if holdout is not None:
+            return explain_activations_split(
+                activations, store, holdout=holdout, seed=holdout_seed, **options
+            )
+        return explain_activations(activations, store, **options)[0]
 
 
 def check_image_count(n_images: int, store: ConceptStore) -> None:
@@ -146,7 +174,7 @@ def explain_activations(
     *,
     layer: str,
     quantile: float = 0.005,
-    thresholds: Thresholds | None = None,
+    thresholds: str | Thresholds = "auto",
     ranges: int | None = None,
     progress: bool = True,
     **search_options: Any,
@@ -159,10 +187,7 @@ def explain_activations(
     check_image_count(activations.shape[0], store)
     size = (store.grid.height, store.grid.width)
     if ranges is None:
-        if thresholds is not None:
-            values = user_thresholds(thresholds, activations.shape[1])
-        else:
-            values = quantile_thresholds(activations, quantile)
+        values, _ = unit_thresholds(activations, quantile, thresholds)
         masks = unit_masks_from_activations(activations, values, size, progress=progress)
         table = explain(masks, store, progress=progress, **search_options)
         table.insert(0, "layer", layer)

@@ -4,13 +4,20 @@ than memory work; their pages are released after each block)."""
 
 from __future__ import annotations
 
+import math
+import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from ..engine.batches import image_batches
 from ..engine.checks import positive_int
 from ..engine.units import UnitMasks
+from ..engine.upsample import unit_masks_from_activations
+from ..errors import PyneuronError
+from .thresholds import compexp_level, quantile_thresholds, user_thresholds
 
 
 @dataclass(frozen=True)
@@ -67,3 +74,121 @@ def top_activating_images(
         best_peaks = np.take_along_axis(peaks, order, axis=0)
         best_images = np.take_along_axis(images, order, axis=0)
     return best_images.T.copy()
+
+
+#: How thresholds are computed (``layer_units(thresholds=...)``, ``--thresholds``).
+THRESHOLD_METHODS = ("auto", "exact", "compexp")
+
+#: With ``thresholds="auto"``, the exact quantile is used while the values it keeps in
+#: memory stay within this many bytes; beyond, compexp's streaming estimator.
+EXACT_THRESHOLD_MEMORY = 2**30
+
+
+def exact_threshold_bytes(shape: tuple[int, ...], quantile: float) -> int:
+    """About the memory the exact quantile thresholds of activations of ``shape``
+    (N, U, h, w) keep: twice (while merging) the top ``quantile`` share of every unit's
+    values, in float32."""
+    per_unit = math.prod(shape[:1] + shape[2:])
+    kept = min(per_unit, math.ceil((1 - compexp_level(quantile)) * per_unit) + 1)
+    return 2 * shape[1] * kept * 4
+
+
+def threshold_method(shape: tuple[int, ...], quantile: float, method: str = "auto") -> str:
+    """``"exact"`` or ``"compexp"``: ``method`` itself, or for ``"auto"`` the exact
+    quantile when it fits in :data:`EXACT_THRESHOLD_MEMORY`.
+
+    Examples
+    --------
+    >>> threshold_method((1000, 64, 7, 7), 0.005)
+    'exact'
+    >>> threshold_method((10**6, 2048, 56, 56), 0.005)
+    'compexp'
+    """
+    if method not in THRESHOLD_METHODS:
+        raise PyneuronError(
+            f"unknown threshold method {method!r}; use one of {', '.join(THRESHOLD_METHODS)}"
+        )
+    if method != "auto":
+        return method
+    fits = exact_threshold_bytes(shape, quantile) <= EXACT_THRESHOLD_MEMORY
+    return "exact" if fits else "compexp"
+
+
+def unit_thresholds(
+    activations: np.ndarray, quantile: float, thresholds: str | npt.ArrayLike = "auto"
+) -> tuple[np.ndarray, str]:
+    """(thresholds (U,), method) of activations (N, U, h, w): ``thresholds`` is a method
+    (``"auto"``, ``"exact"``, ``"compexp"``, see :func:`layer_units`) or the user's
+    values (one, or one per unit; method ``"user"``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> acts = np.arange(200, dtype=np.float32).reshape(2, 1, 10, 10)
+    >>> unit_thresholds(acts, 0.01)
+    (array([197.00800801]), 'exact')
+    >>> unit_thresholds(acts, 0.01, 150)
+    (array([150.]), 'user')
+    """
+    if not isinstance(thresholds, str):
+        return user_thresholds(thresholds, activations.shape[1]), "user"
+    method = threshold_method(activations.shape, quantile, thresholds)
+    if method == "compexp" and thresholds == "auto":
+        warnings.warn(
+            f"exact thresholds would keep about "
+            f"{exact_threshold_bytes(activations.shape, quantile) / 2**30:.1f} GiB in "
+            "memory; using compexp's streaming estimator instead (not exact; choose "
+            "with thresholds='exact' / --thresholds exact)",
+            stacklevel=3,
+        )
+    return quantile_thresholds(activations, quantile, method=method), method
+
+
+def layer_units(
+    activations: np.ndarray,
+    size: tuple[int, int],
+    *,
+    quantile: float = 0.005,
+    thresholds: str | npt.ArrayLike = "auto",
+    top_k: int = 8,
+    path: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> LayerUnits:
+    """Thresholds, unit masks on a (height, width) grid and top images of a layer's
+    activations (N, U, h, w), read block by block (a memory-mapped array larger than
+    memory works).
+
+    Parameters
+    ----------
+    activations
+        The layer's activations (an array or a ``numpy.memmap``).
+    size
+        The concept grid's (height, width).
+    quantile
+        Top share of each unit's activations above its threshold.
+    thresholds
+        ``"exact"``: the exact quantile (:func:`~pyneuron.model.thresholds.quantile_thresholds`,
+        memory about twice the top ``quantile`` share of every unit's values);
+        ``"compexp"``: compexp's streaming estimator (fixed memory, about 0.6 MB a
+        unit; not exact); ``"auto"``: exact while that needs at most
+        :data:`EXACT_THRESHOLD_MEMORY`, else compexp's (said in a warning); or the
+        thresholds themselves, one per unit.
+    top_k
+        Top images kept per unit.
+    path
+        Write the unit masks to this directory (replacing earlier unit masks there)
+        instead of keeping them in memory.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> acts = np.random.default_rng(0).random((20, 3, 4, 4), dtype=np.float32)
+    >>> units = layer_units(acts, (8, 8), quantile=0.05, top_k=2, progress=False)
+    >>> units.threshold_method, len(units.masks), units.top_images.shape
+    ('exact', 3, (3, 2))
+    """
+    values, method = unit_thresholds(activations, quantile, thresholds)
+    masks = unit_masks_from_activations(
+        activations, values, size, path=path, overwrite=True, progress=progress
+    )
+    return LayerUnits(values, masks, top_activating_images(activations, top_k), method)

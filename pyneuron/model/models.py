@@ -48,12 +48,10 @@ def load_model(spec: str, weights: str | os.PathLike[str] | None = None) -> tupl
         if hasattr(model, "vision_model") and hasattr(model, "text_model"):
             model = vision_tower(model)
     elif ":" in spec:
-        module_name, _, function_name = spec.rpartition(":")
-        module = _import(module_name)
-        if not hasattr(module, function_name):
-            raise PyneuronError(f"{module_name} has no function {function_name!r}")
         try:
-            model = getattr(module, function_name)()
+            model = load_object(spec)()
+        except PyneuronError:
+            raise
         except Exception as error:
             raise PyneuronError(f"{spec}() failed: {error}") from error
     elif _looks_like_a_path(spec):
@@ -85,6 +83,36 @@ def load_model(spec: str, weights: str | os.PathLike[str] | None = None) -> tupl
     if not hasattr(model, "named_modules"):
         raise PyneuronError(f"{spec} did not give a torch.nn.Module (got {type(model).__name__})")
     return model.eval(), processor
+
+
+def load_object(spec: str) -> Any:
+    """The object named by ``module:name`` or ``path/to/file.py:name`` (a model factory,
+    a units function).
+
+    Examples
+    --------
+    >>> load_object("math:sqrt")(9.0)
+    3.0
+    """
+    module_name, colon, name = spec.rpartition(":")
+    if not colon or not module_name or not name:
+        raise PyneuronError(f"{spec!r} is not 'module:name' or 'path/to/file.py:name'")
+    module = _import(module_name)
+    if not hasattr(module, name):
+        raise PyneuronError(f"{module_name} has no {name!r}")
+    return getattr(module, name)
+
+
+def units_function(spec: str) -> Any:
+    """The units function named by ``module:function`` (``--units``): it maps a layer's
+    activations (B, C, h, w) to the units to explain (B, U, h, w) or (B, U)."""
+    function = load_object(spec)
+    if not callable(function):
+        raise PyneuronError(
+            f"--units {spec} is a {type(function).__name__}, not a function of the layer's "
+            "activations"
+        )
+    return function
 
 
 def resolved_path(path: str | os.PathLike[str] | None) -> str | None:
