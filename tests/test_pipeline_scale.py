@@ -346,3 +346,35 @@ def test_cli_dissect_takes_device_units_and_thresholds(tiny_project, tmp_path):
         failed = runner.invoke(app, [str(a) for a in [*common, "--out", tmp_path / "x", *extra]])
         assert failed.exit_code == 1 and message in failed.output, failed.output
         assert not (tmp_path / "x").exists()
+
+
+# -- backends everywhere -------------------------------------------------------------------
+
+
+def test_every_entry_point_refuses_an_unknown_backend_before_any_work(tmp_path):
+    data = _demo(12)
+    model = _Counting()
+    units = pyneuron.UnitMasks.from_masks(np.random.default_rng(0).random((2, 12, 16, 16)) < 0.1)
+    calls = {
+        "explain": lambda: pyneuron.explain(units, data.store, backend="bogus"),
+        "dissect": lambda: pyneuron.dissect(
+            model, "inner.2", data.images, data.store, backend="bogus", progress=False
+        ),
+        "dissect_run": lambda: dissect_run(
+            model, ["inner.2"], data.images, data.store, tmp_path / "r", backend="bogus"
+        ),
+        "null_baseline": lambda: pyneuron.null_baseline(
+            units, data.store, backend="bogus", progress=False
+        ),
+        "explain_split": lambda: pyneuron.model.dissect.explain_split(
+            units, data.store, backend="bogus", progress=False
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(PyneuronError, match="unknown backend 'bogus'"):
+            call()
+        assert model.seen == 0, name
+    with pytest.raises(PyneuronError, match="mode='netdissect' runs in this process only"):
+        pyneuron.explain(
+            units, data.store, length=1, mode="netdissect", backend=pyneuron.RayBackend()
+        )

@@ -20,7 +20,7 @@ from ..engine.units import UnitMasks
 from ..model.activations import capture
 from ..model.dissect import check_image_count
 from ..model.layer_units import layer_units
-from ..scale import explain
+from ..scale import explain, resolve_backend
 from .rundir import (
     ACTIVATIONS,
     MODEL_FILE,
@@ -99,6 +99,7 @@ def dissect_run(
     """
     out = Path(out)
     refuse_existing(out, overwrite)
+    backend = resolve_backend(backend)  # an unknown backend fails before any work
     work = work_dir(out)
     timings: dict[str, float] = {}
     started = time.perf_counter()

@@ -17,7 +17,7 @@ from ..engine.store import ConceptStore
 from ..engine.units import UnitMasks
 from ..engine.upsample import unit_masks_from_activations
 from ..errors import GridMismatchError
-from ..scale import explain
+from ..scale import explain, resolve_backend
 from .activations import LayerFormat, capture
 from .layer_units import unit_thresholds
 from .thresholds import activation_ranges
@@ -125,6 +125,8 @@ def dissect(
     16
     """
     _check_image_files(images, store)
+    if "backend" in search_options:  # an unknown backend fails before the capture
+        search_options["backend"] = resolve_backend(search_options["backend"])
     with contextlib.ExitStack() as stack:
         if activations_dir is None:
             activations_dir = stack.enter_context(
