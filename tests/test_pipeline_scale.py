@@ -18,7 +18,6 @@ from pyneuron.app.cli import app
 from pyneuron.app.pipeline import dissect_run
 from pyneuron.app.rundir import work_dir
 from pyneuron.concepts.synthetic import DemoConfig, make_data
-from pyneuron.devices import torch_device, torch_dtype
 from pyneuron.engine.batches import image_batches
 from pyneuron.engine.upsample import unit_masks_from_activations
 from pyneuron.errors import PyneuronError
@@ -120,20 +119,16 @@ def test_auto_thresholds_switch_to_the_streaming_estimator_and_say_so(monkeypatc
 # -- capture: devices, workers, resuming ---------------------------------------------------
 
 
-def test_devices_and_dtypes_are_checked():
-    assert torch_device("cpu").type == "cpu"
-    assert torch_dtype("bfloat16") is torch.bfloat16
+def test_capture_checks_the_device_before_any_work():
+    model = _Counting()
     if not torch.cuda.is_available():
-        with pytest.raises(PyneuronError, match=r"'cuda:0' is not available.*it has: cpu"):
-            torch_device("cuda:0")
         with pytest.raises(PyneuronError, match="'cuda' is not available"):
-            capture(_model(), "0", np.zeros((2, 8, 8, 3), np.uint8), device="cuda", progress=False)
+            capture(model, "inner.0", np.zeros((2, 8, 8, 3), np.uint8), device="cuda")
     with pytest.raises(PyneuronError, match="unknown device 'tpu'"):
-        torch_device("tpu")
-    with pytest.raises(PyneuronError, match="unknown dtype 'float8'"):
-        torch_dtype("float8")
-    with pytest.raises(PyneuronError, match="floating-point"):
-        torch_dtype(torch.int8)
+        capture(model, "inner.0", np.zeros((2, 8, 8, 3), np.uint8), device="tpu")
+    with pytest.raises(PyneuronError, match="unsupported dtype 'float8'"):
+        capture(model, "inner.0", np.zeros((2, 8, 8, 3), np.uint8), dtype="float8")
+    assert model.seen == 0
 
 
 def test_capture_moves_the_model_to_the_asked_precision():
@@ -339,6 +334,7 @@ def test_cli_dissect_takes_device_units_and_thresholds(tiny_project, tmp_path):
     assert '"device" = "cpu"' in config and "latents.py:encode" in config
     for extra, message in [
         (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--dtype", "float8"], "unsupported dtype 'float8'"),
         (["--thresholds", "fast"], "unknown threshold method 'fast'"),
         (["--units", f"{tmp_path / 'latents.py'}:ENCODERS"], "has no 'ENCODERS'"),
         (["--units", "no_such_module_here:f"], "cannot import no_such_module_here"),
@@ -346,6 +342,10 @@ def test_cli_dissect_takes_device_units_and_thresholds(tiny_project, tmp_path):
         failed = runner.invoke(app, [str(a) for a in [*common, "--out", tmp_path / "x", *extra]])
         assert failed.exit_code == 1 and message in failed.output, failed.output
         assert not (tmp_path / "x").exists()
+    usage = runner.invoke(
+        app, [str(a) for a in [*common, "--out", tmp_path / "x", "--workers", -1]]
+    )
+    assert usage.exit_code == 2 and "greater than or equal to 0" in usage.output
 
 
 # -- backends everywhere -------------------------------------------------------------------

@@ -294,7 +294,8 @@ def test_bad_concepts():
     segment(images, [["x", "other"], ["y", "other"]], Stub({0: {}}, (2, 2)), grid=2, progress=False)
 
 
-def test_undecodable_image_names_the_file_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_undecodable_image_names_the_file_and_writes_nothing(tmp_path, workers):
     folder = tmp_path / "images"
     folder.mkdir()
     images = make_images(4)
@@ -304,12 +305,14 @@ def test_undecodable_image_names_the_file_and_writes_nothing(tmp_path):
     stub = Stub(random_table(4, ["x"], (3, 3)), (3, 3))
     out = tmp_path / "store"
     with pytest.raises(PyneuronError, match=r"cannot decode image .*2\.png"):
-        segment(folder, ["x"], stub, grid=3, batch_size=1, out=out, progress=False)
+        segment(folder, ["x"], stub, grid=3, batch_size=1, out=out, workers=workers,
+                progress=False)  # fmt: skip
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [folder]  # no staging directory left behind either
 
 
-def test_cache_keeps_the_images_done_before_a_decode_error(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cache_keeps_the_images_done_before_a_decode_error(tmp_path, workers):
     folder = tmp_path / "images"
     folder.mkdir()
     images = make_images(4)
@@ -318,7 +321,8 @@ def test_cache_keeps_the_images_done_before_a_decode_error(tmp_path):
     good = (folder / "2.png").read_bytes()
     (folder / "2.png").write_bytes(b"broken")
     stub = Stub(random_table(4, ["x"], (3, 3)), (3, 3))
-    kwargs = dict(grid=3, batch_size=1, cache_dir=tmp_path / "cache", progress=False)
+    kwargs = dict(grid=3, batch_size=1, cache_dir=tmp_path / "cache", workers=workers,
+                  progress=False)  # fmt: skip
     with pytest.raises(PyneuronError, match=r"2\.png"):
         segment(folder, ["x"], stub, **kwargs)
     assert [c[0] for c in stub.calls] == [1, 1]  # images 0 and 1, cached
@@ -329,7 +333,8 @@ def test_cache_keeps_the_images_done_before_a_decode_error(tmp_path):
     assert store.metadata["segment"]["skipped"] == []
 
 
-def test_on_error_skip(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_on_error_skip(tmp_path, workers):
     folder = tmp_path / "images"
     folder.mkdir()
     images = make_images(3)
@@ -339,7 +344,7 @@ def test_on_error_skip(tmp_path):
     table = {i: {"x": np.ones((3, 3), np.float32)} for i in range(3)}
     with pytest.warns(RuntimeWarning, match=r"skipping image 1: cannot decode image .*1\.png"):
         store = segment(folder, ["x"], Stub(table, (3, 3)), grid=3, on_error="skip",
-                        progress=False)  # fmt: skip
+                        workers=workers, progress=False)  # fmt: skip
     assert store.images_with("x").tolist() == [0, 2]
     [skipped] = store.metadata["segment"]["skipped"]
     assert skipped["image"] == 1 and skipped["file"] == "1.png"
@@ -481,8 +486,8 @@ def pil_images(n: int, sizes=((40, 50), (36, 36), (30, 44))) -> list[Image.Image
     ]
 
 
-@pytest.fixture(scope="module")
-def clipseg_dir(tmp_path_factory) -> Path:
+def save_tiny_clipseg(path: Path) -> Path:
+    """A tiny random CLIPSeg model and its processor saved to ``path`` (returned)."""
     from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
     torch.manual_seed(0)
@@ -501,7 +506,6 @@ def clipseg_dir(tmp_path_factory) -> Path:
         decoder_num_attention_heads=2, decoder_intermediate_size=20,
         use_complex_transposed_convolution=True,
     )  # fmt: skip
-    path = tmp_path_factory.mktemp("clipseg")
     model = transformers.CLIPSegForImageSegmentation(config)
     with torch.no_grad():  # random init saturates the sigmoid; keep logits moderate
         for parameter in model.decoder.transposed_convolution.parameters():
@@ -513,6 +517,11 @@ def clipseg_dir(tmp_path_factory) -> Path:
     )
     processor.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def clipseg_dir(tmp_path_factory) -> Path:
+    return save_tiny_clipseg(tmp_path_factory.mktemp("clipseg"))
 
 
 def test_clipseg_adapter_equals_the_model(clipseg_dir):
@@ -808,9 +817,9 @@ def test_owlv2_sam_adapter_equals_the_models(owlv2_dir, sam_dir):
     inputs = processor(text=[concepts] * 2, images=images, return_tensors="pt")
     with torch.no_grad():
         output = model(**inputs)
-    boxes = processor.post_process_grounded_object_detection(
-        output, threshold=0.0, target_sizes=[(im.height, im.width) for im in images]
-    )
+    boxes = processor.post_process_grounded_object_detection(  # every box: score > -1
+        output, threshold=-1.0, target_sizes=[(im.height, im.width) for im in images]
+    )  # (with threshold 0, a box whose sigmoid score underflows to 0 would be dropped)
     scores = torch.sigmoid(output.logits).numpy()
     for b in range(2):
         assert len(boxes[b]["boxes"]) == scores.shape[1]  # every patch box is kept

@@ -345,10 +345,20 @@ SegmenterOption = Annotated[
 
 DeviceOption = Annotated[
     str | None,
-    typer.Option(help="Where the model runs: cpu, cuda, cuda:N or mps (default: cuda if present)."),
+    typer.Option(
+        help="Where the model and the segmenter run: cpu, cuda, cuda:N or mps "
+        "(default: cuda if present)."
+    ),
+]
+DtypeOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Segmenter precision: float32, float16 or bfloat16 (default: float16 on CUDA, "
+        "else float32)."
+    ),
 ]
 WorkersOption = Annotated[
-    int, typer.Option(help="Processes decoding images ahead of the model (0: none).")
+    int, typer.Option(min=0, help="Processes decoding images ahead of the model (0: none).")
 ]
 UnitsOption = Annotated[
     str | None,
@@ -370,15 +380,6 @@ KeepActivationsOption = Annotated[
         "--keep-activations", help="Keep the activations in the run (activations/).", metavar=""
     ),
 ]
-
-
-def _default_device(device: str | None) -> str:
-    """``--device``, or CUDA when this machine has it, else the CPU."""
-    if device is not None:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @app.command()
@@ -412,6 +413,7 @@ def dissect(
     units: UnitsOption = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     device: DeviceOption = None,
+    dtype: DtypeOption = None,
     workers: WorkersOption = 0,
     keep_activations: KeepActivationsOption = False,
     ray: RayOption = None,
@@ -426,7 +428,7 @@ def dissect(
     once the run is written), so memory stays flat whatever the number of images.
     """
     from ..concepts.sources import open_concepts, resolved_segmenter_spec
-    from ..devices import torch_device
+    from ..devices import resolve_device, resolve_dtype
     from ..model.layer_units import threshold_method
     from ..model.models import (
         image_transform,
@@ -440,7 +442,8 @@ def dissect(
 
     refuse_existing(out, overwrite)
     threshold_method((1, 1), quantile, thresholds)  # a bad choice fails before any work
-    run_device = torch_device(_default_device(device))
+    run_device = resolve_device(device)  # default: CUDA when present
+    segmenter_dtype = resolve_dtype(dtype, run_device)
     units_map = units_function(units) if units is not None else None
     net, processor = load_model(model, weights)
     store, files, built = open_concepts(
@@ -450,6 +453,9 @@ def dissect(
         subset=subset,
         categories=category,
         segmenter=segmenter,
+        device=run_device,
+        dtype=segmenter_dtype,
+        workers=workers,
         progress=not quiet,
     )
     summary = dissect_run(
@@ -485,6 +491,7 @@ def dissect(
             "units": resolved_model_spec(units) if units is not None else None,
             "batch_size": batch_size,
             "device": str(run_device),
+            "dtype": str(segmenter_dtype).removeprefix("torch.") if segmenter else None,
             "workers": workers,
             "keep_activations": keep_activations,
             "ray": ray,
@@ -720,6 +727,9 @@ def store_build(
     subset: SubsetOption = None,
     category: CategoryOption = None,
     segmenter: SegmenterOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    workers: WorkersOption = 0,
     overwrite: OverwriteOption = False,
     quiet: QuietOption = False,
     config: ConfigOption = None,
@@ -739,6 +749,9 @@ def store_build(
         subset=subset,
         categories=category,
         segmenter=segmenter,
+        device=device,
+        dtype=dtype,
+        workers=workers,
         progress=not quiet,
     )
     if not built:

@@ -23,13 +23,18 @@ Groups are independent passes, so concepts of different groups (e.g. ``parts`` a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
 import queue
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -298,17 +303,20 @@ class _Cache:
 # -- running the segmenter ----------------------------------------------------------------
 
 
-def _prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """Run ``iterator`` in a background thread (decoding overlaps with inference)."""
+def _prefetch(generator: Generator[Any, None, None], depth: int = 2) -> Iterator[Any]:
+    """Run ``generator`` in a background thread, ``depth`` items ahead (reading images
+    overlaps with inference). The thread closes it when done or when the consumer stops,
+    so its ``finally`` blocks (a worker pool's shutdown) run there."""
     items: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def work() -> None:
         try:
-            for item in iterator:
-                if stop.is_set():
-                    return
-                items.put(("item", item))
+            with contextlib.closing(generator):
+                for item in generator:
+                    items.put(("item", item))
+                    if stop.is_set():
+                        return
             items.put(("done", None))
         except BaseException as error:  # noqa: BLE001 - re-raised in the consumer
             items.put(("error", error))
@@ -376,7 +384,9 @@ def _score_arrays(output: Any, n_images: int, n_concepts: int, name: str) -> lis
     return arrays
 
 
-def _check_arguments(mode: str, on_error: str, batch_size: int, threshold: float) -> None:
+def _check_arguments(
+    mode: str, on_error: str, batch_size: int, threshold: float, workers: int
+) -> None:
     """Refuse arguments of :func:`segment` that are not one of their allowed values."""
     if mode not in MODES:
         raise PyneuronError(f"mode must be one of {MODES}, got {mode!r}")
@@ -386,6 +396,8 @@ def _check_arguments(mode: str, on_error: str, batch_size: int, threshold: float
         raise PyneuronError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not np.isfinite(threshold):
         raise PyneuronError(f"threshold must be a finite number, got {threshold!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise PyneuronError(f"workers must be an integer >= 0, got {workers!r}")
 
 
 def _open_cache(
@@ -455,6 +467,85 @@ def _model_name(model: Any) -> str:
     return str(getattr(model, "name", type(model).__name__))
 
 
+class _Read(NamedTuple):
+    """Image ``index`` as read: its content key (``None`` if it could not be read), and
+    its cached result, its decoded image, or the error that stopped reading it."""
+
+    index: int
+    key: str | None
+    hit: list[np.ndarray] | None
+    image: Any
+    error: PyneuronError | None
+
+
+@dataclass(frozen=True)
+class _ImageReader:
+    """Reads an image: its content key, then its cached result or else its pixels.
+
+    Picklable, for worker processes: an image that cannot be read gives its error back
+    in the :class:`_Read` rather than raising, so that it is handled in image order.
+    """
+
+    source: _Images
+    cache: _Cache | None
+    n_groups: int
+    keyed: bool  # whether images get a content key (files always; others for the cache)
+
+    def read(self, i: int) -> _Read:
+        key = None
+        try:
+            key = self.source.key(i) if self.keyed else ""
+            hit = self.cache.get(key, self.n_groups) if self.cache is not None else None
+            image = self.source.load(i) if hit is None else None
+        except PyneuronError as error:
+            return _Read(i, key, None, None, error)
+        return _Read(i, key, hit, image, None)
+
+
+_WORKER_READER: _ImageReader | None = None  # the reader of a worker process
+
+
+def _start_worker(reader: _ImageReader) -> None:
+    global _WORKER_READER
+    _WORKER_READER = reader
+
+
+def _read_in_worker(i: int) -> _Read:
+    assert _WORKER_READER is not None, "_start_worker runs first in every worker"
+    return _WORKER_READER.read(i)
+
+
+def _pool_context() -> Any:
+    """How worker processes start: forked from a fork server where there is one (a fresh
+    single-threaded process; forking this one, which runs torch's threads, could
+    deadlock), else spawned. The fork server, started once per program, imports this
+    module first, so that workers start without importing pyneuron each (this replaces a
+    preload list set before, which applies only until the fork server has started)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _read_in_workers(reader: _ImageReader, n: int, workers: int) -> Generator[_Read, None, None]:
+    """``reader.read(i)`` for ``i`` in ``range(n)``, in order, run by ``workers``
+    processes that keep two images each read ahead."""
+    pool = ProcessPoolExecutor(
+        workers, mp_context=_pool_context(), initializer=_start_worker, initargs=(reader,)
+    )
+    pending: deque[Future[_Read]] = deque()
+    try:
+        for i in range(n):
+            pending.append(pool.submit(_read_in_worker, i))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 class _Pending(NamedTuple):
     """An image the segmenter has to score: its index, content key and decoded image."""
 
@@ -476,59 +567,67 @@ class _Batch:
 class _BatchReader:
     """Cuts the images into batches: looks each up in the cache, decodes the misses.
 
-    An image that cannot be read raises, or with ``on_error="skip"`` is recorded in
-    :attr:`skipped` and left without concepts. :attr:`image_keys` collects the content
-    keys of the images read (files get one even without a cache).
+    With ``workers > 0``, image files are read, keyed, looked up and decoded by that many
+    worker processes (images given in memory are read here). An image that cannot be
+    read raises, or with ``on_error="skip"`` is recorded in :attr:`skipped` and left
+    without concepts. :attr:`image_keys` collects the content keys of the images read
+    (files get one even without a cache).
     """
 
     def __init__(
-        self, source: _Images, batch_size: int, cache: _Cache | None, n_groups: int, on_error: str
+        self,
+        source: _Images,
+        batch_size: int,
+        cache: _Cache | None,
+        n_groups: int,
+        on_error: str,
+        workers: int,
     ) -> None:
         self.source = source
         self.batch_size = batch_size
-        self.cache = cache
-        self.n_groups = n_groups
         self.on_error = on_error
         self.names = source.names()
+        files = isinstance(source, _FileImages)
+        self.workers = workers if files else 0
         # Files get a content key each (cheap beside segmenting them), recorded in the store
         # so that a later run can check it is given the same images in the same order.
-        self.keyed = cache is not None or isinstance(source, _FileImages)
+        self.reader = _ImageReader(source, cache, n_groups, cache is not None or files)
         self.image_keys: list[str | None] = [None] * len(source)
         self.skipped: list[dict[str, Any]] = []
 
-    def batches(self) -> Iterator[_Batch]:
-        for start in range(0, len(self.source), self.batch_size):
-            yield self._batch(range(start, min(start + self.batch_size, len(self.source))))
+    def batches(self) -> Generator[_Batch, None, None]:
+        n = len(self.source)
+        reads: Generator[_Read, None, None]
+        if self.workers:
+            reads = _read_in_workers(self.reader, n, self.workers)
+        else:
+            reads = (self.reader.read(i) for i in range(n))
+        with contextlib.closing(reads):  # stops the workers when the batches stop early
+            for start in range(0, n, self.batch_size):
+                batch = _Batch(range(start, min(start + self.batch_size, n)), [], {})
+                for read in itertools.islice(reads, len(batch.index)):
+                    self._add(batch, read)
+                yield batch
 
-    def _batch(self, index: range) -> _Batch:
-        batch = _Batch(index, [], {})
-        for i in index:
-            key = self._attempt(self.source.key, i) if self.keyed else ""
-            if key is None:
-                batch.done[i] = None
-                continue
-            self.image_keys[i] = key
-            hit = self.cache.get(key, self.n_groups) if self.cache is not None else None
-            if hit is not None:
-                batch.done[i] = hit
-                continue
-            image = self._attempt(self.source.load, i)
-            if image is None:
-                batch.done[i] = None
-            else:
-                batch.todo.append(_Pending(i, key, image))
-        return batch
+    def _add(self, batch: _Batch, read: _Read) -> None:
+        i = read.index
+        if read.key is not None:
+            self.image_keys[i] = read.key
+        if read.error is not None:
+            self._fail(i, read.error)
+            batch.done[i] = None
+        elif read.hit is not None:
+            batch.done[i] = read.hit
+        else:
+            assert read.key is not None
+            batch.todo.append(_Pending(i, read.key, read.image))
 
-    def _attempt(self, function: Callable[[int], Any], i: int) -> Any:
-        try:
-            return function(i)
-        except PyneuronError as error:
-            if self.on_error == "raise":
-                raise
-            name = self.names[i] if self.names else None
-            self.skipped.append({"image": i, "file": name, "error": str(error)})
-            warnings.warn(f"skipping image {i}: {error}", RuntimeWarning, stacklevel=2)
-            return None
+    def _fail(self, i: int, error: PyneuronError) -> None:
+        if self.on_error == "raise":
+            raise error
+        name = self.names[i] if self.names else None
+        self.skipped.append({"image": i, "file": name, "error": str(error)})
+        warnings.warn(f"skipping image {i}: {error}", RuntimeWarning, stacklevel=2)
 
 
 @dataclass(frozen=True)
@@ -594,6 +693,9 @@ def segment(
     cache_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     on_error: str = "raise",
+    device: Any = None,
+    dtype: Any = None,
+    workers: int = 0,
     progress: bool = True,
 ) -> ConceptStore:
     """Segment concepts named in text over the probing images into a ConceptStore.
@@ -649,6 +751,24 @@ def segment(
         ``cache_dir``, the images done so far are kept there and not recomputed on the
         rerun); ``"skip"`` warns, leaves that image without concepts and lists it in the
         metadata under ``"skipped"``.
+    device, dtype
+        Where and in which precision to run a segmenter given as a model id or directory:
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or a ``torch.device``;
+        ``"float32"``, ``"float16"``, ``"bfloat16"`` or a ``torch`` dtype. ``None``: CUDA
+        in float16 when a GPU is available, else the CPU in float32 (float16 is allowed
+        on the CPU but slow there; use bfloat16). A device this machine lacks is refused,
+        naming those it has, before the model loads. On CUDA, image tensors are copied
+        from pinned memory. A segmenter that is already built (an adapter or a callable)
+        runs where it was built: giving either then is an error (build the adapter with
+        them instead).
+    workers
+        Worker processes that read, hash and decode image files (and look them up in
+        the cache) ahead of the segmenter, in image order; ``0`` reads them in a thread
+        of this process. The store is the same either way (an unreadable file is
+        reported, raised or skipped, as with ``0``). Images given in memory (PIL images,
+        an array) are always read here. The workers are started by a fork server (spawned
+        where there is none), so a script using them needs the usual
+        ``if __name__ == "__main__":`` guard.
     progress
         Show a progress bar.
 
@@ -664,7 +784,8 @@ def segment(
     PyneuronError
         Empty or duplicate concept names, bad images (a file that cannot be decoded is
         named; nothing is written to ``out``), a segmenter returning the wrong shape or
-        non-finite scores.
+        non-finite scores, a device this machine lacks, ``device``/``dtype`` given with a
+        segmenter that is already built.
 
     Examples
     --------
@@ -682,16 +803,16 @@ def segment(
     >>> store.metadata["segment"]["groups"][0]["concepts"]
     ['sky', 'grass', 'background']
     """
-    _check_arguments(mode, on_error, batch_size, threshold)
+    _check_arguments(mode, on_error, batch_size, threshold, workers)
     fillers = (fillers,) if isinstance(fillers, str) else tuple(fillers)
     height, width = _grid_size(grid)
     queried, names, categories, groups = _plan(ConceptVocabulary.of(concepts), mode, fillers)
     source = _as_images(images)
     store_grid = Grid(len(source), height, width)
-    model = as_segmenter(segmenter)
+    model = as_segmenter(segmenter, device=device, dtype=dtype)
     cache = _open_cache(cache_dir, model, groups, (height, width), threshold)
     metadata = _metadata(model, groups, mode, threshold, fillers, (height, width), source.names())
-    reader = _BatchReader(source, batch_size, cache, len(groups), on_error)
+    reader = _BatchReader(source, batch_size, cache, len(groups), on_error, workers)
     labeller = _Labeller(model, queried, groups, threshold, height, width, reader.names)
 
     bar = progress_bar(total=len(source), desc="segment", unit="img", enabled=progress)

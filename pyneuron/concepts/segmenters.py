@@ -17,7 +17,13 @@ Adapters for transformers models, loaded from a local directory or the user's ca
   boxes into masks; score map of a concept = max over its boxes of box score x mask.
 - :class:`Owlv2SamSegmenter`: the same with OWLv2 boxes.
 
-On a GPU the models run in float16 by default, on the CPU in float32.
+Devices and precision (``device=``, ``dtype=`` of every adapter, of ``from_pretrained``
+and of :func:`~pyneuron.concepts.segment`): ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``
+or a ``torch.device``; ``"float32"``, ``"float16"``, ``"bfloat16"`` or a ``torch`` dtype.
+By default the models run on CUDA in float16 when a GPU is available, else on the CPU in
+float32. A device this machine does not have is refused (naming those it has) before any
+model loads. float16 is allowed on the CPU, where torch emulates it slowly; bfloat16 is
+the CPU's reduced precision. On CUDA, image tensors are copied from pinned memory.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..devices import resolve_placement
 from ..errors import PyneuronError
+from ..weights import weights_hash
 
 DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"
 DEFAULT_GROUNDING_DINO = "IDEA-Research/grounding-dino-tiny"
@@ -154,41 +162,18 @@ def _pretrained(load: Callable[[str], Any], model: str, role: str, option: str) 
         ) from None
 
 
-_DTYPES = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
-           "float32": "float32", "fp32": "float32"}  # fmt: skip
-
-
-def _device_dtype(device: Any, dtype: Any) -> tuple[Any, Any]:
-    """Default device: CUDA when available, else CPU; default dtype: fp16 on GPU, fp32 on CPU."""
-    torch = _torch()
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    elif isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise PyneuronError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-        dtype = getattr(torch, _DTYPES[dtype])
-    return device, dtype
+def _to_device(tensor: Any, device: Any, dtype: Any = None) -> Any:
+    """``tensor`` (on the CPU) moved to ``device`` and cast to ``dtype`` (if given); onto a
+    CUDA device it is copied from pinned memory, asynchronously."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
+    return tensor.to(device=device, dtype=dtype)
 
 
 def _prepare(model: Any, device: Any, dtype: Any) -> Any:
     model = model.to(device=device, dtype=dtype)
     model.eval()
     return model
-
-
-def _weights_hash(model: Any) -> str:
-    """BLAKE2 of every parameter and buffer (names, dtypes, shapes, bytes)."""
-    torch = _torch()
-    digest = hashlib.blake2b(digest_size=16)
-    with torch.no_grad():
-        for name, tensor in sorted(model.state_dict().items()):
-            t = tensor.detach().to("cpu").contiguous()
-            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _processor_description(processor: Any) -> Any:
@@ -238,7 +223,7 @@ class _TransformersSegmenter:
 
     def __init__(self, settings: Any, device: Any, dtype: Any) -> None:
         self.settings = settings
-        self.device, self.dtype = _device_dtype(device, dtype)
+        self.device, self.dtype = resolve_placement(device, dtype)
         self._fingerprint: str | None = None
 
     def _fingerprint_parts(self) -> dict[str, Any]:
@@ -263,7 +248,7 @@ class _TransformersSegmenter:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready provenance: adapter, models, settings, dtype, fingerprint."""
+        """JSON-ready provenance: adapter, models, settings, device type, dtype, fingerprint."""
         return {
             "name": self.name,
             "type": type(self).__name__,
@@ -272,6 +257,7 @@ class _TransformersSegmenter:
                 for role, m in self._models().items()
             },
             "settings": dataclasses.asdict(self.settings),
+            "device": self.device.type,
             "dtype": str(self.dtype).replace("torch.", ""),
             "fingerprint": self.fingerprint,
         }
@@ -324,8 +310,9 @@ class CLIPSegSegmenter(_TransformersSegmenter):
     settings
         :class:`CLIPSegSettings` (prompt template, decoder batch).
     device, dtype
-        Where and in which precision to run; default CUDA + float16 when available,
-        else CPU + float32. The model is moved there.
+        Where and in which precision to run (see :func:`pyneuron.devices.resolve_device` and
+        ``resolve_dtype``); default CUDA + float16 when available, else CPU +
+        float32. The model is moved there.
 
     Examples
     --------
@@ -363,6 +350,7 @@ class CLIPSegSegmenter(_TransformersSegmenter):
 
         ``settings`` are :class:`CLIPSegSettings` fields (``prompt``, ``decoder_batch``).
         """
+        device, dtype = resolve_placement(device, dtype)  # a wrong device fails before loading
         transformers = _transformers()
         option = "--segmenter clipseg:DIR (Python: segmenter='DIR')"
         processor = _pretrained(
@@ -378,7 +366,7 @@ class CLIPSegSegmenter(_TransformersSegmenter):
 
     def _fingerprint_parts(self) -> dict[str, Any]:
         return {
-            "weights": _weights_hash(self.model),
+            "weights": weights_hash(self.model),
             "processor": _processor_description(self.processor),
         }
 
@@ -404,7 +392,7 @@ class CLIPSegSegmenter(_TransformersSegmenter):
         concepts = _check_concepts(concepts)
         conditionals = self.conditional_embeddings(concepts)
         pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        pixel_values = pixel_values.to(self.device, self.dtype)
+        pixel_values = _to_device(pixel_values, self.device, self.dtype)
         n_images, n_concepts = pixel_values.shape[0], len(concepts)
         with torch.inference_mode():
             vision = self.model.clip.get_image_features(
@@ -544,7 +532,7 @@ class SamMasker:
         if not todo:
             return maps
         inputs = self.processor(images=[images[i] for i in todo], return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
+        pixel_values = _to_device(inputs["pixel_values"], self.device, self.dtype)
         with torch.inference_mode():
             embeddings = self.model.get_image_embeddings(pixel_values)
             for row, i in enumerate(todo):
@@ -622,6 +610,7 @@ class _BoxSamSegmenter(_TransformersSegmenter):
         ``settings`` are :class:`BoxSettings` fields (``box_threshold`` defaults to the
         class's ``default_box_threshold``).
         """
+        device, dtype = resolve_placement(device, dtype)  # a wrong device fails before loading
         transformers = _transformers()
         settings.setdefault("box_threshold", cls.default_box_threshold)
         detector = detector or cls.default_detector
@@ -649,9 +638,9 @@ class _BoxSamSegmenter(_TransformersSegmenter):
 
     def _fingerprint_parts(self) -> dict[str, Any]:
         return {
-            "detector": _weights_hash(self.detector),
+            "detector": weights_hash(self.detector),
             "detector_processor": _processor_description(self.detector_processor),
-            "sam": _weights_hash(self.sam.model),
+            "sam": weights_hash(self.sam.model),
             "sam_processor": _processor_description(self.sam.processor),
         }
 
@@ -755,6 +744,10 @@ class GroundingDinoSamSegmenter(_BoxSamSegmenter):
         torch = _torch()
         concepts = _check_concepts(concepts)
         pixels = self.detector_processor.image_processor(images=images, return_tensors="pt")
+        pixels = {  # moved once for every prompt chunk
+            k: _to_device(v, self.device, self.dtype if k == "pixel_values" else None)
+            for k, v in pixels.items()
+        }
         n_images = len(images)
         sizes = torch.tensor([[im.width, im.height, im.width, im.height] for im in images])
         per_image: list[list[tuple[Any, Any]]] = [[] for _ in images]
@@ -764,9 +757,8 @@ class GroundingDinoSamSegmenter(_BoxSamSegmenter):
                     [prompt] * n_images, padding=True, return_token_type_ids=True,
                     return_tensors="pt",
                 )  # fmt: skip
-                inputs = {k: v.to(self.device) for k, v in {**pixels, **text}.items()}
-                inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-                output = self.detector(**inputs)
+                inputs = {k: v.to(self.device) for k, v in text.items()}
+                output = self.detector(**pixels, **inputs)
                 probs = torch.sigmoid(output.logits.float())  # (B, Q, max_text_len)
                 scores = torch.stack([probs[..., t].amax(-1) for _, t in positions], dim=-1)
                 boxes = _corners(output.pred_boxes.float()).cpu() * sizes[:, None, :]
@@ -840,7 +832,7 @@ class Owlv2SamSegmenter(_BoxSamSegmenter):
         concepts = _check_concepts(concepts)
         queries = self.query_embeddings(concepts)
         pixel_values = self.detector_processor(images=images, return_tensors="pt")["pixel_values"]
-        pixel_values = pixel_values.to(self.device, self.dtype)
+        pixel_values = _to_device(pixel_values, self.device, self.dtype)
         n_images = len(images)
         with torch.inference_mode():
             feature_map = self.detector.image_embedder(pixel_values=pixel_values)[0]
@@ -862,16 +854,43 @@ class Owlv2SamSegmenter(_BoxSamSegmenter):
         return result
 
 
-def as_segmenter(segmenter: Any) -> Any:
-    """A :class:`Segmenter` from an adapter, a callable, or a model id / local directory
-    (loaded as :class:`CLIPSegSegmenter`)."""
+def as_segmenter(segmenter: Any, *, device: Any = None, dtype: Any = None) -> Any:
+    """A :class:`Segmenter` from an adapter, a callable, or a model id / local directory.
+
+    Parameters
+    ----------
+    segmenter
+        A model id or directory (loaded as :class:`CLIPSegSegmenter`), an adapter, a
+        :class:`Segmenter`, or a callable ``(images, concepts) -> score maps``.
+    device, dtype
+        Where and in which precision to load a model given by id or directory (see
+        :func:`pyneuron.devices.resolve_device`, ``resolve_dtype``; checked before it loads).
+
+    Raises
+    ------
+    PyneuronError
+        ``device`` or ``dtype`` given with a segmenter that is already built (an adapter
+        runs where it was built, a callable where it runs itself: give them when building
+        it), or a segmenter of none of these kinds.
+    """
     if isinstance(segmenter, str):
-        return CLIPSegSegmenter.from_pretrained(segmenter)
+        return CLIPSegSegmenter.from_pretrained(segmenter, device=device, dtype=dtype)
+    if not callable(segmenter):
+        raise PyneuronError(
+            f"segmenter must be a model id or directory (CLIPSeg), a Segmenter, or a callable "
+            f"(images, concepts) -> score maps; got {type(segmenter).__name__}"
+        )
+    if device is not None or dtype is not None:
+        built = (
+            f" (on {segmenter.device.type}, in {str(segmenter.dtype).removeprefix('torch.')})"
+            if isinstance(segmenter, _TransformersSegmenter)
+            else ""
+        )
+        raise PyneuronError(
+            "device and dtype apply to a segmenter given as a model id or directory, loaded "
+            f"here; this {type(segmenter).__name__} is already built{built}: give them when "
+            "building it (e.g. CLIPSegSegmenter.from_pretrained(model, device=..., dtype=...))"
+        )
     if isinstance(segmenter, (_TransformersSegmenter, CallableSegmenter, Segmenter)):
         return segmenter
-    if callable(segmenter):
-        return CallableSegmenter(segmenter)
-    raise PyneuronError(
-        f"segmenter must be a model id or directory (CLIPSeg), a Segmenter, or a callable "
-        f"(images, concepts) -> score maps; got {type(segmenter).__name__}"
-    )
+    return CallableSegmenter(segmenter)

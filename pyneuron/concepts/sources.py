@@ -14,18 +14,40 @@ from ..image_files import image_file_key, list_images
 SEGMENTER_KINDS = ("clipseg", "grounding-dino", "owlv2")
 
 
-def make_segmenter(spec: str | None) -> Any:
-    """A segmenter from ``kind:model`` (``clipseg:DIR``, ``grounding-dino:DET,SAM``,
-    ``owlv2:DET,SAM``) or a plain CLIPSeg model id / directory; None for the default."""
-    if spec is None:
-        return None
+def make_segmenter(spec: str | None = None, *, device: Any = None, dtype: Any = None) -> Any:
+    """Load the segmenter a command line names.
+
+    Parameters
+    ----------
+    spec
+        ``kind:model`` (``clipseg:DIR``, ``grounding-dino:DET,SAM``, ``owlv2:DET,SAM``), a
+        plain CLIPSeg model id or directory, or ``None`` for the default CLIPSeg model.
+    device, dtype
+        Where and in which precision to run it (see
+        :func:`pyneuron.devices.resolve_device` and ``resolve_dtype``);
+        ``None``: CUDA in float16 when available, else the CPU in float32.
+
+    Returns
+    -------
+    Segmenter
+        The loaded adapter.
+
+    Raises
+    ------
+    PyneuronError
+        A malformed spec, a device this machine lacks or an unknown dtype (both before
+        any model loads), a model that cannot be loaded.
+    """
     from . import segmenters
 
+    placement = {"device": device, "dtype": dtype}
+    if spec is None:
+        return segmenters.CLIPSegSegmenter.from_pretrained(segmenters.DEFAULT_CLIPSEG, **placement)
     kind, sep, models = spec.partition(":")
     if not sep or kind not in SEGMENTER_KINDS:
-        return segmenters.CLIPSegSegmenter.from_pretrained(spec)
+        return segmenters.CLIPSegSegmenter.from_pretrained(spec, **placement)
     if kind == "clipseg":
-        return segmenters.CLIPSegSegmenter.from_pretrained(models)
+        return segmenters.CLIPSegSegmenter.from_pretrained(models, **placement)
     detector, _, sam = models.partition(",")
     if not sam:
         raise PyneuronError(f"segmenter {spec!r}: give the detector and SAM as {kind}:DET,SAM")
@@ -34,7 +56,7 @@ def make_segmenter(spec: str | None) -> Any:
         if kind == "grounding-dino"
         else segmenters.Owlv2SamSegmenter
     )
-    return adapter.from_pretrained(detector, sam)
+    return adapter.from_pretrained(detector, sam, **placement)
 
 
 def resolved_segmenter_spec(spec: str | None) -> str | None:
@@ -57,12 +79,18 @@ def open_concepts(
     subset: str | None = None,
     categories: list[str] | None = None,
     segmenter: str | None = None,
+    device: Any = None,
+    dtype: Any = None,
+    workers: int = 0,
     progress: bool = True,
 ) -> tuple[ConceptStore, list[Path], bool]:
     """(store, probing image files in store order, whether the store was built here).
 
     ``source`` is a store directory, a Broden-format folder (``index.csv``), or a concept
-    list file (``.txt`` / ``.toml``) segmented over ``images`` by ``segmenter``.
+    list file (``.txt`` / ``.toml``) segmented over ``images`` by ``segmenter`` (a spec
+    as for :func:`make_segmenter`), loaded on ``device`` in ``dtype``, with ``workers``
+    processes decoding the images (see :func:`pyneuron.concepts.segment`). ``segmenter``,
+    ``device``, ``dtype`` and ``workers`` are used only to segment a concept list.
     """
     path = Path(source)
     if (path / "manifest.json").is_file():
@@ -84,8 +112,8 @@ def open_concepts(
 
         files = list_images(images)
         vocabulary = load_vocabulary(path)  # a bad list fails before a model loads
-        options = {} if segmenter is None else {"segmenter": make_segmenter(segmenter)}
-        store = segment(files, vocabulary, grid=grid, progress=progress, **options)
+        model = make_segmenter(segmenter, device=device, dtype=dtype)
+        store = segment(files, vocabulary, model, grid=grid, workers=workers, progress=progress)
         return store, files, True
     if not path.exists():
         raise PyneuronError(f"no store at {path}: the concept source does not exist")

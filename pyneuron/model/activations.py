@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..devices import torch_device, torch_dtype
+from ..devices import resolve_device, resolve_dtype
 from ..engine.atomic import write_atomically
 from ..engine.batches import release_pages
 from ..errors import PyneuronError
@@ -498,8 +498,8 @@ def capture(
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise PyneuronError(f"workers must be a non-negative integer, got {workers!r}")
     model_device, model_dtype = _model_device_dtype(model)
-    device = torch_device(device) if device is not None else model_device
-    dtype = torch_dtype(dtype) if dtype is not None else model_dtype
+    device = resolve_device(device) if device is not None else model_device
+    dtype = resolve_dtype(dtype, device) if dtype is not None else model_dtype
     if (device, dtype) != (model_device, model_dtype):
         model.to(device=device, dtype=dtype)
     layer_formats = {
