@@ -4,6 +4,7 @@ blocks (memory flat), resumable runs, devices, decoding workers, units beyond ch
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -342,6 +343,14 @@ def test_cli_dissect_takes_device_units_and_thresholds(tiny_project, tmp_path):
         failed = runner.invoke(app, [str(a) for a in [*common, "--out", tmp_path / "x", *extra]])
         assert failed.exit_code == 1 and message in failed.output, failed.output
         assert not (tmp_path / "x").exists()
+    bad = runner.invoke(app, ["evaluate", str(out), "--device", "tpu", "--quiet"])
+    assert bad.exit_code == 1 and "unknown device 'tpu'" in bad.output
+    checked = runner.invoke(
+        app, ["evaluate", str(out), "--device", "cpu", "--controls", "0", "--top-k", "2", "-q"]
+    )
+    assert checked.exit_code == 0, checked.output
+    evaluation = json.loads((out / "summary.json").read_text())["evaluation"]
+    assert evaluation["config"]["device"] == "cpu"
     usage = runner.invoke(
         app, [str(a) for a in [*common, "--out", tmp_path / "x", "--workers", -1]]
     )

@@ -627,11 +627,13 @@ def evaluate(
         typer.Option(help="The folder of probing images (default: the run's own list)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split, controls and regions.")] = 0,
+    device: DeviceOption = None,
     quiet: QuietOption = False,
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Check a run's explanations: held-out IoU, null baseline, concept masking."""
+    from ..devices import resolve_device
     from .evaluation import EvaluationConfig, evaluate_run
 
     summary = evaluate_run(
@@ -644,6 +646,7 @@ def evaluate(
             top_k=top_k,
             fill=fill,
             seed=seed,
+            device=str(resolve_device(device)),
         ),
         model=model,
         weights=weights,

@@ -69,6 +69,8 @@ class EvaluationConfig:
         As in :func:`pyneuron.model.faithfulness`.
     seed
         Seed of the split, the controls and the random regions.
+    device
+        Where the model runs for faithfulness (``"cpu"``, ``"cuda:0"``; None: where it is).
     """
 
     holdout: float = 0.2
@@ -79,6 +81,7 @@ class EvaluationConfig:
     random_regions: int = 4
     fill: str = "mean"
     seed: int = 0
+    device: str | None = None
 
 
 def evaluate_run(
@@ -226,6 +229,7 @@ def _faithfulness_check(
             fill=config.fill,
             seed=config.seed,
             transform=transform,
+            device=config.device,
             progress=progress,
         )
 
