@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 
@@ -64,3 +65,40 @@ def tiny_project(tmp_path_factory):
         " torch.nn.ReLU())\n"
     )
     return root
+
+
+#: Set to "0" while a test cluster runs (see ``cluster``).
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster for the module: a head node without CPUs and two worker nodes
+    with one CPU each, all on 127.0.0.1 (skipped when Ray is not installed)."""
+    # Single-machine mode: Ray then resolves 127.0.0.1 to itself, not to this host's
+    # network address (which the loopback-bound nodes do not listen on). Read when Ray is
+    # imported, and inherited by the nodes and by drivers started from the tests.
+    previous = os.environ.get(LOOPBACK_ONLY)
+    os.environ[LOOPBACK_ONLY] = "0"
+    ray = pytest.importorskip(
+        "ray", reason="the Ray backend needs Ray: pip install 'pyneuron[ray]'"
+    )
+    from ray.cluster_utils import Cluster
+
+    nodes = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False},
+    )
+    try:
+        for _ in range(2):
+            nodes.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        ray.init(address=nodes.address, logging_level=logging.WARNING, log_to_driver=False)
+        nodes.wait_for_nodes()
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+        if previous is None:
+            os.environ.pop(LOOPBACK_ONLY)
+        else:
+            os.environ[LOOPBACK_ONLY] = previous

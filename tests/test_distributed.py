@@ -1,8 +1,8 @@
 """The Ray backend on a real local cluster: identical tables, killed workers, resume.
 
 The cluster (a head node without CPUs and two worker nodes with one CPU each, all on
-127.0.0.1) is started once for the module; the tests are skipped only when Ray is not
-installed (``pip install 'pyneuron[ray]'``).
+127.0.0.1; the ``cluster`` fixture of conftest.py) is started once for the module; the
+tests are skipped only when Ray is not installed (``pip install 'pyneuron[ray]'``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from pyneuron.scale import ray as distributed
 from pyneuron.scale.ray import RayBackend, resolve_backend, run_shard_dir
 
 SHARD_TASK = b"ray::_run_shard"
-LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 # -- without a cluster ---------------------------------------------------------------------
@@ -143,37 +142,6 @@ HEAVY_SEARCH = {"length": 5, "beam_size": 25, "progress": False}
 
 
 # -- the cluster ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    # Single-machine mode: Ray then resolves 127.0.0.1 to itself, not to this host's
-    # network address (which the loopback-bound nodes do not listen on). Read when Ray is
-    # imported, and inherited by the nodes and by drivers started from the tests.
-    previous = os.environ.get(LOOPBACK_ONLY)
-    os.environ[LOOPBACK_ONLY] = "0"
-    ray = pytest.importorskip(
-        "ray", reason="the Ray backend needs Ray: pip install 'pyneuron[ray]'"
-    )
-    from ray.cluster_utils import Cluster
-
-    nodes = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False},
-    )
-    try:
-        for _ in range(2):
-            nodes.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-        ray.init(address=nodes.address, logging_level=logging.WARNING, log_to_driver=False)
-        nodes.wait_for_nodes()
-        yield nodes
-    finally:
-        ray.shutdown()
-        nodes.shutdown()
-        if previous is None:
-            os.environ.pop(LOOPBACK_ONLY)
-        else:
-            os.environ[LOOPBACK_ONLY] = previous
 
 
 def _same_as_local(units, store, backend, **options):

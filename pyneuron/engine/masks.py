@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 import pandas as pd
 
-from ..errors import OutOfRangeError, PyneuronError
+from ..errors import GridMismatchError, OutOfRangeError, PyneuronError
 from . import _native, storage
 from .grid import Grid, pack_bits, unpack_bits
 from .storage import pixel_counts
@@ -284,6 +284,30 @@ class MaskSet:
             raise PyneuronError(str(error)) from None
 
 
+def stacked_grid(parts: Sequence[MaskSet], kind: type[MaskSet]) -> Grid:
+    """The grid of ``parts`` put one after the other along images, once checked that they
+    can be: at least one part, each a ``kind``, all on images of one height and width,
+    all with the same number of masks."""
+    if not parts:
+        raise PyneuronError("nothing to concatenate: give at least one part")
+    first = parts[0]
+    for k, part in enumerate(parts):
+        if not isinstance(part, kind):
+            raise PyneuronError(f"part {k} is a {type(part).__name__}, not a {kind.__name__}")
+        if (part.grid.height, part.grid.width) != (first.grid.height, first.grid.width):
+            raise GridMismatchError(
+                f"part {k} has {part.grid.height}x{part.grid.width} images, part 0 "
+                f"{first.grid.height}x{first.grid.width}; concatenated parts share one image size"
+            )
+        if len(part) != len(first):
+            raise PyneuronError(
+                f"part {k} holds {len(part)} masks, part 0 {len(first)}; concatenated parts "
+                "hold the same masks"
+            )
+    n_images = sum(part.grid.n_images for part in parts)
+    return Grid(n_images, first.grid.height, first.grid.width)
+
+
 def _ids(values: np.ndarray | Sequence[int], bound: int, what: str) -> np.ndarray:
     """Validated int64 ids in [0, bound)."""
     ids = np.asarray(values)
@@ -350,16 +374,61 @@ class MaskSetWriter:
 
         Rows with count 0 are dropped, rows with count == pixels become full containers.
         """
-        pixels = self.grid.pixels
         counts = np.asarray(counts).reshape(-1)
         nonempty = counts > 0
         mask_ids, images, counts = mask_ids[nonempty], images[nonempty], counts[nonempty]
         words = words.reshape(-1, self.grid.words_per_image)[nonempty]
+        self.add_containers(mask_ids, images, counts, words[counts < self.grid.pixels])
+
+    def add_containers(
+        self, mask_ids: np.ndarray, images: np.ndarray, counts: np.ndarray, bitsets: np.ndarray
+    ) -> None:
+        """Add non-empty containers: row ``k`` is mask ``mask_ids[k]`` in image
+        ``images[k]`` with ``counts[k]`` pixels set (``1 <= counts[k] <= pixels``). Rows
+        with ``counts[k] == pixels`` are full containers; the others take, in order, the
+        rows of ``bitsets`` (one per such row, words_per_image words each). Bitsets are
+        stored in the order they are added.
+        """
+        counts = np.asarray(counts).reshape(-1)
         slots = np.full(counts.shape[0], FULL_SLOT, dtype=np.int64)
-        partial = counts < pixels
+        partial = counts < self.grid.pixels
         if partial.any():
-            slots[partial] = self._store_words(words[partial])
+            slots[partial] = self._store_words(bitsets)
         self._entries.append((mask_ids, images, slots, counts.astype(np.int32)))
+
+    def add_set(self, masks: MaskSet, first_image: int, chunk_bytes: int = 64 * 2**20) -> None:
+        """Add every container of ``masks`` (a set on the same height and width, mask
+        ``m`` to mask ``m``) with its images shifted by ``first_image``.
+
+        Its bitsets are copied in its own slot order, ``chunk_bytes`` at a time (a
+        memory-mapped set is read sequentially, never whole), so sets written image by
+        image in image order and added in image order give the bitsets the order a single
+        writer would have given them.
+        """
+        grid = masks.grid
+        if (grid.height, grid.width) != (self.grid.height, self.grid.width):
+            raise PyneuronError(
+                f"cannot add masks of {grid.height}x{grid.width} images to a set of "
+                f"{self.grid.height}x{self.grid.width} images"
+            )
+        if not 0 <= first_image <= self.grid.n_images - grid.n_images:
+            raise PyneuronError(
+                f"{grid.n_images} images from image {first_image} do not fit in a set of "
+                f"{self.grid.n_images} images"
+            )
+        if self.n_masks is not None and len(masks) > self.n_masks:
+            raise PyneuronError(f"cannot add a set of {len(masks)} masks to {self.n_masks} masks")
+        offsets, images, slots, counts, words = masks.arrays
+        owners = np.repeat(np.arange(offsets.shape[0] - 1, dtype=np.int64), np.diff(offsets))
+        images = images.astype(np.int64) + int(first_image)
+        full = slots == FULL_SLOT
+        self.add_containers(owners[full], images[full], counts[full], words[:0])
+        order = np.flatnonzero(~full)[np.argsort(slots[~full], kind="stable")]
+        pool = words.reshape(-1, self.grid.words_per_image)
+        rows = max(1, chunk_bytes // (8 * self.grid.words_per_image))
+        for begin in range(0, order.shape[0], rows):
+            chosen = order[begin : begin + rows]
+            self.add_containers(owners[chosen], images[chosen], counts[chosen], pool[slots[chosen]])
 
     def _as_bits(self, array: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
         array = np.asarray(array)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ import pandas as pd
 from ..errors import PyneuronError, StoreError, UnknownConceptError
 from . import _native, storage
 from .grid import Grid
-from .masks import MaskSet
+from .masks import MaskSet, stacked_grid
 from .writer import StagedWriter
 
 KIND = "concepts"
@@ -119,6 +120,72 @@ class ConceptStore(MaskSet):
             metadata=metadata,
             progress=progress,
         )
+
+    @classmethod
+    def concatenate(
+        cls,
+        parts: Sequence[ConceptStore],
+        path: str | os.PathLike[str] | None = None,
+        overwrite: bool = False,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> ConceptStore:
+        """The stores ``parts``, over consecutive image ranges, as one store over all
+        their images: image ``i`` of part ``k`` becomes image ``i`` plus the images of
+        the parts before it.
+
+        The parts must hold the same concepts (names and categories, in the same order)
+        on images of one height and width. Containers are copied, never decoded; with
+        ``path`` the bitsets stream to disk part by part (a memory-mapped part is read
+        sequentially) and the store appears there only when complete (atomic).
+
+        The result is byte for byte (every file of its directory once saved) the store
+        written in one go when that store and the parts were written image by image in
+        image order (:meth:`writer`, :func:`pyneuron.concepts.segment`) and ``metadata``
+        is the one-shot store's.
+
+        Parameters
+        ----------
+        parts
+            One or more stores, in image order.
+        path
+            Write the store to this directory instead of keeping it in memory.
+        overwrite
+            Replace an earlier store at ``path``.
+        metadata
+            The metadata of the result; by default a copy of the first part's. Per-image
+            entries (image lists, skipped images) are not merged here: pass them merged.
+
+        Raises
+        ------
+        PyneuronError
+            No parts, parts of other concepts or of another image size
+            (:class:`~pyneuron.errors.GridMismatchError`).
+
+        Examples
+        --------
+        >>> masks = np.zeros((1, 3, 2, 2), dtype=bool); masks[0, [0, 2], 0] = True
+        >>> whole = ConceptStore.from_masks(masks, ["dog"])
+        >>> parts = [whole.take_images([0]), whole.take_images([1, 2])]
+        >>> ConceptStore.concatenate(parts).images_with("dog").tolist()
+        [0, 2]
+        """
+        parts = list(parts)
+        grid = stacked_grid(parts, ConceptStore)
+        first = parts[0]
+        for k, part in enumerate(parts):
+            if part.names != first.names or part.categories != first.categories:
+                raise PyneuronError(
+                    f"part {k} holds other concepts than part 0 (names or categories differ); "
+                    "concatenated stores hold the same concepts in the same order"
+                )
+        chosen = copy.deepcopy(dict(first.metadata if metadata is None else metadata))
+        with cls.writer(
+            grid, first.names, first.categories, path, overwrite=overwrite, metadata=chosen
+        ) as writer:
+            writer.add_parts(parts)
+        assert writer.store is not None
+        return writer.store
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, verify: bool | None = None) -> ConceptStore:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pandas as pd
 from ..errors import PyneuronError, StoreError
 from . import storage
 from .grid import Grid
-from .masks import FULL_SLOT, MaskSet
+from .masks import FULL_SLOT, MaskSet, stacked_grid
 from .writer import StagedWriter
 
 KIND = "units"
@@ -92,19 +93,57 @@ class UnitMasks(MaskSet):
         path: str | os.PathLike[str] | None = None,
         *,
         overwrite: bool = False,
+        metadata: Mapping[str, Any] | None = None,
         progress: bool = False,
     ) -> UnitMasksWriter:
         """Start unit masks built unit by unit or image by image; see :class:`UnitMasksWriter`."""
-        return UnitMasksWriter(grid, n_units, path, overwrite=overwrite, progress=progress)
+        return UnitMasksWriter(
+            grid, n_units, path, overwrite=overwrite, metadata=metadata, progress=progress
+        )
+
+    @classmethod
+    def concatenate(
+        cls,
+        parts: Sequence[UnitMasks],
+        path: str | os.PathLike[str] | None = None,
+        overwrite: bool = False,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> UnitMasks:
+        """Unit masks over consecutive image ranges as one set over all their images
+        (see :meth:`ConceptStore.concatenate`): the parts hold the same number of units
+        on images of one height and width.
+
+        The result is byte for byte the set written in one go when that set and the parts
+        were written image by image in image order, as
+        :func:`~pyneuron.engine.upsample.unit_masks_from_activations` writes them.
+
+        Examples
+        --------
+        >>> dense = np.zeros((2, 3, 2, 2), dtype=bool); dense[1, 2] = True
+        >>> whole = UnitMasks.from_masks(dense)
+        >>> parts = [whole.take_images([0, 1]), whole.take_images([2])]
+        >>> UnitMasks.concatenate(parts).images_with(1).tolist()
+        [2]
+        """
+        parts = list(parts)
+        grid = stacked_grid(parts, UnitMasks)
+        chosen = copy.deepcopy(dict(parts[0].metadata if metadata is None else metadata))
+        with cls.writer(grid, len(parts[0]), path, overwrite=overwrite, metadata=chosen) as writer:
+            writer.add_parts(parts)
+        assert writer.result is not None
+        return writer.result
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, verify: bool | None = None) -> UnitMasks:
         """Open saved unit masks (memory-mapped); see :meth:`ConceptStore.open`."""
         data = storage.load(path, kind=KIND, verify=verify)
         try:
-            return cls(data["grid"], *data["index"], data["words"])
+            units = cls(data["grid"], *data["index"], data["words"])
         except ValueError as error:
             raise StoreError(f"unit masks at {path} are corrupt: {error}") from None
+        units._metadata.update(data["metadata"])
+        return units
 
     def table(self) -> pd.DataFrame:
         """One row per unit: unit, pixels, images."""
@@ -169,6 +208,7 @@ class UnitMasksWriter(StagedWriter[UnitMasks]):
         path: str | os.PathLike[str] | None = None,
         *,
         overwrite: bool = False,
+        metadata: Mapping[str, Any] | None = None,
         progress: bool = False,
     ) -> None:
         if isinstance(n_units, bool) or not isinstance(n_units, (int, np.integer)) or n_units < 0:
@@ -178,7 +218,7 @@ class UnitMasksWriter(StagedWriter[UnitMasks]):
             grid,
             path,
             overwrite=overwrite,
-            metadata=None,
+            metadata=dict(metadata or {}),
             progress=progress,
             progress_total=0,
             progress_desc="unit masks",
@@ -202,7 +242,9 @@ class UnitMasksWriter(StagedWriter[UnitMasks]):
         return {"unit": np.arange(self.n_units)}
 
     def _build(self, index: tuple[np.ndarray, ...], words: np.ndarray) -> UnitMasks:
-        return UnitMasks(self.grid, *index, words)
+        units = UnitMasks(self.grid, *index, words)
+        units._metadata.update(self.metadata)
+        return units
 
     def _open(self, path: Path) -> UnitMasks:
         return UnitMasks.open(path, verify=False)

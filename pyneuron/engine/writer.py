@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -74,6 +75,14 @@ class StagedWriter(Generic[SetT]):
         if self._writer is None or self.result is not None:
             raise PyneuronError("this writer is closed")
         return self._writer
+
+    def add_parts(self, parts: Sequence[MaskSet]) -> None:
+        """Add mask sets over consecutive image ranges, in order, from image 0 (mask ``m``
+        of each to mask ``m``; see :meth:`MaskSetWriter.add_set`)."""
+        start = 0
+        for part in parts:
+            self.writer.add_set(part, start)
+            start += part.grid.n_images
 
     def close(self) -> SetT:
         """Finish (and commit to ``path``, atomically); returns the mask set."""

@@ -14,6 +14,10 @@ whole images and keeps only what it needs.
 - :func:`activation_ranges` gives the Clustered-CompExp / OVCE ranges: per unit, 1-D KMeans
   (:func:`kmeans_1d`) over its non-zero activations, one ``(lo, hi)`` range per cluster.
 - :func:`user_thresholds` checks thresholds chosen by the user.
+- :func:`quantile_part` and :func:`merge_quantile_parts` split the exact quantile over
+  parts of the images (computed apart, e.g. on several machines): each part keeps what the
+  quantile over *all* images needs, and merging the parts gives exactly
+  :func:`quantile_thresholds` of the whole array.
 
 A unit's binary mask is ``a > threshold`` for a quantile threshold and ``lo < a < hi``
 (both strict) for a range; building masks is not done here.
@@ -24,6 +28,9 @@ from __future__ import annotations
 import bisect
 import math
 import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -34,10 +41,13 @@ from ..errors import PyneuronError
 from .compexp_quantiles import CompexpQuantiles
 
 __all__ = [
+    "QuantilePart",
     "StreamingQuantiles",
     "activation_ranges",
     "compexp_level",
     "kmeans_1d",
+    "merge_quantile_parts",
+    "quantile_part",
     "quantile_thresholds",
     "user_thresholds",
 ]
@@ -179,6 +189,88 @@ def _lerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
     return a + diff * t
 
 
+@dataclass(frozen=True)
+class QuantilePart:
+    """What one part of a stream (a contiguous range of images) keeps for the exact
+    quantile over the whole stream (:meth:`StreamingQuantiles.export`).
+
+    Attributes
+    ----------
+    values : numpy.ndarray, shape (U, c)
+        Per unit, the part's values on the kept side: its top (or, for low levels, bottom)
+        ``min(kept_per_unit, count)`` values, in no particular order.
+    count : int
+        Values per unit the part saw (its images times h * w).
+    images : int
+        Images the part saw.
+    level : float
+        The quantile level.
+    total_values : int
+        Values per unit over the whole stream (all parts).
+    """
+
+    values: np.ndarray
+    count: int
+    images: int
+    level: float
+    total_values: int
+
+    #: The fields, as stored by :meth:`to_arrays`.
+    FIELDS = ("values", "count", "images", "level", "total_values")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The part as arrays (for ``numpy.savez``); :meth:`from_arrays` reads them back."""
+        return {name: np.asarray(getattr(self, name)) for name in self.FIELDS}
+
+    @classmethod
+    def from_arrays(cls, arrays: Any) -> QuantilePart:
+        """A part from :meth:`to_arrays`'s arrays (any mapping, e.g. an ``np.load`` file),
+        checked: a (U, c) real array of values and whole numbers that fit together.
+
+        Raises
+        ------
+        PyneuronError
+            If a field is missing or does not fit.
+        """
+        try:
+            values = np.asarray(arrays["values"])
+            count, images, total = (int(arrays[k]) for k in ("count", "images", "total_values"))
+            level = float(arrays["level"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise PyneuronError(f"not a quantile part: {error}") from None
+        part = cls(values, count, images, level, total)
+        part.check()
+        return part
+
+    def check(self) -> None:
+        """Raise :class:`~pyneuron.errors.PyneuronError` unless the fields fit together:
+        real (U, c) values with ``c`` what a part of ``count`` values keeps."""
+        values = self.values
+        if not (isinstance(values, np.ndarray) and values.ndim == 2 and values.dtype.kind == "f"):
+            raise PyneuronError("a quantile part's values must be a float array (units, kept)")
+        if not (0 < self.count <= self.total_values and 0 <= self.images <= self.count):
+            raise PyneuronError(
+                f"a quantile part of {self.count} values per unit ({self.images} images) does "
+                f"not fit a stream of {self.total_values} values per unit"
+            )
+        _check_level(self.level)
+        expected = min(_kept_side(self.total_values, self.level)[1], self.count)
+        if values.shape[1] != expected:
+            raise PyneuronError(
+                f"a quantile part of {self.count} values per unit must keep {expected} values "
+                f"per unit for the quantile at level {self.level} of {self.total_values} "
+                f"values, it holds {values.shape[1]}"
+            )
+
+
+def _kept_side(total: int, level: float) -> tuple[bool, int]:
+    """(keep the top side?, values kept per unit) for the exact quantile at ``level`` of
+    ``total`` values: the smaller side of the interpolation point."""
+    lo, hi, _ = _order_statistics(total, level)
+    top, bottom = total - lo, hi + 1
+    return top <= bottom, min(top, bottom)
+
+
 class StreamingQuantiles:
     """Exact per-unit quantiles of activations seen batch by batch, in bounded memory.
 
@@ -197,6 +289,11 @@ class StreamingQuantiles:
     ``M``, needs at most that many (``M - floor((M - 1) * level) <= max_values_per_unit``);
     otherwise it raises :class:`~pyneuron.errors.PyneuronError`, and :meth:`bounds` still
     gives a guaranteed interval: the unit's minimum and its smallest kept value.
+
+    Parts of one stream can be computed apart (each with the whole stream's
+    ``total_values``): :meth:`export` gives a part's kept values, and :meth:`merge` adds
+    them to another instance; the result is the same, bit for bit, whatever the parts
+    and their order.
 
     Parameters
     ----------
@@ -251,10 +348,7 @@ class StreamingQuantiles:
             self._keep = cap
         else:
             self._total = positive_int(total_values, "total_values")
-            lo, hi, _ = _order_statistics(self._total, self._level)
-            top, bottom = self._total - lo, hi + 1
-            self._top = top <= bottom
-            self._keep = min(top, bottom)
+            self._top, self._keep = _kept_side(self._total, self._level)
             if cap is not None and self._keep > cap:
                 raise PyneuronError(
                     f"the exact quantile at level {self._level} of {self._total} values needs "
@@ -333,10 +427,73 @@ class StreamingQuantiles:
         if self._total is None:
             low = values.min(axis=1).astype(np.float64)
             self._min = low if self._min is None else np.minimum(self._min, low)
-        self._pending.append(values)
-        self._pending_values += per_unit
         self._seen += per_unit
         self._images += arr.shape[0]
+        self._queue(values)
+
+    def export(self) -> QuantilePart:
+        """What this part of the stream keeps for the quantile over the whole stream, for
+        :meth:`merge` into another instance (e.g. on another machine).
+
+        Raises :class:`~pyneuron.errors.PyneuronError` when ``total_values`` is unknown
+        (then what the whole stream needs is not known) or nothing was seen.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> acts = np.arange(30, dtype=np.float32).reshape(6, 1, 5)
+        >>> parts = []
+        >>> for first, stop in [(0, 2), (2, 6)]:
+        ...     part = StreamingQuantiles(n_units=1, level=0.9, total_values=30)
+        ...     part.update(acts[first:stop])
+        ...     parts.append(part.export())
+        >>> whole = StreamingQuantiles(n_units=1, level=0.9, total_values=30)
+        >>> for part in parts:
+        ...     whole.merge(part)
+        >>> bool(whole.result()[0] == np.quantile(acts.astype(np.float64), 0.9))
+        True
+        """
+        if self._total is None:
+            raise PyneuronError(
+                "export() needs total_values (the values per unit of the whole stream), so "
+                "that the part keeps what the quantile over all parts needs"
+            )
+        if self._seen == 0:
+            raise PyneuronError("no activations seen yet; call update() with batches first")
+        self._merge()
+        assert self._kept is not None
+        return QuantilePart(self._kept.copy(), self._seen, self._images, self._level, self._total)
+
+    def merge(self, part: QuantilePart) -> None:
+        """Add a part exported by another instance of the same level and ``total_values``
+        (see :meth:`export`), as if its values had been given to :meth:`update`.
+
+        Raises :class:`~pyneuron.errors.PyneuronError` when the part does not fit: another
+        level, stream length or unit count, or more values than ``total_values`` in all.
+        """
+        part.check()
+        if part.level != self._level or part.total_values != self._total:
+            raise PyneuronError(
+                f"a part of the quantile at level {part.level} of {part.total_values} values "
+                f"cannot merge into the quantile at level {self._level} of {self._total} values"
+            )
+        if part.values.shape[0] != self._n_units:
+            raise PyneuronError(
+                f"the part has {part.values.shape[0]} units, expected {self._n_units}"
+            )
+        if self._seen + part.count > part.total_values:
+            raise PyneuronError(
+                f"the parts bring the values per unit to {self._seen + part.count}, more than "
+                f"total_values={part.total_values}; merge each part once"
+            )
+        self._seen += part.count
+        self._images += part.images
+        self._queue(np.array(part.values, order="C"))
+
+    def _queue(self, values: np.ndarray) -> None:
+        """Add (U, m) values to merge, merging once enough are pending."""
+        self._pending.append(values)
+        self._pending_values += values.shape[1]
         kept = 0 if self._kept is None else self._kept.shape[1]
         if self._pending_values >= self._keep and kept + self._pending_values > self._keep:
             self._merge()
@@ -486,12 +643,103 @@ def quantile_thresholds(
             _check_finite(values, start)
             estimator.update(values)
         return estimator.quantile(q)
+    return _stream(arr, q, level, batch_images, arr.shape[0]).result()
+
+
+def _stream(
+    arr: np.ndarray, q: float, level: float | None, batch_images: int | None, total_images: int
+) -> StreamingQuantiles:
+    """The :class:`StreamingQuantiles` of the exact quantile over ``total_images`` images
+    (shaped like ``arr``), updated with the images of ``arr``."""
     level = compexp_level(q) if level is None else _check_level(level)
     batch = block_images(arr, batch_images)
-    n, units = arr.shape[:2]
-    stream = StreamingQuantiles(units, level, n * math.prod(arr.shape[2:]))
+    total = positive_int(total_images, "total_images") * math.prod(arr.shape[2:])
+    stream = StreamingQuantiles(arr.shape[1], level, total)
     for _, values in image_batches(arr, batch):
         stream.update(values)
+    return stream
+
+
+def quantile_part(
+    activations: npt.ArrayLike,
+    q: float = 0.005,
+    *,
+    total_images: int,
+    level: float | None = None,
+    batch_images: int | None = None,
+) -> QuantilePart:
+    """What a part of the images (a contiguous range of them) keeps for the exact
+    :func:`quantile_thresholds` over all ``total_images`` images.
+
+    Give :func:`merge_quantile_parts` the parts of every image range (each image once,
+    in any order) to get ``quantile_thresholds(all_activations, q, level=level)``, bit for
+    bit. A part keeps per unit its share of what the whole quantile needs, at most
+    about ``q * total_images * h * w`` values (see :class:`StreamingQuantiles`).
+
+    ``method="compexp"`` has no parts: compexp's randomized estimator
+    (:class:`~pyneuron.model.compexp_quantiles.CompexpQuantiles`) gives a value that
+    depends on the order in which the values arrive and on its random draws, so
+    estimators run on parts cannot be merged into the one-pass estimate (nor into the
+    exact value). Runs split into parts use the exact quantile.
+
+    Parameters
+    ----------
+    activations : array_like, shape (n, U, h, w)
+        The part's raw activations (an array or memmap; ``(n, U)`` and ``(n, U, L)`` work
+        too).
+    q, level, batch_images
+        As for :func:`quantile_thresholds`; the same for every part.
+    total_images : int
+        Images of the whole set, all parts together.
+
+    Returns
+    -------
+    QuantilePart
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> acts = np.random.default_rng(0).random((10, 2, 3, 3), dtype=np.float32)
+    >>> parts = [quantile_part(acts[a:b], 0.05, total_images=10) for a, b in [(0, 3), (3, 10)]]
+    >>> bool((merge_quantile_parts(parts) == quantile_thresholds(acts, 0.05)).all())
+    True
+    """
+    return _stream(_as_activations(activations), q, level, batch_images, total_images).export()
+
+
+def merge_quantile_parts(parts: Sequence[QuantilePart]) -> np.ndarray:
+    """The exact quantile thresholds of all images from the parts of every image range
+    (:func:`quantile_part`), equal bit for bit to :func:`quantile_thresholds` over all of
+    them, whatever the parts and their order.
+
+    Raises
+    ------
+    PyneuronError
+        No parts, parts of other levels, stream lengths or unit counts, or parts that do
+        not cover the images exactly once (in values per unit).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> acts = np.arange(40, dtype=np.float64).reshape(4, 1, 10)
+    >>> parts = [quantile_part(acts[i : i + 1], level=0.5, total_images=4) for i in range(4)]
+    >>> merge_quantile_parts(parts[::-1])
+    array([19.5])
+    """
+    parts = list(parts)
+    if not parts:
+        raise PyneuronError("no quantile parts to merge")
+    first = parts[0]
+    first.check()
+    seen = sum(part.count for part in parts)
+    if seen != first.total_values:
+        raise PyneuronError(
+            f"the parts hold {seen} values per unit but the whole set "
+            f"{first.total_values}; give the part of every image range, each once"
+        )
+    stream = StreamingQuantiles(first.values.shape[0], first.level, first.total_values)
+    for part in parts:
+        stream.merge(part)
     return stream.result()
 
 

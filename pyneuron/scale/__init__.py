@@ -1,6 +1,8 @@
 """Backends that run the engine's search elsewhere, given to it as objects (Ray), and
 :func:`explain`, which also takes a backend by name (``backend="ray"``): the engine takes
-backend objects only and knows nothing of Ray."""
+backend objects only and knows nothing of Ray. :mod:`pyneuron.scale.parts` runs the
+expensive stages before the search (segmentation, capture) in parts of the images on
+Ray."""
 
 from __future__ import annotations
 

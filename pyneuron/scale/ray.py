@@ -116,6 +116,18 @@ class RayBackend:
                 f"got {self.share_store!r}"
             )
 
+    def connect(self) -> Any:
+        """The ``ray`` module, connected to this backend's cluster (an ``address`` that
+        accepts no connection is refused within :data:`CONNECT_TIMEOUT` seconds, before
+        Ray is imported); already connected, the session as it is.
+
+        Raises
+        ------
+        PyneuronError
+            Ray is not installed, or the cluster cannot be reached.
+        """
+        return _connect(self.address)
+
     def explain_units(
         self,
         units: Any,
@@ -162,8 +174,16 @@ def run_shard_dir(out: str | os.PathLike[str]) -> Path:
 # -- fingerprints --------------------------------------------------------------------------
 
 
-def _digest(*parts: Any) -> str:
-    """A hex digest of strings, bytes and numpy arrays."""
+def digest(*parts: Any) -> str:
+    """A hex digest of strings, bytes and numpy arrays (anything else by its ``str``):
+    the fingerprint naming shards and parts by their inputs.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> digest("a", np.arange(3)) == digest("a", np.arange(3)), len(digest("a"))
+    (True, 32)
+    """
     h = hashlib.blake2b(digest_size=16)
     for part in parts:
         if isinstance(part, np.ndarray):
@@ -178,12 +198,12 @@ def _digest(*parts: Any) -> str:
 def _content_key(masks: MaskSet) -> str:
     """Fingerprint of a mask set's containers (and of a store's concept names)."""
     names = "\n".join(masks.names) if isinstance(masks, ConceptStore) else ""
-    return _digest(masks.KIND, masks.grid.shape, names, *masks.arrays)
+    return digest(masks.KIND, masks.grid.shape, names, *masks.arrays)
 
 
 def _manifest_key(path: Path) -> str:
     try:
-        return _digest("manifest", (path / storage.MANIFEST_FILE).read_bytes())
+        return digest("manifest", (path / storage.MANIFEST_FILE).read_bytes())
     except OSError as error:
         raise StoreError(f"cannot read the store manifest at {path}: {error}") from None
 
@@ -326,6 +346,8 @@ def _read_shard(path: Path, n_units: int, search: tuple) -> SearchResult | None:
 # -- the driver ----------------------------------------------------------------------------
 
 
+#: Seconds between counts of the cluster's workers while no shard finishes.
+WINDOW_REFRESH = 10.0
 #: Seconds to wait for a cluster's address to accept a connection before giving up.
 CONNECT_TIMEOUT = 20.0
 
@@ -403,7 +425,7 @@ def explain_on_ray(
         directory = None
         if backend.shard_dir is not None:
             units_key = _content_key(chunk)
-            run_key = _digest(SHARD_FORMAT, store_key, units_key, search_args, backend.unit_block)
+            run_key = digest(SHARD_FORMAT, store_key, units_key, search_args, backend.unit_block)
             directory = Path(backend.shard_dir) / run_key
         for start in range(0, len(chunk), backend.unit_block):
             stop = min(start + backend.unit_block, len(chunk))
@@ -450,19 +472,20 @@ def _compute(
     """Run the shards whose ``raws`` entry is None on Ray, filling ``raws`` (and the
     shard files) as they finish."""
     missing = iter([i for i, raw in enumerate(raws) if raw is None])
-    ray = _connect(backend.address)
+    ray = backend.connect()
     store_shared = _share_store(ray, store, backend.share_store, uuid.uuid4().hex)
     task = ray.remote(_run_shard).options(
         num_cpus=backend.cpus_per_task,
         max_retries=backend.max_retries,
         retry_exceptions=False,
     )
-    # Two shards per worker in flight: every worker always has its next shard at hand.
-    window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1) // backend.cpus_per_task))
     pending: dict[Any, int] = {}
 
     def submit() -> None:
-        for i in itertools.islice(missing, window - len(pending)):
+        # Two shards per worker in flight: every worker always has its next shard at
+        # hand. The workers are counted again each time, so nodes that join get work.
+        window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1) // backend.cpus_per_task))
+        for i in itertools.islice(missing, max(0, window - len(pending))):
             s = shards[i]
             block = _unit_block(chunks[s.chunk], s.start, s.stop)
             pending[task.remote(store_shared, block, search_args, backend.cpus_per_task)] = i
@@ -478,7 +501,10 @@ def _compute(
         try:
             submit()
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=WINDOW_REFRESH)
+                if not ready:  # nothing finished for a while: nodes may have joined
+                    submit()
+                    continue
                 i = pending.pop(ready[0])
                 raw = _get(ray, ready[0])
                 if shards[i].file is not None:
