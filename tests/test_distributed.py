@@ -215,37 +215,63 @@ def test_cli_explain_with_ray(cluster, tmp_path):
     assert not run_shard_dir(tmp_path / "ray").exists()
 
 
-def test_cli_dissect_with_ray(cluster, tmp_path):
+def _same_files(a: Path, b: Path) -> None:
+    """Every file under ``a`` and ``b``: the same names and bytes."""
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("concepts", ["store", "list"])
+def test_cli_dissect_with_ray_writes_the_local_run(cluster, tmp_path, concepts):
+    """Segmentation (a concept list), capture, unit masks and the search all on Ray: the
+    same store, results, unit masks and top images as the local run."""
     from PIL import Image
     from typer.testing import CliRunner
 
     from pyneuron.app.cli import app
-    from pyneuron.app.rundir import read_results
+    from pyneuron.app.rundir import read_results, work_dir
 
     rng = np.random.default_rng(6)
     (tmp_path / "images").mkdir()
     for i in range(12):
         pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(tmp_path / "images" / f"{i:02d}.png")
-    store, _ = _data(seed=6, n_units=1, n_images=12, size=8)
-    store.save(tmp_path / "store")
+    if concepts == "store":
+        store, _ = _data(seed=6, n_units=1, n_images=12, size=8)
+        store.save(tmp_path / "store")
+        source = ["--concepts", str(tmp_path / "store")]
+    else:
+        from test_segment import save_tiny_clipseg
+
+        save_tiny_clipseg(tmp_path / "clipseg")
+        (tmp_path / "concepts.txt").write_text("red\ngreen\nbackground\n\nsky\ngrass\n")
+        source = ["--concepts", str(tmp_path / "concepts.txt")]
+        source += ["--segmenter", f"clipseg:{tmp_path / 'clipseg'}", "--grid", "8"]
     (tmp_path / "net.py").write_text(
         "import torch\n"
         "def build():\n"
         "    torch.manual_seed(0)\n"
         "    return torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.ReLU())\n"
     )
-    args = ["dissect", "--model", f"{tmp_path / 'net.py'}:build", "--layer", "1"]
-    args += ["--images", str(tmp_path / "images"), "--concepts", str(tmp_path / "store")]
-    args += ["--image-size", "16", "--quantile", "0.1", "-q"]
+    args = ["dissect", "--model", f"{tmp_path / 'net.py'}:build", "--layer", "0", "--layer", "1"]
+    args += ["--images", str(tmp_path / "images"), *source, "--device", "cpu"]
+    args += ["--image-size", "16", "--quantile", "0.1", "--batch-size", "4", "-q"]
     runner = CliRunner()
     for out, extra in (("local", []), ("ray", ["--ray", "auto"])):
         result = runner.invoke(app, [*args, "--out", str(tmp_path / out), *extra])
         assert result.exit_code == 0, result.output
-    assert_frame_equal(
-        read_results(tmp_path / "ray"), read_results(tmp_path / "local"), check_exact=True
-    )
-    assert not run_shard_dir(tmp_path / "ray").exists()
+    local, ray = tmp_path / "local", tmp_path / "ray"
+    assert_frame_equal(read_results(ray), read_results(local), check_exact=True)
+    _same_files(ray / "units", local / "units")
+    if concepts == "list":
+        _same_files(ray / "concepts", local / "concepts")
+    with np.load(ray / "top_images.npz") as got, np.load(local / "top_images.npz") as want:
+        assert {k: got[k].tolist() for k in got} == {k: want[k].tolist() for k in want}
+    summary = (ray / "summary.json").read_text()
+    assert "capture and unit masks (ray)" in summary
+    assert not run_shard_dir(ray).exists() and not work_dir(ray).exists()
 
 
 # -- faults --------------------------------------------------------------------------------

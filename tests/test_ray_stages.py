@@ -443,3 +443,46 @@ def test_layer_units_on_ray_equal_one_process(ray_cluster, tmp_path, caplog):
         )
     assert caplog.text.count("2 of 3 parts already done; computing 1") == 2
     check(again, tmp_path / "again")
+
+
+def test_a_killed_driver_is_resumed_from_its_parts(ray_cluster, tmp_path, caplog):
+    """A driver killed in the middle of a segmentation leaves its finished parts; the
+    rerun computes only the others, and the store is the one-process store."""
+    import subprocess
+
+    files = image_files(tmp_path / "images", 16)
+    parts_dir = tmp_path / "parts"
+    options = {"grid": GRID, "batch_size": 2, "progress": False}
+    driver = f"""
+import sys, ray
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import test_ray_stages as here
+from pyneuron import RayBackend
+from pyneuron.concepts.distributed import segment_on_ray
+ray.init(address={ray_cluster.address!r}, log_to_driver=False)
+ray.cloudpickle.register_pickle_by_value(here)
+files = [here.Path(p) for p in {[str(f) for f in files]!r}]
+segment_on_ray(files, here.CONCEPTS, here.Shades(delay=0.25), backend=RayBackend(),
+               parts_dir={str(parts_dir)!r}, part_images=2, **{options!r})
+"""
+    process = subprocess.Popen([sys.executable, "-c", driver])
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(parts_dir.glob(f"*/part-*/{PART_FILE}"))) < 2:
+            assert process.poll() is None, "the driver stopped before it was killed"
+            assert time.monotonic() < deadline, "no part was written within 120 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    kept = {p.parent.name: p.stat().st_mtime_ns for p in parts_dir.glob(f"*/part-*/{PART_FILE}")}
+    assert 2 <= len(kept) < 8, "the driver was not killed before its end"
+
+    ray_options = {"backend": RayBackend(), "parts_dir": parts_dir, "part_images": 2}
+    with caplog.at_level(logging.INFO, logger="pyneuron.scale.parts"):
+        segment_on_ray(files, CONCEPTS, Shades(), out=tmp_path / "ray", **options, **ray_options)
+    assert f"{len(kept)} of 8 parts already done; computing {8 - len(kept)}" in caplog.text
+    after = {p.parent.name: p.stat().st_mtime_ns for p in parts_dir.glob(f"*/part-*/{PART_FILE}")}
+    assert all(after[name] == kept[name] for name in kept)
+    segment(files, CONCEPTS, Shades(), out=tmp_path / "local", **options)
+    same_directories(tmp_path / "ray", tmp_path / "local")

@@ -426,11 +426,14 @@ def dissect(
 
     Activations stream to OUT.partial/ next to the run (resumed by a rerun, removed
     once the run is written), so memory stays flat whatever the number of images.
+    With --ray, segmentation, capture, unit masks and the search run on the cluster
+    (OUT must then be on a filesystem every node sees).
     """
     from ..concepts.sources import open_concepts, resolved_segmenter_spec
     from ..devices import resolve_device, resolve_dtype
     from ..model.layer_units import threshold_method
     from ..model.models import (
+        ModelFactory,
         image_transform,
         load_model,
         resolved_model_spec,
@@ -438,12 +441,17 @@ def dissect(
         units_function,
     )
     from .pipeline import dissect_run
-    from .rundir import refuse_existing
+    from .rundir import refuse_existing, work_dir
 
     refuse_existing(out, overwrite)
     threshold_method((1, 1), quantile, thresholds)  # a bad choice fails before any work
-    run_device = resolve_device(device)  # default: CUDA when present
-    segmenter_dtype = resolve_dtype(dtype, run_device)
+    backend = _backend(ray, out)
+    if ray is not None:
+        backend.connect()  # a cluster that cannot be reached fails before any work
+        run_device, segmenter_dtype = device, dtype  # the workers' devices, not this one's
+    else:
+        run_device = resolve_device(device)  # default: CUDA when present
+        segmenter_dtype = resolve_dtype(dtype, run_device)
     units_map = units_function(units) if units is not None else None
     net, processor = load_model(model, weights)
     store, files, built = open_concepts(
@@ -456,6 +464,8 @@ def dissect(
         device=run_device,
         dtype=segmenter_dtype,
         workers=workers,
+        backend=None if ray is None else backend,
+        parts_dir=work_dir(out) / "segment-parts",
         progress=not quiet,
     )
     summary = dissect_run(
@@ -473,6 +483,11 @@ def dissect(
         device=run_device,
         workers=workers,
         units=units_map,
+        model_factory=(
+            None
+            if ray is None
+            else ModelFactory.of(net, resolved_model_spec(model), resolved_path(weights))
+        ),
         keep_activations=keep_activations,
         config={
             "model": resolved_model_spec(model),
@@ -490,8 +505,10 @@ def dissect(
             "thresholds": thresholds,
             "units": resolved_model_spec(units) if units is not None else None,
             "batch_size": batch_size,
-            "device": str(run_device),
-            "dtype": str(segmenter_dtype).removeprefix("torch.") if segmenter else None,
+            "device": None if run_device is None else str(run_device),
+            "dtype": None
+            if segmenter_dtype is None
+            else str(segmenter_dtype).removeprefix("torch."),
             "workers": workers,
             "keep_activations": keep_activations,
             "ray": ray,
@@ -500,7 +517,7 @@ def dissect(
         save_store=built,
         overwrite=overwrite,
         progress=not quiet,
-        backend=_backend(ray, out),
+        backend=backend,
     )
     _drop_shards(ray, out)
     _print_best(out)

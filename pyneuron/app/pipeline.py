@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +17,13 @@ from ..engine.search import best_of_beam
 from ..engine.settings import SearchSettings
 from ..engine.store import ConceptStore
 from ..engine.units import UnitMasks
+from ..errors import PyneuronError
 from ..model.activations import capture
 from ..model.dissect import check_image_count
-from ..model.layer_units import layer_units
-from ..scale import explain, resolve_backend
+from ..model.distributed import layer_units_on_ray
+from ..model.layer_units import LayerUnits, layer_units
+from ..model.models import ModelFactory
+from ..scale import RayBackend, explain, resolve_backend
 from .rundir import (
     ACTIVATIONS,
     MODEL_FILE,
@@ -42,6 +45,7 @@ class _Layers:
     tables: list[pd.DataFrame] = field(default_factory=list)
     beams: list[pd.DataFrame] = field(default_factory=list)
     masks: dict[str, UnitMasks] = field(default_factory=dict)
+    mask_dirs: dict[str, Path] = field(default_factory=dict)
     tops: dict[str, np.ndarray] = field(default_factory=dict)
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -62,6 +66,7 @@ def dissect_run(
     device: Any = None,
     workers: int = 0,
     units: Callable[[Any], Any] | None = None,
+    model_factory: Callable[[], Any] | None = None,
     keep_activations: bool = False,
     config: Mapping[str, Any] | None = None,
     extra_summary: Mapping[str, Any] | None = None,
@@ -88,6 +93,11 @@ def dissect_run(
     ``settings`` is the search (:class:`~pyneuron.SearchSettings`; ``mode="netdissect"``
     with ``length=1`` ranks concepts by NetDissect-Lite's category-restricted IoU);
     ``device``, ``workers`` and ``units`` are :func:`~pyneuron.capture`'s;
+    with a :class:`~pyneuron.RayBackend` and ``images`` a list of files (on paths every
+    node sees, as ``out``), capture, thresholds (exact) and unit masks run on the
+    cluster too, in parts of the images (``OUT.partial/parts``), each worker building
+    the model with ``model_factory`` (default: the model itself, pickled; see
+    :class:`~pyneuron.model.models.ModelFactory`) -- the same files as a local run;
     ``image_source(i)`` returns image ``i`` as uint8 (H, W, 3) for the report; without
     it (or with ``report=False``) no report is written; ``save_model`` writes the model's
     state dict to ``model.pt`` (name it in ``config`` as ``weights = "model.pt"`` so
@@ -103,24 +113,30 @@ def dissect_run(
     work = work_dir(out)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    activations = capture(
-        model,
+    stage = _Stage(
         list(layers),
-        images,
-        batch_size=batch_size,
-        transform=transform,
-        device=device,
-        workers=workers,
-        units=units,
-        out=work / ACTIVATIONS,
-        progress=progress,
+        (store.grid.height, store.grid.width),
+        quantile,
+        thresholds,
+        top_k,
+        work,
+        timings,
+        progress,
     )
-    check_image_count(next(iter(activations.values())).shape[0], store)
-    timings["capture"] = time.perf_counter() - started
-    done = _explain_layers(
-        activations, work, store, settings, quantile, thresholds, top_k, timings, progress, backend
-    )
-    del activations  # the memory maps, before the files move or go
+    files = _image_files(images)
+    if isinstance(backend, RayBackend) and files is not None:
+        if thresholds == "compexp" or keep_activations:
+            raise PyneuronError(
+                "on Ray, thresholds are exact quantiles merged across parts and the "
+                "activations stay in the parts: drop thresholds='compexp' / keep_activations"
+            )
+        check_image_count(len(files), store)
+        backend.connect()  # before any image is read
+        factory = model_factory or ModelFactory.of(model)
+        found = stage.on_ray(factory, files, transform, batch_size, units, device, backend)
+    else:
+        found = stage.here(model, images, store, transform, batch_size, units, device, workers)
+    done = _explain_layers(found, store, settings, timings, progress, backend)
     results = pd.concat(done.tables, ignore_index=True)
     beam_table = pd.concat(done.beams, ignore_index=True)
     summary: dict[str, Any] = {
@@ -142,7 +158,7 @@ def dissect_run(
             )
             timings["report"] = time.perf_counter() - t0
             summary["report"] = str(out / "report" / "index.html")
-        _write_layers(staging, work, done, store if save_store else None)
+        _write_layers(staging, done, store if save_store else None)
         if keep_activations:
             os.replace(work / ACTIVATIONS, staging / ACTIVATIONS)
         if save_model:
@@ -164,34 +180,118 @@ def dissect_run(
     return summary
 
 
+def _image_files(images: Any) -> list[Path] | None:
+    """``images`` as a list of files, when it is one (what Ray workers can read)."""
+    if isinstance(images, (list, tuple)) and all(isinstance(i, (str, os.PathLike)) for i in images):
+        return [Path(i) for i in images]
+    return None
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """Capture → thresholds → unit masks → top images of a run's layers, here or on Ray;
+    each gives (layer, its units, the directory of its unit masks) layer by layer."""
+
+    layers: list[str]
+    size: tuple[int, int]
+    quantile: float
+    thresholds: str
+    top_k: int
+    work: Path
+    timings: dict[str, float]
+    progress: bool
+
+    def here(
+        self,
+        model: Any,
+        images: Any,
+        store: ConceptStore,
+        transform: Callable[..., Any] | None,
+        batch_size: int,
+        units: Callable[[Any], Any] | None,
+        device: Any,
+        workers: int,
+    ) -> Iterator[tuple[str, LayerUnits, Path]]:
+        """In this process: activations streamed to ``work/activations``, then each
+        layer's units read from them block by block."""
+        t0 = time.perf_counter()
+        activations = capture(
+            model,
+            self.layers,
+            images,
+            batch_size=batch_size,
+            transform=transform,
+            device=device,
+            workers=workers,
+            units=units,
+            out=self.work / ACTIVATIONS,
+            progress=self.progress,
+        )
+        check_image_count(next(iter(activations.values())).shape[0], store)
+        self.timings["capture"] = time.perf_counter() - t0
+        for layer, layer_activations in activations.items():
+            t0 = time.perf_counter()
+            path = self.work / UNITS / layer_dir_name(layer)
+            found = layer_units(
+                layer_activations,
+                self.size,
+                quantile=self.quantile,
+                thresholds=self.thresholds,
+                top_k=self.top_k,
+                path=path,
+                progress=self.progress,
+            )
+            self.timings[f"units {layer}"] = time.perf_counter() - t0
+            yield layer, found, path
+
+    def on_ray(
+        self,
+        factory: Callable[[], Any],
+        files: list[Path],
+        transform: Callable[..., Any] | None,
+        batch_size: int,
+        units: Callable[[Any], Any] | None,
+        device: Any,
+        backend: RayBackend,
+    ) -> Iterator[tuple[str, LayerUnits, Path]]:
+        """On a Ray cluster: parts of the images captured and masked on the workers
+        (in ``work/parts``, which every node must see), merged exactly."""
+        t0 = time.perf_counter()
+        if device is None and backend.connect().cluster_resources().get("GPU", 0):
+            device = "cuda"  # the workers' GPUs (this machine may have none)
+        found = layer_units_on_ray(
+            factory,
+            self.layers,
+            files,
+            size=self.size,
+            transform=transform,
+            batch_size=batch_size,
+            quantile=self.quantile,
+            top_k=self.top_k,
+            units=units,
+            device=device,
+            backend=backend,
+            parts_dir=self.work / "parts",
+            masks_dir=self.work / "ray-units",
+            progress=self.progress,
+        )
+        self.timings["capture and unit masks (ray)"] = time.perf_counter() - t0
+        for layer in self.layers:
+            yield layer, found[layer], self.work / "ray-units" / layer
+
+
 def _explain_layers(
-    activations: Mapping[str, np.ndarray],
-    work: Path,
+    found: Iterable[tuple[str, LayerUnits, Path]],
     store: ConceptStore,
     settings: SearchSettings,
-    quantile: float,
-    thresholds: str,
-    top_k: int,
     timings: dict[str, float],
     progress: bool,
     backend: Any,
 ) -> _Layers:
-    """Explain every layer's units (the whole final beam), with their top images; unit
-    masks are written under ``work``."""
+    """Explain every layer's units (the whole final beam), keeping their top images and
+    where their unit masks are."""
     done = _Layers()
-    size = (store.grid.height, store.grid.width)
-    for layer, layer_activations in activations.items():
-        t0 = time.perf_counter()
-        units = layer_units(
-            layer_activations,
-            size,
-            quantile=quantile,
-            thresholds=thresholds,
-            top_k=top_k,
-            path=work / UNITS / layer_dir_name(layer),
-            progress=progress,
-        )
-        timings[f"units {layer}"] = time.perf_counter() - t0
+    for layer, units, path in found:
         t0 = time.perf_counter()
         beam = explain(
             units.masks, store, settings, full_beam=True, progress=progress, backend=backend
@@ -203,10 +303,11 @@ def _explain_layers(
         done.tables.append(best)
         done.beams.append(beam)
         done.masks[layer] = units.masks
+        done.mask_dirs[layer] = path
         done.tops[layer] = units.top_images
         done.stats[layer] = {
-            "units": int(layer_activations.shape[1]),
-            "map_size": list(layer_activations.shape[2:]),
+            "units": len(units.masks),
+            "map_size": list(units.map_size),
             "threshold_method": units.threshold_method,
             "mean_iou": float(best["iou"].mean()),
             "explained_units": int(best["formula"].notna().sum()),
@@ -214,12 +315,12 @@ def _explain_layers(
     return done
 
 
-def _write_layers(staging: Path, work: Path, done: _Layers, store: ConceptStore | None) -> None:
+def _write_layers(staging: Path, done: _Layers, store: ConceptStore | None) -> None:
     """The unit masks (moved from the work directory) and top images of every layer (and
     the store, when given)."""
     (staging / UNITS).mkdir()
-    for layer in done.masks:
-        os.replace(work / UNITS / layer_dir_name(layer), staging / UNITS / layer_dir_name(layer))
+    for layer, path in done.mask_dirs.items():
+        os.replace(path, staging / UNITS / layer_dir_name(layer))
     if store is not None:
         store.save(staging / "concepts")
     np.savez(staging / TOP_IMAGES, **{layer_dir_name(k): v for k, v in done.tops.items()})

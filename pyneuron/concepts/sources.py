@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
@@ -82,6 +83,8 @@ def open_concepts(
     device: Any = None,
     dtype: Any = None,
     workers: int = 0,
+    backend: Any = None,
+    parts_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> tuple[ConceptStore, list[Path], bool]:
     """(store, probing image files in store order, whether the store was built here).
@@ -90,7 +93,10 @@ def open_concepts(
     list file (``.txt`` / ``.toml``) segmented over ``images`` by ``segmenter`` (a spec
     as for :func:`make_segmenter`), loaded on ``device`` in ``dtype``, with ``workers``
     processes decoding the images (see :func:`pyneuron.concepts.segment`). ``segmenter``,
-    ``device``, ``dtype`` and ``workers`` are used only to segment a concept list.
+    ``device``, ``dtype`` and ``workers`` are used only to segment a concept list. With
+    ``backend`` (a :class:`~pyneuron.RayBackend`) the list is segmented on the cluster,
+    in parts of the images written to ``parts_dir``
+    (:func:`~pyneuron.concepts.distributed.segment_on_ray`: the same store).
     """
     path = Path(source)
     if (path / "manifest.json").is_file():
@@ -112,6 +118,23 @@ def open_concepts(
 
         files = list_images(images)
         vocabulary = load_vocabulary(path)  # a bad list fails before a model loads
+        if backend is not None:
+            from .distributed import segment_on_ray
+
+            if parts_dir is None:
+                raise PyneuronError("segmenting on Ray needs parts_dir: a folder every node sees")
+            build = functools.partial(make_segmenter, segmenter, device=device, dtype=dtype)
+            store = segment_on_ray(
+                files,
+                vocabulary,
+                build,
+                grid=grid,
+                workers=workers,
+                backend=backend,
+                parts_dir=parts_dir,
+                progress=progress,
+            )
+            return store, files, True
         model = make_segmenter(segmenter, device=device, dtype=dtype)
         store = segment(files, vocabulary, model, grid=grid, workers=workers, progress=progress)
         return store, files, True

@@ -353,7 +353,7 @@ def layer_units_on_ray(
         progress=progress,
         desc="capture",
     )
-    thresholds, top_images, n_units = {}, {}, {}
+    thresholds, top_images, shapes_of = {}, {}, {}
     for layer in names:
         summaries = [part[layer] for part in first.results]
         shapes = {s.shape[1:] for s in summaries}
@@ -364,16 +364,17 @@ def layer_units_on_ray(
             )
         thresholds[layer] = merge_quantile_parts([s.quantiles for s in summaries])
         top_images[layer] = _merge_top(summaries, top_k)
-        n_units[layer] = summaries[0].shape[1]
+        shapes_of[layer] = summaries[0].shape[1:]
 
     activations = {
         (p.start, p.stop): {layer: first.results[p.index][layer].activations for layer in names}
         for p in first.parts
     }
+    grid_size = (int(size[0]), int(size[1]))
     masks_key = digest(key, size, *(thresholds[layer] for layer in names))
     second = run_parts(
-        MaskPart(activations, thresholds, (int(size[0]), int(size[1]))),
-        _load_masks(names, n_units, (int(size[0]), int(size[1]))),
+        MaskPart(activations, thresholds, grid_size),
+        _load_masks(names, {layer: shape[0] for layer, shape in shapes_of.items()}, grid_size),
         plan_parts(len(files), part_images, parts_dir, f"masks-{masks_key}"),
         backend,
         gpus_per_part=0,
@@ -384,5 +385,7 @@ def layer_units_on_ray(
     for layer in names:
         path = Path(masks_dir) / layer if masks_dir is not None else None
         masks = UnitMasks.concatenate([part[layer] for part in second.results], path, True)
-        result[layer] = LayerUnits(thresholds[layer], masks, top_images[layer], "exact")
+        result[layer] = LayerUnits(
+            thresholds[layer], masks, top_images[layer], "exact", tuple(shapes_of[layer][1:])
+        )
     return result

@@ -36,12 +36,15 @@ class LayerUnits:
     threshold_method
         How the thresholds were computed: ``"exact"`` (the exact quantile), ``"compexp"``
         (compexp's streaming estimator) or ``"user"``.
+    map_size
+        The (h, w) of the layer's activation maps.
     """
 
     thresholds: np.ndarray
     masks: UnitMasks
     top_images: np.ndarray
     threshold_method: str
+    map_size: tuple[int, ...]
 
 
 def top_activating_images(
@@ -191,4 +194,5 @@ def layer_units(
     masks = unit_masks_from_activations(
         activations, values, size, path=path, overwrite=True, progress=progress
     )
-    return LayerUnits(values, masks, top_activating_images(activations, top_k), method)
+    tops = top_activating_images(activations, top_k)
+    return LayerUnits(values, masks, tops, method, tuple(activations.shape[2:]))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import PyneuronError
+from ..weights import weights_hash
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -115,6 +117,42 @@ def units_function(spec: str) -> Any:
     return function
 
 
+@dataclass(frozen=True)
+class ModelFactory:
+    """A picklable zero-argument builder of a model, for Ray workers: ``load_model(spec,
+    weights)``'s model, or ``model`` itself (pickled with the factory). ``fingerprint``
+    (the weights' hash) names the work done with it, so other weights never reuse it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> factory = ModelFactory.of(torch.nn.Linear(2, 2))
+    >>> factory() is factory.model, len(factory.fingerprint)
+    (True, 32)
+    """
+
+    fingerprint: str
+    spec: str | None = None
+    weights: str | None = None
+    model: Any = None
+
+    @classmethod
+    def of(
+        cls, model: Any, spec: str | None = None, weights: str | os.PathLike[str] | None = None
+    ) -> ModelFactory:
+        """The factory of ``model``: built again from ``spec`` and ``weights`` on each
+        worker when given (the workers must see the same files), else sent as it is."""
+        fingerprint = weights_hash(model)
+        if spec is None:
+            return cls(fingerprint, model=model)
+        return cls(fingerprint, spec, None if weights is None else str(weights))
+
+    def __call__(self) -> Any:
+        if self.spec is None:
+            return self.model
+        return load_model(self.spec, self.weights)[0]
+
+
 def resolved_path(path: str | os.PathLike[str] | None) -> str | None:
     """``path`` made absolute (for a run's ``config.toml``, so the run can be reported or
     evaluated from any directory); None stays None."""
@@ -171,17 +209,33 @@ def _import(name: str) -> Any:
         raise PyneuronError(f"cannot import {name}: {error}") from None
 
 
-def image_transform(size: int) -> Any:
-    """PIL image -> (3, size, size) float tensor, resized and ImageNet-normalized."""
-    import torch
-    from PIL import Image
+@dataclass(frozen=True)
+class ImageNetTransform:
+    """PIL image -> (3, size, size) float tensor, resized (bilinear) and ImageNet-normalized.
 
-    mean = np.array(IMAGENET_MEAN, dtype=np.float32)
-    std = np.array(IMAGENET_STD, dtype=np.float32)
+    A plain picklable object whose ``repr`` names its size, so that Ray workers receive it
+    and a run's parts are named by it.
 
-    def transform(image: Any) -> Any:
-        resized = image.convert("RGB").resize((size, size), Image.BILINEAR)
+    Examples
+    --------
+    >>> from PIL import Image
+    >>> ImageNetTransform(8)(Image.new("RGB", (20, 10))).shape
+    torch.Size([3, 8, 8])
+    """
+
+    size: int
+
+    def __call__(self, image: Any) -> Any:
+        import torch
+        from PIL import Image
+
+        mean = np.array(IMAGENET_MEAN, dtype=np.float32)
+        std = np.array(IMAGENET_STD, dtype=np.float32)
+        resized = image.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
         array = (np.asarray(resized, dtype=np.float32) / 255.0 - mean) / std
         return torch.from_numpy(array).permute(2, 0, 1)
 
-    return transform
+
+def image_transform(size: int) -> ImageNetTransform:
+    """PIL image -> (3, size, size) float tensor, resized and ImageNet-normalized."""
+    return ImageNetTransform(int(size))

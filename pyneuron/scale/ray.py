@@ -183,12 +183,14 @@ def digest(*parts: Any) -> str:
     >>> import numpy as np
     >>> digest("a", np.arange(3)) == digest("a", np.arange(3)), len(digest("a"))
     (True, 32)
+    >>> digest(np.zeros((0, 4))) != digest(np.zeros((4, 0)))
+    True
     """
     h = hashlib.blake2b(digest_size=16)
     for part in parts:
         if isinstance(part, np.ndarray):
             h.update(f"{part.dtype.str}{part.shape}".encode())
-            h.update(memoryview(np.ascontiguousarray(part)).cast("B"))
+            h.update(np.ascontiguousarray(part).reshape(-1).view(np.uint8))
         else:
             h.update(part if isinstance(part, bytes) else str(part).encode())
         h.update(b"\0")
