@@ -351,6 +351,12 @@ def test_cli_dissect_takes_device_units_and_thresholds(tiny_project, tmp_path):
     assert checked.exit_code == 0, checked.output
     evaluation = json.loads((out / "summary.json").read_text())["evaluation"]
     assert evaluation["config"]["device"] == "cpu"
+    plain = tmp_path / "plain"
+    quick = runner.invoke(app, [str(a) for a in [*common, "--out", plain, "--no-report"]])
+    assert quick.exit_code == 0, quick.output
+    assert "report:" not in quick.output and not (plain / "report").exists()
+    later = runner.invoke(app, ["report", str(plain), "-q"])
+    assert later.exit_code == 0 and (plain / "report" / "index.html").is_file(), later.output
     usage = runner.invoke(
         app, [str(a) for a in [*common, "--out", tmp_path / "x", "--workers", -1]]
     )

@@ -416,6 +416,14 @@ def dissect(
     dtype: DtypeOption = None,
     workers: WorkersOption = 0,
     keep_activations: KeepActivationsOption = False,
+    report: Annotated[
+        bool,
+        typer.Option(
+            "--report/--no-report",
+            help="Write the HTML report (a fixed cost per unit; `pyneuron report RUN` writes "
+            "it later).",
+        ),
+    ] = True,
     ray: RayOption = None,
     overwrite: OverwriteOption = False,
     quiet: QuietOption = False,
@@ -475,6 +483,7 @@ def dissect(
         store,
         out,
         image_source=_image_reader(files, store),
+        report=report,
         settings=settings,
         quantile=quantile,
         thresholds=thresholds,
@@ -521,7 +530,8 @@ def dissect(
     )
     _drop_shards(ray, out)
     _print_best(out)
-    typer.echo(f"report: {Path(summary['report']).resolve()}")
+    if report:
+        typer.echo(f"report: {Path(summary['report']).resolve()}")
 
 
 def _image_reader(files: list[Path], store: Any) -> Callable[[int], Any]:
