@@ -223,8 +223,7 @@ def _same_files(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("concepts", ["store", "list"])
-def test_cli_dissect_with_ray_writes_the_local_run(cluster, tmp_path, concepts):
+def test_cli_dissect_with_ray_writes_the_local_run(cluster, tmp_path):
     """Segmentation (a concept list), capture, unit masks and the search all on Ray: the
     same store, results, unit masks and top images as the local run."""
     from PIL import Image
@@ -238,17 +237,12 @@ def test_cli_dissect_with_ray_writes_the_local_run(cluster, tmp_path, concepts):
     for i in range(12):
         pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(tmp_path / "images" / f"{i:02d}.png")
-    if concepts == "store":
-        store, _ = _data(seed=6, n_units=1, n_images=12, size=8)
-        store.save(tmp_path / "store")
-        source = ["--concepts", str(tmp_path / "store")]
-    else:
-        from test_segment import save_tiny_clipseg
+    from test_segment import save_tiny_clipseg
 
-        save_tiny_clipseg(tmp_path / "clipseg")
-        (tmp_path / "concepts.txt").write_text("red\ngreen\nbackground\n\nsky\ngrass\n")
-        source = ["--concepts", str(tmp_path / "concepts.txt")]
-        source += ["--segmenter", f"clipseg:{tmp_path / 'clipseg'}", "--grid", "8"]
+    save_tiny_clipseg(tmp_path / "clipseg")
+    (tmp_path / "concepts.txt").write_text("red\ngreen\nbackground\n\nsky\ngrass\n")
+    source = ["--concepts", str(tmp_path / "concepts.txt")]
+    source += ["--segmenter", f"clipseg:{tmp_path / 'clipseg'}", "--grid", "8"]
     (tmp_path / "net.py").write_text(
         "import torch\n"
         "def build():\n"
@@ -265,8 +259,7 @@ def test_cli_dissect_with_ray_writes_the_local_run(cluster, tmp_path, concepts):
     local, ray = tmp_path / "local", tmp_path / "ray"
     assert_frame_equal(read_results(ray), read_results(local), check_exact=True)
     _same_files(ray / "units", local / "units")
-    if concepts == "list":
-        _same_files(ray / "concepts", local / "concepts")
+    _same_files(ray / "concepts", local / "concepts")
     with np.load(ray / "top_images.npz") as got, np.load(local / "top_images.npz") as want:
         assert {k: got[k].tolist() for k in got} == {k: want[k].tolist() for k in want}
     summary = (ray / "summary.json").read_text()
