@@ -76,6 +76,18 @@ def test_reading_a_memory_map_in_blocks_does_not_keep_its_pages(tmp_path):
     assert _rss_file_kib() - before < 64 * 1024
 
 
+def test_searched_masks_give_their_pages_back(tmp_path):
+    rng = np.random.default_rng(5)
+    words = rng.integers(0, 2**63, (128, 1024, 64), dtype=np.uint64)  # 64 MiB of bitsets
+    pyneuron.UnitMasks.from_words(words, 64, 64).save(tmp_path / "units")
+    masks = pyneuron.UnitMasks.open(tmp_path / "units")
+    assert int(masks.arrays.words[:, 0].sum() % 7) >= 0  # every page of the bitsets read
+    before = _rss_file_kib()
+    masks.release_pages()
+    assert before - _rss_file_kib() > 48 * 1024
+    assert np.array_equal(masks.arrays.words.reshape(128, 1024, 64), words)  # read again
+
+
 @pytest.mark.parametrize("batch", [1, 3, 7, None])
 def test_streaming_top_images_equal_a_full_sort_with_ties(batch):
     rng = np.random.default_rng(batch or 0)

@@ -296,6 +296,8 @@ def _explain_layers(
         beam = explain(
             units.masks, store, settings, full_beam=True, progress=progress, backend=backend
         )
+        units.masks.release_pages()  # read from disk again if needed (the report)
+        store.release_pages()
         beam.insert(0, "layer", layer)
         beam["threshold"] = units.thresholds[beam["unit"].to_numpy()]
         timings[f"explain {layer}"] = time.perf_counter() - t0

@@ -20,6 +20,7 @@ import pandas as pd
 
 from ..errors import GridMismatchError, OutOfRangeError, PyneuronError
 from . import _native, storage
+from .batches import release_pages
 from .grid import Grid, pack_bits, unpack_bits
 from .storage import pixel_counts
 
@@ -79,6 +80,12 @@ class MaskSet:
     def arrays(self) -> MaskArrays:
         """The containers as arrays (read-only views; for transport, e.g. to Ray workers)."""
         return MaskArrays(self._offsets, self._images, self._slots, self._counts, self._words)
+
+    def release_pages(self) -> None:
+        """Hand the resident pages of memory-mapped bitsets back to the kernel (they are
+        read again from the file when next used): after a layer is searched, so that
+        the process does not keep every layer's masks resident. A no-op in memory."""
+        release_pages(self._words)
 
     def block(self, start: int, stop: int) -> MaskArrays:
         """The containers of masks ``[start, stop)`` alone, as the arrays of a new mask
