@@ -435,9 +435,13 @@ def _on_ray(
         PartWorker,
         fn_constructor_args=(compute,),
         batch_size=1,
-        # Two parts per actor in flight: the pool then grows onto nodes that join.
+        # Two parts per actor in flight (the pool then grows onto nodes that join), but
+        # one when there are few parts: else the first actor up takes two parts while
+        # the others are still starting, and runs them one after the other.
         compute=ray.data.ActorPoolStrategy(
-            min_size=actors, max_size=len(missing), max_tasks_in_flight_per_actor=2
+            min_size=actors,
+            max_size=len(missing),
+            max_tasks_in_flight_per_actor=1 if len(missing) <= 2 * actors else 2,
         ),
         num_cpus=backend.cpus_per_task,
         num_gpus=gpus_per_part,
