@@ -124,40 +124,14 @@ def write_probing_set(
 
 
 def write_segmenter(folder: Path) -> None:
-    """A tiny random CLIPSeg with its processor (as in tests/test_segment.py), saved."""
-    import torch
+    """The tests' tiny random CLIPSeg with its processor (tests/test_segment.py), saved."""
     import transformers
-    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
     transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(0)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    config = transformers.CLIPSegConfig(
-        text_config=dict(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
-            pad_token_id=1,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=2,
-            image_size=32, patch_size=8,
-        ),
-        projection_dim=16, reduce_dim=16, extract_layers=[0, 1, 2],
-        decoder_num_attention_heads=2, decoder_intermediate_size=20,
-        use_complex_transposed_convolution=True,
-    )  # fmt: skip
-    model = transformers.CLIPSegForImageSegmentation(config)
-    with torch.no_grad():  # random init saturates the sigmoid; keep logits moderate
-        for parameter in model.decoder.transposed_convolution.parameters():
-            parameter.mul_(0.2)
-    model.save_pretrained(folder)
-    transformers.CLIPSegProcessor(
-        image_processor=ViTImageProcessorPil(size={"height": 32, "width": 32}),
-        tokenizer=transformers.CLIPTokenizer(vocab=vocab, merges=[]),
-    ).save_pretrained(folder)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_segment import save_tiny_clipseg
+
+    save_tiny_clipseg(folder)
 
 
 # -- measured subprocesses ----------------------------------------------------------------
