@@ -18,7 +18,7 @@ from ..engine.settings import SearchSettings
 from ..engine.store import ConceptStore
 from ..engine.units import UnitMasks
 from ..errors import PyneuronError
-from ..model.activations import capture
+from ..model.activations import capture, image_files
 from ..model.dissect import check_image_count
 from ..model.distributed import layer_units_on_ray
 from ..model.layer_units import LayerUnits, layer_units
@@ -123,7 +123,8 @@ def dissect_run(
         timings,
         progress,
     )
-    files = _image_files(images)
+    # A list of files is what Ray workers can read (a folder stays with the local path).
+    files = image_files(images) if isinstance(images, (list, tuple)) else None
     if isinstance(backend, RayBackend) and files is not None:
         if thresholds == "compexp" or keep_activations:
             raise PyneuronError(
@@ -178,13 +179,6 @@ def dissect_run(
     )
     shutil.rmtree(work, ignore_errors=True)
     return summary
-
-
-def _image_files(images: Any) -> list[Path] | None:
-    """``images`` as a list of files, when it is one (what Ray workers can read)."""
-    if isinstance(images, (list, tuple)) and all(isinstance(i, (str, os.PathLike)) for i in images):
-        return [Path(i) for i in images]
-    return None
 
 
 @dataclass(frozen=True)

@@ -212,7 +212,7 @@ def iterate_batches(
                 seen += batch.shape[0]
 
         return total, from_loader()
-    files = _image_files(images)
+    files = image_files(images)
     if files is not None:
         load = _FileBatches(files, batch_size, skip, transform)
         if workers > 0:
@@ -273,14 +273,13 @@ def _batched(
         yield load(items[start : start + batch_size])
 
 
-def _image_files(images: ImageSource) -> list[Path] | None:
-    """The files of a folder or of a list of file paths; None for other sources."""
+def image_files(images: ImageSource) -> list[Path] | None:
+    """The image files of ``images`` when it names files: a folder (its images, sorted by
+    path) or a list of file paths; None for other sources (arrays, PIL images, loaders)."""
     if isinstance(images, (str, os.PathLike)):
         return list_images(images)
-    if (
-        isinstance(images, (list, tuple))
-        and images
-        and all(isinstance(item, (str, os.PathLike)) for item in images)
+    if isinstance(images, (list, tuple)) and all(
+        isinstance(item, (str, os.PathLike)) for item in images
     ):
         return [Path(item) for item in images]
     return None
@@ -321,7 +320,7 @@ def _model_device_dtype(model: Any) -> tuple[Any, Any]:
 def _fingerprint(model: Any, images: ImageSource, settings: Sequence[Any]) -> str:
     """What a resumed capture must share with the interrupted one: the model's class and
     weights, the image files (or the number of images) and the capture's settings."""
-    files = _image_files(images)
+    files = image_files(images)
     key = json.dumps(
         [
             type(model).__name__,
@@ -513,6 +512,9 @@ def capture(
     layer_units = {
         name: units.get(name) if isinstance(units, Mapping) else units for name in modules
     }
+    files = image_files(images)
+    if files is not None:
+        images = files  # a folder is listed once
     sink = None
     if out is not None:
         total, _ = iterate_batches(images, batch_size, transform)

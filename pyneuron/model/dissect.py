@@ -6,7 +6,6 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ from ..engine.units import UnitMasks
 from ..engine.upsample import unit_masks_from_activations
 from ..errors import GridMismatchError
 from ..scale import explain, resolve_backend
-from .activations import LayerFormat, capture
+from .activations import LayerFormat, capture, image_files
 from .layer_units import unit_thresholds
 from .thresholds import activation_ranges
 
@@ -28,14 +27,10 @@ Thresholds = float | Sequence[float] | np.ndarray
 def _check_image_files(images: Any, store: ConceptStore) -> None:
     """Refuse image files that are not the store's probing images in its order."""
     from ..concepts.sources import check_image_order
-    from ..image_files import list_images
 
-    if isinstance(images, (str, os.PathLike)) and os.path.isdir(images):
-        check_image_order(store, list_images(images))
-    elif isinstance(images, (list, tuple)) and all(
-        isinstance(item, (str, os.PathLike)) for item in images
-    ):
-        check_image_order(store, [Path(item) for item in images])
+    files = image_files(images)
+    if files is not None:
+        check_image_order(store, files)
 
 
 def dissect(
