@@ -28,6 +28,13 @@ MODULES = [
     "pyneuron.engine.batches",
     "pyneuron.devices",
     "pyneuron.weights",
+    "pyneuron.presets",
+    "pyneuron.concepts.sources",
+    "pyneuron.concepts.sets",
+    "pyneuron.app.rundir",
+    "pyneuron.model.thresholds",
+    "pyneuron.report.compare",
+    "pyneuron.concepts.lexicon",
 ]
 
 

@@ -16,7 +16,7 @@ import sys
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import typer
 
@@ -247,6 +247,39 @@ def _operators(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+class _Chosen(NamedTuple):
+    """The options of a dissection once a preset is applied."""
+
+    values: dict[str, Any]
+    settings: Any  # SearchSettings
+    preset: dict[str, Any] | None  # what the run records (None: no preset)
+
+
+def _with_preset(ctx: typer.Context, name: str | None, settings: Any, **values: Any) -> _Chosen:
+    """``values`` and the search ``settings`` with preset ``name``'s settings in place of
+    the options left at their defaults (an option on the command line or in --config
+    wins over the preset's, and is recorded as an override)."""
+    if name is None:
+        return _Chosen(values, settings, None)
+    from ..engine.settings import SearchSettings
+    from ..presets import get_preset
+
+    preset = get_preset(name)
+    fields = {field: cli for cli, field, _ in SEARCH_OPTIONS}
+    given = {**values, **{field: getattr(settings, field) for field in fields}}
+    options = {**{name: name for name in values}, **fields}
+    explicit = {key for key, option in options.items() if _given(ctx, option)}
+    resolved, overrides = preset.apply(given, explicit)
+    search = SearchSettings(**{field: resolved.pop(field) for field in fields})
+    return _Chosen(resolved, search, preset.summary(overrides))
+
+
+def _given(ctx: typer.Context, option: str) -> bool:
+    """Whether ``option`` was given (on the command line, in --config or the environment)."""
+    source = ctx.get_parameter_source(option)  # typer's own click: compare by name
+    return source is not None and source.name != "DEFAULT"
+
+
 def _backend(ray: str | None, out: Path) -> Any:
     """The search backend of a command writing ``out``: local, or Ray with shards in
     ``OUT.shards/``."""
@@ -323,8 +356,10 @@ def _print_best(run: Path, n: int = 10) -> None:
 ConceptsOption = Annotated[
     Path,
     typer.Option(
-        help="Concept store directory, Broden folder, or concept list file "
-        "(.txt/.toml, segmented with --segmenter)."
+        help="Concept store directory, Broden folder, concept list file (.txt/.toml) or "
+        "concept set (set:ade20k-150, set:coco-stuff, set:pascal-context-459, set:imagenet, "
+        "set:cub-200, set:common-words:N, set:broden:DIR; `pyneuron concept-sets` lists "
+        "them), segmented with --segmenter."
     ),
 ]
 GridOption = Annotated[int, typer.Option(help="Concept grid side for built stores.")]
@@ -337,7 +372,7 @@ CategoryOption = Annotated[
 SegmenterOption = Annotated[
     str | None,
     typer.Option(
-        help="clipseg:MODEL, grounding-dino:DET,SAM or owlv2:DET,SAM "
+        help="clipseg:MODEL, grounding-dino:DET,SAM, owlv2:DET,SAM or sam3:MODEL "
         "(model ids from the local cache, or directories)."
     ),
 ]
@@ -374,6 +409,43 @@ ThresholdsOption = Annotated[
         "(compexp's streaming estimator)."
     ),
 ]
+PresetOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Settings of a published method: ovce (5 KMeans ranges) or ovce-classic "
+        "(top-1 % thresholds). Options given as well win (listed in the summary).",
+    ),
+]
+SemanticsOption = Annotated[
+    str,
+    typer.Option(
+        help="Segmentation of concept lists: pyneuron (one segmenter call per image, scores "
+        "resized to the grid, then argmax) or ovce (one call per group, argmax at the "
+        "segmenter's resolution, nearest resize).",
+    ),
+]
+RangesOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Explain K activation ranges per unit (KMeans over its non-zero activations; "
+        "OVCE: 5) instead of one top-quantile threshold.",
+    ),
+]
+RangesMethodOption = Annotated[
+    str,
+    typer.Option(
+        help="KMeans of --ranges: pyneuron (deterministic 1-D Lloyd's) or sklearn "
+        "(scikit-learn's KMeans(random_state=0), as OVCE).",
+    ),
+]
+UpsampleOption = Annotated[
+    str,
+    typer.Option(
+        help="Unit maps to the grid: pillow (Pillow's bilinear, compexp/NetDissect) or torch "
+        "(torch.nn.functional.interpolate bilinear, OVCE).",
+    ),
+]
 KeepActivationsOption = Annotated[
     bool,
     typer.Option(
@@ -386,6 +458,7 @@ KeepActivationsOption = Annotated[
 @friendly_errors
 @search_options
 def dissect(
+    ctx: typer.Context,
     model: Annotated[
         str,
         typer.Option(
@@ -410,6 +483,11 @@ def dissect(
     settings: Any = None,  # the search options (search_options)
     quantile: Annotated[float, typer.Option(help="Top activation quantile per unit.")] = 0.005,
     thresholds: ThresholdsOption = "auto",
+    ranges: RangesOption = None,
+    ranges_method: RangesMethodOption = "pyneuron",
+    upsample: UpsampleOption = "pillow",
+    semantics: SemanticsOption = "pyneuron",
+    preset: PresetOption = None,
     units: UnitsOption = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     device: DeviceOption = None,
@@ -437,7 +515,11 @@ def dissect(
     With --ray, segmentation, capture, unit masks and the search run on the cluster
     (OUT must then be on a filesystem every node sees).
     """
-    from ..concepts.sources import open_concepts, resolved_segmenter_spec
+    from ..concepts.sources import (
+        open_concepts,
+        resolved_concepts_spec,
+        resolved_segmenter_spec,
+    )
     from ..devices import resolve_device, resolve_dtype
     from ..model.layer_units import threshold_method
     from ..model.models import (
@@ -452,6 +534,22 @@ def dissect(
     from .rundir import refuse_existing, work_dir
 
     refuse_existing(out, overwrite)
+    chosen = _with_preset(
+        ctx,
+        preset,
+        settings,
+        grid=grid,
+        semantics=semantics,
+        quantile=quantile,
+        thresholds=thresholds,
+        ranges=ranges,
+        ranges_method=ranges_method,
+        upsample=upsample,
+    )
+    settings, grid, semantics = chosen.settings, chosen.values["grid"], chosen.values["semantics"]
+    quantile, thresholds = chosen.values["quantile"], chosen.values["thresholds"]
+    ranges, ranges_method = chosen.values["ranges"], chosen.values["ranges_method"]
+    upsample = chosen.values["upsample"]
     threshold_method((1, 1), quantile, thresholds)  # a bad choice fails before any work
     backend = _backend(ray, out)
     if ray is not None:
@@ -469,6 +567,7 @@ def dissect(
         subset=subset,
         categories=category,
         segmenter=segmenter,
+        semantics=semantics,
         device=run_device,
         dtype=segmenter_dtype,
         workers=workers,
@@ -487,6 +586,9 @@ def dissect(
         settings=settings,
         quantile=quantile,
         thresholds=thresholds,
+        ranges=ranges,
+        ranges_method=ranges_method,
+        upsample=upsample,
         batch_size=batch_size,
         transform=processor or image_transform(image_size),
         device=run_device,
@@ -498,11 +600,12 @@ def dissect(
             else ModelFactory.of(net, resolved_model_spec(model), resolved_path(weights))
         ),
         keep_activations=keep_activations,
+        extra_summary=None if chosen.preset is None else {"preset": chosen.preset},
         config={
             "model": resolved_model_spec(model),
             "layer": layer,
             "images": resolved_path(images),
-            "concepts": resolved_path(concepts),
+            "concepts": resolved_concepts_spec(concepts),
             "weights": resolved_path(weights),
             "image_size": image_size,
             "grid": grid,
@@ -510,8 +613,13 @@ def dissect(
             "category": category,
             "segmenter": resolved_segmenter_spec(segmenter),
             **search_config(settings),
+            "semantics": semantics,
             "quantile": quantile,
             "thresholds": thresholds,
+            "ranges": ranges,
+            "ranges_method": ranges_method,
+            "upsample": upsample,
+            "preset": preset,
             "units": resolved_model_spec(units) if units is not None else None,
             "batch_size": batch_size,
             "device": None if run_device is None else str(run_device),
@@ -750,13 +858,17 @@ def describe(
 @store_app.command("build")
 @friendly_errors
 def store_build(
-    source: Annotated[Path, typer.Option(help="Broden folder, or concept list (.txt/.toml).")],
+    source: Annotated[
+        Path,
+        typer.Option(help="Broden folder, concept list (.txt/.toml) or concept set (set:NAME)."),
+    ],
     out: Annotated[Path, typer.Option(help="Store directory to write.")],
     images: Annotated[Path | None, typer.Option(help="Probing images (for concept lists).")] = None,
     grid: GridOption = 112,
     subset: SubsetOption = None,
     category: CategoryOption = None,
     segmenter: SegmenterOption = None,
+    semantics: SemanticsOption = "pyneuron",
     device: DeviceOption = None,
     dtype: DtypeOption = None,
     workers: WorkersOption = 0,
@@ -779,6 +891,7 @@ def store_build(
         subset=subset,
         categories=category,
         segmenter=segmenter,
+        semantics=semantics,
         device=device,
         dtype=dtype,
         workers=workers,
@@ -813,6 +926,26 @@ def store_info(
             typer.echo(f"  {key}: {json.dumps(_summarised(value), default=str)}")
 
 
+@app.command("concept-sets")
+@friendly_errors
+def concept_sets(debug: DebugOption = False) -> None:
+    """List the ready-made concept sets (--concepts set:NAME[:ARG]) and their sources."""
+    from ..concepts.sets import list_concept_sets
+
+    for info in list_concept_sets().to_dict("records"):
+        name = f"set:{info['name']}" + (
+            f":{str(info['argument']).upper()}" if _present(info["argument"]) else ""
+        )
+        size = f"{int(info['size'])} concepts" if _present(info["size"]) else ""
+        typer.echo(f"{name:<28} {size:<14} {info['description']}")
+        typer.echo(f"{'':<28} source: {info['source']}")
+
+
+def _present(value: Any) -> bool:
+    """Whether a table cell holds a value (not None or NaN)."""
+    return value is not None and value == value
+
+
 def _summarised(value: Any, shown: int = 3) -> Any:
     """``value`` with long lists (image paths, content keys) cut to their first items and
     a count, at every depth."""
@@ -823,6 +956,63 @@ def _summarised(value: Any, shown: int = 3) -> Any:
             return [*(_summarised(v, shown) for v in value[:shown]), f"... {len(value)} in all"]
         return [_summarised(v, shown) for v in value]
     return value
+
+
+@app.command()
+@friendly_errors
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="A run directory (e.g. on human annotations).")],
+    run_b: Annotated[Path, typer.Argument(help="Another run (e.g. on a segmenter's masks).")],
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    wordnet: Annotated[
+        str | None,
+        typer.Option(
+            help="A WordNet lexicon (a WN-LMF file, added to wn's database once, or a name "
+            "there such as oewn:2024): also compare concept names at their lowest common "
+            "hypernyms."
+        ),
+    ] = None,
+    min_depth: Annotated[
+        int | None,
+        typer.Option(help="Smallest depth of a meaningful hypernym (default 6).", min=0),
+    ] = None,
+    concepts_a: Annotated[
+        Path | None,
+        typer.Option(help="Run A's concept store, if not its own or the one its config names."),
+    ] = None,
+    concepts_b: Annotated[
+        Path | None,
+        typer.Option(help="Run B's concept store, if not its own or the one its config names."),
+    ] = None,
+    overwrite: OverwriteOption = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Compare two runs' explanations unit by unit (same formula, same concepts, IoU of
+    the formulas' masks on the shared images) and their concept masks; writes
+    compare.csv, layers.csv, concepts.csv and compare.html."""
+    import pandas as pd
+
+    from .compare import lexicon_of, write_comparison
+
+    lexicon = None if wordnet is None else lexicon_of(wordnet, min_depth=min_depth)
+    page = write_comparison(
+        run_a,
+        run_b,
+        out,
+        lexicon=lexicon,
+        store_a=concepts_a,
+        store_b=concepts_b,
+        overwrite=overwrite,
+        progress=not quiet,
+    )
+    layers = pd.read_csv(out / "layers.csv")
+    for row in layers.itertuples():
+        typer.echo(
+            f"{row.layer}: {row.compared} units compared, exact {row.exact:.2f}, same concepts "
+            f"{row.same_concepts:.2f}, mean formula IoU {row.mean_formula_iou:.3f}"
+        )
+    typer.echo(f"comparison: {page.resolve()}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

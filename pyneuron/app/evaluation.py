@@ -102,6 +102,12 @@ def evaluate_run(
     run = Path(run)
     results = read_results(run)
     settings = read_config(run)
+    if "range" in results.columns:
+        raise PyneuronError(
+            f"{run} explains activation ranges (--ranges): pyneuron evaluate covers "
+            "thresholded units only; score ranges on held-out images with "
+            "pyneuron.dissect(..., ranges=K, holdout=0.2) in Python"
+        )
     results, unit_masks = run_unit_masks(run, results, settings)
     results = results.drop(columns=[c for c in EVALUATION_COLUMNS if c in results.columns])
     summary = json.loads((run / SUMMARY).read_text())

@@ -13,16 +13,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..engine.checks import positive_int
 from ..engine.search import best_of_beam
 from ..engine.settings import SearchSettings
 from ..engine.store import ConceptStore
 from ..engine.units import UnitMasks
+from ..engine.upsample import check_upsample
 from ..errors import PyneuronError
 from ..model.activations import capture, image_files
 from ..model.dissect import check_image_count
 from ..model.distributed import layer_units_on_ray
-from ..model.layer_units import LayerUnits, layer_units
+from ..model.layer_units import LayerRanges, LayerUnits, layer_ranges, layer_units
 from ..model.models import ModelFactory
+from ..model.thresholds import check_ranges_method
 from ..scale import RayBackend, explain, resolve_backend
 from .rundir import (
     ACTIVATIONS,
@@ -31,6 +34,7 @@ from .rundir import (
     UNITS,
     layer_dir_name,
     refuse_existing,
+    report_title,
     versions,
     work_dir,
     write_run,
@@ -44,7 +48,7 @@ class _Layers:
 
     tables: list[pd.DataFrame] = field(default_factory=list)
     beams: list[pd.DataFrame] = field(default_factory=list)
-    masks: dict[str, UnitMasks] = field(default_factory=dict)
+    masks: dict[str, UnitMasks | list[UnitMasks]] = field(default_factory=dict)
     mask_dirs: dict[str, Path] = field(default_factory=dict)
     tops: dict[str, np.ndarray] = field(default_factory=dict)
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -61,6 +65,9 @@ def dissect_run(
     image_source: Callable[[int], np.ndarray] | None = None,
     quantile: float = 0.005,
     thresholds: str = "auto",
+    ranges: int | None = None,
+    ranges_method: str = "pyneuron",
+    upsample: str = "pillow",
     batch_size: int = 32,
     transform: Callable[..., Any] | None = None,
     device: Any = None,
@@ -85,7 +92,13 @@ def dissect_run(
     streamed to memory-mapped files in the run's work directory (``OUT.partial``, next
     to ``out``), thresholds are computed from them block by block (``thresholds``: see
     :func:`~pyneuron.model.layer_units.layer_units`; the method used is in the summary),
-    and unit masks are written to disk image block by image block. An interrupted run
+    and unit masks are written to disk image block by image block (``upsample``: how
+    unit maps are resized to the grid, see
+    :func:`~pyneuron.engine.upsample.unit_masks_from_activations`). With ``ranges=K``
+    each unit is explained as ``K`` activation ranges instead (KMeans by
+    ``ranges_method``, see :func:`~pyneuron.model.layer_units.layer_ranges`; results get
+    ``range``, ``lower`` and ``upper`` columns, unit masks go to
+    ``units/<layer>/range<k>``). An interrupted run
     resumes its capture from the work directory when rerun with the same model, images
     and options; the work directory is removed once the run is written
     (``keep_activations`` moves the activations into the run as ``activations/``).
@@ -113,11 +126,18 @@ def dissect_run(
     work = work_dir(out)
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    check_ranges_method(ranges_method)
+    check_upsample(upsample)
+    if ranges is not None:
+        ranges = positive_int(ranges, "ranges")
     stage = _Stage(
         list(layers),
         (store.grid.height, store.grid.width),
         quantile,
         thresholds,
+        ranges,
+        ranges_method,
+        upsample,
         top_k,
         work,
         timings,
@@ -126,10 +146,12 @@ def dissect_run(
     # A list of files is what Ray workers can read (a folder stays with the local path).
     files = image_files(images) if isinstance(images, (list, tuple)) else None
     if isinstance(backend, RayBackend) and files is not None:
-        if thresholds == "compexp" or keep_activations:
+        if thresholds == "compexp" or keep_activations or ranges is not None:
             raise PyneuronError(
                 "on Ray, thresholds are exact quantiles merged across parts and the "
-                "activations stay in the parts: drop thresholds='compexp' / keep_activations"
+                "activations stay in the parts: drop thresholds='compexp' / keep_activations; "
+                "activation ranges (KMeans over all of a unit's values) run on one machine: "
+                "drop ranges or the Ray backend"
             )
         check_image_count(len(files), store)
         backend.connect()  # before any image is read
@@ -146,7 +168,14 @@ def dissect_run(
         "concepts": len(store),
         "concept_source": dict(store.metadata) or str(getattr(store, "path", None)),
         "layers": done.stats,
-        "search": {**settings.to_dict(), "quantile": quantile, "thresholds": thresholds},
+        "search": {
+            **settings.to_dict(),
+            "quantile": quantile,
+            "thresholds": thresholds,
+            "ranges": ranges,
+            "ranges_method": ranges_method,
+            "upsample": upsample,
+        },
         "timings_seconds": timings,
         **(extra_summary or {}),
     }
@@ -155,7 +184,15 @@ def dissect_run(
         if report and image_source is not None:
             t0 = time.perf_counter()
             _write_report(
-                staging, results, beam_table, store, done, image_source, settings, progress
+                staging,
+                results,
+                beam_table,
+                store,
+                done,
+                image_source,
+                settings,
+                report_title(config or {}),
+                progress,
             )
             timings["report"] = time.perf_counter() - t0
             summary["report"] = str(out / "report" / "index.html")
@@ -190,6 +227,9 @@ class _Stage:
     size: tuple[int, int]
     quantile: float
     thresholds: str
+    ranges: int | None
+    ranges_method: str
+    upsample: str
     top_k: int
     work: Path
     timings: dict[str, float]
@@ -205,9 +245,9 @@ class _Stage:
         units: Callable[[Any], Any] | None,
         device: Any,
         workers: int,
-    ) -> Iterator[tuple[str, LayerUnits, Path]]:
+    ) -> Iterator[tuple[str, LayerUnits | LayerRanges, Path]]:
         """In this process: activations streamed to ``work/activations``, then each
-        layer's units read from them block by block."""
+        layer's units (or activation ranges) read from them block by block."""
         t0 = time.perf_counter()
         activations = capture(
             model,
@@ -226,15 +266,29 @@ class _Stage:
         for layer, layer_activations in activations.items():
             t0 = time.perf_counter()
             path = self.work / UNITS / layer_dir_name(layer)
-            found = layer_units(
-                layer_activations,
-                self.size,
-                quantile=self.quantile,
-                thresholds=self.thresholds,
-                top_k=self.top_k,
-                path=path,
-                progress=self.progress,
-            )
+            found: LayerUnits | LayerRanges
+            if self.ranges is None:
+                found = layer_units(
+                    layer_activations,
+                    self.size,
+                    quantile=self.quantile,
+                    thresholds=self.thresholds,
+                    top_k=self.top_k,
+                    upsample=self.upsample,
+                    path=path,
+                    progress=self.progress,
+                )
+            else:
+                found = layer_ranges(
+                    layer_activations,
+                    self.size,
+                    self.ranges,
+                    ranges_method=self.ranges_method,
+                    upsample=self.upsample,
+                    top_k=self.top_k,
+                    path=path,
+                    progress=self.progress,
+                )
             self.timings[f"units {layer}"] = time.perf_counter() - t0
             yield layer, found, path
 
@@ -262,6 +316,7 @@ class _Stage:
             batch_size=batch_size,
             quantile=self.quantile,
             top_k=self.top_k,
+            upsample=self.upsample,
             units=units,
             device=device,
             backend=backend,
@@ -275,7 +330,7 @@ class _Stage:
 
 
 def _explain_layers(
-    found: Iterable[tuple[str, LayerUnits, Path]],
+    found: Iterable[tuple[str, LayerUnits | LayerRanges, Path]],
     store: ConceptStore,
     settings: SearchSettings,
     timings: dict[str, float],
@@ -287,13 +342,18 @@ def _explain_layers(
     done = _Layers()
     for layer, units, path in found:
         t0 = time.perf_counter()
-        beam = explain(
-            units.masks, store, settings, full_beam=True, progress=progress, backend=backend
-        )
-        units.masks.release_pages()  # read from disk again if needed (the report)
+        if isinstance(units, LayerRanges):
+            beam = _explain_ranges(units, store, settings, progress, backend)
+            method = {"ranges_method": units.ranges_method}
+        else:
+            beam = explain(
+                units.masks, store, settings, full_beam=True, progress=progress, backend=backend
+            )
+            units.masks.release_pages()  # read from disk again if needed (the report)
+            beam["threshold"] = units.thresholds[beam["unit"].to_numpy()]
+            method = {"threshold_method": units.threshold_method}
         store.release_pages()
         beam.insert(0, "layer", layer)
-        beam["threshold"] = units.thresholds[beam["unit"].to_numpy()]
         timings[f"explain {layer}"] = time.perf_counter() - t0
         best = best_of_beam(beam)
         done.tables.append(best)
@@ -302,13 +362,31 @@ def _explain_layers(
         done.mask_dirs[layer] = path
         done.tops[layer] = units.top_images
         done.stats[layer] = {
-            "units": len(units.masks),
+            "units": int(units.top_images.shape[0]),
             "map_size": list(units.map_size),
-            "threshold_method": units.threshold_method,
+            **method,
             "mean_iou": float(best["iou"].mean()),
             "explained_units": int(best["formula"].notna().sum()),
         }
     return done
+
+
+def _explain_ranges(
+    units: LayerRanges, store: ConceptStore, settings: SearchSettings, progress: bool, backend: Any
+) -> pd.DataFrame:
+    """The full beams of every activation range of a layer, by unit then range, with
+    ``range``, ``lower``, ``upper`` and ``threshold`` (= ``lower``) columns; ranges a
+    unit does not have (NaN rows) are left out."""
+    beams = []
+    for k, masks in enumerate(units.masks):
+        beam = explain(masks, store, settings, full_beam=True, progress=progress, backend=backend)
+        masks.release_pages()
+        lower, upper = units.ranges[beam["unit"].to_numpy(), k].T
+        beam.insert(1, "range", k)
+        beam["lower"], beam["upper"], beam["threshold"] = lower, upper, lower
+        beams.append(beam[np.isfinite(lower)])
+    beam = pd.concat(beams).sort_values(["unit", "range", "rank"], kind="stable")
+    return beam.reset_index(drop=True)
 
 
 def _write_layers(staging: Path, done: _Layers, store: ConceptStore | None) -> None:
@@ -330,6 +408,7 @@ def _write_report(
     done: _Layers,
     image_source: Callable[[int], np.ndarray],
     settings: SearchSettings,
+    title: str,
     progress: bool,
 ) -> None:
     from ..report import write_report
@@ -344,4 +423,5 @@ def _write_report(
         beam=beam,
         progress=progress,
         iou=settings.mode,
+        title=title,
     )

@@ -319,7 +319,8 @@ def run_unit_masks(
     run: Path, results: pd.DataFrame, settings: Mapping[str, Any]
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """A run's results with a ``layer`` column, and its unit masks by layer: a dissect
-    run's own ``units/<layer>``, or the unit masks a ``pyneuron explain`` run was given
+    run's own ``units/<layer>`` (for activation ranges, a list of ``units/<layer>/range<k>``
+    by range index), or the unit masks a ``pyneuron explain`` run was given
     (its config's ``units``; runs written before explain runs had a layer column get
     the name of that folder)."""
     from ..engine.units import UnitMasks
@@ -328,15 +329,31 @@ def run_unit_masks(
         name = configured_path(run, settings, "units", "unit masks").resolve().name or "units"
         results = results.copy()
         results.insert(0, "layer", name)
-    masks = {}
+    masks: dict[str, Any] = {}
     for layer in dict.fromkeys(results["layer"]):
         path = run / UNITS / layer_dir_name(layer)
         if not path.is_dir() and "units" in settings:
             path = configured_path(run, settings, "units", "unit masks")
         if not path.is_dir():
             raise PyneuronError(f"{path} is missing: the unit masks of layer {layer!r}")
-        masks[layer] = UnitMasks.open(path)
+        if "range" in results.columns:  # activation ranges: one set per range index
+            n_ranges = int(results.loc[results["layer"] == layer, "range"].max()) + 1
+            masks[layer] = [UnitMasks.open(path / f"range{k}") for k in range(n_ranges)]
+        else:
+            masks[layer] = UnitMasks.open(path)
     return results, masks
+
+
+def report_title(config: Mapping[str, Any]) -> str:
+    """The title of a run's report: it names the run's preset, if any.
+
+    Examples
+    --------
+    >>> report_title({"preset": "ovce"})
+    'pyneuron report (preset: ovce)'
+    """
+    preset = config.get("preset")
+    return "pyneuron report" + (f" (preset: {preset})" if preset else "")
 
 
 def write_run_report(
@@ -423,6 +440,7 @@ def write_run_report(
             null=pd.read_parquet(null_path) if null_path.exists() else None,
             progress=progress,
             iou=settings.get("iou", "dataset"),
+            title=report_title(settings),
         )
         if shown is not None:
             compare(results, shown).to_csv(staging / "comparison.csv", index=False)

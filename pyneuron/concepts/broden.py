@@ -63,7 +63,14 @@ from .user import (
     resize_nearest,
 )
 
-__all__ = ["BrodenError", "broden", "broden_images"]
+__all__ = [
+    "BrodenError",
+    "BrodenLabel",
+    "broden",
+    "broden_images",
+    "declared_concepts",
+    "read_labels",
+]
 
 META_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw")
 _CATEGORY_ITEM = re.compile(r"^\s*([^()]*?)\s*(?:\(\s*(\d+)\s*\))?\s*$")
@@ -74,10 +81,13 @@ class BrodenError(ConceptSourceError):
 
 
 @dataclass(frozen=True)
-class _Label:
+class BrodenLabel:
+    """A label of ``label.csv``: its number, name and ``{category: count}`` (in the
+    file's order)."""
+
     number: int
     name: str
-    categories: dict[str, int]  # category -> count, in label.csv order
+    categories: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -113,13 +123,24 @@ def _parse_categories(text: str, where: str) -> dict[str, int]:
     return result
 
 
-def _read_labels(root: Path) -> dict[int, _Label]:
+def read_labels(path: PathLike) -> dict[int, BrodenLabel]:
+    """The labels of a Broden folder's ``label.csv`` by number (0, unlabelled, left out).
+
+    Raises
+    ------
+    MissingFileError
+        If ``label.csv`` does not exist.
+    BrodenError
+        For a malformed file: a missing column, a bad or repeated number, a label
+        without a name, a name used twice, an unparsable category.
+    """
+    root = Path(path)
     path = root / "label.csv"
     fields, rows = _read_csv(path, "label file")
     missing = {"number", "name"} - set(fields)
     if missing:
         raise BrodenError(f"{path} lacks column(s) {sorted(missing)}; it has {fields}")
-    labels: dict[int, _Label] = {}
+    labels: dict[int, BrodenLabel] = {}
     names: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         where = f"{path} line {line}"
@@ -144,7 +165,8 @@ def _read_labels(root: Path) -> dict[int, _Label]:
                 "concept names must be unique"
             )
         names[name] = number
-        labels[number] = _Label(number, name, _parse_categories(row.get("category", ""), where))
+        categories = _parse_categories(row.get("category", ""), where)
+        labels[number] = BrodenLabel(number, name, categories)
     if not labels:
         raise BrodenError(f"{path} lists no labels")
     return labels
@@ -316,7 +338,7 @@ def broden(
     """
     root = Path(path)
     table = _read_index(root, categories, subset, split, index)
-    labels = _read_labels(root)
+    labels = read_labels(root)
     selected = table.categories
     if grid is None:
         try:
@@ -334,18 +356,10 @@ def broden(
     else:
         h, w = grid_size(grid)
 
-    # Concepts: labels filed (or not filed at all) under a selected category, by number.
-    numbers: list[int] = []
-    names: list[str] = []
-    cats: list[str] = []
-    for number in sorted(labels):
-        label = labels[number]
-        in_selected = {c: n for c, n in label.categories.items() if c in selected}
-        if label.categories and not in_selected:
-            continue
-        numbers.append(number)
-        names.append(label.name)
-        cats.append(_primary(in_selected))
+    declared = declared_concepts(labels, selected)
+    numbers = [number for number, _, _ in declared]
+    names = [name for _, name, _ in declared]
+    cats = [category for _, _, category in declared]
     max_number = max(labels)
     lut = np.full(max_number + 2, -2, dtype=np.int64)  # -2: not in label.csv
     lut[list(labels)] = -1  # -1: in label.csv, not declared yet
@@ -406,6 +420,31 @@ def broden(
             writer.add_image(i, masks=masks, labels=[names[c] for c in sorted(full)])
         writer.metadata["labels"] = list(numbers)
     return writer.store
+
+
+def declared_concepts(
+    labels: dict[int, BrodenLabel], categories: Sequence[str]
+) -> list[tuple[int, str, str]]:
+    """``(number, name, category)`` of each label :func:`broden` declares as a concept
+    when it reads ``categories``: the labels filed under one of them or under none at
+    all, by number. The category is the selected one with the largest count in
+    ``label.csv`` (ties: the one listed first); ``""`` for a label filed under none.
+
+    Examples
+    --------
+    >>> labels = {3: BrodenLabel(3, "door", {"object": 2, "part": 2}),
+    ...           1: BrodenLabel(1, "red-c", {"color": 3}), 9: BrodenLabel(9, "x", {})}
+    >>> declared_concepts(labels, ["object", "part"])
+    [(3, 'door', 'object'), (9, 'x', '')]
+    """
+    declared = []
+    for number in sorted(labels):
+        label = labels[number]
+        counts = {c: n for c, n in label.categories.items() if c in categories}
+        if label.categories and not counts:
+            continue
+        declared.append((number, label.name, _primary(counts)))
+    return declared
 
 
 def _present(label_map: np.ndarray) -> np.ndarray:

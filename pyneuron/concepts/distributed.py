@@ -21,7 +21,7 @@ from ..engine.store import ConceptStore
 from ..errors import PyneuronError
 from ..scale.parts import Part, file_stamps, fingerprint_of, plan_parts, run_parts
 from ..scale.ray import RayBackend, digest
-from .segment import DEFAULT_FILLERS, segment
+from .segment import DEFAULT_FILLERS, SEMANTICS, segment
 from .segmenters import as_segmenter
 from .vocabulary import ConceptVocabulary
 
@@ -161,6 +161,7 @@ def segment_on_ray(
     mode: str = "argmax",
     threshold: float = 0.5,
     fillers: Sequence[str] = DEFAULT_FILLERS,
+    semantics: str = "pyneuron",
     out: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -189,7 +190,7 @@ def segment_on_ray(
     files
         The image files (image ``i`` of the store is ``files[i]``), on paths every node
         reads.
-    concepts, grid, batch_size, mode, threshold, fillers, cache_dir, on_error, workers
+    concepts, grid, batch_size, mode, threshold, fillers, semantics, cache_dir, on_error, workers
         As for :func:`~pyneuron.concepts.segment` (``cache_dir``, if given, on a shared
         filesystem too; ``workers`` decode on each node). With ``part_images`` a multiple
         of ``batch_size`` (the default), the segmenter gets the batches of one process.
@@ -225,7 +226,8 @@ def segment_on_ray(
     ------
     PyneuronError
         As :func:`~pyneuron.concepts.segment`, raised with the worker's message; a
-        cluster that cannot be reached, before any image is segmented.
+        cluster that cannot be reached or an unknown ``semantics``, before any image is
+        segmented.
 
     Examples
     --------
@@ -249,6 +251,8 @@ def segment_on_ray(
     files = [Path(f) for f in files]
     if not files:
         raise PyneuronError("no image files given")
+    if semantics not in SEMANTICS:
+        raise PyneuronError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
     if (device is not None or dtype is not None) and not isinstance(segmenter, str):
         raise PyneuronError(
             "device and dtype apply to a segmenter given as a model id or directory, loaded "
@@ -260,6 +264,7 @@ def segment_on_ray(
         "mode": mode,
         "threshold": threshold,
         "fillers": tuple(fillers) if not isinstance(fillers, str) else (fillers,),
+        "semantics": semantics,
         "cache_dir": cache_dir,
         "on_error": on_error,
         "workers": workers,

@@ -16,6 +16,9 @@ Adapters for transformers models, loaded from a local directory or the user's ca
 - :class:`GroundingDinoSamSegmenter`: Grounding DINO turns text into boxes, SAM turns
   boxes into masks; score map of a concept = max over its boxes of box score x mask.
 - :class:`Owlv2SamSegmenter`: the same with OWLv2 boxes.
+- :class:`Sam3Segmenter`: SAM 3 (``Sam3Model``), text-prompted concept segmentation; each
+  image is encoded once, each prompt's text once, then the prompt-dependent part runs
+  per (image, concept); score = sigmoid of SAM 3's semantic segmentation head.
 
 Devices and precision (``device=``, ``dtype=`` of every adapter, of ``from_pretrained``
 and of :func:`~pyneuron.concepts.segment`): ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``
@@ -33,6 +36,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -45,6 +49,7 @@ DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"
 DEFAULT_GROUNDING_DINO = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_OWLV2 = "google/owlv2-base-patch16-ensemble"
 DEFAULT_SAM = "facebook/sam-vit-base"
+DEFAULT_SAM3 = "facebook/sam3"
 
 
 @runtime_checkable
@@ -854,14 +859,281 @@ class Owlv2SamSegmenter(_BoxSamSegmenter):
         return result
 
 
+# -- SAM 3 ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sam3Settings:
+    """Settings of :class:`Sam3Segmenter`.
+
+    Attributes
+    ----------
+    prompt
+        Template turning a concept name into its text prompt (``"{}"``: the name itself).
+    output
+        Which of SAM 3's outputs becomes a concept's score map (both at the mask
+        decoder's resolution, 288 x 288 for ``facebook/sam3``):
+
+        - ``"semantic"`` (default): ``sigmoid(semantic_seg)``, SAM 3's semantic
+          segmentation head, one dense map per prompt;
+        - ``"instances"``: per pixel the max over the DETR queries ``q`` of
+          ``sigmoid(pred_logits[q]) * sigmoid(presence_logits) * sigmoid(pred_masks[q])``:
+          each instance mask weighted by the score that
+          ``post_process_instance_segmentation`` thresholds (unthresholded, unbinarized).
+    prompt_batch
+        (image, concept) pairs per call of the prompt-dependent part; each pair holds a
+        copy of its image's feature pyramid and position encodings (about 110 MB in
+        float16 for ``facebook/sam3``), so this bounds memory.
+    """
+
+    prompt: str = "{}"
+    output: str = "semantic"
+    prompt_batch: int = 8
+
+    def __post_init__(self) -> None:
+        if "{}" not in self.prompt:
+            raise PyneuronError(f"prompt template {self.prompt!r} must contain '{{}}'")
+        if self.output not in ("semantic", "instances"):
+            raise PyneuronError(f"output must be 'semantic' or 'instances', got {self.output!r}")
+        if self.prompt_batch < 1:
+            raise PyneuronError(f"prompt_batch must be >= 1, got {self.prompt_batch}")
+
+
+class Sam3Segmenter(_TransformersSegmenter):
+    """SAM 3 (``Sam3Model``): text-prompted concept segmentation, one encoding per image.
+
+    SAM 3 splits into a vision encoder (ViT + feature pyramid), a text encoder, and a
+    prompt-dependent part (DETR encoder fusing image and text, DETR decoder, mask decoder
+    with its semantic head). Here each image batch goes through the vision encoder once
+    (``get_vision_features``); each prompt goes through the text encoder once
+    (``get_text_features``, kept per prompt for later calls); then for every
+    (image, concept) pair the model runs with ``vision_embeds=`` and ``text_embeds=``, in
+    batches of ``prompt_batch`` pairs. The scores equal, to float rounding, those of the
+    full forward ``model(pixel_values=..., input_ids=..., attention_mask=...)`` with one
+    prompt at a time, which would encode the image once per concept.
+
+    The score map of a concept is the sigmoid of SAM 3's semantic segmentation head
+    (``semantic_seg``, :attr:`Sam3Settings.output` ``"semantic"``): the head SAM 3 has for
+    dense, per-prompt segmentation. It covers stuff as well as things and needs no score
+    threshold, which is what a per-concept score map of a concept store needs.
+    ``output="instances"`` gives instead the instance masks weighted by their detection
+    scores (see :class:`Sam3Settings`), near zero where no query's mask covers a pixel.
+
+    Maps come at the mask decoder's resolution for the whole (resized, unpadded) image:
+    (B, K, 288, 288) for ``facebook/sam3``.
+
+    Parameters
+    ----------
+    model
+        A ``Sam3Model``.
+    processor
+        Its ``Sam3Processor`` (image processor + CLIP tokenizer; ``facebook/sam3``'s image
+        processor needs torchvision).
+    settings
+        :class:`Sam3Settings` (prompt template, output, pair batch).
+    device, dtype
+        As for :class:`CLIPSegSegmenter`.
+
+    Examples
+    --------
+    ``Sam3Segmenter.from_pretrained("facebook/sam3")`` loads the model from the Hugging
+    Face cache or a local directory; ``segmenter(images, ["cat", "sky"])`` then returns an
+    array (B, 2, 288, 288).
+    """
+
+    name = "sam3"
+    cli_name = "sam3"  # its kind in ``--segmenter sam3:MODEL``
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        settings: Sam3Settings = Sam3Settings(),
+        *,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(settings, device, dtype)
+        self.processor = processor
+        self.model = _prepare(model, self.device, self.dtype)
+        self._prompts: dict[str, tuple[Any, Any]] = {}
+        self._texts: tuple[tuple[str, ...], tuple[Any, Any]] | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = DEFAULT_SAM3,
+        *,
+        device: Any = None,
+        dtype: Any = None,
+        **settings: Any,
+    ) -> Sam3Segmenter:
+        """Load model and processor by model id (user cache) or local directory.
+
+        ``settings`` are :class:`Sam3Settings` fields (``prompt``, ``output``,
+        ``prompt_batch``).
+        """
+        device, dtype = resolve_placement(device, dtype)  # a wrong device fails before loading
+        transformers = _transformers()
+        if not hasattr(transformers, "Sam3Model"):
+            raise PyneuronError(
+                f"SAM 3 needs a transformers with Sam3Model (installed: "
+                f"{transformers.__version__}): pip install -U transformers"
+            )
+        option = "--segmenter sam3:DIR (Python: Sam3Segmenter.from_pretrained('DIR'))"
+        network = _pretrained(transformers.Sam3Model.from_pretrained, model, "SAM 3 model", option)
+        try:
+            processor = _pretrained(
+                transformers.Sam3Processor.from_pretrained, model, "SAM 3 processor", option
+            )
+        except (ImportError, ValueError) as error:  # transformers' "missing torchvision"
+            hint = (
+                "; SAM 3's image processor runs on torchvision: pip install torchvision (the "
+                "build matching your torch)"
+                if "torchvision" in str(error).lower()
+                else ""
+            )
+            raise PyneuronError(
+                f"cannot load the SAM 3 processor of {model!r}: {str(error).strip()}{hint}"
+            ) from None
+        return cls(network, processor, Sam3Settings(**settings), device=device, dtype=dtype)
+
+    def _models(self) -> dict[str, Any]:
+        return {"sam3": self.model}
+
+    def _fingerprint_parts(self) -> dict[str, Any]:
+        return {
+            "weights": weights_hash(self.model),
+            "processor": _processor_description(self.processor),
+        }
+
+    def text_embeddings(self, concepts: Sequence[str]) -> tuple[Any, Any]:
+        """Projected text features (K, L, D) and attention masks (K, L) of the prompts.
+
+        Each prompt is encoded once and kept (L x D numbers, 16 KB in float16 for
+        ``facebook/sam3``), so a later list reuses the prompts it shares with earlier
+        ones; the same list again returns the same tensors.
+        """
+        torch = _torch()
+        key = tuple(concepts)
+        if self._texts is not None and self._texts[0] == key:
+            return self._texts[1]
+        prompts = [self.settings.prompt.format(c) for c in concepts]
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._prompts))
+        if missing:
+            limit = int(self.model.config.text_config.max_position_embeddings)
+            lengths = self.processor.tokenizer(missing)["input_ids"]
+            for prompt, ids in zip(missing, lengths):
+                if len(ids) > limit:
+                    raise PyneuronError(
+                        f"the prompt {prompt!r} takes {len(ids)} text tokens, more than SAM 3's "
+                        f"{limit}; shorten the concept name or the prompt template"
+                    )
+            text = self.processor(text=missing, return_tensors="pt")
+            mask = text["attention_mask"].to(self.device)
+            with torch.inference_mode():
+                features = self.model.get_text_features(
+                    input_ids=text["input_ids"].to(self.device), attention_mask=mask
+                ).pooler_output
+            for i, prompt in enumerate(missing):
+                self._prompts[prompt] = (features[i], mask[i])
+        result = (
+            torch.stack([self._prompts[p][0] for p in prompts]),
+            torch.stack([self._prompts[p][1] for p in prompts]),
+        )
+        self._texts = (key, result)
+        return result
+
+    def _score_maps(self, output: Any) -> Any:
+        """(pairs, h, w) float32 scores of one prompt-dependent call (see Sam3Settings)."""
+        torch = _torch()
+        if self.settings.output == "semantic":
+            return torch.sigmoid(output.semantic_seg[:, 0].float())
+        scores = torch.sigmoid(output.pred_logits.float())
+        if output.presence_logits is not None:
+            scores = scores * torch.sigmoid(output.presence_logits.float())
+        masks = torch.sigmoid(output.pred_masks.float())
+        return (scores[:, :, None, None] * masks).amax(dim=1)
+
+    def __call__(self, images: list[Any], concepts: Sequence[str]) -> np.ndarray:
+        torch = _torch()
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        concepts = _check_concepts(concepts)
+        features, mask = self.text_embeddings(concepts)
+        images = [im.convert("RGB") for im in images]
+        pixel_values = self.processor.image_processor(images=images, return_tensors="pt")
+        pixel_values = _to_device(pixel_values["pixel_values"], self.device, self.dtype)
+        n_images, n_concepts = pixel_values.shape[0], len(concepts)
+        pairs = n_images * n_concepts
+        scores = None
+        with torch.inference_mode():
+            vision = self.model.get_vision_features(pixel_values=pixel_values)
+            for start in range(0, pairs, self.settings.prompt_batch):
+                stop = min(start + self.settings.prompt_batch, pairs)
+                index = torch.arange(start, stop, device=self.device)
+                image_index, concept_index = index // n_concepts, index % n_concepts
+                output = self.model(
+                    vision_embeds=type(vision)(
+                        fpn_hidden_states=tuple(f[image_index] for f in vision.fpn_hidden_states),
+                        fpn_position_encoding=tuple(
+                            p[image_index] for p in vision.fpn_position_encoding
+                        ),
+                    ),
+                    text_embeds=BaseModelOutputWithPooling(pooler_output=features[concept_index]),
+                    attention_mask=mask[concept_index],
+                )
+                maps = self._score_maps(output)
+                if scores is None:
+                    scores = torch.empty(
+                        (pairs, *maps.shape[-2:]), dtype=torch.float32, device=self.device
+                    )
+                scores[start:stop] = maps
+        assert scores is not None
+        return scores.reshape(n_images, n_concepts, *scores.shape[-2:]).cpu().numpy()
+
+
+def checkpoint_type(model: str) -> str | None:
+    """The ``model_type`` in the ``config.json`` of ``model`` (a local directory or a model
+    id in the Hugging Face cache), or ``None`` when there is none to read; nothing is
+    downloaded.
+
+    Examples
+    --------
+    >>> import json, tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = (Path(folder) / "config.json").write_text(json.dumps({"model_type": "sam3"}))
+    >>> checkpoint_type(folder), checkpoint_type(folder + "/missing")
+    ('sam3', None)
+    """
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except (ImportError, ValueError):  # no hub client, or not a model id
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model_type if isinstance(model_type, str) else None
+
+
 def as_segmenter(segmenter: Any, *, device: Any = None, dtype: Any = None) -> Any:
     """A :class:`Segmenter` from an adapter, a callable, or a model id / local directory.
 
     Parameters
     ----------
     segmenter
-        A model id or directory (loaded as :class:`CLIPSegSegmenter`), an adapter, a
-        :class:`Segmenter`, or a callable ``(images, concepts) -> score maps``.
+        A model id or directory (loaded as :class:`Sam3Segmenter` when its config is a
+        SAM 3 one, ``model_type`` ``"sam3"`` or ``"sam3_video"``, else as
+        :class:`CLIPSegSegmenter`), an adapter, a :class:`Segmenter`, or a callable
+        ``(images, concepts) -> score maps``.
     device, dtype
         Where and in which precision to load a model given by id or directory (see
         :func:`pyneuron.devices.resolve_device`, ``resolve_dtype``; checked before it loads).
@@ -874,11 +1146,16 @@ def as_segmenter(segmenter: Any, *, device: Any = None, dtype: Any = None) -> An
         it), or a segmenter of none of these kinds.
     """
     if isinstance(segmenter, str):
-        return CLIPSegSegmenter.from_pretrained(segmenter, device=device, dtype=dtype)
+        adapter = (
+            Sam3Segmenter
+            if checkpoint_type(segmenter) in ("sam3", "sam3_video")
+            else CLIPSegSegmenter
+        )
+        return adapter.from_pretrained(segmenter, device=device, dtype=dtype)
     if not callable(segmenter):
         raise PyneuronError(
-            f"segmenter must be a model id or directory (CLIPSeg), a Segmenter, or a callable "
-            f"(images, concepts) -> score maps; got {type(segmenter).__name__}"
+            f"segmenter must be a model id or directory (CLIPSeg or SAM 3), a Segmenter, or a "
+            f"callable (images, concepts) -> score maps; got {type(segmenter).__name__}"
         )
     if device is not None or dtype is not None:
         built = (

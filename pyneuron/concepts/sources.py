@@ -11,8 +11,9 @@ from typing import Any
 from ..engine.store import ConceptStore
 from ..errors import PyneuronError
 from ..image_files import image_file_key, list_images
+from .sets import concept_set, parse_set_spec
 
-SEGMENTER_KINDS = ("clipseg", "grounding-dino", "owlv2")
+SEGMENTER_KINDS = ("clipseg", "grounding-dino", "owlv2", "sam3")
 
 
 def make_segmenter(spec: str | None = None, *, device: Any = None, dtype: Any = None) -> Any:
@@ -21,8 +22,9 @@ def make_segmenter(spec: str | None = None, *, device: Any = None, dtype: Any = 
     Parameters
     ----------
     spec
-        ``kind:model`` (``clipseg:DIR``, ``grounding-dino:DET,SAM``, ``owlv2:DET,SAM``), a
-        plain CLIPSeg model id or directory, or ``None`` for the default CLIPSeg model.
+        ``kind:model`` (``clipseg:DIR``, ``grounding-dino:DET,SAM``, ``owlv2:DET,SAM``,
+        ``sam3:DIR``), a plain model id or directory (SAM 3 if its config says so, else
+        CLIPSeg), or ``None`` for the default CLIPSeg model.
     device, dtype
         Where and in which precision to run it (see
         :func:`pyneuron.devices.resolve_device` and ``resolve_dtype``);
@@ -46,9 +48,13 @@ def make_segmenter(spec: str | None = None, *, device: Any = None, dtype: Any = 
         return segmenters.CLIPSegSegmenter.from_pretrained(segmenters.DEFAULT_CLIPSEG, **placement)
     kind, sep, models = spec.partition(":")
     if not sep or kind not in SEGMENTER_KINDS:
-        return segmenters.CLIPSegSegmenter.from_pretrained(spec, **placement)
+        return segmenters.as_segmenter(spec, **placement)
     if kind == "clipseg":
         return segmenters.CLIPSegSegmenter.from_pretrained(models, **placement)
+    if kind == "sam3":
+        return segmenters.Sam3Segmenter.from_pretrained(
+            models or segmenters.DEFAULT_SAM3, **placement
+        )
     detector, _, sam = models.partition(",")
     if not sam:
         raise PyneuronError(f"segmenter {spec!r}: give the detector and SAM as {kind}:DET,SAM")
@@ -72,6 +78,25 @@ def resolved_segmenter_spec(spec: str | None) -> str | None:
     return (f"{kind}:" if kind else "") + ",".join(parts)
 
 
+def resolved_concepts_spec(source: str | os.PathLike[str]) -> str:
+    """``source`` (as for :func:`open_concepts`) for a run's ``config.toml``: a path made
+    absolute, a concept set kept as named (the folder of ``set:broden:PATH`` made
+    absolute).
+
+    Examples
+    --------
+    >>> resolved_concepts_spec("set:ade20k-150")
+    'set:ade20k-150'
+    """
+    spec = parse_set_spec(source)
+    if spec is None:
+        return str(Path(source).expanduser().resolve())
+    name, argument = spec
+    if name == "broden" and argument is not None:
+        return f"set:broden:{Path(argument).expanduser().resolve()}"
+    return os.fspath(source)
+
+
 def open_concepts(
     source: str | os.PathLike[str],
     *,
@@ -80,6 +105,7 @@ def open_concepts(
     subset: str | None = None,
     categories: list[str] | None = None,
     segmenter: str | None = None,
+    semantics: str = "pyneuron",
     device: Any = None,
     dtype: Any = None,
     workers: int = 0,
@@ -90,10 +116,13 @@ def open_concepts(
     """(store, probing image files in store order, whether the store was built here).
 
     ``source`` is a store directory, a Broden-format folder (``index.csv``), or a concept
-    list file (``.txt`` / ``.toml``) segmented over ``images`` by ``segmenter`` (a spec
-    as for :func:`make_segmenter`), loaded on ``device`` in ``dtype``, with ``workers``
-    processes decoding the images (see :func:`pyneuron.concepts.segment`). ``segmenter``,
-    ``device``, ``dtype`` and ``workers`` are used only to segment a concept list. With
+    list file (``.txt`` / ``.toml``) or a ready-made concept set (``set:NAME[:ARG]``, see
+    :mod:`pyneuron.concepts.sets`; ``categories`` filters a ``set:broden:PATH``) segmented
+    over ``images`` by ``segmenter`` (a spec
+    as for :func:`make_segmenter`, loaded on ``device`` in ``dtype``) with ``semantics``
+    (``"pyneuron"`` or ``"ovce"``), ``workers`` processes decoding the images (see
+    :func:`pyneuron.concepts.segment`). ``segmenter``, ``semantics``, ``device``,
+    ``dtype`` and ``workers`` are used only to segment a concept list. With
     ``backend`` (a :class:`~pyneuron.RayBackend`) the list is segmented on the cluster,
     in parts of the images written to ``parts_dir``
     (:func:`~pyneuron.concepts.distributed.segment_on_ray`: the same store).
@@ -111,13 +140,19 @@ def open_concepts(
 
         store = broden(path, categories, subset, grid, progress=progress)
         return store, broden_images(path, categories, subset), True
-    if path.is_file() and path.suffix in (".txt", ".toml"):
+    set_spec = parse_set_spec(source)
+    if set_spec is not None or (path.is_file() and path.suffix in (".txt", ".toml")):
         if images is None:
             raise PyneuronError("segmenting a concept list needs --images")
         from . import load_vocabulary, segment
 
         files = list_images(images)
-        vocabulary = load_vocabulary(path)  # a bad list fails before a model loads
+        # a bad list fails before a model loads
+        if set_spec is None:
+            vocabulary = load_vocabulary(path)
+        else:
+            options = {"categories": categories} if categories else {}
+            vocabulary = concept_set(os.fspath(source), **options)
         if backend is not None:
             from .distributed import segment_on_ray
 
@@ -129,6 +164,7 @@ def open_concepts(
                 vocabulary,
                 build,
                 grid=grid,
+                semantics=semantics,
                 workers=workers,
                 backend=backend,
                 parts_dir=parts_dir,
@@ -136,13 +172,21 @@ def open_concepts(
             )
             return store, files, True
         model = make_segmenter(segmenter, device=device, dtype=dtype)
-        store = segment(files, vocabulary, model, grid=grid, workers=workers, progress=progress)
+        store = segment(
+            files,
+            vocabulary,
+            model,
+            grid=grid,
+            semantics=semantics,
+            workers=workers,
+            progress=progress,
+        )
         return store, files, True
     if not path.exists():
         raise PyneuronError(f"no store at {path}: the concept source does not exist")
     raise PyneuronError(
-        f"{path} is not a concept source: give a store directory, a Broden folder (index.csv) "
-        "or a concept list (.txt/.toml)"
+        f"{path} is not a concept source: give a store directory, a Broden folder (index.csv), "
+        "a concept list (.txt/.toml) or a concept set (set:NAME[:ARG], e.g. set:ade20k-150)"
     )
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 from ..errors import PyneuronError, StoreError, UnknownConceptError
 from . import _native, storage
 from .grid import Grid
-from .masks import MaskSet, stacked_grid
+from .masks import FULL_SLOT, MaskSet, MaskSetWriter, stacked_grid
 from .writer import StagedWriter
 
 KIND = "concepts"
@@ -386,9 +386,122 @@ class ConceptStore(MaskSet):
         grid, index, words = self._subset(images=images)
         return ConceptStore(grid, index, words, self._names, self._categories, self._metadata)
 
+    def merge_concepts(
+        self,
+        mapping: Mapping[str, str],
+        *,
+        path: str | os.PathLike[str] | None = None,
+        overwrite: bool = False,
+    ) -> ConceptStore:
+        """The store with concepts renamed and merged: concepts mapped to one name become
+        one concept, their pixelwise union (OR) in every image.
+
+        Parameters
+        ----------
+        mapping
+            Old name -> new name (e.g. :meth:`pyneuron.concepts.lexicon.Lexicon.hypernym_mapping`:
+            ``oak`` and ``pine`` -> ``tree``). Concepts left out keep their names; a
+            concept may be mapped onto the name of one left out (``oak`` -> ``tree``
+            while ``tree`` stays: ``tree`` becomes ``oak OR tree``).
+        path
+            Write the store to this directory (atomically) instead of keeping it in memory.
+        overwrite
+            Replace an earlier store at ``path``.
+
+        Returns
+        -------
+        ConceptStore
+            Concepts in order of the first old concept of each new name. A merged
+            concept's category is its members' common category, or ``"merged"`` when
+            they differ. The metadata is this store's plus, appended to the list
+            ``metadata["merges"]``, the mapping applied (old -> new, names that change).
+            Containers are combined per image without decoding: a full member makes the
+            union full, bitsets are OR-ed.
+
+        Raises
+        ------
+        UnknownConceptError
+            A name of ``mapping`` is not a concept of the store.
+        PyneuronError
+            A new name is not a non-empty string.
+
+        Examples
+        --------
+        >>> masks = np.zeros((3, 2, 2, 2), dtype=bool)
+        >>> masks[0, 0, 0] = True; masks[1, 0, :, 0] = True; masks[2, 1] = True
+        >>> store = ConceptStore.from_masks(masks, ["oak", "pine", "sky"])
+        >>> merged = store.merge_concepts({"oak": "tree", "pine": "tree"})
+        >>> merged.names, merged.mask("tree")[0].astype(int).tolist()
+        (['tree', 'sky'], [[1, 1], [1, 0]])
+        >>> merged.metadata["merges"]
+        [{'oak': 'tree', 'pine': 'tree'}]
+        """
+        if not isinstance(mapping, Mapping):
+            raise PyneuronError(
+                f"mapping must be a mapping of old to new concept names, got "
+                f"{type(mapping).__name__}"
+            )
+        targets = list(self._names)
+        for old, new in mapping.items():
+            if not isinstance(new, str) or not new:
+                raise PyneuronError(
+                    f"concept {old!r} is mapped to {new!r}; new names must be non-empty strings"
+                )
+            targets[self.index(old)] = new
+        names = list(dict.fromkeys(targets))
+        number = {name: k for k, name in enumerate(names)}
+        groups = np.array([number[t] for t in targets], dtype=np.int64)
+        members: dict[str, set[str]] = {name: set() for name in names}
+        for target, category in zip(targets, self._categories):
+            members[target].add(category)
+        categories = [next(iter(c)) if len(c) == 1 else "merged" for c in members.values()]
+        metadata = copy.deepcopy(self._metadata)
+        changed = {old: new for old, new in mapping.items() if old != new}
+        metadata["merges"] = [*metadata.get("merges", []), changed]
+        with self.writer(
+            self.grid, names, categories, path, overwrite=overwrite, metadata=metadata
+        ) as writer:
+            _add_unions(self, groups, writer.writer)
+        assert writer.store is not None
+        return writer.store
+
     def __repr__(self) -> str:
         where = f", path={str(self.path)!r}" if self.path else ""
         return f"ConceptStore({len(self)} concepts on {self.grid}{where})"
+
+
+def _add_unions(
+    store: ConceptStore, groups: np.ndarray, out: MaskSetWriter, chunk_bytes: int = 64 * 2**20
+) -> None:
+    """Add to ``out``, as mask ``groups[c]``, the union of the containers of every concept
+    ``c`` of ``store`` per image, ``chunk_bytes`` of bitsets at a time."""
+    offsets, images, slots, _, words = store.arrays
+    grid = store.grid
+    owners = np.repeat(np.arange(len(store), dtype=np.int64), np.diff(offsets))
+    keys = groups[owners] * grid.n_images + images.astype(np.int64)
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    # Entries order[bounds[r]:bounds[r + 1]] are the members of run r: one (group, image).
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if keys.size else []
+    bounds = np.r_[starts, keys.size].astype(np.int64)
+    pool = words.reshape(-1, grid.words_per_image)
+    rows = max(1, chunk_bytes // (8 * grid.words_per_image))
+    first = 0
+    while first < bounds.shape[0] - 1:
+        last = int(np.searchsorted(bounds, bounds[first] + rows, side="right")) - 1
+        last = min(max(last, first + 1), bounds.shape[0] - 1)
+        entry = order[bounds[first] : bounds[last]]
+        run = np.repeat(np.arange(last - first), np.diff(bounds[first : last + 1]))
+        full = slots[entry] == FULL_SLOT
+        merged = np.zeros((last - first, grid.words_per_image), dtype=np.uint64)
+        if (~full).any():
+            with_bits, at = np.unique(run[~full], return_index=True)
+            merged[with_bits] = np.bitwise_or.reduceat(pool[slots[entry[~full]]], at, axis=0)
+        counts = np.bitwise_count(merged).sum(axis=1, dtype=np.int64)
+        counts[np.unique(run[full])] = grid.pixels
+        run_keys = keys[bounds[first:last]]
+        out.add_packed(run_keys // grid.n_images, run_keys % grid.n_images, merged, counts)
+        first = last
 
 
 def _name_lookup(names: Sequence[str]) -> dict[str, int]:

@@ -1,9 +1,16 @@
 """From low-resolution activation maps to unit masks on the concept grid.
 
-Each unit map is resized to the grid exactly as Pillow's ``Image.resize(BILINEAR)``
-does on float ("F") images, then thresholded strictly (``value > threshold``, or
-``lo < value < hi`` for activation ranges), in C++, image block by image block, so a
-whole layer never exists as dense full-resolution masks.
+Each unit map is resized to the grid, then thresholded strictly (``value > threshold``,
+or ``lo < value < hi`` for activation ranges, compared in float64), image block by image
+block, so a whole layer never exists as dense full-resolution masks. Two resizes:
+
+- ``"pillow"`` (the default; compexp, NetDissect-Lite): exactly Pillow's
+  ``Image.resize(BILINEAR)`` on float ("F") images, in C++.
+- ``"torch"`` (OVCE): exactly ``torch.nn.functional.interpolate(mode="bilinear",
+  align_corners=False)`` on float32 maps on the CPU, as OVCE's ``compute_bitmaps`` does.
+  Pillow's bilinear filter widens its support when it shrinks a map and places samples
+  differently, so the two differ on some pixels near edges and thresholds; torch is
+  imported only for this path.
 """
 
 from __future__ import annotations
@@ -18,6 +25,12 @@ from . import _native
 from .batches import image_batches
 from .grid import Grid, check_image_size
 from .units import UnitMasks
+
+#: How unit maps are resized to the grid (``unit_masks_from_activations(upsample=...)``).
+UPSAMPLE_METHODS = ("pillow", "torch")
+
+#: Upsampled values the torch path holds at once (float32, about 64 MiB).
+TORCH_CHUNK_VALUES = 2**24
 
 
 def bilinear_resize(maps: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -55,12 +68,74 @@ def _real_array(values: object, name: str) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float64)
 
 
+def check_upsample(upsample: object) -> str:
+    """``upsample`` if it names a resize of :data:`UPSAMPLE_METHODS`, else a clear error.
+
+    Examples
+    --------
+    >>> check_upsample("torch")
+    'torch'
+    """
+    if not (isinstance(upsample, str) and upsample in UPSAMPLE_METHODS):
+        raise PyneuronError(
+            f"unknown upsample {upsample!r}; use 'pillow' (Pillow's bilinear resize, as "
+            "compexp) or 'torch' (torch's bilinear interpolate, as OVCE)"
+        )
+    return upsample
+
+
+def _torch_threshold(
+    maps: np.ndarray, lo: np.ndarray, hi: np.ndarray | None, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """What ``_native.upsample_threshold`` gives, with torch's bilinear interpolate.
+
+    ``maps`` (B, U, h, w) float32; returns the packed masks (B, U, words per map, uint64;
+    bit ``p`` of word ``p // 64`` is pixel ``p``) and their pixel counts (B, U, int32).
+    Each map is resized as OVCE resizes a unit, ``interpolate(maps[:, u:u+1], (H, W),
+    mode="bilinear", align_corners=False)``, a few maps at a time (the result of a map
+    does not depend on the other maps of the call).
+    """
+    try:
+        import torch
+        from torch.nn import functional
+    except ImportError:
+        raise PyneuronError(
+            "upsample='torch' needs PyTorch; install it (pip install torch) or use "
+            "upsample='pillow'"
+        ) from None
+    n_images, n_units, h, w = maps.shape
+    pixels = height * width
+    words_per_map = (pixels + 63) // 64
+    flat = torch.from_numpy(maps).reshape(n_images * n_units, 1, h, w)
+    units = np.tile(np.arange(n_units), n_images)
+    low = lo[units][:, None]
+    high = None if hi is None else hi[units][:, None]
+    packed = np.zeros((flat.shape[0], words_per_map * 8), dtype=np.uint8)
+    counts = np.empty(flat.shape[0], dtype=np.int32)
+    step = max(1, TORCH_CHUNK_VALUES // pixels)
+    for start in range(0, flat.shape[0], step):
+        stop = min(start + step, flat.shape[0])
+        up = functional.interpolate(
+            flat[start:stop], size=(height, width), mode="bilinear", align_corners=False
+        )
+        values = up.numpy().reshape(stop - start, pixels)
+        on = values > low[start:stop]  # float32 against float64: compared in float64
+        if high is not None:
+            on &= values < high[start:stop]
+        counts[start:stop] = np.count_nonzero(on, axis=1)
+        bits = np.packbits(on, axis=1, bitorder="little")
+        packed[start:stop, : bits.shape[1]] = bits
+    words = packed.view(np.dtype("<u8")).astype(np.uint64, copy=False)
+    return words.reshape(n_images, n_units, words_per_map), counts.reshape(n_images, n_units)
+
+
 def unit_masks_from_activations(
     activations: np.ndarray,
     thresholds: np.ndarray,
     size: tuple[int, int],
     *,
     upper: np.ndarray | None = None,
+    upsample: str = "pillow",
     batch_images: int = 64,
     path: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
@@ -79,6 +154,14 @@ def unit_masks_from_activations(
         Grid (height, width), e.g. (112, 112).
     upper
         Optional per-unit upper bounds (U,) for activation ranges: ``lo < value < hi``.
+    upsample
+        How each map is resized to the grid: ``"pillow"`` (default), exactly Pillow's
+        ``Image.resize(BILINEAR)`` on float images, as compexp and NetDissect-Lite; or
+        ``"torch"``, exactly ``torch.nn.functional.interpolate(mode="bilinear",
+        align_corners=False)`` on float32 maps on the CPU, as OVCE. Either way the
+        upsampled float32 values are compared with the float64 thresholds in float64,
+        and memory stays bounded (``batch_images`` images, and for torch at most about
+        64 MiB of upsampled values, at a time).
     batch_images
         Images per C++ call when ``activations`` is an array.
     path
@@ -91,7 +174,12 @@ def unit_masks_from_activations(
     >>> masks = unit_masks_from_activations(acts, np.array([0.5]), (4, 4), progress=False)
     >>> masks.image_counts.tolist(), int(masks.pixel_counts[0])
     ([1], 4)
+    >>> torch_masks = unit_masks_from_activations(
+    ...     acts, np.array([0.5]), (4, 4), upsample="torch", progress=False)
+    >>> int(torch_masks.pixel_counts[0])
+    4
     """
+    upsample = check_upsample(upsample)
     try:
         height, width = (int(v) for v in size)
     except (TypeError, ValueError):
@@ -130,6 +218,7 @@ def unit_masks_from_activations(
             f"{n_units} thresholds for {activations.shape[1]} units; give one per unit"
         )
     grid = Grid(n_images, height, width)
+    threshold = _native.upsample_threshold if upsample == "pillow" else _torch_threshold
     writer = UnitMasks.writer(grid, n_units, path, overwrite=overwrite)
     with (
         writer,
@@ -138,7 +227,7 @@ def unit_masks_from_activations(
         for first, batch in image_batches(activations, batch_images):
             batch = np.ascontiguousarray(batch, dtype=np.float32)
             _check_finite(batch, first)
-            words, counts = _native.upsample_threshold(batch, lo, hi, height, width)
+            words, counts = threshold(batch, lo, hi, height, width)
             b = batch.shape[0]
             images = np.repeat(np.arange(first, first + b), n_units)
             units = np.tile(np.arange(n_units), b)

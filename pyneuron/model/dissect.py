@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,14 +15,16 @@ import numpy as np
 import pandas as pd
 
 from ..engine.heldout import evaluate, split_images
+from ..engine.settings import SearchSettings
 from ..engine.store import ConceptStore
 from ..engine.units import UnitMasks
-from ..engine.upsample import unit_masks_from_activations
+from ..engine.upsample import check_upsample, unit_masks_from_activations
 from ..errors import GridMismatchError
+from ..presets import Preset, get_preset
 from ..scale import explain, resolve_backend
 from .activations import LayerFormat, capture, image_files
-from .layer_units import unit_thresholds
-from .thresholds import activation_ranges
+from .layer_units import range_unit_masks, unit_thresholds
+from .thresholds import activation_ranges, check_ranges_method
 
 Thresholds = float | Sequence[float] | np.ndarray
 
@@ -42,6 +47,9 @@ def dissect(
     quantile: float = 0.005,
     thresholds: str | Thresholds = "auto",
     ranges: int | None = None,
+    ranges_method: str = "pyneuron",
+    upsample: str = "pillow",
+    preset: str | Preset | None = None,
     batch_size: int = 32,
     device: Any = None,
     dtype: Any = None,
@@ -80,8 +88,23 @@ def dissect(
         one number for all units or one per unit.
     ranges
         Explain activation ranges instead: KMeans with this many clusters over each
-        unit's non-zero activations (Clustered CompExp / OVCE use 5); a row per
-        (unit, range) with ``range``, ``lower`` and ``upper`` columns.
+        unit's activations (Clustered CompExp / OVCE use 5; see ``ranges_method``); a
+        row per (unit, range) with ``range``, ``lower`` and ``upper`` columns.
+    ranges_method
+        How ``ranges`` are clustered: ``"pyneuron"`` (deterministic Lloyd's) or
+        ``"sklearn"`` (OVCE's scikit-learn KMeans, bit for bit; needs the ``ovce``
+        extra); see :func:`~pyneuron.model.thresholds.activation_ranges`.
+    upsample
+        How unit maps are resized to the store's grid: ``"pillow"`` (compexp's) or
+        ``"torch"`` (OVCE's ``interpolate(mode="bilinear")``); see
+        :func:`~pyneuron.engine.upsample.unit_masks_from_activations`.
+    preset
+        The settings of a published method (:mod:`pyneuron.presets`: ``"ovce"``,
+        ``"ovce-classic"``) in place of every option above and search field left at its
+        default; an option given explicitly wins (listed in ``table.attrs["preset"]``
+        as an override). The store is not rebuilt: a warning says when its grid or its
+        segmentation semantics are not the preset's (build it with
+        ``segment(..., semantics="ovce", grid=112)``).
     device, dtype, transform, units, workers
         As in :func:`pyneuron.capture`: where the model runs, what to explain instead
         of the layer's channels (e.g. a sparse autoencoder's encoder), worker processes
@@ -103,7 +126,8 @@ def dissect(
     -------
     pandas.DataFrame
         The :func:`explain` table with ``layer`` and ``threshold`` columns added
-        (and the held-out columns with ``holdout``).
+        (and the held-out columns with ``holdout``); with a preset, ``attrs["preset"]``
+        records it (name, settings, overrides).
 
     Examples
     --------
@@ -119,6 +143,26 @@ def dissect(
     >>> table["unit"].nunique()
     16
     """
+    record = None
+    if preset is not None:
+        chosen = get_preset(preset)
+        values, search_options, overrides = _preset_options(
+            chosen,
+            {
+                "quantile": quantile,
+                "thresholds": thresholds,
+                "ranges": ranges,
+                "ranges_method": ranges_method,
+                "upsample": upsample,
+            },
+            search_options,
+        )
+        quantile, thresholds, ranges = values["quantile"], values["thresholds"], values["ranges"]
+        ranges_method, upsample = values["ranges_method"], values["upsample"]
+        _check_store_for_preset(chosen, store)
+        record = chosen.summary(overrides)
+    check_ranges_method(ranges_method)  # bad options fail before the capture
+    check_upsample(upsample)
     _check_image_files(images, store)
     if "backend" in search_options:  # an unknown backend fails before the capture
         search_options["backend"] = resolve_backend(search_options["backend"])
@@ -146,14 +190,68 @@ def dissect(
             quantile=quantile,
             thresholds=thresholds,
             ranges=ranges,
+            ranges_method=ranges_method,
+            upsample=upsample,
             progress=progress,
             **search_options,
         )
         if holdout is not None:
-            return explain_activations_split(
+            table = explain_activations_split(
                 activations, store, holdout=holdout, seed=holdout_seed, **options
             )
-        return explain_activations(activations, store, **options)[0]
+        else:
+            table = explain_activations(activations, store, **options)[0]
+    if record is not None:
+        table.attrs["preset"] = record
+    return table
+
+
+def _preset_options(
+    preset: Preset, values: dict[str, Any], search_options: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """:func:`dissect`'s ``values`` and search options with ``preset``'s settings in place
+    of those left at their defaults, and the overrides (see :meth:`Preset.apply`)."""
+    defaults = inspect.signature(dissect).parameters
+    explicit = {
+        name
+        for name, value in values.items()
+        if not (type(value) is type(defaults[name].default) and value == defaults[name].default)
+    }
+    fields = [f.name for f in dataclasses.fields(SearchSettings)]
+    settings = search_options.get("settings")
+    if settings is not None:  # a settings object fixes the whole search
+        given = {name: getattr(settings, name) for name in fields}
+        explicit |= set(fields)
+    else:
+        given = {name: search_options[name] for name in fields if name in search_options}
+        explicit |= set(given)
+    resolved, overrides = preset.apply({**values, **given}, explicit)
+    search = dict(search_options)
+    if settings is None:
+        search.update({name: resolved[name] for name in fields if name in resolved})
+    return {name: resolved[name] for name in values}, search, overrides
+
+
+def _check_store_for_preset(preset: Preset, store: ConceptStore) -> None:
+    """Warn when ``store`` was not made the way ``preset`` makes concept masks."""
+    grid = preset.settings.get("grid")
+    if grid is not None and (store.grid.height, store.grid.width) != (grid, grid):
+        warnings.warn(
+            f"preset {preset.name!r} uses a {grid}x{grid} concept grid; this store's is "
+            f"{store.grid.height}x{store.grid.width}",
+            stacklevel=3,
+        )
+    semantics = preset.settings.get("semantics")
+    segmented = store.metadata.get("segment")
+    if semantics is not None and isinstance(segmented, dict):
+        used = segmented.get("semantics", "pyneuron")
+        if used != semantics:
+            warnings.warn(
+                f"preset {preset.name!r} segments with semantics={semantics!r}; this store "
+                f"was segmented with semantics={used!r} (rebuild it with "
+                f"segment(..., semantics={semantics!r}))",
+                stacklevel=3,
+            )
 
 
 def check_image_count(n_images: int, store: ConceptStore) -> None:
@@ -173,41 +271,40 @@ def explain_activations(
     quantile: float = 0.005,
     thresholds: str | Thresholds = "auto",
     ranges: int | None = None,
+    ranges_method: str = "pyneuron",
+    upsample: str = "pillow",
     progress: bool = True,
     **search_options: Any,
 ) -> tuple[pd.DataFrame, list[UnitMasks]]:
     """Thresholds → unit masks → :func:`explain` for captured activations (N, U, h, w).
 
-    Returns the table (with ``layer`` and ``threshold``, and for ``ranges`` also
-    ``range``, ``lower``, ``upper``) and the unit masks (one set per range index).
+    The options are :func:`dissect`'s. Returns the table (with ``layer`` and
+    ``threshold``, and for ``ranges`` also ``range``, ``lower``, ``upper``) and the unit
+    masks (one set per range index).
     """
+    check_ranges_method(ranges_method)
+    check_upsample(upsample)
     check_image_count(activations.shape[0], store)
     size = (store.grid.height, store.grid.width)
     if ranges is None:
         values, _ = unit_thresholds(activations, quantile, thresholds)
-        masks = unit_masks_from_activations(activations, values, size, progress=progress)
+        masks = unit_masks_from_activations(
+            activations, values, size, upsample=upsample, progress=progress
+        )
         table = explain(masks, store, progress=progress, **search_options)
         table.insert(0, "layer", layer)
         table["threshold"] = values[table["unit"].to_numpy()]
         return table, [masks]
-    bounds = activation_ranges(activations, ranges)  # (U, K, 2), NaN rows for missing ranges
-    tables, all_masks = [], []
-    for k in range(bounds.shape[1]):
+    bounds = activation_ranges(activations, ranges, method=ranges_method)  # NaN: no range
+    all_masks = range_unit_masks(activations, bounds, size, upsample=upsample, progress=progress)
+    tables = []
+    for k, masks in enumerate(all_masks):
         lower, upper = bounds[:, k, 0], bounds[:, k, 1]
-        usable = np.isfinite(lower) & np.isfinite(upper)
-        masks = unit_masks_from_activations(
-            activations,
-            np.where(usable, lower, np.inf),
-            size,
-            upper=np.where(usable, upper, -np.inf),
-            progress=progress,
-        )
         table = explain(masks, store, progress=progress, **search_options)
         units = table["unit"].to_numpy()
         table.insert(1, "range", k)
         table["lower"], table["upper"] = lower[units], upper[units]
-        tables.append(table[usable[units]])
-        all_masks.append(masks)
+        tables.append(table[np.isfinite(lower[units])])
     result = pd.concat(tables).sort_values(["unit", "range"], kind="stable")
     result = result.reset_index(drop=True)
     result.insert(0, "layer", layer)
@@ -244,16 +341,25 @@ def explain_activations_split(
     *,
     holdout: float,
     seed: int = 0,
+    ranges_method: str = "pyneuron",
+    upsample: str = "pillow",
     progress: bool = True,
     **options: Any,
 ) -> pd.DataFrame:
     """``dissect(..., holdout=...)``: thresholds and formulas from the explaining part of
-    the images, metrics again on the held-out part (:func:`evaluate`)."""
-
+    the images, metrics again on the held-out part (:func:`evaluate`); the held-out unit
+    masks are upsampled the same way (``upsample``)."""
+    check_ranges_method(ranges_method)
+    check_upsample(upsample)
     check_image_count(activations.shape[0], store)
     fit, held = split_images(activations.shape[0], holdout, seed)
     table, _ = explain_activations(
-        activations[fit], store.take_images(fit), progress=progress, **options
+        activations[fit],
+        store.take_images(fit),
+        ranges_method=ranges_method,
+        upsample=upsample,
+        progress=progress,
+        **options,
     )
     held_activations = activations[held]
     size = (store.grid.height, store.grid.width)
@@ -262,18 +368,13 @@ def explain_activations_split(
         thresholds = np.full(n_units, np.inf)
         thresholds[table["unit"].to_numpy()] = table["threshold"].to_numpy()
         masks: UnitMasks | list[UnitMasks] = unit_masks_from_activations(
-            held_activations, thresholds, size, progress=progress
+            held_activations, thresholds, size, upsample=upsample, progress=progress
         )
     else:
-        masks = []
-        for k in range(int(table["range"].max()) + 1):
-            rows = table[table["range"] == k]
-            lower, upper = np.full(n_units, np.inf), np.full(n_units, -np.inf)
-            lower[rows["unit"].to_numpy()] = rows["lower"].to_numpy()
-            upper[rows["unit"].to_numpy()] = rows["upper"].to_numpy()
-            masks.append(
-                unit_masks_from_activations(
-                    held_activations, lower, size, upper=upper, progress=progress
-                )
-            )
+        bounds = np.full((n_units, int(table["range"].max()) + 1, 2), np.nan)
+        units, ranges = table["unit"].to_numpy(), table["range"].to_numpy()
+        bounds[units, ranges] = table[["lower", "upper"]].to_numpy()
+        masks = range_unit_masks(
+            held_activations, bounds, size, upsample=upsample, progress=progress
+        )
     return evaluate(table, masks, store.take_images(held))

@@ -37,7 +37,7 @@ import numpy as np
 from ..engine.batches import image_batches
 from ..engine.grid import Grid
 from ..engine.units import UnitMasks
-from ..engine.upsample import unit_masks_from_activations
+from ..engine.upsample import check_upsample, unit_masks_from_activations
 from ..errors import PyneuronError
 from ..scale.parts import Part, file_stamps, fingerprint_of, plan_parts, run_parts
 from ..scale.ray import RayBackend, digest
@@ -175,10 +175,12 @@ class MaskPart:
         activations: dict[tuple[int, int], dict[str, Path]],
         thresholds: dict[str, np.ndarray],
         size: tuple[int, int],
+        upsample: str,
     ) -> None:
         self.activations = activations
         self.thresholds = thresholds
         self.size = size
+        self.upsample = upsample
 
     def __call__(self, start: int, stop: int, folder: Path) -> None:
         for k, (layer, path) in enumerate(self.activations[start, stop].items()):
@@ -186,6 +188,7 @@ class MaskPart:
                 np.load(path, mmap_mode="r", allow_pickle=False),
                 self.thresholds[layer],
                 self.size,
+                upsample=self.upsample,
                 path=folder / f"masks{k}",
                 progress=False,
             )
@@ -231,6 +234,7 @@ def layer_units_on_ray(
     batch_size: int = 32,
     quantile: float = 0.005,
     top_k: int = 8,
+    upsample: str = "pillow",
     units: UnitsFunction | None = None,
     device: Any = None,
     dtype: Any = None,
@@ -248,10 +252,10 @@ def layer_units_on_ray(
     batch_size=batch_size, units=units)``, each layer's result equals, bit for bit and
     byte for byte once saved, ``quantile_thresholds(acts[layer], quantile)`` (the exact
     quantile, ``threshold_method="exact"``), ``unit_masks_from_activations(acts[layer],
-    thresholds, size)`` and ``top_activating_images(acts[layer], top_k)``, provided the
-    model gives an image the same activations whatever the other images of its batch
-    (``part_images`` a multiple of ``batch_size``, the default, gives every part the
-    batches of one process). See the module docstring for the two rounds.
+    thresholds, size, upsample=upsample)`` and ``top_activating_images(acts[layer],
+    top_k)``, provided the model gives an image the same activations whatever the other
+    images of its batch (``part_images`` a multiple of ``batch_size``, the default, gives
+    every part the batches of one process). See the module docstring for the two rounds.
 
     Parameters
     ----------
@@ -273,6 +277,9 @@ def layer_units_on_ray(
         Top share of each unit's activations above its threshold.
     top_k
         Top images kept per unit.
+    upsample
+        How unit maps are resized to the grid: ``"pillow"`` (compexp's) or ``"torch"``
+        (OVCE's); see :func:`~pyneuron.engine.upsample.unit_masks_from_activations`.
     units
         What to explain instead of the layers' channels: a picklable function (or one per
         layer) from a layer's (B, C, h, w) maps to (B, U, h, w) units (see ``units`` of
@@ -321,6 +328,7 @@ def layer_units_on_ray(
     >>> result["1"].thresholds.shape, result["1"].top_images.shape
     ((2,), (2, 2))
     """
+    upsample = check_upsample(upsample)
     names = [layers] if isinstance(layers, str) else list(layers)
     files = [Path(f) for f in files]
     if not names:
@@ -371,9 +379,9 @@ def layer_units_on_ray(
         for p in first.parts
     }
     grid_size = (int(size[0]), int(size[1]))
-    masks_key = digest(key, size, *(thresholds[layer] for layer in names))
+    masks_key = digest(key, size, upsample, *(thresholds[layer] for layer in names))
     second = run_parts(
-        MaskPart(activations, thresholds, grid_size),
+        MaskPart(activations, thresholds, grid_size, upsample),
         _load_masks(names, {layer: shape[0] for layer, shape in shapes_of.items()}, grid_size),
         plan_parts(len(files), part_images, parts_dir, f"masks-{masks_key}"),
         backend,

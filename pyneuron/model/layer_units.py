@@ -1,6 +1,7 @@
-"""What a layer's activations give the search: thresholds, unit masks and top images,
-read from the activations image block by image block (memory-mapped arrays larger
-than memory work; their pages are released after each block)."""
+"""What a layer's activations give the search: thresholds (or activation ranges), unit
+masks and top images, read from the activations image block by image block
+(memory-mapped arrays larger than memory work; their pages are released after each
+block)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -15,9 +17,15 @@ import numpy.typing as npt
 from ..engine.batches import image_batches
 from ..engine.checks import positive_int
 from ..engine.units import UnitMasks
-from ..engine.upsample import unit_masks_from_activations
+from ..engine.upsample import check_upsample, unit_masks_from_activations
 from ..errors import PyneuronError
-from .thresholds import compexp_level, quantile_thresholds, user_thresholds
+from .thresholds import (
+    activation_ranges,
+    check_ranges_method,
+    compexp_level,
+    quantile_thresholds,
+    user_thresholds,
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,34 @@ class LayerUnits:
     masks: UnitMasks
     top_images: np.ndarray
     threshold_method: str
+    map_size: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LayerRanges:
+    """One layer's units as activation ranges, ready to explain range by range.
+
+    Attributes
+    ----------
+    ranges
+        (U, K, 2) float64: ``ranges[u, k] = (lower, upper)``; unit ``u``'s mask for range
+        ``k`` is ``lower < activation < upper``. NaN rows: ranges the unit does not have
+        (their masks are empty).
+    masks
+        Per range index ``k``, the unit masks of range ``k`` of every unit on the concept
+        grid.
+    top_images
+        (U, k) int64: as :attr:`LayerUnits.top_images`.
+    ranges_method
+        How the ranges were clustered: ``"pyneuron"`` or ``"sklearn"``.
+    map_size
+        The (h, w) of the layer's activation maps.
+    """
+
+    ranges: np.ndarray
+    masks: tuple[UnitMasks, ...]
+    top_images: np.ndarray
+    ranges_method: str
     map_size: tuple[int, ...]
 
 
@@ -154,12 +190,13 @@ def layer_units(
     quantile: float = 0.005,
     thresholds: str | npt.ArrayLike = "auto",
     top_k: int = 8,
+    upsample: str = "pillow",
     path: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> LayerUnits:
     """Thresholds, unit masks on a (height, width) grid and top images of a layer's
     activations (N, U, h, w), read block by block (a memory-mapped array larger than
-    memory works).
+    memory works). Activation ranges instead of thresholds: :func:`layer_ranges`.
 
     Parameters
     ----------
@@ -178,6 +215,9 @@ def layer_units(
         thresholds themselves, one per unit.
     top_k
         Top images kept per unit.
+    upsample
+        How unit maps are resized to the grid: ``"pillow"`` (compexp's) or ``"torch"``
+        (OVCE's); see :func:`~pyneuron.engine.upsample.unit_masks_from_activations`.
     path
         Write the unit masks to this directory (replacing earlier unit masks there)
         instead of keeping them in memory.
@@ -190,9 +230,120 @@ def layer_units(
     >>> units.threshold_method, len(units.masks), units.top_images.shape
     ('exact', 3, (3, 2))
     """
+    upsample = check_upsample(upsample)
     values, method = unit_thresholds(activations, quantile, thresholds)
     masks = unit_masks_from_activations(
-        activations, values, size, path=path, overwrite=True, progress=progress
+        activations, values, size, upsample=upsample, path=path, overwrite=True, progress=progress
     )
     tops = top_activating_images(activations, top_k)
     return LayerUnits(values, masks, tops, method, tuple(activations.shape[2:]))
+
+
+def range_unit_masks(
+    activations: np.ndarray,
+    ranges: np.ndarray,
+    size: tuple[int, int],
+    *,
+    upsample: str = "pillow",
+    path: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> list[UnitMasks]:
+    """Unit masks of activation ranges: for each range index ``k``, unit ``u``'s mask
+    is ``ranges[u, k, 0] < activation < ranges[u, k, 1]`` (empty for a NaN row).
+
+    Parameters
+    ----------
+    activations
+        The layer's activations (N, U, h, w).
+    ranges
+        (U, K, 2) bounds, e.g. :func:`~pyneuron.model.thresholds.activation_ranges`.
+    size, upsample
+        As for :func:`~pyneuron.engine.upsample.unit_masks_from_activations`.
+    path
+        Write range ``k``'s masks to ``path/range<k>`` (replacing earlier unit masks
+        there) instead of keeping them in memory.
+
+    Returns
+    -------
+    list of UnitMasks
+        One per range index.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> acts = np.array([1.0, 2.0, 3.0]).reshape(3, 1, 1, 1)
+    >>> ranges = np.array([[[0.5, 1.5], [np.nan, np.nan]]])
+    >>> [m.image_counts.tolist() for m in range_unit_masks(acts, ranges, (2, 2), progress=False)]
+    [[1], [0]]
+    """
+    found = []
+    for k in range(ranges.shape[1]):
+        lower, upper = ranges[:, k, 0], ranges[:, k, 1]
+        usable = np.isfinite(lower) & np.isfinite(upper)
+        found.append(
+            unit_masks_from_activations(
+                activations,
+                np.where(usable, lower, np.inf),
+                size,
+                upper=np.where(usable, upper, -np.inf),
+                upsample=upsample,
+                path=None if path is None else Path(path) / f"range{k}",
+                overwrite=True,
+                progress=progress,
+            )
+        )
+    return found
+
+
+def layer_ranges(
+    activations: np.ndarray,
+    size: tuple[int, int],
+    n_ranges: int = 5,
+    *,
+    ranges_method: str = "pyneuron",
+    upsample: str = "pillow",
+    top_k: int = 8,
+    path: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> LayerRanges:
+    """Activation ranges (Clustered CompExp / OVCE), their unit masks on a (height,
+    width) grid and the top images of a layer's activations (N, U, h, w), read block by
+    block.
+
+    Parameters
+    ----------
+    activations
+        The layer's activations (an array or a ``numpy.memmap``).
+    size
+        The concept grid's (height, width).
+    n_ranges
+        KMeans clusters per unit (OVCE: 5).
+    ranges_method
+        ``"pyneuron"`` or ``"sklearn"`` (OVCE's); see
+        :func:`~pyneuron.model.thresholds.activation_ranges`.
+    upsample
+        ``"pillow"`` or ``"torch"`` (OVCE's); see
+        :func:`~pyneuron.engine.upsample.unit_masks_from_activations`.
+    top_k
+        Top images kept per unit.
+    path
+        Write range ``k``'s unit masks to ``path/range<k>`` instead of keeping them in
+        memory.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> acts = np.random.default_rng(0).random((20, 3, 4, 4), dtype=np.float32)
+    >>> found = layer_ranges(acts, (8, 8), 2, top_k=2, progress=False)
+    >>> found.ranges.shape, len(found.masks), found.top_images.shape
+    ((3, 2, 2), 2, (3, 2))
+    """
+    ranges_method = check_ranges_method(ranges_method)
+    upsample = check_upsample(upsample)
+    positive_int(top_k, "top_k")
+    bounds = activation_ranges(activations, n_ranges, method=ranges_method)
+    masks = range_unit_masks(
+        activations, bounds, size, upsample=upsample, path=path, progress=progress
+    )
+    tops = top_activating_images(activations, top_k)
+    return LayerRanges(bounds, tuple(masks), tops, ranges_method, tuple(activations.shape[2:]))

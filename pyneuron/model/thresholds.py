@@ -12,7 +12,9 @@ whole images and keeps only what it needs.
   ``U * (1 - level) * N * h * w`` instead of the whole array. ``method="compexp"`` gives
   instead what compexp's own randomized estimator gives (:mod:`pyneuron.model.compexp_quantiles`).
 - :func:`activation_ranges` gives the Clustered-CompExp / OVCE ranges: per unit, 1-D KMeans
-  (:func:`kmeans_1d`) over its non-zero activations, one ``(lo, hi)`` range per cluster.
+  over its activations, one ``(lo, hi)`` range per cluster: pyneuron's deterministic
+  Lloyd's (:func:`kmeans_1d`) over the non-zero values, or (``method="sklearn"``) OVCE's
+  rule, scikit-learn's ``KMeans(n_clusters, random_state=0)``, bit for bit.
 - :func:`user_thresholds` checks thresholds chosen by the user.
 - :func:`quantile_part` and :func:`merge_quantile_parts` split the exact quantile over
   parts of the images (computed apart, e.g. on several machines): each part keeps what the
@@ -28,6 +30,7 @@ from __future__ import annotations
 import bisect
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,9 +44,12 @@ from ..errors import PyneuronError
 from .compexp_quantiles import CompexpQuantiles
 
 __all__ = [
+    "DEFAULT_MAX_SAMPLES",
+    "RANGE_METHODS",
     "QuantilePart",
     "StreamingQuantiles",
     "activation_ranges",
+    "check_ranges_method",
     "compexp_level",
     "kmeans_1d",
     "merge_quantile_parts",
@@ -859,34 +865,126 @@ def kmeans_1d(
     return centers, _assign(v, fitted)
 
 
+#: How activation ranges are clustered (``activation_ranges(method=...)``).
+RANGE_METHODS = ("pyneuron", "sklearn")
+
+#: Values per unit ``method="pyneuron"`` fits its centers on unless told otherwise.
+DEFAULT_MAX_SAMPLES = 100_000
+
+
+def check_ranges_method(method: object) -> str:
+    """``method`` if it names a way of clustering of :data:`RANGE_METHODS`, else a clear
+    error.
+
+    Examples
+    --------
+    >>> check_ranges_method("sklearn")
+    'sklearn'
+    """
+    if not (isinstance(method, str) and method in RANGE_METHODS):
+        raise PyneuronError(
+            f"unknown ranges method {method!r}; use 'pyneuron' (pyneuron's deterministic "
+            "1-D KMeans) or 'sklearn' (scikit-learn's KMeans, as OVCE)"
+        )
+    return method
+
+
+def _sklearn_kmeans() -> Any:
+    """scikit-learn's ``KMeans`` class, or an error naming what to install."""
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError:
+        raise PyneuronError(
+            "method='sklearn' (OVCE's activation ranges) needs scikit-learn: pip install "
+            "'pyneuron[ovce]' (or scikit-learn>=1.3), or use method='pyneuron'"
+        ) from None
+    return KMeans
+
+
+def _sklearn_fit(kmeans: Any, values: np.ndarray, k: int) -> Any:
+    """OVCE's fit, ``KMeans(n_clusters=k, random_state=0).fit(values as one float64
+    column)``, without the warnings about empty clusters (they become NaN rows) and
+    about the default ``n_init`` of scikit-learn 1.2 and 1.3."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Number of distinct clusters")
+        warnings.filterwarnings("ignore", message="The default value of `n_init`")
+        return kmeans(n_clusters=k, random_state=0).fit(_column(values))
+
+
+def _column(values: np.ndarray) -> np.ndarray:
+    """``values`` as the float64 column scikit-learn makes of OVCE's torch tensor."""
+    return values.astype(np.float64).reshape(-1, 1)
+
+
+def _clustered(values: np.ndarray, keep_zeros: bool) -> np.ndarray:
+    """A unit's values (B, h * w) that are clustered, image-major: all of them, or the
+    non-zero ones."""
+    return values.reshape(-1) if keep_zeros else values[values != 0]
+
+
+def _label_ranges(values: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(k, 2): the (min, max) of the values of each label, NaN for labels without any."""
+    out = np.full((k, 2), np.nan)
+    for j in range(k):
+        members = values[labels == j]
+        if members.size:
+            out[j] = members.min(), members.max()
+    return out
+
+
 def activation_ranges(
     activations: npt.ArrayLike,
     n_clusters: int = 5,
     *,
+    method: str = "pyneuron",
     seed: int = 0,
-    max_samples: int = 100_000,
+    max_samples: int | None = None,
     batch_images: int | None = None,
     max_iter: int = 300,
 ) -> np.ndarray:
     """Per-unit activation ranges from 1-D KMeans (Clustered CompExp / OVCE).
 
-    For each unit, its non-zero activations (values ``!= 0``, over all images and
-    positions) are clustered with :func:`kmeans_1d`; clusters are sorted by center,
-    ascending, and each gives the range ``(min, max)`` of its members. The unit's mask for a
-    range is ``lo < activation < hi`` -- both strict, as in OVCE, so the extreme members
-    themselves fall outside it.
+    Each unit's activations (over all images and positions) are clustered, and each
+    cluster gives the range ``(min, max)`` of its members; ranges are sorted by their
+    lower end, ascending. The unit's mask for a range is ``lo < activation < hi`` -- both
+    strict, as in OVCE, so the extreme members themselves fall outside it.
 
-    Rows for missing clusters are NaN: a unit with fewer distinct non-zero values than
-    ``n_clusters`` (each distinct value is then a cluster of its own, range ``(v, v)``), a
-    unit that is all zeros (all NaN), or, rarely, a cluster that Lloyd's iterations left
-    empty. NaN rows come last.
+    ``method="pyneuron"`` (the default) clusters the unit's non-zero values (``!= 0``)
+    with :func:`kmeans_1d`: deterministic Lloyd's iterations from evenly spaced
+    quantiles, whatever the order of the values.
 
-    Large inputs: when a unit has more than ``max_samples`` non-zero values, the centers are
-    fitted on ``max_samples`` of them drawn uniformly without replacement by
-    ``numpy.random.default_rng(seed)`` (the same sample whatever ``batch_images``), and then
-    *every* non-zero value is assigned to its nearest center, so the ranges still cover all
-    of them. This reads the array three times (count, sample, assign) instead of once, and
-    holds about ``U * max_samples`` values in memory.
+    ``method="sklearn"`` is OVCE's rule (``compute_activation_ranges`` in its
+    ``utils/activations_utils.py``), bit for bit: the unit's values in image-major,
+    row-major order, without its zeros when no value is negative (all of them,
+    zeros included, otherwise), clustered by ``sklearn.cluster.KMeans(n_clusters,
+    random_state=0)`` -- k-means++ seeding, Lloyd's iterations, in float64 (OVCE hands
+    KMeans a torch tensor, which scikit-learn converts to float64) -- each label's
+    members giving a range, sorted as OVCE's scripts read them (``sorted(ranges)``).
+    Its result depends on the order of the values and on the scikit-learn version: from
+    1.4 on, ``n_init`` defaults to ``"auto"`` (one k-means++ start), before to 10 starts
+    (OVCE's Docker image, on Python 3.8, gets at most 1.3.2). It often ends in another
+    local optimum than pyneuron's (pyneuron's usually has the lower inertia), so the
+    ranges differ. It needs scikit-learn (``pip install 'pyneuron[ovce]'``).
+
+    Rows for missing clusters are NaN and come last: a unit with fewer distinct
+    clustered values than ``n_clusters`` (``"pyneuron"``: each distinct value is then a
+    cluster of its own, range ``(v, v)``; ``"sklearn"``: the labels KMeans leaves empty),
+    a unit with nothing to cluster (all zeros) or, for ``"sklearn"``, with fewer values
+    than ``n_clusters`` (all NaN), or, rarely, a cluster that Lloyd's iterations left
+    empty. OVCE's own code stops with an error on such units.
+
+    Subsampling: when a unit has more than ``max_samples`` values to cluster, the
+    clusters are fitted on ``max_samples`` of them drawn uniformly without replacement by
+    ``numpy.random.default_rng(seed)`` (the same sample whatever ``batch_images``, kept in
+    image order), and then *every* value is assigned to its nearest center (for
+    ``"sklearn"``, by the fitted model's ``predict``), so the ranges still cover all of
+    them; this holds about ``U * max_samples`` values in memory. The array is read once
+    to collect the values, once before that to count them when subsampling (and, for
+    ``"sklearn"``, always, to find the units with negative values) and once after to
+    assign them when subsampling. By default ``"pyneuron"`` fits on
+    at most :data:`DEFAULT_MAX_SAMPLES` values per unit and ``"sklearn"`` on every value,
+    as OVCE does -- holding every clustered value of the layer in memory; give
+    ``max_samples`` to bound that (the result then is no longer OVCE's).
 
     Parameters
     ----------
@@ -894,14 +992,17 @@ def activation_ranges(
         Raw activations; NaN or inf raise :class:`~pyneuron.errors.PyneuronError`.
     n_clusters : int
         Clusters per unit (OVCE: 5).
+    method : {"pyneuron", "sklearn"}
+        How to cluster (see above).
     seed : int
         Seed of the subsample.
-    max_samples : int
-        Most non-zero values per unit used to fit the centers.
+    max_samples : int, optional
+        Most values per unit the clusters are fitted on; by default
+        :data:`DEFAULT_MAX_SAMPLES` for ``"pyneuron"``, all for ``"sklearn"``.
     batch_images : int, optional
         Images per batch; by default about 64 MiB of activations.
     max_iter : int
-        Most Lloyd iterations.
+        Most Lloyd iterations of ``"pyneuron"`` (``"sklearn"`` uses scikit-learn's 300).
 
     Returns
     -------
@@ -915,80 +1016,110 @@ def activation_ranges(
     >>> activation_ranges(acts, n_clusters=2)
     array([[[1. , 1.5],
             [6. , 7. ]]])
+    >>> activation_ranges(acts, n_clusters=2, method="sklearn")
+    array([[[1. , 1.5],
+            [6. , 7. ]]])
     """
     arr = _as_activations(activations)
+    method = check_ranges_method(method)
     k = positive_int(n_clusters, "n_clusters")
-    cap = positive_int(max_samples, "max_samples")
+    if max_samples is None:
+        cap = DEFAULT_MAX_SAMPLES if method == "pyneuron" else None
+    else:
+        cap = positive_int(max_samples, "max_samples")
     rounds = positive_int(max_iter, "max_iter")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise PyneuronError(f"seed must be a non-negative integer, got {seed!r}")
+    kmeans = _sklearn_kmeans() if method == "sklearn" else None
     batch = block_images(arr, batch_images)
     n, units = arr.shape[:2]
+    per_unit = n * math.prod(arr.shape[2:])
+    sampling = cap is not None and per_unit > cap
 
-    # Pass 1 (only if some unit might exceed the cap): non-zero counts, then the sample.
+    # Pass 1 (for sklearn, or when some unit might exceed the cap): the units that keep
+    # their zeros (sklearn: those with a negative value), the counts, then the sample.
+    keep_zeros = np.zeros(units, dtype=bool)
     chosen: list[np.ndarray | None] = [None] * units
     checked = False
-    if n * math.prod(arr.shape[2:]) > cap:
-        counts = np.zeros(units, dtype=np.int64)
+    if method == "sklearn" or sampling:
+        nonzero = np.zeros(units, dtype=np.int64)
         for start, values in image_batches(arr, batch):
             _check_finite(values, start)
-            counts += np.count_nonzero(values.reshape(*values.shape[:2], -1), axis=(0, 2))
+            flat = values.reshape(*values.shape[:2], -1)
+            nonzero += np.count_nonzero(flat, axis=(0, 2))
+            if method == "sklearn":
+                keep_zeros |= (flat < 0).any(axis=(0, 2))
         checked = True
-        rng = np.random.default_rng(int(seed))
-        for u in range(units):
-            if counts[u] > cap:
-                chosen[u] = np.sort(rng.choice(int(counts[u]), size=cap, replace=False))
+        if sampling:
+            assert cap is not None
+            counts = np.where(keep_zeros, per_unit, nonzero)
+            rng = np.random.default_rng(int(seed))
+            for u in range(units):
+                if counts[u] > cap:
+                    chosen[u] = np.sort(rng.choice(int(counts[u]), size=cap, replace=False))
 
-    # Pass 2: the non-zero values (or the chosen ones), in image-major order.
+    # Pass 2: the clustered values (or the chosen ones), in image-major order.
     parts: list[list[np.ndarray]] = [[] for _ in range(units)]
     offsets = np.zeros(units, dtype=np.int64)
     for start, values in image_batches(arr, batch):
         if not checked:
             _check_finite(values, start)
-        per_unit = values.reshape(*values.shape[:2], -1)
+        flat = values.reshape(*values.shape[:2], -1)
         for u in range(units):
-            row = per_unit[:, u]
-            nonzero = row[row != 0]
+            kept = _clustered(flat[:, u], bool(keep_zeros[u]))
             picks = chosen[u]
             if picks is not None:
                 first = int(offsets[u])
-                offsets[u] += nonzero.size
-                lo, hi = np.searchsorted(picks, [first, first + nonzero.size], side="left")
-                nonzero = nonzero[picks[lo:hi] - first]
-            parts[u].append(nonzero)
+                offsets[u] += kept.size
+                lo, hi = np.searchsorted(picks, [first, first + kept.size], side="left")
+                kept = kept[picks[lo:hi] - first]
+            parts[u].append(kept)
 
     ranges = np.full((units, k, 2), np.nan)
-    centers: dict[int, np.ndarray] = {}
+    fitted: dict[int, Any] = {}  # subsampled units: centers (pyneuron) or model (sklearn)
     for u in range(units):
-        fitted_on = np.sort(np.concatenate(parts[u]).astype(np.float64))
+        fitted_on = np.concatenate(parts[u])
         parts[u] = []
-        fitted, bounds = _fit_sorted(fitted_on, k, rounds)
+        if method == "sklearn":
+            if fitted_on.size < k:  # KMeans needs at least k values
+                continue
+            model = _sklearn_fit(kmeans, fitted_on, k)
+            if chosen[u] is None:
+                ranges[u] = _label_ranges(fitted_on, model.labels_, k)
+            else:
+                fitted[u] = model
+            continue
+        ordered = np.sort(fitted_on.astype(np.float64))
+        centers, bounds = _fit_sorted(ordered, k, rounds)
         if chosen[u] is None:
-            for j in range(fitted.size):
-                ranges[u, j] = fitted_on[bounds[j]], fitted_on[bounds[j + 1] - 1]
+            for j in range(centers.size):
+                ranges[u, j] = ordered[bounds[j]], ordered[bounds[j + 1] - 1]
         else:
-            centers[u] = fitted
+            fitted[u] = centers
 
-    # Pass 3 (subsampled units only): assign every non-zero value to the fitted centers.
-    if centers:
+    # Pass 3 (subsampled units only): assign every clustered value to the fitted clusters.
+    if fitted:
         low = np.full((units, k), np.inf)
         high = np.full((units, k), -np.inf)
         for _, values in image_batches(arr, batch):
-            per_unit = values.reshape(*values.shape[:2], -1)
-            for u, c in centers.items():
-                row = per_unit[:, u]
-                nonzero = row[row != 0].astype(np.float64)
-                if nonzero.size == 0:
+            flat = values.reshape(*values.shape[:2], -1)
+            for u, fit in fitted.items():
+                kept = _clustered(flat[:, u], bool(keep_zeros[u]))
+                if kept.size == 0:
                     continue
-                labels = _assign(nonzero, c)
-                for j in range(c.size):
-                    members = nonzero[labels == j]
-                    if members.size:
-                        low[u, j] = min(low[u, j], members.min())
-                        high[u, j] = max(high[u, j], members.max())
-        for u, c in centers.items():
-            ranges[u, : c.size, 0] = low[u, : c.size]
-            ranges[u, : c.size, 1] = high[u, : c.size]
+                if method == "sklearn":
+                    block = _label_ranges(kept, fit.predict(_column(kept)), k)
+                else:
+                    block = _label_ranges(kept, _assign(kept.astype(np.float64), fit), k)
+                low[u] = np.fmin(low[u], block[:, 0])
+                high[u] = np.fmax(high[u], block[:, 1])
+        for u in fitted:
+            found = np.isfinite(low[u])
+            ranges[u, found, 0] = low[u, found]
+            ranges[u, found, 1] = high[u, found]
+    if method == "sklearn":  # sorted by lower end, NaN rows last, as sorted() in OVCE
+        order = np.argsort(ranges[:, :, 0], axis=1, kind="stable")
+        ranges = np.take_along_axis(ranges, order[:, :, None], axis=1)
     return ranges
 
 

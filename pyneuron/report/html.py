@@ -1248,3 +1248,73 @@ def _version() -> str:
         return metadata.version("pyneuron")
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
         return ""
+
+
+def write_comparison_page(
+    path: str | os.PathLike[str],
+    units: pd.DataFrame,
+    layers: pd.DataFrame,
+    concepts: pd.DataFrame | None = None,
+    *,
+    title: str = "pyneuron comparison",
+    facts: Sequence[tuple[str, str]] = (),
+) -> Path:
+    """Write the page comparing two runs' explanations: one self-contained HTML file
+    (styles inlined), written atomically.
+
+    Parameters
+    ----------
+    path
+        The HTML file to write; its folder must exist.
+    units, layers
+        :func:`pyneuron.report.compare.formula_agreement` and
+        :func:`~pyneuron.report.compare.layer_agreement` tables.
+    concepts
+        A :func:`~pyneuron.report.compare.concept_agreement` table, shown when given.
+    title
+        The page's title.
+    facts
+        (label, value) pairs shown at the top (the runs, how images were matched, ...).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    from ..engine.atomic import write_atomically
+    from .compare import CONCEPT_COLUMNS, LAYER_COLUMNS, UNIT_COLUMNS
+
+    def table(frame: pd.DataFrame, columns: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
+        shown = [c for c in columns if c in frame.columns]
+        numeric = [
+            pd.api.types.is_numeric_dtype(frame[c])
+            and not pd.api.types.is_bool_dtype(frame[c])
+            and c != "layer"
+            for c in shown
+        ]
+        formulas = [c in ("formula_a", "formula_b", "hypernym_a", "hypernym_b") for c in shown]
+        rows = [
+            [
+                (*_format(value), "num" if n else "formula" if f else "")
+                for value, n, f in zip(row, numeric, formulas)
+            ]
+            for row in frame[shown].itertuples(index=False)
+        ]
+        return {"columns": [columns[c] for c in shown], "rows": rows}
+
+    path = Path(path)
+    css = resources.files("pyneuron.report").joinpath("static", "report.css").read_text()
+    page = (
+        _Site(path.parent, title)
+        .env.get_template("compare.html")
+        .render(
+            css=css,
+            facts=list(facts),
+            layers=table(layers, LAYER_COLUMNS),
+            units=table(units, UNIT_COLUMNS),
+            concepts=None if concepts is None else table(concepts, CONCEPT_COLUMNS),
+            hypernyms="hypernym_exact" in units.columns,
+        )
+    )
+    write_atomically(path, lambda p: p.write_text(page, encoding="utf-8"))
+    return path
