@@ -259,3 +259,38 @@ def test_unproven_upper_bound_is_at_most_one():
     _, _, _, store, masks = _case(2, (5, 8, 8), n_concepts=8)
     got = pyneuron.explain(masks, store, search="optimal", length=4, max_nodes=1, progress=False)
     assert (got["upper_bound"] <= 1.0).all() and (got["upper_bound"] >= got["iou"]).all()
+
+
+def _dense_case(n_images: int = 100, n_concepts: int = 500, side: int = 64):
+    """A unit that fires everywhere and hundreds of concepts in most images: the unit's
+    pair tables alone (every pair of concepts present in an image) take a long time."""
+    rng = np.random.default_rng(7)
+    names = _names(n_concepts)
+    writer = pyneuron.ConceptStoreWriter(pyneuron.Grid(n_images, side, side), names)
+    with writer:
+        for i in range(n_images):
+            present = np.flatnonzero(rng.random(n_concepts) < 0.7)
+            bits = rng.random((present.size, side, side)) < 0.5
+            writer.add_image(i, masks={names[c]: bits[k] for k, c in enumerate(present)})
+    store = writer.store
+    unit = np.ones((1, n_images, side, side), dtype=bool)
+    unit[0, :, ::2] = False  # half of every image
+    return store, pyneuron.UnitMasks.from_masks(unit)
+
+
+def test_time_limit_holds_inside_the_units_tables():
+    """The budget is checked while the unit's pair tables are built (the root phase), and
+    counted as the unit's own time: it stops there, with the trivial bound, within 10 %."""
+    store, masks = _dense_case()
+    limit = 0.1
+    got = pyneuron.explain(masks, store, search="optimal", time_limit=limit, progress=False)
+    row = got.loc[0]
+    assert not row["optimal"] and row["nodes"] == 0  # stopped before the first node
+    assert row["upper_bound"] == 1.0 and 0 < row["iou"] <= 1.0  # the beam's formula
+    assert limit <= row["seconds"] <= 1.1 * limit
+    # the same unit with no limit proves its optimum or expands nodes: its tables take
+    # longer than the limit (so this test can fail when the tables ignore the budget)
+    longer = pyneuron.explain(
+        masks, store, search="optimal", time_limit=10 * limit, max_nodes=1, progress=False
+    ).loc[0]
+    assert longer["seconds"] > limit

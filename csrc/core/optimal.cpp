@@ -44,6 +44,8 @@
 // at most as many concepts as the subtree's root (everything in it is longer).
 #include "optimal.hpp"
 
+#include <time.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -59,7 +61,15 @@ namespace pyneuron {
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
+// The unit's own time in seconds: the CPU time of the thread searching it (a unit runs
+// on one thread), so other work on a loaded machine does not use up its budget.
+double own_seconds() {
+#ifdef CLOCK_THREAD_CPUTIME_ID
+  timespec now;
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now) == 0) return double(now.tv_sec) + 1e-9 * double(now.tv_nsec);
+#endif
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 
 // Concepts present in the data, a per-image index and the pair counts |c∧d|.
 struct StoreTables {
@@ -181,10 +191,8 @@ class UnitSearch {
   }
 
   OptimalResult run(const UnitResult& beam) {
-    const auto start = Clock::now();
-    deadline_ = limited_time() ? start + std::chrono::duration_cast<Clock::duration>(
-                                             std::chrono::duration<double>(opt_.time_limit))
-                               : Clock::time_point::max();
+    const double start = own_seconds();
+    deadline_ = limited_time() ? start + opt_.time_limit : std::numeric_limits<double>::infinity();
     OptimalResult result;
     result.unit_size = a_;
     result.unit_images = unit_.nonempty_images();
@@ -193,14 +201,15 @@ class UnitSearch {
     if (a_ > 0 && t_.n > 0) {
       unit_tables();
       if (!beam.beam.empty()) seed(beam.beam.front());
-      search_root();
+      if (aborted_) open_bound_ = 1.0;  // the budget ran out in the tables: nothing is bounded
+      else search_root();
     }
     result.optimal = !aborted_;
     // No IoU exceeds 1 (I <= a); the bounds' upward nudges may.
     result.upper_bound = aborted_ ? std::min(1.0, std::max(best_iou_, open_bound_)) : best_iou_;
     result.nodes = nodes_;
     if (!best_.c.empty()) result.best = materialize_best();
-    result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    result.seconds = own_seconds() - start;
     return result;
   }
 
@@ -223,6 +232,7 @@ class UnitSearch {
     std::vector<uint64_t> bits;
     std::vector<uint64_t> unit_bits(w);
     for (std::size_t at = 0; at < unit_.images().size(); ++at) {
+      if (out_of_time()) return;  // run() leaves the search out
       const uint32_t image = unit_.images()[at];
       const int32_t slot = unit_.slot_at(at);
       if (slot == SparseMask::kFull) {
@@ -255,7 +265,8 @@ class UnitSearch {
     }
     k_ = k;
     pair_i_.assign(std::size_t(k) * std::size_t(k), 0);
-    for (const auto& list : pieces)
+    for (const auto& list : pieces) {
+      if (!list.empty() && out_of_time()) return;
       for (std::size_t x = 0; x < list.size(); ++x)
         for (std::size_t y = x; y < list.size(); ++y) {
           const uint64_t c = and_popcount(bits.data() + list[x].offset, bits.data() + list[y].offset, w);
@@ -263,6 +274,7 @@ class UnitSearch {
           pair_i_[std::size_t(px) * k + py] += c;
           if (px != py) pair_i_[std::size_t(py) * k + px] += c;
         }
+    }
 
     // Whole-set structures for last_step / reach.
     max_i_ = *std::max_element(ci_.begin(), ci_.end());
@@ -440,10 +452,20 @@ class UnitSearch {
     return out;
   }
 
-  bool out_of_budget() const {
-    if (opt_.max_nodes > 0 && nodes_ >= opt_.max_nodes) return true;
-    return limited_time() && Clock::now() >= deadline_;
+  // Whether the unit's budget of nodes or time is spent (then aborted_ is set): checked
+  // before every node is expanded.
+  bool out_of_budget() {
+    if (opt_.max_nodes > 0 && nodes_ >= opt_.max_nodes) aborted_ = true;
+    return out_of_time();
   }
+  // Whether its time is spent (then aborted_ is set): checked also inside every phase that
+  // can take long, the unit tables image by image and a node's rows and exact counts
+  // every kTimeStride concepts, so the limit is overshot by one such step at most.
+  bool out_of_time() {
+    if (!aborted_ && limited_time() && own_seconds() >= deadline_) aborted_ = true;
+    return aborted_;
+  }
+  static constexpr int32_t kTimeStride = 16;
 
   // A limit above a million seconds (or none) is no limit.
   bool limited_time() const { return opt_.time_limit > 0 && opt_.time_limit < 1e6; }
@@ -473,8 +495,7 @@ class UnitSearch {
       node.key = parent == nullptr ? Key{{ch.d}, {}} : extend(parent->key, ch.op, ch.d);
       node.i = ch.i;
       node.e = ch.e;
-      if (out_of_budget()) aborted_ = true;
-      else expand(node, parent, remaining);
+      if (!out_of_budget()) expand(node, parent, remaining);
       if (aborted_) {
         open_bound_ = std::max(open_bound_, ch.bound);
         return;
@@ -603,6 +624,7 @@ class UnitSearch {
         w.row_size.resize(n);
         w.row_i.resize(n);
         for (int32_t d = 0; d < n; ++d) {
+          if (d % kTimeStride == 0 && out_of_time()) return;  // walk() records the bound
           uint64_t wdi, wde;
           count_with(w, d, wdi, wde);
           w.row_i[d] = wdi;
@@ -616,7 +638,9 @@ class UnitSearch {
     // A concept's counts with W, counted once whatever the operators that need it.
     if (counted_at_.size() != std::size_t(n)) counted_at_.assign(std::size_t(n), {0, 0, 0});
     const uint64_t stamp = nodes_;
+    std::size_t listed = 0;
     for (const Child& cand : cands) {
+      if (listed++ % kTimeStride == 0 && out_of_time()) return;
       uint64_t wdi = 0, wde = 0;
       if (rows) {
         wdi = full.i[cand.d];
@@ -683,7 +707,7 @@ class UnitSearch {
   // Last step: per concept, the operators the whole-set thresholds let through (bit j:
   // operator j; all zero between nodes).
   std::vector<uint8_t> listed_;
-  Clock::time_point deadline_;
+  double deadline_ = 0.0;  // own_seconds() at which the budget is spent
   double best_iou_ = 0.0;
   Key best_;
   uint64_t nodes_ = 0;

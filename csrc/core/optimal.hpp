@@ -14,7 +14,7 @@ struct OptimalOptions {
   int length = 3;
   std::vector<BinaryOp> ops{BinaryOp::Or, BinaryOp::And, BinaryOp::AndNot};
   int beam_size = 5;         // beam run first; its answer is the initial lower bound
-  double time_limit = 0.0;   // seconds per unit; <= 0: none
+  double time_limit = 0.0;   // seconds of the unit's own (thread CPU) time; <= 0: none
   uint64_t max_nodes = 0;    // expanded nodes per unit; 0: none
 };
 
@@ -23,7 +23,7 @@ struct OptimalResult {
   bool optimal = false;         // true: no formula of the space has a better key
   double upper_bound = 0.0;     // no formula of the space has a higher IoU
   uint64_t nodes = 0;           // formulas whose extensions were examined
-  double seconds = 0.0;         // wall time of this unit
+  double seconds = 0.0;         // this unit's own time: the CPU time of its thread
   uint64_t unit_size = 0;
   uint64_t unit_images = 0;
   int32_t primitive = -1;

@@ -48,8 +48,12 @@ class SearchSettings:
         ``"beam"`` (compexp's beam search) or ``"optimal"`` (the guaranteed best formula).
     time_limit, max_nodes
         Optimal search only: a per-unit budget in seconds and in expanded nodes (None:
-        none). A unit that runs out returns the best formula found with ``optimal``
-        False and ``upper_bound`` the highest IoU any formula could still have.
+        none). The seconds are the unit's own time, the CPU time of the thread that
+        searches it (a loaded machine does not use them up), checked in every phase,
+        the unit's pair tables included; the result's ``seconds`` is that time. A unit
+        that runs out returns the best formula found with ``optimal`` False and
+        ``upper_bound`` the highest IoU any formula could still have (1.0 when the time
+        ran out before its tables were complete).
     mode
         ``"dataset"`` (IoU over all pixels, compexp) or, only with ``length=1``,
         ``"netdissect"`` (NetDissect-Lite's category-restricted IoU).
