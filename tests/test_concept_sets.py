@@ -457,3 +457,42 @@ def test_data_files_are_package_resources():
 def test_docstring_examples():
     result = doctest.testmod(sets, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_open_concepts_segments_a_named_set_and_records_it(tmp_path, monkeypatch):
+    """`--concepts set:NAME` segments the set's concepts, the store (and the report's
+    summary line) names the set, and a run's config keeps the spec as given."""
+    from PIL import Image
+
+    from pyneuron.concepts import sources
+    from pyneuron.report.html import concept_source
+
+    asked: list[list[str]] = []
+
+    def segmenter(images, concepts):
+        asked.append(list(concepts))
+        scores = np.zeros((len(images), len(concepts), 4, 4), dtype=np.float32)
+        scores[:, concepts.index("car"), :2] = 1.0  # "car" wins the top half
+        scores[:, concepts.index("person"), 2:] = 1.0
+        return scores
+
+    monkeypatch.setattr(sources, "make_segmenter", lambda spec, **placement: segmenter)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), i, dtype=np.uint8)).save(folder / f"{i}.png")
+    store, files, built = sources.open_concepts(
+        "set:coco-stuff", images=folder, grid=4, progress=False
+    )
+    assert built and len(files) == 2 and asked[0] == concept_set("coco-stuff").unique_names()
+    assert store.metadata["concept_set"] == "set:coco-stuff"
+    assert store.images_with("car").tolist() == [0, 1]
+    assert store.mask("car")[0, :2].all() and not store.mask("car")[0, 2:].any()
+    assert concept_source(store.metadata).endswith("concept set set:coco-stuff")
+    saved = store.save(tmp_path / "store")
+    assert pyneuron.ConceptStore.open(saved).metadata["concept_set"] == "set:coco-stuff"
+    assert sources.resolved_concepts_spec("set:coco-stuff") == "set:coco-stuff"
+    resolved = sources.resolved_concepts_spec(f"set:broden:{tmp_path.name}")
+    assert resolved.startswith("set:broden:/") and resolved.endswith(tmp_path.name)
+    with pytest.raises(PyneuronError, match="unknown concept set"):
+        sources.open_concepts("set:nope", images=folder, progress=False)

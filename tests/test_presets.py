@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import pyneuron
 from pyneuron.app.cli import app
+from pyneuron.concepts import CLIPSegSegmenter, segment
 from pyneuron.engine.units import UnitMasks
 from pyneuron.errors import PyneuronError
 from pyneuron.presets import PRESETS, get_preset
@@ -130,6 +131,17 @@ def test_cli_preset_ovce_sets_every_setting_it_fixes(tiny_project, tmp_path):
     store = pyneuron.ConceptStore.open(out / "concepts")
     assert store.metadata["segment"]["semantics"] == "ovce"
     assert (store.grid.height, store.grid.width) == (112, 112)
+    files = sorted((root / "images").iterdir())
+    model = CLIPSegSegmenter.from_pretrained(str(clipseg), device="cpu")
+    by_hand = {
+        semantics: segment(files, concepts, model, grid=112, semantics=semantics, progress=False)
+        for semantics in ("ovce", "pyneuron")
+    }
+    for name in store.names:
+        np.testing.assert_array_equal(store.mask(name), by_hand["ovce"].mask(name), name)
+    assert any(  # the test can tell the two semantics apart
+        not np.array_equal(store.mask(name), by_hand["pyneuron"].mask(name)) for name in store.names
+    )
 
     # ranges and unit masks: OVCE's rules, literally
     activations = np.load(out / "activations" / "1.npy")

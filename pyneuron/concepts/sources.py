@@ -170,17 +170,19 @@ def open_concepts(
                 parts_dir=parts_dir,
                 progress=progress,
             )
-            return store, files, True
-        model = make_segmenter(segmenter, device=device, dtype=dtype)
-        store = segment(
-            files,
-            vocabulary,
-            model,
-            grid=grid,
-            semantics=semantics,
-            workers=workers,
-            progress=progress,
-        )
+        else:
+            model = make_segmenter(segmenter, device=device, dtype=dtype)
+            store = segment(
+                files,
+                vocabulary,
+                model,
+                grid=grid,
+                semantics=semantics,
+                workers=workers,
+                progress=progress,
+            )
+        if set_spec is not None:
+            store.metadata["concept_set"] = os.fspath(source)
         return store, files, True
     if not path.exists():
         raise PyneuronError(f"no store at {path}: the concept source does not exist")

@@ -1070,6 +1070,7 @@ class _IndexPage:
             store={
                 "concepts": _format(len(plan.store))[0],
                 "grid": f"{grid.n_images} images × {grid.height} × {grid.width}",
+                "source": concept_source(plan.store.metadata),
             },
         )
 
@@ -1178,6 +1179,31 @@ class _IndexPage:
                 }
             )
         return concepts
+
+
+def concept_source(metadata: Mapping[str, Any]) -> str:
+    """Where a store's concepts come from, in a few words (from its metadata).
+
+    Examples
+    --------
+    >>> concept_source({"source": "segment", "concept_set": "set:ade20k-150",
+    ...                 "segment": {"segmenter": {"name": "sam3"}, "semantics": "ovce"}})
+    'segmented by sam3 (ovce semantics), concept set set:ade20k-150'
+    >>> concept_source({"source": "broden"})
+    'broden'
+    """
+    source = str(metadata.get("source") or "masks")
+    segmented = metadata.get("segment")
+    if source == "segment" and isinstance(segmented, Mapping):
+        segmenter = segmented.get("segmenter")
+        name = segmenter.get("name") if isinstance(segmenter, Mapping) else segmenter
+        source = (
+            f"segmented by {name or 'a segmenter'} "
+            f"({segmented.get('semantics', 'pyneuron')} semantics)"
+        )
+    if metadata.get("concept_set"):
+        source += f", concept set {metadata['concept_set']}"
+    return source
 
 
 def _layer_facts(
