@@ -2,17 +2,30 @@
 packed bitsets, compiled (numba, bench/numba_search.py, units in parallel) and numpy
 (bench/numpy_search.py), and the PyPI package ``compositional-explanations`` when it is
 installed, on synthetic probing sets (see bench/synthetic.py): ADE20K / Broden-like
-statistics (``small``, ``medium``, ``ade``) or open-vocabulary concept groups (``dense``).
+statistics (``small``, ``medium``, ``ade``), open-vocabulary concept groups (``dense``),
+or blob concepts in 5-50 % of the images against dense units that fire in about 70 % of
+the images at 2-3 % of the pixels (``dense-units``) or against the KMeans activation
+ranges of a synthetic ReLU layer (``ranges``, ``--units`` channels x 5 ranges).
 
-    python bench/search.py --size small|medium|ade|dense [--units N] [--numpy-units K]
-                           [--numba-units K] [--threads T] [--simd LEVEL | --all-simd]
-                           [--length L] [--beam-size B]
+    python bench/search.py --size small|medium|ade|dense|dense-units|ranges [--units N]
+                           [--numpy-units K] [--numba-units K] [--threads T]
+                           [--simd LEVEL | --all-simd] [--length L] [--beam-size B]
+    python bench/search.py --size sweep [--densities D ...] [--presences P ...]
+                           [--images N] [--concepts C] [--units U]
 
 Prints a table with side-by-side per-unit times and ratios, checks that pyneuron, numba
 and numpy give identical formulas, IoUs and final beams on the units they ran, measures
 the in-cache AND+popcount peak of one core and the share of it the search achieves (when
 the engine exposes both), and writes ``bench/results/search-<size>.json``. The numba
 baseline needs ``pip install ".[bench]"``; it uses as many threads as pyneuron.
+
+``--size sweep`` runs the grid of unit densities (``synthetic.DENSITIES``: top-0.5 %
+blobs to units in 90 % of the images at 5 % of the pixels, and activation ranges) x
+concept presences (``synthetic.PRESENCES``: 5 %, 15 %, 50 % of the images) on the
+``dense-units`` grid at a smaller scale (:data:`SWEEP_SCALE`; ``--images``,
+``--concepts``, ``--units`` override it), each cell against numba (with the same checks),
+and reports per cell pyneuron's and numba's per-unit times, their ratio, the counting
+passes' share of the in-cache peak, and the cell where the ratio is lowest.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -43,12 +57,38 @@ import numpy_search  # noqa: E402
 import synthetic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_NUMPY_UNITS = {"small": 4, "medium": 4, "ade": 2, "dense": 2}
+DEFAULT_NUMPY_UNITS = {"small": 4, "medium": 4, "ade": 2, "dense": 2, "dense-units": 2,
+                       "ranges": 2, "sweep": 0}  # fmt: skip
+#: The sweep's cells: the ``dense-units`` grid with these images, concepts and units
+#: (a ``ranges`` cell has units // n_ranges channels); about 20-40 s a cell on 2 cores.
+SWEEP_SCALE = {"n_images": 1_000, "n_concepts": 500, "n_units": 20}
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parse(argv)
-    spec = synthetic.SIZES[args.size]
+    if args.threads is not None:
+        pyneuron.set_num_threads(args.threads)
+    if args.simd is not None:
+        pyneuron.set_simd_level(args.simd)
+    if args.size == "sweep":
+        report = _sweep(args)
+        reports = report["cells"]
+    else:
+        report = _run(_spec(synthetic.SIZES[args.size], args), args)
+        _table(report)
+        reports = [report]
+    out = Path(args.output) if args.output else RESULTS / f"search-{args.size}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2, default=_json_default) + "\n"
+    write_atomically(out, lambda p: p.write_text(text))  # an interrupted run leaves the old results
+    print(f"wrote {out}")
+    if not all(_identical(r) for r in reports):
+        sys.exit(1)
+    return report
+
+
+def _spec(base: synthetic.SizeSpec, args) -> synthetic.SizeSpec:
+    """``base`` with the --images, --concepts and --units given."""
     overrides = {
         k: v
         for k, v in (
@@ -58,11 +98,24 @@ def main(argv: list[str] | None = None) -> dict:
         )
         if v is not None
     }
-    spec = dataclasses.replace(spec, **overrides)
-    if args.threads is not None:
-        pyneuron.set_num_threads(args.threads)
-    if args.simd is not None:
-        pyneuron.set_simd_level(args.simd)
+    return dataclasses.replace(base, **overrides)
+
+
+def _identical(report: dict) -> bool:
+    """False when a baseline's answers differ from pyneuron's on a unit both ran."""
+    checks = [report[k].get("agreement") for k in ("numba", "numpy")]
+    checks.append(report["numpy"].get("numba_agreement"))
+    return not any(c is not None and not c["identical"] for c in checks)
+
+
+def _units_text(spec: synthetic.SizeSpec) -> str:
+    if spec.units == "ranges":
+        return f"{spec.n_units} channels x {spec.n_ranges} ranges"
+    return f"{spec.n_units} units"
+
+
+def _run(spec: synthetic.SizeSpec, args, label: str | None = None) -> dict:
+    """Build one probing set and run every phase on it; the report (not written)."""
     numpy_units = DEFAULT_NUMPY_UNITS[args.size] if args.numpy_units is None else args.numpy_units
     stream = args.size == "ade" if args.stream is None else args.stream
     report: dict = {
@@ -73,8 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
         "notes": [],
     }
     print(
-        f"== search benchmark, size {args.size}: {spec.n_images:,} images x "
-        f"{spec.height}x{spec.width}, {spec.n_concepts:,} concepts, {spec.n_units} units"
+        f"== search benchmark, size {label or args.size}: {spec.n_images:,} images x "
+        f"{spec.height}x{spec.width}, {spec.n_concepts:,} concepts, {_units_text(spec)}"
     )
     print(
         f"   pyneuron {pyneuron.__version__}, {pyneuron.num_threads()} threads, SIMD "
@@ -105,16 +158,6 @@ def main(argv: list[str] | None = None) -> dict:
     report["peak_rss_mb"] = _rss_mb()
     if hasattr(os, "getloadavg"):
         report["machine"]["loadavg_end"] = list(os.getloadavg())
-    _table(report)
-    out = Path(args.output) if args.output else RESULTS / f"search-{args.size}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=2, default=_json_default) + "\n"
-    write_atomically(out, lambda p: p.write_text(text))  # an interrupted run leaves the old results
-    print(f"wrote {out}")
-    checks = [report[k].get("agreement") for k in ("numba", "numpy")]
-    checks.append(report["numpy"].get("numba_agreement"))
-    if any(c is not None and not c["identical"] for c in checks):
-        sys.exit(1)
     return report
 
 
@@ -122,8 +165,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--size", choices=sorted(synthetic.SIZES), default="small")
-    p.add_argument("--units", type=int, help="units (default 64 for small/medium, 512 for ade)")
+    p.add_argument("--size", choices=[*sorted(synthetic.SIZES), "sweep"], default="small")
+    p.add_argument(
+        "--units",
+        type=int,
+        help="units (default 64 small/medium/dense, 512 ade, 32 dense-units; for ranges: "
+        "channels, default 8, each giving 5 units; for the sweep: units per cell, default 20)",
+    )
+    p.add_argument(
+        "--densities",
+        nargs="+",
+        choices=list(synthetic.DENSITIES),
+        default=list(synthetic.DENSITIES),
+        help="--size sweep: the unit densities (rows)",
+    )
+    p.add_argument(
+        "--presences",
+        nargs="+",
+        choices=list(synthetic.PRESENCES),
+        default=list(synthetic.PRESENCES),
+        help="--size sweep: the concept presences (columns)",
+    )
     p.add_argument("--images", type=int, help="override the number of images")
     p.add_argument("--concepts", type=int, help="override the number of concepts")
     p.add_argument(
@@ -138,7 +200,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--numba-budget seconds, else as many as fit; 0 skips it)",
     )
     p.add_argument(
-        "--numba-budget", type=float, default=120.0, help="seconds for the numba baseline"
+        "--numba-budget",
+        type=float,
+        help="seconds for the numba baseline (default 120, a sweep cell 10)",
     )
     p.add_argument(
         "--threads",
@@ -153,7 +217,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--repeat",
         type=int,
         help="time pyneuron this many times, keep the best (default 10, as timeit: a shared "
-        "machine's noise only adds time; ade 1)",
+        "machine's noise only adds time; ade 1, a sweep cell 3)",
     )
     p.add_argument(
         "--warmup",
@@ -234,6 +298,10 @@ def _build(spec, args, directory, report) -> synthetic.Built:
         "unit_density_mean": float(density.mean()),
         "unit_density_median": float(np.median(density)),
         "unit_images_mean_fraction": float((built.unit_images / spec.n_images).mean()),
+        # Per chunk (for ranges: per range, lowest first).
+        "unit_density_by_chunk": _by_chunk(built, density),
+        "unit_images_fraction_by_chunk": _by_chunk(built, built.unit_images / spec.n_images),
+        "concept_images_mean_fraction": float(table["images"].mean() / spec.n_images),
         "peak_rss_mb": _rss_mb(),
     }
     b = report["build"]
@@ -245,6 +313,12 @@ def _build(spec, args, directory, report) -> synthetic.Built:
         f"peak RSS {b['peak_rss_mb']:.0f} MB"
     )
     return built
+
+
+def _by_chunk(built, values: np.ndarray) -> list[float]:
+    """The mean of per-unit ``values`` over each chunk's units."""
+    bounds = np.cumsum([0] + [len(chunk) for chunk in built.units])
+    return [float(values[lo:hi].mean()) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def _sizes(built, tmp: Path, stream: bool, report) -> None:
@@ -304,7 +378,7 @@ def _time_pyneuron(built, args, report):
     if args.warmup if args.warmup is not None else args.size != "ade":
         _explain(built, args)  # untimed: thread pool start, first touch of the pages
     reference = None
-    repeat = args.repeat if args.repeat is not None else (1 if args.size == "ade" else 10)
+    repeat = args.repeat if args.repeat is not None else {"ade": 1, "sweep": 3}.get(args.size, 10)
     for lev in levels:
         pyneuron.set_simd_level(lev)
         times, cpu = [], []
@@ -627,8 +701,11 @@ def _numba(built, results, full, args, packed, report) -> dict:
         probe = _numpy_units(built, info["threads"])
         _, seconds, _ = run(probe)
         info["probe"] = {"units": probe, "seconds": seconds}
-        if seconds / len(probe) * n > args.numba_budget:
-            k = max(len(probe), int(args.numba_budget * len(probe) / seconds))
+        budget = args.numba_budget
+        if budget is None:
+            budget = 10.0 if args.size == "sweep" else 120.0
+        if seconds / len(probe) * n > budget:
+            k = max(len(probe), int(budget * len(probe) / seconds))
     chosen = list(range(n)) if k >= n else _numpy_units(built, k)
     found, seconds, cpu = run(chosen)
     info.update(
@@ -813,6 +890,104 @@ def _ce_formula(node, names) -> str:
     return f"({_ce_formula(node.left, names)} {kind.upper()} {_ce_formula(node.right, names)})"
 
 
+# -- the sweep -------------------------------------------------------------------------
+
+
+def _sweep(args) -> dict:
+    """Every (density, presence) cell of ``--densities`` x ``--presences``: one report
+    each (``cells``), a summary row each (``table``) and the row where pyneuron's ratio
+    to numba is lowest (``lowest_ratio``)."""
+    base = _spec(dataclasses.replace(synthetic.SIZES["dense-units"], **SWEEP_SCALE), args)
+    report: dict = {
+        "size": "sweep",
+        "spec": dataclasses.asdict(base),
+        "search": {"length": args.length, "beam_size": args.beam_size},
+        "machine": _machine(),
+        "densities": {d: synthetic.DENSITIES[d] for d in args.densities},
+        "presences": {p: synthetic.PRESENCES[p] for p in args.presences},
+        "cells": [],
+        "table": [],
+    }
+    for density in args.densities:
+        for presence in args.presences:
+            spec = synthetic.regime(base, density, presence)
+            if spec.units == "ranges":  # about as many units as the other cells
+                spec = dataclasses.replace(spec, n_units=max(1, base.n_units // spec.n_ranges))
+            cell = _run(spec, args, label=f"sweep {density} x {presence}")
+            _table(cell)
+            cell.update(density=density, presence=presence)
+            report["cells"].append(cell)
+            report["table"].append(_sweep_row(cell))
+    if hasattr(os, "getloadavg"):
+        report["machine"]["loadavg_end"] = list(os.getloadavg())
+    measured = [r for r in report["table"] if r["pyneuron_vs_numba"] is not None]
+    report["lowest_ratio"] = min(measured, key=lambda r: r["pyneuron_vs_numba"], default=None)
+    _sweep_table(report)
+    return report
+
+
+def _sweep_row(cell: dict) -> dict:
+    """A cell's summary: data statistics, per-unit times, ratio, pair fates, peak share."""
+    b, run, nb = cell["build"], cell["pyneuron"]["runs"][0], cell["numba"]
+    peak, pruning = cell["popcount_peak"], cell["pruning"]
+    agreement = nb.get("agreement")
+    return {
+        "density": cell["density"],
+        "presence": cell["presence"],
+        "units": run["units"],
+        "unit_density_mean": b["unit_density_mean"],
+        "unit_images_mean_fraction": b["unit_images_mean_fraction"],
+        "concept_images_mean_fraction": b["concept_images_mean_fraction"],
+        "pyneuron_per_unit_seconds": run["per_unit_seconds"],
+        "pyneuron_cpu_utilization": run["cpu_utilization"],
+        "numba_per_unit_seconds": nb.get("per_unit_seconds"),
+        "numba_units": nb.get("unit_count"),
+        "pyneuron_vs_numba": cell["ratios"]["pyneuron_vs_numba"],
+        "fraction_derived": pruning["fraction_derived"],
+        "fraction_pruned": pruning["fraction_pruned"],
+        "fraction_counted": pruning["fraction_counted"],
+        "counting_fraction_of_peak": peak["counting_fraction_of_peak"],
+        "search_fraction_of_peak": peak["search_fraction_of_peak"],
+        "identical": None if agreement is None else agreement["identical"],
+        "loadavg_start": cell["machine"]["loadavg_start"],
+    }
+
+
+def _sweep_table(report: dict) -> None:
+    header = ("units", "concepts in", "unit px", "unit img", "pyneuron/unit", "numba/unit",
+              "ratio", "counted", "count/peak", "same")  # fmt: skip
+    rows = [
+        (
+            f"{r['density']} ({r['units']})",
+            r["presence"],
+            f"{100 * r['unit_density_mean']:.2f} %",
+            f"{100 * r['unit_images_mean_fraction']:.0f} %",
+            _dur(r["pyneuron_per_unit_seconds"]),
+            _dur(r["numba_per_unit_seconds"]),
+            _ratio(r["numba_per_unit_seconds"], r["pyneuron_per_unit_seconds"]),
+            f"{100 * r['fraction_counted']:.1f} %",
+            f"{100 * r['counting_fraction_of_peak']:.1f} %",
+            {True: "yes", False: "NO", None: "-"}[r["identical"]],
+        )
+        for r in report["table"]
+    ]
+    print()
+    spec, search = report["spec"], report["search"]
+    print(
+        f"== sweep: {spec['n_images']:,} images, {spec['n_concepts']:,} concepts, length "
+        f"{search['length']}, beam {search['beam_size']}"
+    )
+    _print_table(header, rows)
+    low = report["lowest_ratio"]
+    if low is not None:
+        print(
+            f"  lowest ratio: {low['pyneuron_vs_numba']:.1f}x at units {low['density']}, "
+            f"concepts in {low['presence']} of the images (load average at its start "
+            f"{low['loadavg_start'][0]:.1f})"
+        )
+    print()
+
+
 # -- helpers ---------------------------------------------------------------------------
 
 
@@ -924,12 +1099,8 @@ def _table(report) -> None:
         rows.append(("compositional-explanations", "-", "-", "skipped", "-", "-", "-"))
     header = ("engine", "units", "total s", "per unit", "speed vs numba", "speed vs numpy",
               "CPU use")  # fmt: skip
-    widths = [max(len(str(x[i])) for x in [header, *rows]) for i in range(len(header))]
     print()
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+    _print_table(header, rows)
     s = report["store"]
     extra = [
         f"build {report['build']['seconds']:.1f} s; store {_mb(s['nbytes'])} (nbytes), "
@@ -972,6 +1143,15 @@ def _table(report) -> None:
     print()
 
 
+def _print_table(header: tuple, rows: list[tuple]) -> None:
+    """A Markdown table, columns as wide as their widest cell."""
+    widths = [max(len(str(x[i])) for x in [header, *rows]) for i in range(len(header))]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -991,6 +1171,7 @@ def _machine() -> dict:
         "memory_total_mb": _meminfo("MemTotal"),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
+        "engine_build": _engine_build(),
         # Other work on the machine skews timings (2 threads on a 2-core machine).
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
@@ -1009,6 +1190,18 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def _engine_build() -> dict:
+    """The compiled engine's file: its digest and time, to tell builds apart (the working
+    tree of the commit above may hold changes)."""
+    path = Path(pyneuron.engine._native._core.__file__)
+    return {
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16],
+        "modified": datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.UTC).isoformat(
+            timespec="seconds"
+        ),
+    }
 
 
 def _cpu_model() -> str | None:

@@ -1,6 +1,8 @@
 """Synthetic probing sets for the search benchmark: ADE20K / Broden-like statistics
-(:class:`Synthetic`, sizes ``small``, ``medium``, ``ade``) or open-vocabulary concept
-groups where every pixel takes one concept per group (:class:`DenseSynthetic`, ``dense``).
+(:class:`Synthetic`, sizes ``small``, ``medium``, ``ade``), open-vocabulary concept
+groups where every pixel takes one concept per group (:class:`DenseSynthetic`, ``dense``)
+or independent blob concepts (:class:`BlobSynthetic`, ``dense-units``, ``ranges`` and the
+sweep of :data:`DENSITIES` x :data:`PRESENCES`).
 
 A probing set is N images x H x W pixels. With ADE20K / Broden-like statistics it has
 C concepts of five kinds:
@@ -22,7 +24,18 @@ Units come in two kinds:
   ``((obj0012 OR obj0031) AND NOT red-c)``), with noise: 5 % of its pixels dropped, 30 %
   of the one-pixel ring around it added, and random false-positive blobs in 2 % of images.
 - **random** units: blobs firing in a few percent of the images (partly at the location of
-  a preferred object), about 0.5 % of all pixels, like top-0.5 % activation masks.
+  a preferred object), about 0.5 % of all pixels, like top-0.5 % activation masks. The
+  share of images and of pixels come from the size (:attr:`SizeSpec.unit_images`,
+  :attr:`SizeSpec.unit_pixels`): ``dense-units`` has units that fire in about 70 % of the
+  images at 2-3 % of the pixels, as early-layer units at low thresholds.
+
+A size's ``units`` says which: ``"mixed"`` (one planted unit in eight, the rest random),
+``"blobs"`` (random units only) or ``"ranges"``: the activation ranges of a synthetic ReLU
+layer (:meth:`Synthetic.layer_activations`: each channel responds to a few concepts, plus
+smooth noise, at a quarter of the grid's resolution), clustered per channel by
+:func:`pyneuron.activation_ranges` (KMeans, OVCE's 5 ranges) and upsampled to the grid by
+``range_unit_masks`` -- one unit per (range, channel); the low ranges cover tens of
+percent of the pixels.
 
 Everything is generated image by image with vectorized numpy from a per-image seed
 (``numpy.random.default_rng((seed, image))``), so it is reproducible, never dense over
@@ -33,6 +46,8 @@ and the units with :meth:`pyneuron.UnitMasks.writer`, in chunks of units.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -45,6 +60,7 @@ import numpy as np
 
 import pyneuron
 from pyneuron import And, Concept, Formula, Not, Or
+from pyneuron.model.layer_units import range_unit_masks
 
 COLORS = (
     "black",
@@ -63,22 +79,75 @@ COLORS = (
 
 @dataclass(frozen=True)
 class SizeSpec:
-    """A benchmark size: grid, number of concepts and default number of units."""
+    """A benchmark size: grid, number of concepts and default number of units, the
+    concept statistics and the kind of units.
+
+    ``n_units`` counts units, except for ``units="ranges"``, where it counts the
+    synthetic layer's channels, each giving ``n_ranges`` units.
+    """
 
     n_images: int
     height: int
     width: int
     n_concepts: int
     n_units: int
-    statistics: str = "ade"  # "ade": ADE20K / Broden-like; "dense": open-vocabulary groups
+    # "ade": ADE20K / Broden-like; "dense": open-vocabulary groups; "blobs": independent
+    # blob concepts, each in a share of the images drawn from `concept_presence`.
+    statistics: str = "ade"
+    units: str = "mixed"  # "mixed": planted + random; "blobs": random only; "ranges"
+    unit_images: tuple[float, float] = (0.02, 0.1)  # random units: share of images (log-unif.)
+    unit_pixels: tuple[float, float] = (0.0035, 0.0035)  # ... and of all pixels (log-unif.)
+    concept_presence: tuple[float, float] = (0.05, 0.5)  # "blobs": share of images (log-unif.)
+    n_ranges: int = 5  # "ranges": KMeans ranges per channel (OVCE: 5)
 
+
+#: The sweep's unit densities: (share of images, share of all pixels) ranges of random
+#: units, from top-0.5 % activation masks to early-layer units at low thresholds;
+#: ``ranges`` stands for the activation-range units of the ``ranges`` size.
+DENSITIES: dict[str, dict] = {
+    "top-0.5%": dict(units="blobs", unit_images=(0.04, 0.12), unit_pixels=(0.004, 0.006)),
+    "top-1%": dict(units="blobs", unit_images=(0.2, 0.4), unit_pixels=(0.008, 0.012)),
+    "dense": dict(units="blobs", unit_images=(0.6, 0.8), unit_pixels=(0.02, 0.03)),
+    "denser": dict(units="blobs", unit_images=(0.8, 0.95), unit_pixels=(0.04, 0.06)),
+    "ranges": dict(units="ranges"),
+}
 
 SIZES = {
     "small": SizeSpec(2_000, 56, 56, 200, 64),
     "medium": SizeSpec(2_000, 56, 56, 1_000, 64),
     "ade": SizeSpec(22_210, 112, 112, 1_200, 512),
     "dense": SizeSpec(2_000, 56, 56, 1_000, 64, statistics="dense"),
+    # The dense-unit regime: units in about 70 % of the images at 2-3 % of the pixels.
+    "dense-units": SizeSpec(2_000, 56, 56, 1_000, 32, statistics="blobs", **DENSITIES["dense"]),
+    "ranges": SizeSpec(2_000, 56, 56, 1_000, 8, statistics="blobs", units="ranges"),
 }
+
+#: The sweep's concept presences: share of the images each blob concept is in.
+PRESENCES: dict[str, tuple[float, float]] = {
+    "5%": (0.04, 0.06),
+    "15%": (0.12, 0.18),
+    "50%": (0.4, 0.6),
+}
+
+
+def regime(base: SizeSpec, density: str, presence: str) -> SizeSpec:
+    """``base`` (grid, concepts, units) with blob concepts of a :data:`PRESENCES` and units
+    of a :data:`DENSITIES`: one cell of the sweep.
+
+    Examples
+    --------
+    >>> spec = regime(SIZES["dense-units"], "top-0.5%", "50%")
+    >>> spec.units, spec.unit_pixels, spec.concept_presence
+    ('blobs', (0.004, 0.006), (0.4, 0.6))
+    """
+    if density not in DENSITIES or presence not in PRESENCES:
+        raise ValueError(
+            f"unknown sweep cell ({density!r}, {presence!r}); densities: {', '.join(DENSITIES)};"
+            f" presences: {', '.join(PRESENCES)}"
+        )
+    return dataclasses.replace(
+        base, statistics="blobs", concept_presence=PRESENCES[presence], **DENSITIES[density]
+    )
 
 
 # -- formulas planted in units -------------------------------------------------------
@@ -176,7 +245,8 @@ class Synthetic:
     seed
         Everything derives from it.
     n_planted
-        Units with a planted formula (the first ``n_planted`` units); default ``n_units // 8``.
+        Units with a planted formula (the first ``n_planted`` units); default
+        ``n_units // 8`` for ``units="mixed"``, else none.
     """
 
     at_preferred = 0.7  # chance a random unit fires at its preferred object when present
@@ -231,15 +301,70 @@ class Synthetic:
 
     def _init_units(self, rng: np.random.Generator, n_planted: int | None, pool: int) -> None:
         """Planted formulas and random-unit parameters; random units prefer the location
-        of one of the concepts ``0 .. pool - 1`` half of the time."""
+        of one of the concepts ``0 .. pool - 1`` half of the time. For ``units="ranges"``,
+        the synthetic layer's channels instead."""
         spec = self.spec
         self.n_units = spec.n_units
-        self.n_planted = min(spec.n_units, spec.n_units // 8 if n_planted is None else n_planted)
+        if spec.units == "ranges":
+            n_planted = 0
+        elif n_planted is None:
+            n_planted = spec.n_units // 8 if spec.units == "mixed" else 0
+        self.n_planted = min(spec.n_units, n_planted)
         self.planted = [self._planted_formula(rng, k) for k in range(self.n_planted)]
-        n_random = spec.n_units - self.n_planted
-        self.fire_p = np.exp(rng.uniform(np.log(0.02), np.log(0.1), n_random))
-        self.blob_radius = np.sqrt(0.0035 / self.fire_p / np.pi)  # fraction of the side
+        n_random = 0 if spec.units == "ranges" else spec.n_units - self.n_planted
+        self.fire_p = np.exp(rng.uniform(*np.log(spec.unit_images), n_random))
         self.preferred = np.where(rng.random(n_random) < 0.5, rng.integers(0, pool, n_random), -1)
+        # Drawn last (the sets of the sizes with one unit density stay as they were).
+        lo, hi = spec.unit_pixels
+        density = lo * (hi / lo) ** rng.random(n_random)
+        self.blob_radius = np.sqrt(density / self.fire_p / np.pi)  # fraction of the side
+        if spec.units == "ranges":
+            self._init_layer(rng, pool)
+
+    #: The synthetic layer (``units="ranges"``): its maps are this many times coarser than
+    #: the grid, each channel sums this many concepts' pooled masks, with smooth noise
+    #: interpolated from a square of this many control points per side.
+    layer_stride, layer_sources, layer_noise_points = 4, 3, 4
+
+    def _init_layer(self, rng: np.random.Generator, pool: int) -> None:
+        """Per channel: the concepts it responds to (of ``0 .. pool - 1``), their weights,
+        the noise scale and the bias before the ReLU."""
+        n, k = self.spec.n_units, self.layer_sources
+        h, w = self.shape
+        self.layer_shape = (max(1, h // self.layer_stride), max(1, w // self.layer_stride))
+        self.sources = rng.integers(0, pool, (n, k))
+        self.source_weight = rng.uniform(0.5, 2.0, (n, k))
+        self.noise_scale = rng.uniform(0.5, 1.0, n)
+        self.bias = rng.uniform(-0.6, 0.0, n)
+        self._pool_y = _pool_matrix(self.layer_shape[0], h)
+        self._pool_x = _pool_matrix(self.layer_shape[1], w)
+        self._noise_y = _lerp_matrix(self.layer_shape[0], self.layer_noise_points)
+        self._noise_x = _lerp_matrix(self.layer_shape[1], self.layer_noise_points)
+
+    def layer_activations(self, image: ImageConcepts, rng: np.random.Generator) -> np.ndarray:
+        """The synthetic ReLU layer's maps (U, h, w) float32 on an image: per channel,
+        the weighted sum of its concepts' masks (area-pooled to the map) plus smooth
+        Gaussian noise plus a bias, clipped at zero."""
+        sources = np.unique(self.sources)
+        pooled = np.stack(
+            [self._pool_y @ image.mask(int(c), self.shape) @ self._pool_x.T for c in sources]
+        )
+        drive = np.einsum("uk,ukyx->uyx", self.source_weight,
+                          pooled[np.searchsorted(sources, self.sources)])  # fmt: skip
+        points = self.layer_noise_points
+        noise = rng.normal(0.0, 1.0, (self.spec.n_units, points, points))
+        noise = np.einsum("yi,uij,xj->uyx", self._noise_y, noise, self._noise_x)
+        values = drive + self.noise_scale[:, None, None] * noise + self.bias[:, None, None]
+        return np.maximum(values, 0.0).astype(np.float32)
+
+    def range_units(
+        self, activations: np.ndarray, path: Path | None, progress: bool
+    ) -> list[pyneuron.UnitMasks]:
+        """The unit masks of the layer's activation ranges (``spec.n_ranges`` KMeans
+        ranges per channel), one :class:`pyneuron.UnitMasks` per range (``path/range<k>``
+        when ``path`` is given)."""
+        ranges = pyneuron.activation_ranges(activations, self.spec.n_ranges)
+        return range_unit_masks(activations, ranges, self.shape, path=path, progress=progress)
 
     def _start(self, spec: SizeSpec, seed: int, stream: int) -> np.random.Generator:
         """Check and keep the size and seed; the generator of the set-wide parameters."""
@@ -565,9 +690,78 @@ def _lerp_matrix(n_out: int, n_in: int) -> np.ndarray:
     return out
 
 
+def _pool_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) weights that average n_in pixels over n_out consecutive bins (the
+    last bins take the remainder)."""
+    edges = np.arange(n_out + 1) * n_in // n_out
+    out = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        out[i, edges[i] : edges[i + 1]] = 1.0 / (edges[i + 1] - edges[i])
+    return out
+
+
+class BlobSynthetic(Synthetic):
+    """A probing set of independent blob concepts: ``blobs`` statistics.
+
+    Each concept is in a share of the images drawn log-uniformly from
+    :attr:`SizeSpec.concept_presence` (independently of the other concepts); where it is,
+    it covers 1 + Poisson(0.5) ellipses around its own radius, log-uniform from 2 % to
+    half of the side (blobs of every size; the concept's category says which third of
+    that scale it is in: ``small``, ``medium``, ``large``), jittered per blob. Concepts
+    overlap freely; there are no image-level labels. Units are random blobs (``units=
+    "blobs"``, at the location of a preferred concept :attr:`at_preferred` of the time
+    it is in the image) or activation ranges (``units="ranges"``); no planted formulas.
+    """
+
+    at_preferred = 0.3
+    radius_range = (0.02, 0.5)  # concept radii, as a share of the side
+
+    def __init__(self, spec: SizeSpec, seed: int = 0, n_planted: int | None = None) -> None:
+        if spec.units == "mixed" or n_planted:
+            raise ValueError("blob statistics have no planted formulas: use units 'blobs'")
+        rng = self._start(spec, seed, 1 << 42)
+        c = spec.n_concepts
+        self.presence = np.exp(rng.uniform(*np.log(spec.concept_presence), c))
+        scale = rng.random(c)  # position of the radius on the log scale
+        lo, hi = self.radius_range
+        self.radius = lo * (hi / lo) ** scale
+        self.names = [f"blob{j:04d}" for j in range(c)]
+        self.categories = [("small", "medium", "large")[int(3 * x)] for x in scale]
+        self._init_units(rng, 0, c)
+
+    def image(self, i: int) -> tuple[ImageConcepts, np.random.Generator]:
+        """The concepts of image ``i`` (deterministic) and its generator for the units."""
+        rng = np.random.default_rng((self.seed, i))
+        h, w = self.shape
+        ids = np.flatnonzero(rng.random(self.spec.n_concepts) < self.presence)
+        owner = np.repeat(ids, 1 + rng.poisson(0.5, ids.size))
+        centers = rng.random((owner.size, 2)) * (h, w)
+        radius = self.radius[owner] * min(h, w) * np.exp(rng.normal(0.0, 0.25, owner.size))
+        aspect = np.exp(rng.normal(0.0, 0.3, owner.size))
+        masks = {int(c): np.zeros((h, w), dtype=bool) for c in ids}
+        for c, (cy, cx), r, a in zip(owner.tolist(), centers, radius, aspect):
+            # At least one pixel across: the pixel of the center is always inside.
+            _paint_ellipse(masks[c], cy, cx, max(r * a, 1.0), max(r / a, 1.0), True)
+        first = np.searchsorted(owner, ids)
+        centers_of = dict(zip(ids.tolist(), map(tuple, centers[first].tolist())))
+        return ImageConcepts(masks, [], centers_of), rng
+
+
 def synthetic_for(spec: SizeSpec, seed: int = 0) -> Synthetic:
-    """The generator of a size: :class:`DenseSynthetic` for ``dense`` statistics."""
-    return DenseSynthetic(spec, seed) if spec.statistics == "dense" else Synthetic(spec, seed)
+    """The generator of a size's concept statistics (``ade``, ``dense`` or ``blobs``).
+
+    Examples
+    --------
+    >>> type(synthetic_for(SIZES["dense-units"])).__name__
+    'BlobSynthetic'
+    """
+    kinds = {"ade": Synthetic, "dense": DenseSynthetic, "blobs": BlobSynthetic}
+    if spec.statistics not in kinds or spec.units not in ("mixed", "blobs", "ranges"):
+        raise ValueError(
+            f"unknown statistics {spec.statistics!r} or units {spec.units!r}; statistics: "
+            f"{', '.join(kinds)}; units: mixed, blobs, ranges"
+        )
+    return kinds[spec.statistics](spec, seed)
 
 
 def _zipf(n: int, exponent: float) -> np.ndarray:
@@ -622,8 +816,14 @@ def build(
     With ``directory`` the store (``directory/store``) and unit chunks
     (``directory/units-KK``) stream to disk and come back memory-mapped, so the bitsets
     never sit twice in memory; without, everything stays in memory.
+
+    For ``units="ranges"`` the layer's activations (N, U, h, w) float32 are kept in
+    memory, and the chunks are the ranges (``directory/range<k>``, ``chunk_units``
+    unused); their expected counts are those of the masks made (nothing to check them
+    against).
     """
     syn = synthetic_for(spec, seed)
+    ranges = spec.units == "ranges"
     grid = pyneuron.Grid(spec.n_images, spec.height, spec.width)
     directory = Path(directory) if directory is not None else None
     store_writer = pyneuron.ConceptStore.writer(
@@ -633,25 +833,29 @@ def build(
         path=directory / "store" if directory else None,
         metadata={"synthetic": True, "seed": seed},
     )
-    bounds = list(range(0, spec.n_units, chunk_units)) + [spec.n_units]
+    bounds = [0] if ranges else list(range(0, spec.n_units, chunk_units)) + [spec.n_units]
     unit_writers = [
         pyneuron.UnitMasks.writer(
             grid, hi - lo, path=directory / f"units-{k:02d}" if directory else None
         )
         for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
     ]
+    if ranges:
+        activations = np.zeros((spec.n_images, spec.n_units, *syn.layer_shape), np.float32)
     h, w = syn.shape
     pixels = h * w
     concept_pixels = np.zeros(spec.n_concepts, dtype=np.int64)
     concept_images = np.zeros(spec.n_concepts, dtype=np.int64)
     unit_pixels = np.zeros(spec.n_units, dtype=np.int64)
     unit_images = np.zeros(spec.n_units, dtype=np.int64)
-    canvas = np.zeros((spec.n_units, h, w), dtype=bool)
+    canvas = np.zeros((0 if ranges else spec.n_units, h, w), dtype=bool)
     names = syn.names
     write_seconds = 0.0
     start = time.perf_counter()
     for i in _progress(range(spec.n_images), progress, "synthetic images"):
         image, rng = syn.image(i)
+        if ranges:
+            activations[i] = syn.layer_activations(image, rng)
         touched = syn.unit_masks(image, rng, canvas)
         t0 = time.perf_counter()
         store_writer.add_image(
@@ -680,6 +884,10 @@ def build(
     store = store_writer.close()
     units = [writer.close() for writer in unit_writers]
     close_seconds = time.perf_counter() - t0
+    if ranges:  # part of generating: the ranges and their masks
+        units = syn.range_units(activations, directory, progress)
+        unit_pixels = np.concatenate([u.pixel_counts for u in units])
+        unit_images = np.concatenate([u.image_counts for u in units])
     total = time.perf_counter() - start
     return Built(
         syn,
@@ -698,11 +906,24 @@ def build(
 
 
 CACHE_FORMAT = 1
+#: The fields of :class:`SizeSpec` that a cache key digests when not the default ones.
+REGIME_FIELDS = ("units", "unit_images", "unit_pixels", "concept_presence", "n_ranges")
 
 
 def cache_key(spec: SizeSpec, seed: int, chunk_units: int) -> str:
-    """Directory name of a cached probing set (generator version, size, seed, chunking)."""
+    """Directory name of a cached probing set (generator version, size, seed, chunking,
+    and a digest of the regime when the units or concepts are not the default ones).
+
+    Examples
+    --------
+    >>> cache_key(SIZES["small"], 0, 64)
+    'v1-2000x56x56-c200-u64-s0-k64'
+    """
     statistics = "" if spec.statistics == "ade" else f"-{spec.statistics}"
+    fields = [f for f in dataclasses.fields(spec) if f.name in REGIME_FIELDS]
+    regime = tuple(getattr(spec, f.name) for f in fields)
+    if regime != tuple(f.default for f in fields):
+        statistics += f"-{spec.units}-{hashlib.sha1(repr(regime).encode()).hexdigest()[:8]}"
     return (
         f"v{CACHE_FORMAT}-{spec.n_images}x{spec.height}x{spec.width}-c{spec.n_concepts}"
         f"-u{spec.n_units}-s{seed}-k{chunk_units}{statistics}"
@@ -730,12 +951,13 @@ def load_cache(
     directory = Path(directory)
     if not (directory / "expected.npz").exists():
         return None
-    bounds = list(range(0, spec.n_units, chunk_units)) + [spec.n_units]
+    if spec.units == "ranges":
+        chunks = [f"range{k}" for k in range(spec.n_ranges)]
+    else:
+        chunks = [f"units-{k:02d}" for k in range(math.ceil(spec.n_units / chunk_units))]
     try:
         store = pyneuron.ConceptStore.open(directory / "store")
-        units = [
-            pyneuron.UnitMasks.open(directory / f"units-{k:02d}") for k in range(len(bounds) - 1)
-        ]
+        units = [pyneuron.UnitMasks.open(directory / chunk) for chunk in chunks]
         expected = np.load(directory / "expected.npz")
         seconds = json.loads((directory / "seconds.json").read_text())
     except (OSError, ValueError, pyneuron.PyneuronError):
