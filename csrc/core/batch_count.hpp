@@ -48,6 +48,9 @@ class PairSet {
     for (std::size_t k = 0; k < bits_.size(); ++k) first_[k + 1] = first_[k] + bit_count(bits_[k]);
   }
   int64_t size() const { return first_.back(); }
+  // Number of the first selected pair of word k (k = column * row_words() + row / 64);
+  // numbered ones only.
+  int64_t first(std::size_t k) const { return first_[k]; }
   // Number of the selected pair (row, column); numbered ones only.
   int64_t index(int64_t row, int64_t column) const {
     const std::size_t k = std::size_t(column) * row_words_ + std::size_t(row) / 64;
@@ -67,6 +70,21 @@ struct BatchCounts {
   std::vector<uint64_t> words;  // per row: 64-bit word pairs AND-popcounted for it
 };
 
+// How a counting pass goes through a range of columns (PairCounter::count).
+enum class CountPath {
+  // Per (image, column): the selected rows present there, each counted on its own words
+  // or all against the column in one call; pays per selected pair and image.
+  Sparse,
+  // Per image: the rows present there, in groups of rows over nearby words, against all
+  // the wanted columns present there with the register-blocked micro-kernel (every pair,
+  // selected or not) into a dense accumulator, mapped to the selected pairs once at the
+  // end; pays per present pair and image, with no bookkeeping per pair.
+  Tiled,
+  // Per image, the path of the lower estimated cost (from its rows, their words and the
+  // share of selected pairs in the range of columns).
+  Auto,
+};
+
 // Counts of fixed rows against the columns of a mask set, for any number of pair selections.
 class PairCounter {
  public:
@@ -74,7 +92,7 @@ class PairCounter {
   PairCounter(const std::vector<const SparseMask*>& rows, const MaskSetView& columns, const ImageMajorIndex& index);
   // |rows[r] AND column c| for the selected pairs (numbered; all pairs when `pairs` is
   // null), spread over the thread pool by ranges of columns.
-  BatchCounts count(const PairSet* pairs) const;
+  BatchCounts count(const PairSet* pairs, CountPath path = CountPath::Auto) const;
 
  private:
   const std::vector<const SparseMask*>& rows_;
@@ -85,10 +103,44 @@ class PairCounter {
   // where it is full (then all the image's words).
   struct RowImage {
     const uint64_t* bits;  // from word `first`
-    uint64_t count;
+    uint32_t count;
     uint32_t first;
     uint32_t length;
+    int32_t row;
   };
+  // Rows of one image (consecutive non-full records) read together over the words
+  // [first, first + length) by the tiled path.
+  struct RowGroup {
+    int64_t record;  // first record in row_images_
+    uint32_t size;   // records
+    uint32_t first, length;
+  };
+  static constexpr uint32_t kGroupRows = 8;
+  static constexpr uint64_t kTileMinRows = 8;
+  std::vector<int64_t> group_offsets_;  // per image: its groups in groups_ ([i], [i + 1])
+  std::vector<RowGroup> groups_;
+  // Per image, what counting one column there costs each path, in words (the choice
+  // between them): sparse, per selected pair, the row's words and a fixed cost; tiled,
+  // the span's words transposed and every group's words times its rows.
+  struct ImageCost {
+    uint64_t rows = 0;        // non-full rows present
+    uint64_t row_words = 0;   // their trimmed words
+    uint64_t tile_words = 0;  // sum over groups of length * size
+  };
+  std::vector<ImageCost> costs_;
+  // Whether image i is counted tiled when a share `selected` of a task's pairs is selected.
+  bool tile_pays(uint32_t i, double selected) const;
+  // Scratch of the tiled path.
+  struct Tile {
+    std::vector<const uint64_t*> rows;
+    std::vector<uint64_t> columns;  // the image's partial wanted columns, transposed
+    std::vector<std::size_t> row_at, column_at;
+    std::vector<const ImageMajorIndex::Entry*> partial, full;  // image's wanted columns
+  };
+  // The tiled path on image i for its columns from `e` on below c1: adds every (present
+  // row r, wanted column c) count into acc[(c - c0) * rows + r], each row's words into words[r].
+  void tile_image(uint32_t i, const ImageMajorIndex::Entry* e, int32_t c0, int32_t c1, const std::vector<char>& wanted,
+                  uint64_t* acc, uint64_t* words, Tile& tile) const;
   int64_t row_words_;
   std::vector<uint64_t> present_;    // bit r of word i * row_words_ + r / 64: row r not empty in image i
   std::vector<int64_t> rank_;        // [i * row_words_ + k]: index in row_images_ of word k's first row

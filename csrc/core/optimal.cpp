@@ -221,7 +221,6 @@ class UnitSearch {
     ce_.assign(n, 0);
     aidx_.assign(n, -1);
     const std::size_t w = concepts_.grid.words_per_image;
-    const AndPopcountFn and_popcount = and_popcount_kernel();
     const uint64_t last = concepts_.grid.last_word_mask();
     // Per image of the unit: concept AND unit bits of every concept there.
     struct Piece {
@@ -231,6 +230,8 @@ class UnitSearch {
     std::vector<std::vector<Piece>> pieces(concepts_.grid.n_images);
     std::vector<uint64_t> bits;
     std::vector<uint64_t> unit_bits(w);
+    // Per image of the unit: the words where it (and so every piece) has set bits, [first, last).
+    std::vector<std::pair<uint32_t, uint32_t>> spans(concepts_.grid.n_images);
     for (std::size_t at = 0; at < unit_.images().size(); ++at) {
       if (out_of_time()) return;  // run() leaves the search out
       const uint32_t image = unit_.images()[at];
@@ -241,6 +242,10 @@ class UnitSearch {
       } else {
         std::copy(unit_.bitset(slot), unit_.bitset(slot) + w, unit_bits.begin());
       }
+      uint32_t first = 0, end = uint32_t(w);
+      while (unit_bits[first] == 0) ++first;  // an image of the unit is never empty
+      while (unit_bits[end - 1] == 0) --end;
+      spans[image] = {first, end};
       for (const auto& [p, e] : t_.by_image[image]) {
         const std::size_t offset = bits.size();
         if (concepts_.slots[e] == kFullSlot) {
@@ -265,11 +270,34 @@ class UnitSearch {
     }
     k_ = k;
     pair_i_.assign(std::size_t(k) * std::size_t(k), 0);
-    for (const auto& list : pieces) {
-      if (!list.empty() && out_of_time()) return;
-      for (std::size_t x = 0; x < list.size(); ++x)
-        for (std::size_t y = x; y < list.size(); ++y) {
-          const uint64_t c = and_popcount(bits.data() + list[x].offset, bits.data() + list[y].offset, w);
+    // Per image, every pair of its pieces with the tiled pass's micro-kernel, over the
+    // unit's words there: the pieces as rows, and transposed as columns.
+    const TileCountFn tile = tile_count_kernel();
+    std::vector<const uint64_t*> rows;
+    std::vector<std::size_t> row_at, column_at;
+    std::vector<uint64_t> columns, counts;
+    for (std::size_t image = 0; image < pieces.size(); ++image) {
+      const std::vector<Piece>& list = pieces[image];
+      if (list.empty()) continue;
+      if (out_of_time()) return;
+      const std::size_t m = list.size(), stride = (m + kTileStride - 1) / kTileStride * kTileStride;
+      const auto [first, end] = spans[image];
+      rows.clear();
+      row_at.clear();
+      column_at.clear();
+      columns.resize(std::size_t(end - first) * stride);
+      for (std::size_t x = 0; x < m; ++x) {
+        const uint64_t* piece = bits.data() + list[x].offset;
+        rows.push_back(piece + first);
+        row_at.push_back(x);
+        column_at.push_back(x * m);
+        for (uint32_t word = first; word < end; ++word) columns[std::size_t(word - first) * stride + x] = piece[word];
+      }
+      counts.assign(m * m, 0);
+      tile(rows.data(), row_at.data(), m, columns.data(), stride, column_at.data(), m, end - first, counts.data());
+      for (std::size_t x = 0; x < m; ++x)
+        for (std::size_t y = x; y < m; ++y) {
+          const uint64_t c = counts[y * m + x];
           const int32_t px = aidx_[list[x].p], py = aidx_[list[y].p];
           pair_i_[std::size_t(px) * k + py] += c;
           if (px != py) pair_i_[std::size_t(py) * k + px] += c;

@@ -13,18 +13,40 @@ using AndPopcountFn = uint64_t (*)(const uint64_t* a, const uint64_t* b, std::si
 // operand kept hot in L1 against many.
 using AndPopcountManyFn = void (*)(const uint64_t* a, const uint64_t* const* rows, std::size_t n_rows,
                                    std::size_t n, uint64_t* out);
+// out[col_at[j] + row_at[i]] += number of set bits in rows[i][k] & columns[k * stride + j]
+// over k < n, for every i < n_rows and j < n_cols: the register-blocked micro-kernel of the
+// tiled counting pass (tile_kernel.hpp) on transposed columns. stride is a multiple of
+// kTileStride at least n_cols; the words past n_cols are read, not counted.
+using TileCountFn = void (*)(const uint64_t* const* rows, const std::size_t* row_at, std::size_t n_rows,
+                             const uint64_t* columns, std::size_t stride, const std::size_t* col_at,
+                             std::size_t n_cols, std::size_t n, uint64_t* out);
+// Words of the widest vector of the tile kernels: what their columns' stride is a multiple of.
+constexpr std::size_t kTileStride = 8;
 
 namespace kernels {
 uint64_t and_popcount_scalar(const uint64_t* a, const uint64_t* b, std::size_t n);
 void and_popcount_many_scalar(const uint64_t* a, const uint64_t* const* rows, std::size_t n_rows,
                               std::size_t n, uint64_t* out);
+void tile_counts_scalar(const uint64_t* const* rows, const std::size_t* row_at, std::size_t n_rows,
+                       const uint64_t* columns, std::size_t stride, const std::size_t* col_at, std::size_t n_cols,
+                       std::size_t n, uint64_t* out);
+// tile_counts_scalar with the AVX-512 build's counting (a popcount per lane), for the tests.
+void tile_counts_lanes(const uint64_t* const* rows, const std::size_t* row_at, std::size_t n_rows,
+                       const uint64_t* columns, std::size_t stride, const std::size_t* col_at, std::size_t n_cols,
+                       std::size_t n, uint64_t* out);
 #ifdef PYNEURON_X86
 uint64_t and_popcount_avx2(const uint64_t* a, const uint64_t* b, std::size_t n);
 void and_popcount_many_avx2(const uint64_t* a, const uint64_t* const* rows, std::size_t n_rows,
                             std::size_t n, uint64_t* out);
+void tile_counts_avx2(const uint64_t* const* rows, const std::size_t* row_at, std::size_t n_rows,
+                       const uint64_t* columns, std::size_t stride, const std::size_t* col_at, std::size_t n_cols,
+                       std::size_t n, uint64_t* out);
 uint64_t and_popcount_avx512(const uint64_t* a, const uint64_t* b, std::size_t n);
 void and_popcount_many_avx512(const uint64_t* a, const uint64_t* const* rows, std::size_t n_rows,
                               std::size_t n, uint64_t* out);
+void tile_counts_avx512(const uint64_t* const* rows, const std::size_t* row_at, std::size_t n_rows,
+                       const uint64_t* columns, std::size_t stride, const std::size_t* col_at, std::size_t n_cols,
+                       std::size_t n, uint64_t* out);
 #endif
 }  // namespace kernels
 
@@ -37,6 +59,7 @@ void set_simd_level(const std::string& level);
 // The selected kernels.
 AndPopcountFn and_popcount_kernel();
 AndPopcountManyFn and_popcount_many_kernel();
+TileCountFn tile_count_kernel();
 
 // In-cache AND+popcount throughput of one core with the selected kernels, in bytes of
 // operands per second (16 bytes per pair of 64-bit words): `words` words against each

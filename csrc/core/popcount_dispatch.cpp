@@ -14,6 +14,7 @@ struct Level {
   const char* name;
   AndPopcountFn fn;
   AndPopcountManyFn many;
+  TileCountFn tile;
 };
 
 bool cpu_has(const char* level) {
@@ -29,11 +30,15 @@ bool cpu_has(const char* level) {
 }
 
 std::vector<Level> supported_levels() {
-  std::vector<Level> levels{{"scalar", &kernels::and_popcount_scalar, &kernels::and_popcount_many_scalar}};
+  std::vector<Level> levels{
+      {"scalar", &kernels::and_popcount_scalar, &kernels::and_popcount_many_scalar, &kernels::tile_counts_scalar}};
 #ifdef PYNEURON_X86
-  if (cpu_has("avx2")) levels.push_back({"avx2", &kernels::and_popcount_avx2, &kernels::and_popcount_many_avx2});
+  if (cpu_has("avx2"))
+    levels.push_back(
+        {"avx2", &kernels::and_popcount_avx2, &kernels::and_popcount_many_avx2, &kernels::tile_counts_avx2});
   if (cpu_has("avx512"))
-    levels.push_back({"avx512", &kernels::and_popcount_avx512, &kernels::and_popcount_many_avx512});
+    levels.push_back({"avx512", &kernels::and_popcount_avx512, &kernels::and_popcount_many_avx512,
+                      &kernels::tile_counts_avx512});
 #endif
   return levels;
 }
@@ -41,6 +46,7 @@ std::vector<Level> supported_levels() {
 struct State {
   std::atomic<AndPopcountFn> fn{nullptr};
   std::atomic<AndPopcountManyFn> many{nullptr};
+  std::atomic<TileCountFn> tile{nullptr};
   std::string name;
 };
 
@@ -61,6 +67,7 @@ State& state() {
       chosen = find_level(env);
     s.fn.store(chosen.fn);
     s.many.store(chosen.many);
+    s.tile.store(chosen.tile);
     s.name = chosen.name;
     return true;
   }();
@@ -83,12 +90,15 @@ void set_simd_level(const std::string& level) {
   State& s = state();
   s.fn.store(chosen.fn);
   s.many.store(chosen.many);
+  s.tile.store(chosen.tile);
   s.name = chosen.name;
 }
 
 AndPopcountFn and_popcount_kernel() { return state().fn.load(std::memory_order_relaxed); }
 
 AndPopcountManyFn and_popcount_many_kernel() { return state().many.load(std::memory_order_relaxed); }
+
+TileCountFn tile_count_kernel() { return state().tile.load(std::memory_order_relaxed); }
 
 double and_popcount_throughput(std::size_t words, double seconds) {
   if (words == 0) throw std::invalid_argument("words must be at least 1");

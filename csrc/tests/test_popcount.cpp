@@ -156,6 +156,66 @@ TEST_CASE(and_popcount_many_every_level) {
   }
 }
 
+// The tiled pass's micro-kernel (tile_count_kernel(), and the AVX-512 build's way of
+// counting, a popcount per lane, on this build's vectors) at each level: every row count
+// from 0 to 9 against column counts around the register blocks, over lengths past the
+// byte counters' 31 words, all-ones words included (a byte counter kept too long would
+// overflow), against the bit-by-bit loop; padding columns (read, not counted) all ones,
+// and counts added to what out holds.
+TEST_CASE(tile_counts_every_level) {
+  KeepLevel keep;
+  std::mt19937_64 rng(11);
+  struct Kernel {
+    std::string name;
+    pyneuron::TileCountFn fn;
+  };
+  std::vector<Kernel> kernels{{"lanes", &pyneuron::kernels::tile_counts_lanes}};
+  for (const std::string& level : levels_to_test()) {
+    pyneuron::set_simd_level(level);
+    kernels.push_back({level, pyneuron::tile_count_kernel()});
+  }
+  for (const Kernel& kernel : kernels) {
+    Scope level_scope("kernel " + kernel.name);
+    for (const std::size_t n : {0, 1, 2, 3, 5, 8, 30, 31, 32, 33, 62, 63, 64, 65, 100, 200}) {
+      for (std::size_t n_rows = 0; n_rows <= 9; ++n_rows) {
+        for (const std::size_t n_cols : {0, 1, 3, 4, 7, 8, 9, 16, 17, 23}) {
+          const int kind = int(rng() % 4);
+          const std::size_t stride =
+              (n_cols + pyneuron::kTileStride - 1) / pyneuron::kTileStride * pyneuron::kTileStride +
+              pyneuron::kTileStride * (rng() % 2);
+          std::vector<std::vector<uint64_t>> rows(n_rows, std::vector<uint64_t>(n + 1));
+          std::vector<const uint64_t*> pointers;
+          std::vector<std::size_t> row_at, col_at;
+          for (std::size_t i = 0; i < n_rows; ++i) {
+            for (uint64_t& x : rows[i]) x = random_word(rng, kind == 3 ? int(rng() % 4) : kind);
+            pointers.push_back(rows[i].data());
+            row_at.push_back(i);
+          }
+          std::vector<uint64_t> columns(n * stride + 1, ~uint64_t(0));  // padding all ones
+          for (std::size_t k = 0; k < n; ++k)
+            for (std::size_t j = 0; j < n_cols; ++j)
+              columns[k * stride + j] = random_word(rng, kind == 3 ? int(rng() % 4) : kind);
+          for (std::size_t j = 0; j < n_cols; ++j) col_at.push_back((n_cols - 1 - j) * n_rows);  // any order
+          std::vector<uint64_t> out(n_rows * n_cols + 1);
+          for (uint64_t& x : out) x = rng() % 1000;
+          std::vector<uint64_t> expected = out;
+          for (std::size_t i = 0; i < n_rows; ++i)
+            for (std::size_t j = 0; j < n_cols; ++j) {
+              std::vector<uint64_t> column(n);
+              for (std::size_t k = 0; k < n; ++k) column[k] = columns[k * stride + j];
+              expected[col_at[j] + row_at[i]] += naive_and_popcount(rows[i].data(), column.data(), n);
+            }
+          kernel.fn(pointers.data(), row_at.data(), n_rows, columns.data(), stride, col_at.data(), n_cols, n,
+                    out.data());
+          Scope scope("n " + std::to_string(n) + ", rows " + std::to_string(n_rows) + ", columns " +
+                      std::to_string(n_cols) + ", kind " + std::to_string(kind));
+          CHECK(out == expected);
+        }
+      }
+    }
+  }
+}
+
 // The inline single-word helper the search's bookkeeping uses.
 TEST_CASE(bit_count_word) {
   std::mt19937_64 rng(99);

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterable, Iterator, Sequence
+import functools
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+from pandas.api.types import pandas_dtype
+from pandas.arrays import ArrowStringArray
+
+try:  # pandas >= 3: a table straight from its blocks, without per-column inference
+    from pandas.api.internals import create_dataframe_from_blocks
+except ImportError:  # pragma: no cover - pandas 2: built from a dict of columns
+    create_dataframe_from_blocks = None
 
 from ..errors import EmptyStoreError, PyneuronError
 from ..progress import progress_bar
@@ -112,7 +123,8 @@ def explain(
     batch_size
         Units per engine call (progress granularity); default scales with threads.
     progress
-        Show progress (a bar on a terminal, lines in a log).
+        Show progress (a bar on a terminal, lines in a log) when there are several blocks
+        of units (``batch_size``).
     backend
         ``"local"`` or None (this process), or a :class:`SearchBackend` object such as
         :class:`pyneuron.RayBackend` (shards of units on a Ray cluster, identical
@@ -146,7 +158,7 @@ def explain(
     >>> best["formula"], bool(best["optimal"])    # the tie rule puts "a" first
     ('(a OR b)', True)
     """
-    settings = SearchSettings.from_options(settings, options)
+    settings = _settings(settings, options)
     length, beam_size, penalty = settings.length, settings.beam_size, settings.penalty
     ops, optimal = settings.operator_codes, settings.optimal
     seconds, nodes = settings.seconds, settings.nodes
@@ -269,7 +281,7 @@ def iou_table(
         only in images where the concept's category meets the unit (see
         :mod:`pyneuron.engine.netdissect`); bit for bit what its ``tally`` computes.
     progress
-        Show a progress bar (on a terminal).
+        Show a progress bar (on a terminal) when there are several blocks of units.
 
     Examples
     --------
@@ -281,7 +293,7 @@ def iou_table(
     """
     _check_store(store)
     netdissect = check_mode(mode) == "netdissect"
-    codes, n_categories = category_codes(store)
+    codes, n_categories = _category_codes(store)
     sizes = store.pixel_counts
     rows = []
     for _, chunk, batch in _batches(units, store, None, progress, "IoU table"):
@@ -309,7 +321,7 @@ def _explain_netdissect(
     concept; those are re-scored and re-ranked here.
     """
     names = store.names
-    codes, n_categories = category_codes(store)
+    codes, n_categories = _category_codes(store)
     frames = []
     for first_unit, chunk, batch in _batches(units, store, batch_size, progress, "explain"):
         raw = _native.beam_search(
@@ -317,33 +329,32 @@ def _explain_netdissect(
         )
         per_category = category_unit_pixels(chunk, batch, store, codes, n_categories)
         concepts = raw.concepts[:, :, 0]
+        units_column = np.arange(len(concepts))[:, None]
         have = np.arange(concepts.shape[1])[None, :] < raw.beam_count[:, None]
         safe = np.where(have, concepts, 0)
-        scores = netdissect_iou(
-            raw.intersection, raw.size, np.take_along_axis(per_category, codes[safe], 1)
-        )
+        scores = netdissect_iou(raw.intersection, raw.size, per_category[units_column, codes[safe]])
         scores = np.where(have, scores, -np.inf)
         order = np.lexsort((np.where(have, concepts, np.iinfo(np.int32).max), -scores), axis=1)
         order = order[:, :beam_size]
-        # Every (unit, beam) array in the new order; the per-unit ones as they are.
+        # Every (unit, beam) array in the new order, but the scores, replaced below; the
+        # per-unit ones as they are.
+        rescored = ("score", "iou")
         ranked = {
-            key: np.take_along_axis(array, order if array.ndim == 2 else order[:, :, None], 1)
-            if array.ndim > 1
-            else array
+            key: array[units_column, order] if array.ndim > 1 and key not in rescored else array
             for key, array in raw.to_arrays().items()
         }
-        best = np.take_along_axis(scores, order, 1)
+        best = scores[units_column, order]
         ranked["score"] = ranked["iou"] = np.where(np.isfinite(best), best, np.nan)
         ranked["beam_count"] = np.minimum(raw.beam_count, beam_size)
         ranked["primitive"] = np.where(ranked["beam_count"] > 0, ranked["concepts"][:, 0, 0], -1)
         ranked["primitive_iou"] = np.where(ranked["beam_count"] > 0, best[:, 0], 0.0)
-        ranked_raw = SearchResult.from_arrays(ranked)
-        frame = result_table(ranked_raw, first_unit + batch.start, names, full_beam)
-        frame["iou"] = frame["score"]
-        frames.append(frame)
-    if not frames:
-        return result_table(None, 0, names, full_beam)
-    return pd.concat(frames, ignore_index=True)
+        first = first_unit + batch.start
+        data = _table_data(SearchResult.from_arrays(ranked), first, names, full_beam)
+        data["iou"] = data["score"]
+        frames.append(_frame(data, _columns(full_beam, False)))
+    if len(frames) > 1:
+        return pd.concat(frames, ignore_index=True)
+    return frames[0] if frames else result_table(None, 0, names, full_beam)
 
 
 def score(formula: Formula | str, units: UnitSource, store: ConceptStore) -> pd.DataFrame:
@@ -421,18 +432,44 @@ def search_cooccurrence(store: ConceptStore, length: int) -> np.ndarray | None:
     return store.cooccurrence() if length > 1 and len(store) <= COOCCURRENCE_MAX_CONCEPTS else None
 
 
+#: Stores :func:`_check_store` accepted (a store never changes), dropped with them.
+_USABLE_STORES: weakref.WeakSet[ConceptStore] = weakref.WeakSet()
+
+
 def _check_store(store: ConceptStore) -> None:
     if not isinstance(store, ConceptStore):
         raise PyneuronError(
             f"expected a ConceptStore, got {type(store).__name__}; build one with "
             "ConceptStore.from_masks, ConceptStore.writer or ConceptStore.open"
         )
+    if store in _USABLE_STORES:
+        return
     if len(store) == 0:
         raise EmptyStoreError("the concept store holds no concepts; add concepts before explaining")
     if not store.pixel_counts.any():
         raise EmptyStoreError(
             "no concept of the store is present in any image; nothing can explain a unit"
         )
+    _USABLE_STORES.add(store)
+
+
+def _settings(settings: SearchSettings | None, options: Mapping[str, Any]) -> SearchSettings:
+    """``SearchSettings.from_options(settings, options)``, built and checked once for
+    each hashable combination (keyed by the options' types too: ``1`` is not ``True``)."""
+    key = (settings, tuple((name, type(value), value) for name, value in options.items()))
+    try:
+        hash(key)
+    except TypeError:  # e.g. operators given as a list
+        return SearchSettings.from_options(settings, options)
+    return _checked_settings(key)
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_settings(
+    key: tuple[SearchSettings | None, tuple[tuple[str, type, Any], ...]],
+) -> SearchSettings:
+    settings, options = key
+    return SearchSettings.from_options(settings, {name: value for name, _, value in options})
 
 
 def unit_chunks(units: UnitSource, store: ConceptStore) -> Iterator[tuple[int, UnitMasks]]:
@@ -459,44 +496,40 @@ def _batches(
         batch_size = max(64, 8 * _native.num_threads())
     batch_size = positive_int(batch_size, "batch_size")
     total = len(units) if isinstance(units, UnitMasks) else None
-    with progress_bar(total=total, desc=desc, unit="unit", enabled=progress) as bar:
+    # A bar over one block would only jump from 0 to 100 %: none then.
+    shown = progress and (total is None or total > batch_size)
+    with (
+        progress_bar(total=total, desc=desc, unit="unit") if shown else contextlib.nullcontext()
+    ) as bar:
         for first, chunk in unit_chunks(units, store):
             for start in range(0, len(chunk), batch_size):
                 batch = slice(start, min(start + batch_size, len(chunk)))
                 yield first, chunk, batch
-                bar.update(batch.stop - batch.start)
+                if bar is not None:
+                    bar.update(batch.stop - batch.start)
 
 
-def _formula_text(
-    concept_ids: np.ndarray, op_codes: np.ndarray, quoted: dict[int, str], names: Sequence[str]
-) -> str:
-    """``str()`` of the left-deep formula concepts[0] ops[0] concepts[1] ..., written
-    directly (``quoted``: concept id -> name as written, filled on first use)."""
-
-    def name(concept: int) -> str:
-        if concept not in quoted:
-            quoted[concept] = quote_name(names[concept])
-        return quoted[concept]
-
-    text = name(int(concept_ids[0]))
-    for op, concept in zip(op_codes.tolist(), concept_ids[1:].tolist()):
-        if concept < 0:
-            break
-        text = f"({text} {OPERATORS[op]} {name(concept)})"
-    return text
+#: Category codes of stores (see :func:`_category_codes`), dropped with their store.
+_CATEGORY_CODES: weakref.WeakKeyDictionary[ConceptStore, tuple[np.ndarray, int]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def result_table(
-    raw: SearchResult | None,
-    first_unit: int,
-    names: Sequence[str],
-    full_beam: bool,
-    optimal: bool = False,
-) -> pd.DataFrame:
-    """The explanations table of a search result (``optimal``: an
-    :class:`OptimalSearchResult`, whose columns it adds); units numbered from
-    ``first_unit``; an empty table with the columns when ``raw`` is None."""
-    columns = [
+def _category_codes(store: ConceptStore) -> tuple[np.ndarray, int]:
+    """:func:`~pyneuron.engine.netdissect.category_codes` of ``store``, computed once per
+    store (its categories never change) and kept while the store lives (read-only)."""
+    known = _CATEGORY_CODES.get(store)
+    if known is None:
+        codes, n_categories = category_codes(store)
+        codes.setflags(write=False)
+        known = _CATEGORY_CODES[store] = (codes, n_categories)
+    return known
+
+
+@functools.cache
+def _columns(full_beam: bool, optimal: bool) -> tuple[str, ...]:
+    """Columns of the explanations table (see :func:`result_table`)."""
+    return (
         "unit",
         *(["rank"] if full_beam else []),
         "formula",
@@ -509,43 +542,173 @@ def result_table(
         "unit_pixels",
         "unit_images",
         *(OPTIMAL_COLUMNS if optimal else []),
+    )
+
+
+#: Column indexes by (columns, storage of their str dtype or None: object).
+_COLUMN_INDEXES: dict[tuple[tuple[str, ...], str | None], pd.Index] = {}
+
+
+def _column_index(columns: tuple[str, ...], text: pd.StringDtype | None) -> pd.Index:
+    """The column index pandas makes of ``columns`` (labels of dtype ``text`` or object),
+    made once."""
+    key = (columns, None if text is None else text.storage)
+    index = _COLUMN_INDEXES.get(key)
+    if index is None:
+        index = _COLUMN_INDEXES[key] = pd.Index(columns, dtype=text if text is not None else object)
+    return index
+
+
+def _text_dtype() -> pd.StringDtype | None:
+    """The dtype pandas gives a column of strings (None: object), per its options."""
+    dtype = pandas_dtype(str)
+    return dtype if isinstance(dtype, pd.StringDtype) else None
+
+
+def _frame(data: Mapping[str, Any], columns: tuple[str, ...]) -> pd.DataFrame:
+    """``pd.DataFrame({c: data[c] for c in columns})`` (same values, dtypes, index and
+    column index) built in one step: one 2-D block per numpy dtype, and each text column
+    (a ``list`` of str or None) typed as pandas infers it (object when all None)."""
+    n = len(data[columns[0]])
+    if create_dataframe_from_blocks is None or n == 0:
+        return pd.DataFrame({c: data[c] for c in columns})
+    text = _text_dtype()
+    blocks: list[tuple[Any, np.ndarray]] = []
+    places: dict[np.dtype, list[int]] = {}
+    strings: list[int] = []  # text columns holding a str
+    for place, column in enumerate(columns):
+        values = data[column]
+        if not isinstance(values, list):
+            places.setdefault(values.dtype, []).append(place)
+        elif text is not None and any(v is not None for v in values):
+            strings.append(place)
+        else:
+            blocks.append((np.array(values, dtype=object)[None, :], np.array([place])))
+    for dtype, where in places.items():
+        block = np.empty((len(where), n), dtype=dtype)
+        for row, place in enumerate(where):
+            block[row] = data[columns[place]]
+        blocks.append((block, np.array(where)))
+    if text is not None and strings:
+        typed = _text_arrays([data[columns[p]] for p in strings], text)
+        blocks += [(array, np.array([place])) for array, place in zip(typed, strings)]
+    # A view: the labels are shared, a name given to one table's columns is not.
+    return create_dataframe_from_blocks(
+        blocks, pd.RangeIndex(n), _column_index(columns, text).view()
+    )
+
+
+def _text_arrays(columns: list[list[str | None]], text: pd.StringDtype) -> list[Any]:
+    """Equal-length columns of str and None as arrays of dtype ``text``, converted
+    together (the conversion's fixed cost dominates small tables)."""
+    n = len(columns[0])
+    joined = [value for values in columns for value in values]
+    if text.storage == "pyarrow":  # as pd.array would make them, without its checks
+        typed = pa.array(joined, type=pa.large_string())
+        return [ArrowStringArray(typed.slice(k * n, n), dtype=text) for k in range(len(columns))]
+    array = pd.array(joined, dtype=text)
+    return [array[k * n : (k + 1) * n] for k in range(len(columns))]
+
+
+def _formula_text(
+    concept_ids: Sequence[int],
+    op_codes: Sequence[int],
+    quoted: dict[int, str],
+    names: Sequence[str],
+) -> str:
+    """``str()`` of the left-deep formula concepts[0] ops[0] concepts[1] ... (up to the
+    first negative id), written directly (``quoted``: concept id -> name as written,
+    filled on first use)."""
+    text = ""
+    for k, concept in enumerate(concept_ids):
+        if concept < 0:
+            break
+        name = quoted.get(concept)
+        if name is None:
+            name = quoted[concept] = quote_name(names[concept])
+        text = f"({text} {OPERATORS[op_codes[k - 1]]} {name})" if k else name
+    return text
+
+
+def _formulas(
+    concepts: np.ndarray, ops: np.ndarray, has: np.ndarray, names: Sequence[str]
+) -> list[str | None]:
+    """The formula of each row of ``concepts`` and ``ops`` (None where ``has`` is False)."""
+    quoted: dict[int, str] = {}
+    return [
+        _formula_text(ids, codes, quoted, names) if present else None
+        for ids, codes, present in zip(concepts.tolist(), ops.tolist(), has.tolist())
     ]
+
+
+def result_table(
+    raw: SearchResult | None,
+    first_unit: int,
+    names: Sequence[str],
+    full_beam: bool,
+    optimal: bool = False,
+) -> pd.DataFrame:
+    """The explanations table of a search result (``optimal``: an
+    :class:`OptimalSearchResult`, whose columns it adds); units numbered from
+    ``first_unit``; an empty table with the columns when ``raw`` is None."""
+    columns = _columns(full_beam, optimal)
     if raw is None:
         return pd.DataFrame({c: [] for c in columns})
+    return _frame(_table_data(raw, first_unit, names, full_beam, optimal), columns)
+
+
+def _table_data(
+    raw: SearchResult,
+    first_unit: int,
+    names: Sequence[str],
+    full_beam: bool = False,
+    optimal: bool = False,
+) -> dict[str, Any]:
+    """The columns of :func:`result_table` (and ``rank``), as arrays, text as lists."""
     n_units, beam = raw.score.shape
-    ranks = beam if full_beam else 1
-    unit_idx = np.repeat(np.arange(n_units), ranks)
-    rank_idx = np.tile(np.arange(ranks), n_units)
-    keep = rank_idx < np.maximum(raw.beam_count[unit_idx], 1)
-    unit_idx, rank_idx = unit_idx[keep], rank_idx[keep]
-    has = rank_idx < raw.beam_count[unit_idx]
+    if full_beam:  # each unit's beam, at least one row per unit, unit by unit
+        rows = np.arange(beam)[None, :] < np.maximum(raw.beam_count, 1)[:, None]
+        unit_idx, rank_idx = np.nonzero(rows)
+
+        def ranked(array: np.ndarray) -> np.ndarray:
+            return array[rows]
+
+        def per_unit(array: np.ndarray) -> np.ndarray:
+            return array[unit_idx]
+
+    else:  # the best formula of each unit
+        unit_idx = np.arange(n_units)
+        rank_idx = np.zeros_like(unit_idx)
+
+        def ranked(array: np.ndarray) -> np.ndarray:
+            return array[:, 0]
+
+        def per_unit(array: np.ndarray) -> np.ndarray:
+            return array
+
+    has = rank_idx < per_unit(raw.beam_count)
     values = metrics(
-        raw.intersection[unit_idx, rank_idx],
-        raw.size[unit_idx, rank_idx],
-        raw.unit_size[unit_idx],
-        raw.intersection_images[unit_idx, rank_idx],
-        raw.size_images[unit_idx, rank_idx],
-        raw.unit_images[unit_idx],
+        ranked(raw.intersection),
+        ranked(raw.size),
+        per_unit(raw.unit_size),
+        ranked(raw.intersection_images),
+        ranked(raw.size_images),
+        per_unit(raw.unit_images),
     )
-    quoted: dict[int, str] = {}
-    formulas = [
-        _formula_text(raw.concepts[u, r], raw.ops[u, r], quoted, names) if h else None
-        for u, r, h in zip(unit_idx, rank_idx, has)
-    ]
-    primitive = raw.primitive[unit_idx]
+    concepts = ranked(raw.concepts)
     data = {
         "unit": first_unit + unit_idx,
         "rank": rank_idx,
-        "formula": formulas,
-        "concepts": np.where(has, (raw.concepts[unit_idx, rank_idx] >= 0).sum(axis=-1), 0),
-        "length": raw.length[unit_idx, rank_idx],
-        "score": np.where(has, raw.score[unit_idx, rank_idx], 0.0),
+        "formula": _formulas(concepts, ranked(raw.ops), has, names),
+        "concepts": np.where(has, (concepts >= 0).sum(axis=-1), 0),
+        "length": ranked(raw.length),
+        "score": np.where(has, ranked(raw.score), 0.0),
         **{column: values[column] for column in METRIC_COLUMNS},
-        "primitive": [names[p] if p >= 0 else None for p in primitive],
-        "primitive_iou": raw.primitive_iou[unit_idx],
-        "unit_pixels": raw.unit_size[unit_idx],
-        "unit_images": raw.unit_images[unit_idx],
-        **{c: getattr(raw, c)[unit_idx] for c in (OPTIMAL_COLUMNS if optimal else ())},
+        "primitive": [names[p] if p >= 0 else None for p in per_unit(raw.primitive).tolist()],
+        "primitive_iou": per_unit(raw.primitive_iou),
+        "unit_pixels": per_unit(raw.unit_size),
+        "unit_images": per_unit(raw.unit_images),
+        **{c: per_unit(getattr(raw, c)) for c in (OPTIMAL_COLUMNS if optimal else ())},
     }
     data["iou"] = np.where(has, data["iou"], 0.0)
-    return pd.DataFrame({column: data[column] for column in columns})
+    return data
