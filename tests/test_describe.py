@@ -750,6 +750,15 @@ def test_describe_command_writes_a_run(method, command_inputs, clip_dir, blip_di
         assert again["similarity"].eq("cos").all()
         summary = json.loads((out / "summary.json").read_text())
         assert summary["top_k"] == 100 and summary["ties"] == "torch"
+        assert summary["pool"] == "mean"
+        # hard WPMI takes CLIP-Dissect's own top_k (28) when none is given; pool=max is
+        # the maximum of each unit's map
+        describe_command(
+            **{**args, "overwrite": True, "top_k": None}, similarity="hard-wpmi", pool="max"
+        )
+        summary = json.loads((out / "summary.json").read_text())
+        assert (summary["similarity"], summary["top_k"], summary["pool"]) == ("wpmi", 28, "max")
+        assert pd.read_parquet(out / "results.parquet")["similarity"].eq("wpmi").all()
 
 
 def test_describe_command_bad_input(command_inputs, clip_dir, tmp_path):
@@ -770,6 +779,8 @@ def test_describe_command_bad_input(command_inputs, clip_dir, tmp_path):
         describe_command(**{**args, "concepts": None})
     with pytest.raises(error, match="unknown ties rule"):
         describe_command(**args, ties="stable")
+    with pytest.raises(error, match="pool='cls' reads the layer's raw tokens"):
+        describe_command(**args, pool="cls")
     assert not (tmp_path / "run").exists()
 
 

@@ -813,8 +813,16 @@ def describe(
     ),
     captioner: Annotated[str | None, typer.Option(help="BLIP captioner for dnd.")] = None,
     similarity: Annotated[
-        str, typer.Option(help="CLIP-Dissect similarity: soft_wpmi, cos, cos3 or rank_reorder.")
+        str,
+        typer.Option(help="CLIP-Dissect similarity: soft_wpmi, wpmi, cos, cos3 or rank_reorder."),
     ] = "soft_wpmi",
+    pool: Annotated[
+        str,
+        typer.Option(
+            help="CLIP-Dissect's summary of a unit per image: mean or max over its map "
+            "(token layers: over the patch tokens)."
+        ),
+    ] = "mean",
     ties: Annotated[
         str,
         typer.Option(
@@ -851,6 +859,7 @@ def describe(
         weights=weights,
         similarity=similarity,
         ties=ties,
+        pool=pool,
     )
     typer.echo(f"descriptions written to {path}")
 

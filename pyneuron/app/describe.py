@@ -31,8 +31,12 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 METHODS = ("clip-dissect", "occlusion", "dnd")
-#: ``top_k`` per method when the command is given none (or a value < 1).
-DEFAULT_TOP_K = {"clip-dissect": 100, "occlusion": 5, "dnd": 5}
+#: ``top_k`` per method when the command is given none (or a value < 1); clip-dissect's
+#: is its similarity's (100, or 28 for hard WPMI, as CLIP-Dissect).
+DEFAULT_TOP_K = {"occlusion": 5, "dnd": 5}
+#: clip-dissect's summaries the command offers (``"cls"`` needs the layer's raw tokens:
+#: :func:`pyneuron.describe.clip_dissect` in Python).
+COMMAND_POOLS = ("mean", "max")
 
 
 def method_name(method: str) -> str:
@@ -71,6 +75,7 @@ class _Settings:
     weights: Path | None
     similarity: str
     ties: str
+    pool: str
     top_k: int
     batch_size: int
     image_size: int
@@ -108,8 +113,9 @@ def _clip_dissect(inputs: _Inputs, layer: str) -> DescribeResult:
     return clip_dissect(
         inputs.net, layer, inputs.images, settings.names or [], clip=inputs.clip,
         top_k=settings.top_k, similarity=settings.similarity, ties=settings.ties,
-        activations=inputs.activations[layer], image_features=inputs.image_features,
-        text_features=inputs.text_features, **inputs.common(),
+        pool=settings.pool, activations=inputs.activations[layer],
+        image_features=inputs.image_features, text_features=inputs.text_features,
+        **inputs.common(),
     )  # fmt: skip
 
 
@@ -176,6 +182,7 @@ def describe_command(
     weights: Path | None = None,
     similarity: str = "soft_wpmi",
     ties: str = "lowest",
+    pool: str = "mean",
 ) -> Path:
     """Describe every unit of ``layer`` of ``model`` and write a run directory at ``out``.
 
@@ -203,7 +210,7 @@ def describe_command(
     top_k
         Top images per unit: soft-WPMI's k for clip-dissect, the images occluded or
         captioned for occlusion and dnd; ``None`` or < 1 picks the method's default
-        (:data:`DEFAULT_TOP_K`).
+        (:data:`DEFAULT_TOP_K`; clip-dissect: its similarity's, 100 or 28 for ``wpmi``).
     batch_size
         Images per forward pass (model, CLIP and captioner).
     image_size
@@ -214,18 +221,22 @@ def describe_command(
     weights
         State-dict file loaded into the model (as ``pyneuron dissect --weights``).
     similarity
-        clip-dissect's similarity function: ``soft_wpmi`` (default), ``cos``, ``cos3``
-        or ``rank_reorder``.
+        clip-dissect's similarity function: ``soft_wpmi`` (default), ``wpmi`` (hard
+        WPMI), ``cos``, ``cos3`` or ``rank_reorder``.
     ties
         clip-dissect's order of tied activation summaries: ``lowest`` (lower image id
         first) or ``torch`` (``torch.topk``'s, as CLIP-Dissect's code).
+    pool
+        clip-dissect's summary of a unit per image: ``"mean"`` (default) or ``"max"``
+        over its activation map (:func:`pyneuron.describe.clip_dissect`; its ``"cls"``
+        needs the layer's raw tokens and is offered in Python only).
 
     Returns
     -------
     Path
         ``out``.
     """
-    from ..describe.similarity import check_ties, similarity_name
+    from ..describe.similarity import check_ties, similarity_defaults, similarity_name
     from ..image_files import list_images
     from ..model.models import resolved_path
     from .rundir import refuse_existing, versions, write_run
@@ -240,13 +251,23 @@ def describe_command(
         raise PyneuronError("no layers given; name at least one module with --layer")
     if batch_size < 1:
         raise PyneuronError(f"batch_size must be positive, got {batch_size}")
-    k = DEFAULT_TOP_K[name] if top_k is None or top_k < 1 else int(top_k)
+    if pool not in COMMAND_POOLS:
+        raise PyneuronError(
+            f"unknown pool {pool!r} for the command; choose one of {', '.join(COMMAND_POOLS)} "
+            "(pool='cls' reads the layer's raw tokens: pyneuron.describe.clip_dissect in Python)"
+        )
+    if top_k is not None and top_k >= 1:
+        k = int(top_k)
+    elif name == "clip-dissect":
+        k = similarity_defaults(similarity)[0]
+    else:
+        k = DEFAULT_TOP_K[name]
     names = load_concepts(concepts) if concepts is not None else None
     _check_requirements(name, names, captioner)
     settings = _Settings(
         method=name, model=model, layers=layers, images=images, concepts=concepts, names=names,
         clip=clip, captioner=captioner, weights=weights, similarity=similarity, ties=ties,
-        top_k=k, batch_size=batch_size, image_size=image_size, progress=progress,
+        pool=pool, top_k=k, batch_size=batch_size, image_size=image_size, progress=progress,
     )  # fmt: skip
 
     timings: dict[str, float] = {}
@@ -379,6 +400,7 @@ def _provenance(settings: _Settings) -> dict[str, Any]:
         "weights": resolved_path(settings.weights),
         "similarity": settings.similarity if clip_dissect else None,
         "ties": settings.ties if clip_dissect else None,
+        "pool": settings.pool if clip_dissect else None,
         "top_k": settings.top_k,
         "batch_size": settings.batch_size,
         "image_size": settings.image_size,

@@ -1,7 +1,7 @@
 """Label-free describers of units, to compare with compositional explanations.
 
-- :func:`clip_dissect` — CLIP-Dissect (Oikarinen & Weng, ICLR 2023): soft-WPMI (or cos,
-  cos³, rank-reorder) between unit activations and CLIP image-concept similarities; the
+- :func:`clip_dissect` — CLIP-Dissect (Oikarinen & Weng, ICLR 2023): soft-WPMI (or hard
+  WPMI, cos, cos³, rank-reorder) between unit activations and CLIP image-concept similarities; the
   math alone is :func:`similarity_matrix` (numpy in, numpy out).
 - :func:`occlusion_describe` — the patch of each top image that drives a unit (found by
   occlusion), scored against a vocabulary with CLIP.
@@ -38,10 +38,12 @@ from .similarity import (
     cos_cubed,
     cos_similarity,
     rank_reorder,
+    similarity_defaults,
     similarity_matrix,
     soft_wpmi,
     soft_wpmi_weights,
     top_concepts,
+    wpmi,
 )
 
 __all__ = [
@@ -70,9 +72,11 @@ __all__ = [
     "normalize",
     "occlusion_describe",
     "rank_reorder",
+    "similarity_defaults",
     "similarity_matrix",
     "soft_wpmi",
     "soft_wpmi_weights",
     "split",
     "top_concepts",
+    "wpmi",
 ]

@@ -13,8 +13,8 @@ from .clip import DEFAULT_CLIP, ClipEncoder
 from .images import ImageList
 from .result import DescribeResult, check_concepts, layer_summary, ranked_labels, select_units
 from .similarity import (
-    LAMBDA,
-    TEMPERATURE,
+    activation_summary,
+    similarity_defaults,
     similarity_matrix,
     similarity_name,
     top_concepts,
@@ -22,6 +22,8 @@ from .similarity import (
 )
 
 METHOD = "clip-dissect"
+#: How a unit's activation on one image is summarised (see :func:`clip_dissect`).
+POOLS = ("mean", "max", "cls")
 
 
 def clip_image_text_similarities(image_features: Any, text_features: Any) -> np.ndarray:
@@ -53,7 +55,8 @@ def clip_dissect(
     *,
     clip: Any = DEFAULT_CLIP,
     similarity: str = "soft_wpmi",
-    top_k: int = 100,
+    pool: str = "mean",
+    top_k: int | None = None,
     top_n: int = 5,
     batch_size: int = 32,
     transform: Callable[..., Any] | None = None,
@@ -62,8 +65,8 @@ def clip_dissect(
     text_features: Any = None,
     clip_similarities: Any = None,
     units: Sequence[int] | None = None,
-    temperature: float = TEMPERATURE,
-    lam: float = LAMBDA,
+    temperature: float | None = None,
+    lam: float | None = None,
     ties: str = "lowest",
     prompt: str = "{}",
     return_matrix: bool = False,
@@ -72,16 +75,16 @@ def clip_dissect(
 ) -> DescribeResult:
     """Describe every unit of ``layer`` with the best concept of ``concepts`` (CLIP-Dissect).
 
-    1. The activation summary of each unit on each probing image: the spatial mean of its
-       map (CLIP-Dissect's default "avg" pooling; for transformer layers pyneuron folds
-       the patch tokens into a grid, so this is the mean over patches, whereas
-       CLIP-Dissect takes the class token).
+    1. The activation summary of each unit on each probing image, by ``pool``: the
+       spatial mean of its map (CLIP-Dissect's default "avg" pooling), the maximum, or a
+       transformer layer's class token.
     2. CLIP cosine similarities between each image and each concept text
        (``prompt.format(concept)``; CLIP-Dissect uses the bare concept).
     3. A unit-concept score matrix with ``similarity`` over all units at once
        (:func:`~pyneuron.describe.similarity_matrix`; soft-WPMI by default, with
        P = softmax(cos / ``temperature``) over concepts, temperature 0.1 as in
-       CLIP-Dissect's code, and prior weight ``lam`` = 1).
+       CLIP-Dissect's code, and prior weight ``lam`` = 1; hard WPMI with its own
+       defaults, ``top_k`` 28, temperature 0.5, ``lam`` 0.6).
     4. Per unit: the label (best concept) and its score, and the ``top_n`` concepts.
 
     Parameters
@@ -98,9 +101,29 @@ def clip_dissect(
         ``(model, processor)`` pair or a :class:`~pyneuron.describe.ClipEncoder` (used as
         is: its own ``prompt`` and ``batch_size`` apply).
     similarity
-        ``"soft_wpmi"`` (default), ``"cos"``, ``"cos3"`` or ``"rank_reorder"``.
+        ``"soft_wpmi"`` (default), ``"wpmi"`` (hard WPMI), ``"cos"``, ``"cos3"`` or
+        ``"rank_reorder"``.
+    pool
+        Summary of a unit's activation on one image:
+
+        - ``"mean"`` (default): the mean over the h x w positions of a conv layer's map;
+          for a token layer (B, T, C) the mean over the patch tokens that
+          :func:`pyneuron.capture` folds into a grid (class and register tokens are
+          dropped, see :class:`pyneuron.model.activations.LayerFormat`).
+        - ``"max"``: the maximum over the same positions (conv: over h x w; token layer:
+          over the patch tokens, not the class token).
+        - ``"cls"``: token layers only: token 0 of the layer's (B, T, C) output, the
+          class token of ViT, DeiT, BEiT and CLIP vision encoders (which prepend it to the
+          patch tokens). It is taken as is, whatever the model: for a model without a
+          class token (Swin, ...) token 0 is a patch. A layer whose output is not
+          (B, T, C), e.g. a conv layer, raises :class:`~pyneuron.errors.PyneuronError`.
+
+        ``activations`` given as an (N, U) matrix are used as is, whatever ``pool``;
+        given as (N, U, h, w) maps they take ``"mean"`` or ``"max"`` (the maps hold no
+        class token).
     top_k
-        Top images per unit for soft-WPMI (CLIP-Dissect: 100; clipped to the image count).
+        Top images per unit for the WPMI similarities (``None``: CLIP-Dissect's 100 for
+        soft-WPMI, 28 for hard WPMI; clipped to the image count).
     top_n
         Concepts listed per unit in ``top_concepts``.
     transform
@@ -140,7 +163,20 @@ def clip_dissect(
     """
     names = check_concepts(concepts)
     method = similarity_name(similarity)
+    if pool not in POOLS:
+        raise PyneuronError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
+    default_k, default_temperature, default_lam = similarity_defaults(method)
+    top_k = default_k if top_k is None else top_k
+    temperature = default_temperature if temperature is None else temperature
+    lam = default_lam if lam is None else lam
     image_list = ImageList.of(images) if images is not None else None
+    if activations is not None:
+        activations = _pool_given(activations, pool)
+    elif pool != "mean" and model is not None and image_list is not None:
+        activations = _capture_pooled(
+            model, layer, image_list, pool, transform=transform, batch_size=batch_size,
+            device=device, progress=progress,
+        )  # fmt: skip
     summary = layer_summary(
         model,
         layer,
@@ -187,12 +223,85 @@ def clip_dissect(
         top_images=tops,
         details={
             "similarity": method,
+            "pool": pool,
             "top_k": top_k,
             "temperature": temperature,
             "lam": lam,
             "ties": ties,
         },
     )
+
+
+def _pool_given(activations: Any, pool: str) -> Any:
+    """Given activations as :func:`layer_summary` takes them: (N, U) as is, maps pooled."""
+    if pool == "mean" or np.ndim(activations) == 2:
+        return activations
+    if pool == "cls":
+        raise PyneuronError(
+            "pool='cls' needs the class token, which (N, U, h, w) activation maps do not "
+            "hold; pass the (N, U) class-token features as activations, or give the model "
+            "and images instead"
+        )
+    return activation_summary(activations, pool=pool)
+
+
+def _capture_pooled(
+    model: Any,
+    layer: str,
+    images: ImageList,
+    pool: str,
+    *,
+    transform: Callable[..., Any] | None,
+    batch_size: int,
+    device: Any,
+    progress: bool,
+) -> np.ndarray:
+    """(N, U, 1, 1) summaries of ``layer`` by ``pool`` ("max" or "cls"), captured in one
+    pass without keeping the maps."""
+    import torch
+
+    from ..model.activations import capture, resolve_layers
+
+    if not isinstance(layer, str):
+        raise PyneuronError(f"layer must be one module name, got {layer!r}")
+    if pool == "max":
+        units: Callable[[Any], Any] = _max_over_positions
+        handle = None
+    else:
+        class_tokens: list[Any] = []
+
+        def keep_class_token(_module: Any, _inputs: Any, output: Any) -> None:
+            try:  # a tensor, or a tuple / ModelOutput whose first item is the hidden state
+                tensor = output if isinstance(output, torch.Tensor) else output[0]
+            except (IndexError, KeyError, TypeError):
+                tensor = None
+            if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
+                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else None
+                raise PyneuronError(
+                    f"pool='cls' needs a token layer with (batch, tokens, channels) output; "
+                    f"layer {layer!r} gives {shape or type(output).__name__}; use pool='mean' "
+                    "or 'max'"
+                )
+            class_tokens.append(tensor[:, 0])
+
+        def units(_maps: Any) -> Any:
+            return class_tokens.pop()
+
+        # registered before capture's own hook, so it runs first on every batch
+        handle = resolve_layers(model, layer)[layer].register_forward_hook(keep_class_token)
+    try:
+        return capture(
+            model, layer, images, batch_size=batch_size, device=device, transform=transform,
+            units=units, progress=progress,
+        )[layer]  # fmt: skip
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _max_over_positions(maps: Any) -> Any:
+    """(B, U) maximum of (B, U, h, w) maps over the positions."""
+    return maps.amax(dim=(2, 3))
 
 
 def _clip_side(

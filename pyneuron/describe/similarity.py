@@ -25,8 +25,11 @@ import numpy as np
 
 from ..errors import PyneuronError
 
-SIMILARITIES = ("soft_wpmi", "cos", "cos3", "rank_reorder")
+SIMILARITIES = ("soft_wpmi", "wpmi", "cos", "cos3", "rank_reorder")
 _ALIASES = {
+    "wpmi": "wpmi",
+    "hard_wpmi": "wpmi",
+    "hard-wpmi": "wpmi",
     "soft_wpmi": "soft_wpmi",
     "soft-wpmi": "soft_wpmi",
     "softwpmi": "soft_wpmi",
@@ -48,6 +51,9 @@ LAMBDA = 1.0
 P_START, P_END = 0.998, 0.97
 #: Added inside the logarithm of soft-WPMI (CLIP-Dissect's ``min_prob``).
 MIN_PROB = 1e-7
+#: Hard WPMI's defaults in CLIP-Dissect's ``wpmi``: ``top_k=28``, ``a=2`` (softmax
+#: temperature 1/a = 0.5), ``lam=0.6`` (``min_prob`` is :data:`MIN_PROB` for both).
+WPMI_TOP_K, WPMI_TEMPERATURE, WPMI_LAMBDA = 28, 0.5, 0.6
 #: How tied activation summaries are ordered when picking a unit's top images:
 #: ``"lowest"`` (default) puts the lower image id first (deterministic everywhere);
 #: ``"torch"`` takes ``torch.topk``'s order on the CPU, as CLIP-Dissect does.
@@ -61,7 +67,7 @@ def _torch() -> Any:
 
 
 def similarity_name(name: str) -> str:
-    """Canonical name of a similarity function (``soft_wpmi``, ``cos``, ``cos3``,
+    """Canonical name of a similarity function (``soft_wpmi``, ``wpmi``, ``cos``, ``cos3``,
     ``rank_reorder``); accepts CLIP-Dissect's names (``cos_similarity_cubed``) too."""
     key = str(name).strip().lower()
     if key not in _ALIASES:
@@ -69,14 +75,22 @@ def similarity_name(name: str) -> str:
     return _ALIASES[key]
 
 
-def activation_summary(activations: Any, *, block: int = 1024) -> np.ndarray:
-    """Per-image activation summary of every unit: the spatial mean of its map.
+#: How :func:`activation_summary` pools a unit's map into one number per image.
+POOLS = ("mean", "max")
+
+
+def activation_summary(activations: Any, *, pool: str = "mean", block: int = 1024) -> np.ndarray:
+    """Per-image activation summary of every unit: the mean (or max) of its map.
 
     Parameters
     ----------
     activations
         (N, U, h, w) maps as returned by :func:`pyneuron.capture` (memory-mapped arrays
         are read ``block`` images at a time), or an (N, U) matrix, returned as is.
+    pool
+        ``"mean"`` (CLIP-Dissect's "avg", the default) or ``"max"`` over the h x w
+        positions (for transformer layers folded by :func:`pyneuron.capture`: over the
+        patch tokens; the class token is not in the maps).
 
     Returns
     -------
@@ -89,7 +103,15 @@ def activation_summary(activations: Any, *, block: int = 1024) -> np.ndarray:
     >>> activation_summary(a)
     array([[1.5],
            [5.5]], dtype=float32)
+    >>> activation_summary(a, pool="max")
+    array([[3.],
+           [7.]], dtype=float32)
     """
+    if pool not in POOLS:
+        raise PyneuronError(
+            f"unknown pool {pool!r} for activation maps; choose {' or '.join(POOLS)} (the class "
+            "token of a transformer layer is not in its folded maps)"
+        )
     if hasattr(activations, "detach"):
         activations = activations.detach().cpu().numpy()
     array = activations if isinstance(activations, np.ndarray) else np.asarray(activations)
@@ -103,7 +125,10 @@ def activation_summary(activations: Any, *, block: int = 1024) -> np.ndarray:
     out = np.empty(array.shape[:2], dtype=np.float32)
     for start in range(0, array.shape[0], block):
         chunk = np.asarray(array[start : start + block])
-        out[start : start + block] = chunk.mean(axis=(2, 3), dtype=np.float64)
+        if pool == "max":
+            out[start : start + block] = chunk.max(axis=(2, 3))
+        else:
+            out[start : start + block] = chunk.mean(axis=(2, 3), dtype=np.float64)
     return out
 
 
@@ -338,6 +363,77 @@ def _soft_wpmi(
     return log_given.float()
 
 
+def wpmi(
+    summary: Any,
+    probabilities: Any,
+    *,
+    top_k: int = WPMI_TOP_K,
+    lam: float = WPMI_LAMBDA,
+    min_prob: float = MIN_PROB,
+    ties: str = "lowest",
+    device: Any = None,
+    block_bytes: int = 1 << 23,
+) -> np.ndarray:
+    """Hard WPMI scores of every (unit, concept): CLIP-Dissect's ``wpmi``.
+
+    For unit u with top ``top_k`` images E_u (by activation summary):
+
+    - log P(d | E_u) = sum_i log(P[E_u[i], d] + min_prob) (every top image is "in" the
+      example set),
+    - log P(d) = log mean_u P(d | E_u) over *all units given* (computed with logsumexp),
+    - score = log P(d | E_u) - lam * log P(d).
+
+    This is :func:`soft_wpmi` with every per-example probability equal to 1, computed by
+    the same code (same grouping of logarithms, float64 accumulation, ``ties`` rule).
+    CLIP-Dissect's defaults differ from soft-WPMI's: ``top_k`` 28, ``lam`` 0.6, and
+    probabilities ``softmax(2 * cos)`` (temperature 0.5, :data:`WPMI_TEMPERATURE`; pass
+    ``concept_probabilities(sims, WPMI_TEMPERATURE)``).
+
+    Parameters
+    ----------
+    summary
+        (N, U) activation summaries.
+    probabilities
+        (N, C) concept probabilities per image (:func:`concept_probabilities`).
+    top_k, lam, min_prob
+        As CLIP-Dissect's ``wpmi`` (``top_k`` is clipped to N).
+    ties, device, block_bytes
+        As :func:`soft_wpmi`.
+
+    Returns
+    -------
+    numpy.ndarray
+        (U, C) float32.
+
+    Notes
+    -----
+    Against a float64 evaluation of the formula the error is below CLIP-Dissect's
+    float32 sum of logarithms (the same reasons as :func:`soft_wpmi`); with
+    ``ties="torch"`` the top images are exactly CLIP-Dissect's (``torch.topk`` on the CPU).
+
+    Examples
+    --------
+    >>> summary = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> probabilities = np.array([[0.9, 0.1], [0.2, 0.8]])
+    >>> wpmi(summary, probabilities, top_k=1).argmax(axis=1)
+    array([0, 1])
+    """
+    acts = _as_tensor(summary, "summary", device)
+    probs = _as_tensor(probabilities, "probabilities", device)
+    _check_pair(acts, probs, "probabilities")
+    if float(probs.min()) < 0 or float(probs.max()) > 1 + 1e-6:
+        raise PyneuronError("probabilities must lie in [0, 1] (see concept_probabilities)")
+    return _wpmi(
+        acts, probs, top_k=top_k, lam=lam, min_prob=min_prob, ties=ties, block_bytes=block_bytes
+    ).cpu().numpy()  # fmt: skip
+
+
+def _wpmi(acts: Any, probs: Any, *, top_k: int, lam: float, **options: Any) -> Any:
+    """Hard WPMI on checked tensors: soft-WPMI with all per-example probabilities 1 (each
+    term is then ``P + min_prob``, as in CLIP-Dissect)."""
+    return _soft_wpmi(acts, probs, top_k=top_k, lam=lam, p_start=1.0, p_end=1.0, **options)
+
+
 def cos_similarity(summary: Any, clip_similarities: Any, *, device: Any = None) -> np.ndarray:
     """Cosine between each unit's summary column and each concept's similarity column.
 
@@ -441,24 +537,41 @@ def rank_reorder(
     return scores.cpu().numpy()
 
 
+def similarity_defaults(similarity: str) -> tuple[int, float, float]:
+    """CLIP-Dissect's ``(top_k, temperature, lam)`` for a similarity: hard WPMI's
+    (28, 0.5, 0.6) for ``wpmi``, soft-WPMI's (100, 0.1, 1.0) otherwise (only the WPMI
+    functions use them).
+
+    Examples
+    --------
+    >>> similarity_defaults("wpmi"), similarity_defaults("soft_wpmi")
+    ((28, 0.5, 0.6), (100, 0.1, 1.0))
+    """
+    if similarity_name(similarity) == "wpmi":
+        return WPMI_TOP_K, WPMI_TEMPERATURE, WPMI_LAMBDA
+    return 100, TEMPERATURE, LAMBDA
+
+
 def similarity_matrix(
     summary: Any,
     clip_similarities: Any,
     similarity: str = "soft_wpmi",
     *,
-    top_k: int = 100,
-    temperature: float = TEMPERATURE,
-    lam: float = LAMBDA,
+    top_k: int | None = None,
+    temperature: float | None = None,
+    lam: float | None = None,
     top_fraction: float = 0.05,
     ties: str = "lowest",
     device: Any = None,
 ) -> np.ndarray:
     """(U, C) unit-concept scores from cached summaries and CLIP similarities.
 
-    ``soft_wpmi`` first turns the cosine similarities into probabilities with
+    ``soft_wpmi`` and ``wpmi`` first turn the cosine similarities into probabilities with
     :func:`concept_probabilities` (``temperature``); ``cos``, ``cos3`` and
-    ``rank_reorder`` use the raw cosines, as CLIP-Dissect does. ``ties`` orders tied
-    summaries in soft-WPMI's top images (see :func:`soft_wpmi`).
+    ``rank_reorder`` use the raw cosines, as CLIP-Dissect does. ``top_k``,
+    ``temperature`` and ``lam`` default (``None``) to CLIP-Dissect's values for the
+    similarity (:func:`similarity_defaults`). ``ties`` orders tied summaries in the WPMI
+    top images (see :func:`soft_wpmi`).
 
     Examples
     --------
@@ -466,18 +579,27 @@ def similarity_matrix(
     >>> sims = np.array([[0.3, 0.1], [0.1, 0.3], [0.2, 0.2]])
     >>> similarity_matrix(summary, sims, top_k=1).argmax(axis=1)
     array([0, 1])
+    >>> similarity_matrix(summary, sims, "wpmi", top_k=1).argmax(axis=1)
+    array([0, 1])
     >>> similarity_matrix(summary, sims, "cos").argmax(axis=1)
     array([0, 1])
     """
     name = similarity_name(similarity)
     check_ties(ties)
-    if name == "soft_wpmi":
+    if name in ("soft_wpmi", "wpmi"):
+        default_k, default_temperature, default_lam = similarity_defaults(name)
         acts = _as_tensor(summary, "summary", device)
         sims = _as_tensor(clip_similarities, "clip_similarities", device)
         _check_pair(acts, sims, "clip_similarities")
-        probabilities = _probabilities(sims, temperature)
+        probabilities = _probabilities(
+            sims, default_temperature if temperature is None else temperature
+        )
         del sims
-        return _soft_wpmi(acts, probabilities, top_k=top_k, lam=lam, ties=ties).cpu().numpy()
+        score = _wpmi if name == "wpmi" else _soft_wpmi
+        return score(
+            acts, probabilities, top_k=default_k if top_k is None else top_k,
+            lam=default_lam if lam is None else lam, ties=ties,
+        ).cpu().numpy()  # fmt: skip
     if name == "cos":
         return cos_similarity(summary, clip_similarities, device=device)
     if name == "cos3":
