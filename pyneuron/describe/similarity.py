@@ -291,15 +291,22 @@ def soft_wpmi(
     >>> soft_wpmi(summary, probabilities, top_k=1).argmax(axis=1)
     array([0, 1])
     """
+    acts, probs = _summary_and_probabilities(summary, probabilities, device)
+    return _soft_wpmi(
+        acts, probs, top_k=top_k, lam=lam, p_start=p_start, p_end=p_end, min_prob=min_prob,
+        ties=ties, block_bytes=block_bytes,
+    ).cpu().numpy()  # fmt: skip
+
+
+def _summary_and_probabilities(summary: Any, probabilities: Any, device: Any) -> tuple[Any, Any]:
+    """(N, U) summaries and (N, C) probabilities as tensors on ``device``, checked: the same
+    images, probabilities in [0, 1]."""
     acts = _as_tensor(summary, "summary", device)
     probs = _as_tensor(probabilities, "probabilities", device)
     _check_pair(acts, probs, "probabilities")
     if float(probs.min()) < 0 or float(probs.max()) > 1 + 1e-6:
         raise PyneuronError("probabilities must lie in [0, 1] (see concept_probabilities)")
-    return _soft_wpmi(
-        acts, probs, top_k=top_k, lam=lam, p_start=p_start, p_end=p_end, min_prob=min_prob,
-        ties=ties, block_bytes=block_bytes,
-    ).cpu().numpy()  # fmt: skip
+    return acts, probs
 
 
 def _soft_wpmi(
@@ -418,11 +425,7 @@ def wpmi(
     >>> wpmi(summary, probabilities, top_k=1).argmax(axis=1)
     array([0, 1])
     """
-    acts = _as_tensor(summary, "summary", device)
-    probs = _as_tensor(probabilities, "probabilities", device)
-    _check_pair(acts, probs, "probabilities")
-    if float(probs.min()) < 0 or float(probs.max()) > 1 + 1e-6:
-        raise PyneuronError("probabilities must lie in [0, 1] (see concept_probabilities)")
+    acts, probs = _summary_and_probabilities(summary, probabilities, device)
     return _wpmi(
         acts, probs, top_k=top_k, lam=lam, min_prob=min_prob, ties=ties, block_bytes=block_bytes
     ).cpu().numpy()  # fmt: skip
