@@ -21,7 +21,7 @@ from ..engine.units import UnitMasks
 from ..engine.upsample import check_upsample
 from ..errors import PyneuronError
 from ..model.activations import capture, image_files
-from ..model.dissect import check_image_count
+from ..model.dissect import check_image_count, explain_ranges
 from ..model.distributed import layer_units_on_ray
 from ..model.layer_units import LayerRanges, LayerUnits, layer_ranges, layer_units
 from ..model.models import ModelFactory
@@ -343,7 +343,15 @@ def _explain_layers(
     for layer, units, path in found:
         t0 = time.perf_counter()
         if isinstance(units, LayerRanges):
-            beam = _explain_ranges(units, store, settings, progress, backend)
+            beam = explain_ranges(
+                units.masks,
+                units.ranges,
+                store,
+                settings=settings,
+                full_beam=True,
+                progress=progress,
+                backend=backend,
+            )
             method = {"ranges_method": units.ranges_method}
         else:
             beam = explain(
@@ -369,24 +377,6 @@ def _explain_layers(
             "explained_units": int(best["formula"].notna().sum()),
         }
     return done
-
-
-def _explain_ranges(
-    units: LayerRanges, store: ConceptStore, settings: SearchSettings, progress: bool, backend: Any
-) -> pd.DataFrame:
-    """The full beams of every activation range of a layer, by unit then range, with
-    ``range``, ``lower``, ``upper`` and ``threshold`` (= ``lower``) columns; ranges a
-    unit does not have (NaN rows) are left out."""
-    beams = []
-    for k, masks in enumerate(units.masks):
-        beam = explain(masks, store, settings, full_beam=True, progress=progress, backend=backend)
-        masks.release_pages()
-        lower, upper = units.ranges[beam["unit"].to_numpy(), k].T
-        beam.insert(1, "range", k)
-        beam["lower"], beam["upper"], beam["threshold"] = lower, upper, lower
-        beams.append(beam[np.isfinite(lower)])
-    beam = pd.concat(beams).sort_values(["unit", "range", "rank"], kind="stable")
-    return beam.reset_index(drop=True)
 
 
 def _write_layers(staging: Path, done: _Layers, store: ConceptStore | None) -> None:

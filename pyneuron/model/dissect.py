@@ -297,19 +297,30 @@ def explain_activations(
         return table, [masks]
     bounds = activation_ranges(activations, ranges, method=ranges_method)  # NaN: no range
     all_masks = range_unit_masks(activations, bounds, size, upsample=upsample, progress=progress)
-    tables = []
-    for k, masks in enumerate(all_masks):
-        lower, upper = bounds[:, k, 0], bounds[:, k, 1]
-        table = explain(masks, store, progress=progress, **search_options)
-        units = table["unit"].to_numpy()
-        table.insert(1, "range", k)
-        table["lower"], table["upper"] = lower[units], upper[units]
-        tables.append(table[np.isfinite(lower[units])])
-    result = pd.concat(tables).sort_values(["unit", "range"], kind="stable")
-    result = result.reset_index(drop=True)
+    result = explain_ranges(all_masks, bounds, store, progress=progress, **search_options)
     result.insert(0, "layer", layer)
-    result["threshold"] = result["lower"]
     return result, all_masks
+
+
+def explain_ranges(
+    masks: Sequence[UnitMasks], ranges: np.ndarray, store: ConceptStore, **explain_options: Any
+) -> pd.DataFrame:
+    """:func:`explain` range by range: ``masks[k]`` holds every unit's range ``k`` of the
+    (U, K, 2) ``ranges``. The tables are joined by unit, then range (then ``rank`` for
+    ``full_beam=True``), with ``range``, ``lower``, ``upper`` and ``threshold`` (=
+    ``lower``) columns; ranges a unit does not have (NaN rows) are left out. Each range's
+    memory-mapped masks give their pages back once searched."""
+    tables = []
+    for k, range_masks in enumerate(masks):
+        table = explain(range_masks, store, **explain_options)
+        range_masks.release_pages()
+        lower, upper = ranges[table["unit"].to_numpy(), k].T
+        table.insert(1, "range", k)
+        table["lower"], table["upper"], table["threshold"] = lower, upper, lower
+        tables.append(table[np.isfinite(lower)])
+    result = pd.concat(tables)
+    order = ["unit", "range", *(["rank"] if "rank" in result.columns else [])]
+    return result.sort_values(order, kind="stable").reset_index(drop=True)
 
 
 def explain_split(
